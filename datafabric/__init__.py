@@ -1,0 +1,7 @@
+"""datafabric: one typed, write-once copy of each array per machine, in POSIX shared
+memory, found by name from any Dask worker or client."""
+
+from datafabric import errors
+from datafabric.fabric import Fabric, Pointer, connect, start
+
+__all__ = ["Fabric", "Pointer", "connect", "errors", "start"]

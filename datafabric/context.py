@@ -1,0 +1,107 @@
+"""How the calling process talks to the fabric: from inside a task, or from a client.
+
+A ``Fabric`` pickles to an address and a fabric id; each call looks up its context
+afresh, so the same object works in the client, inside tasks, and in other processes.
+Inside a task the context is the worker itself: it reaches the scheduler over the
+worker's own connections and reserves memory in the worker's own blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import distributed
+from distributed.utils import sync
+
+from datafabric.errors import NoFabricError
+from datafabric.node import configured_node
+from datafabric.protocol import EVENT_TOPIC, WORKER_PLUGIN, raise_if_refused
+from datafabric.views import all_states
+
+
+class Context:
+    holder: str  # whose leases and reservations these are, as the scheduler names it
+    node: str | None  # None: a client with no configured node; it maps whatever it can
+    plugin: Any = None  # the FabricWorkerPlugin of the worker running the task
+
+    def call(self, op: str, **kwargs: Any) -> Any:
+        result = raise_if_refused(self._call(op, **kwargs))
+        if result is None:
+            raise NoFabricError(
+                f"no datafabric on the scheduler at {self.scheduler_address}; "
+                "start one with datafabric.start(client, mb=...) or `datafabric start`"
+            )
+        return result
+
+
+class WorkerContext(Context):
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.holder = worker.address
+        self.scheduler_address = worker.scheduler.address
+        self.plugin = worker.plugins.get(WORKER_PLUGIN)
+        self.node = self.plugin.node if self.plugin is not None else configured_node()
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        return sync(self.worker.loop, getattr(self.worker.scheduler, f"datafabric_{op}"), **kwargs)
+
+    def send(self, msg: dict) -> None:
+        """One-way, from any thread (finalizers run wherever the GC runs)."""
+        try:
+            self.worker.loop.add_callback(self.worker.batched_stream.send, msg)
+        except (RuntimeError, AttributeError):
+            pass  # worker closing: the scheduler drops its leases when it leaves
+
+
+class ClientContext(Context):
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.holder = client.id
+        self.scheduler_address = client.scheduler.address
+        self.node = configured_node()
+        _subscribe(client)
+
+    def _call(self, op: str, **kwargs: Any) -> Any:
+        return self.client.sync(getattr(self.client.scheduler, f"datafabric_{op}"), **kwargs)
+
+    def send(self, msg: dict) -> None:
+        try:
+            self.client.loop.add_callback(self.client._send_to_scheduler, msg)
+        except (RuntimeError, AttributeError):
+            pass  # client closed: the scheduler drops its leases with it
+
+
+def current_context(address: str, client: Any = None) -> Context:
+    try:
+        worker = distributed.get_worker()
+    except ValueError:
+        worker = None
+    if worker is not None and worker.scheduler.address == address:
+        return WorkerContext(worker)
+    if client is None or client.status in ("closing", "closed"):
+        client = distributed.get_client(address)
+    return ClientContext(client)
+
+
+_subscribed: weakref.WeakSet = weakref.WeakSet()
+_subscribe_lock = threading.Lock()
+
+
+def _subscribe(client: Any) -> None:
+    """Clients hear of deleted names and unlinked blocks through a Dask event topic."""
+    with _subscribe_lock:
+        if client in _subscribed:
+            return
+        _subscribed.add(client)
+    client.loop.add_callback(client.subscribe_topic, EVENT_TOPIC, _on_event)
+
+
+def _on_event(event: tuple) -> None:
+    _, msg = event
+    for state in all_states():
+        if msg.get("op") == "datafabric_invalidate":
+            state.invalidate(msg["var_ids"])
+        elif msg.get("op") == "datafabric_detach":
+            state.detach(msg["shm_ids"])

@@ -1,0 +1,64 @@
+"""Every error the fabric raises, under one base class.
+
+Each class also derives from the builtin a numpy/h5py user would catch for the same
+mistake (``KeyError`` for a missing name, ``ValueError`` for a bad value, ``TypeError``
+for a bad type), so existing ``except`` clauses keep working.  All of them pickle, so a
+refusal raised by the YellowPages or a worker reaches the caller with its own class.
+"""
+
+from __future__ import annotations
+
+
+class FabricError(Exception):
+    """Base class of every datafabric error."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class NameExistsError(FabricError, ValueError):
+    """A variable of that name exists already; variables are write-once."""
+
+
+class NameNotFoundError(FabricError, KeyError):
+    """No visible variable has that name."""
+
+
+class InvalidNameError(FabricError, ValueError):
+    """The name breaks the naming rules."""
+
+
+class InvalidTypeError(FabricError, TypeError):
+    """The type cannot be parsed, is abstract, or has no fixed in-memory layout."""
+
+
+class TypeMismatchError(FabricError, ValueError):
+    """The type's size does not match the buffer's size."""
+
+
+class InvalidBufferError(FabricError, TypeError):
+    """The object given as data is not a buffer, an mmap or an open binary file."""
+
+
+class OutOfSpaceError(FabricError):
+    """No block (or no tmpfs) has room for the request."""
+
+
+class NotOnThisNodeError(FabricError, LookupError):
+    """The memory asked for is not mapped on this process's node."""
+
+
+class BlockInUseError(FabricError, RuntimeError):
+    """The block still holds live variables or reservations."""
+
+
+class BlockNotFoundError(FabricError, KeyError):
+    """No block of that node and name is known to the fabric."""
+
+
+class NoFabricError(FabricError, RuntimeError):
+    """No fabric is running on the cluster (or it has been shut down)."""
+
+
+class InvalidArgumentError(FabricError, ValueError):
+    """An argument other than a name, type or buffer is out of range."""

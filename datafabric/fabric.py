@@ -1,0 +1,284 @@
+"""The user's handle on a fabric: ``start``, ``connect`` and the ``Fabric`` object."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from ndtypes import ndt
+
+from datafabric.buffers import prepare
+from datafabric.context import Context, current_context
+from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, NotOnThisNodeError
+from datafabric.names import validate_name
+from datafabric.protocol import SCHEDULER_PLUGIN
+from datafabric.types import FabricType, from_datashape
+from datafabric.views import LocalState, _Pin, local_state
+
+Location = tuple[str, str, int]
+MAX_DOC_BYTES = 65536
+
+
+def start(client: Any, mb: float | None = None) -> Fabric:
+    """Install the fabric on the cluster behind ``client`` and allocate ``mb`` megabytes
+    spread evenly over its nodes.  Workers that join later get the worker plugin too."""
+    running = client.run_on_scheduler(_yellowpages_state)
+    if running == "running":
+        raise FabricError(
+            f"a fabric is running on {client.scheduler.address} already; "
+            "use datafabric.connect(client), or shut it down first"
+        )
+    if running == "stopped":  # a fabric was shut down here: its YellowPages makes way
+        client.unregister_scheduler_plugin(SCHEDULER_PLUGIN)
+    from worker_plugin.memory import SharedMemoryAwareNanny
+    from worker_plugin.plugin import FabricWorkerPlugin
+    from yp.plugin import YellowPages
+
+    fabric_id = uuid.uuid4().hex
+    client.register_plugin(YellowPages(fabric_id))
+    client.register_plugin(SharedMemoryAwareNanny())
+    client.register_plugin(FabricWorkerPlugin(fabric_id))
+    fabric = Fabric(client.scheduler.address, fabric_id, client=client)
+    if mb:
+        fabric.allocate(mb)
+    return fabric
+
+
+def connect(client: Any) -> Fabric:
+    """The fabric already running on the cluster behind ``client``."""
+    fabric_id = _fabric_id(client)
+    if fabric_id is None:
+        raise NoFabricError(
+            f"no fabric is running on {client.scheduler.address}; start one with datafabric.start(client, mb=...)"
+        )
+    return Fabric(client.scheduler.address, fabric_id, client=client)
+
+
+def _fabric_id(client: Any) -> str | None:
+    return client.run_on_scheduler(_running_fabric_id)
+
+
+def _running_fabric_id(dask_scheduler: Any) -> str | None:
+    """Runs on the scheduler: asks the plugin table, so a cluster with no fabric is
+    answered quietly rather than by an unknown-handler warning."""
+    return getattr(dask_scheduler.plugins.get(SCHEDULER_PLUGIN), "fabric_id", None)
+
+
+def _yellowpages_state(dask_scheduler: Any) -> str:
+    yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
+    return "absent" if yp is None else "running" if yp.fabric_id else "stopped"
+
+
+class Fabric:
+    """Small and picklable: it holds the scheduler's address and the fabric id, and
+    finds the calling process's way to the fabric on every call."""
+
+    def __init__(self, address: str, fabric_id: str, *, client: Any = None) -> None:
+        self.address = address
+        self.fabric_id = fabric_id
+        self._client = client
+
+    def __reduce__(self) -> tuple:
+        return (Fabric, (self.address, self.fabric_id))
+
+    def __repr__(self) -> str:
+        return f"<Fabric {self.fabric_id[:8]} on {self.address}>"
+
+    # -- managing memory ---------------------------------------------------------------
+    def allocate(self, num_megabytes: float) -> list[tuple[str, str]]:
+        """Add blocks holding ``num_megabytes`` in all, spread evenly over the nodes and
+        split among each node's workers; returns ``[(node, shm_id), ...]``."""
+        return [tuple(b) for b in self._ctx().call("allocate", mb=num_megabytes)]
+
+    def deallocate(self, node: str, shm_id: str) -> None:
+        """Unlink a block; refused while it holds live variables."""
+        self._ctx().call("deallocate", node=node, shm_id=shm_id)
+        self._state.detach([shm_id])
+
+    def shutdown(self) -> None:
+        """Unlink every block of the fabric on every node."""
+        self._ctx().call("shutdown")
+
+    # -- writing -----------------------------------------------------------------------
+    def insert(self, name: str, doc: str, tp: Any, buf: Any) -> list[Location]:
+        """Copy ``buf`` once into shared memory as the write-once variable ``name``."""
+        validate_name(name)
+        _validate_doc(doc)
+        source = prepare(tp, buf)
+        ftype = source.type
+        ctx = self._ctx()
+        plugin = ctx.plugin if ctx.plugin is not None and ctx.plugin.fabric_id == self.fabric_id else None
+        res = plugin.reserve_local(name, ftype.datashape, doc, ftype.nbytes) if plugin else None
+        if res is not None:
+            res["node"] = plugin.node
+        else:
+            res = ctx.call(
+                "reserve",
+                name=name,
+                type=ftype.datashape,
+                doc=doc,
+                nbytes=ftype.nbytes,
+                node=ctx.node,
+                holder=ctx.holder,
+            )
+        abort = functools.partial(self._abort, ctx, res, local=plugin is not None and "worker" not in res)
+        try:
+            segment = self._state.segment(res["node"], res["shm_id"])
+            if segment is None:
+                raise NotOnThisNodeError(
+                    f"the fabric placed {name!r} on node {res['node']}, which this process cannot map; "
+                    "insert from a task on a worker of that node"
+                )
+            dest = segment.buf[res["data_offset"] : res["data_offset"] + ftype.nbytes]
+            try:
+                source.copy_into(dest)
+            finally:
+                dest.release()
+            info = ctx.call(
+                "seal",
+                name=name,
+                doc=doc,
+                type=ftype.datashape,
+                nbytes=ftype.nbytes,
+                shm_id=res["shm_id"],
+                extent_offset=res["extent_offset"],
+                extent_size=res["extent_size"],
+                data_offset=res["data_offset"],
+                holder=ctx.holder,
+            )
+        except BaseException:
+            abort()
+            raise
+        if plugin is not None and "worker" not in res:
+            plugin.mark_sealed(res["shm_id"], res["extent_offset"])
+        return _locations(info)
+
+    @staticmethod
+    def _abort(ctx: Context, res: dict, *, local: bool) -> None:
+        if local:
+            ctx.plugin.release_local(res["shm_id"], res["extent_offset"])
+        else:
+            ctx.call("abort", shm_id=res["shm_id"], extent_offset=res["extent_offset"])
+
+    # -- reading -----------------------------------------------------------------------
+    def get(self, name: str) -> np.ndarray:
+        """A read-only numpy view of the variable's shared memory, no copy.  The view
+        (and every slice of it) holds the memory; the first get in a process asks the
+        YellowPages once, later ones are answered here while a view is alive."""
+        validate_name(name)
+        view = self._state.cached_view(name)
+        if view is not None:
+            return view
+        ctx = self._ctx()
+        info = ctx.call("acquire", name=name, holder=ctx.holder)
+        return self._pin(ctx, info, name).view()
+
+    def get_ptr(self, node: str, shm_id: str, offset: int) -> Pointer:
+        """The type and address of the variable stored at a location of this node; the
+        memory stays valid until the returned object is closed."""
+        ctx = self._ctx()
+        if ctx.node is not None and node != ctx.node:
+            raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
+        info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=int(offset), holder=ctx.holder)
+        info["locations"] = [[node, shm_id, int(offset)]]
+        pin = self._pin(ctx, info, info["name"])
+        return Pointer(ndt(info["type"]), pin)
+
+    def _pin(self, ctx: Context, info: dict, name: str) -> _Pin:
+        release = functools.partial(
+            ctx.send, {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
+        )
+        ftype = _type(info["type"])
+        for node, shm_id, offset in info["locations"]:
+            if ctx.node is not None and node != ctx.node:
+                continue
+            segment = self._state.segment(node, shm_id)
+            if segment is not None:
+                return self._state.pin(name, info["var_id"], segment, offset, ftype, release)
+        release()
+        nodes = sorted({loc[0] for loc in info["locations"]})
+        raise NotOnThisNodeError(
+            f"{name!r} is stored on node(s) {nodes}, none of which this process can map; "
+            f"read it in a task on a worker of one of those nodes"
+        )
+
+    def get_list(self, prefix: str = "") -> list[str]:
+        return list(self._ctx().call("names", prefix=prefix))
+
+    def get_locations(self, name: str) -> list[Location]:
+        return _locations(self._ctx().call("info", name=validate_name(name)))
+
+    def info(self, name: str) -> dict:
+        info = self._ctx().call("info", name=validate_name(name))
+        return {k: info[k] for k in ("name", "doc", "type", "nbytes")} | {"locations": _locations(info)}
+
+    def status(self) -> list[dict]:
+        """Per block: node, worker, size, used, free, largest free extent, variables."""
+        return list(self._ctx().call("status"))
+
+    # -- deleting ----------------------------------------------------------------------
+    def delete(self, name: str) -> None:
+        """The name disappears at once; its memory is freed when the last view of it, in
+        every process, is gone."""
+        self._ctx().call("delete", name=validate_name(name))
+        self._state.forget(name)
+
+    # -- plumbing ----------------------------------------------------------------------
+    @property
+    def _state(self) -> LocalState:
+        return local_state(self.fabric_id)
+
+    def _ctx(self) -> Context:
+        return current_context(self.address, self._client)
+
+
+class Pointer:
+    """``(ndt type, ctypes.c_void_p)`` that unpacks as a pair and holds the memory (and
+    its lease) until ``close()`` or the end of its ``with`` block."""
+
+    def __init__(self, type_: ndt, pin: _Pin) -> None:
+        self.type = type_
+        self.address = ctypes.c_void_p(pin.__array_interface__["data"][0])
+        self._pin: _Pin | None = pin
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._pin is None:
+            raise ValueError("pointer is closed")
+        return iter((self.type, self.address))
+
+    def close(self) -> None:
+        self._pin = None
+
+    @property
+    def closed(self) -> bool:
+        return self._pin is None
+
+    def __enter__(self) -> Pointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def _type(datashape: str) -> FabricType:
+    return from_datashape(datashape)
+
+
+def _locations(info: dict) -> list[Location]:
+    return [(node, shm_id, int(offset)) for node, shm_id, offset in info["locations"]]
+
+
+def _validate_doc(doc: Any) -> None:
+    if not isinstance(doc, str):
+        raise InvalidArgumentError(f"doc must be a str, not {type(doc).__name__}")
+    try:
+        encoded = doc.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgumentError("doc is not valid UTF-8 text (it holds lone surrogates)") from None
+    if len(encoded) > MAX_DOC_BYTES:
+        raise InvalidArgumentError(f"doc is longer than {MAX_DOC_BYTES} bytes; keep documentation short")

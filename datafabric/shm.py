@@ -1,0 +1,121 @@
+"""POSIX shared-memory segments whose lifetime the fabric, not Python, decides.
+
+``multiprocessing.shared_memory`` hands every segment it opens to the resource tracker,
+which unlinks it when the *opening* process's tracker exits: a reader worker that exits
+would delete the owner's block.  The fabric unlinks its blocks itself (shutdown,
+deallocate, and cleanup after crashes), so its segments are kept away from the tracker:
+``track=False`` on Python 3.13+, and on 3.11/3.12 a filter on the tracker's register and
+unregister that drops names of this fabric's prefix and passes every other name through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import re
+import secrets
+import sys
+import threading
+import uuid
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+
+import numpy as np
+
+from datafabric.errors import OutOfSpaceError
+
+PREFIX = "dfab_"
+_NAME = re.compile(r"^/?dfab_[0-9a-f]{8}_[0-9a-f]{8}_[0-9a-f]{16}$")
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+_PAGE = mmap.PAGESIZE
+
+if sys.version_info >= (3, 13):
+    _UNTRACKED = {"track": False}
+else:
+    _UNTRACKED = {}
+    _lock = threading.Lock()
+
+    def _untracked(call):
+        def filtered(name, rtype):
+            if rtype == "shared_memory" and _NAME.match(name):
+                return None
+            return call(name, rtype)
+
+        filtered.__wrapped__ = call
+        return filtered
+
+    with _lock:
+        if not hasattr(resource_tracker.register, "__wrapped__"):
+            resource_tracker.register = _untracked(resource_tracker.register)
+            resource_tracker.unregister = _untracked(resource_tracker.unregister)
+
+
+def new_block_name(fabric_id: uuid.UUID, node: str) -> str:
+    """A name that says whose block it is and that nobody can guess ahead of time."""
+    node_tag = hashlib.blake2b(node.encode(), digest_size=4).hexdigest()
+    return f"{PREFIX}{fabric_id.hex[:8]}_{node_tag}_{secrets.token_hex(8)}"
+
+
+def is_block_name(name: str) -> bool:
+    return bool(_NAME.match(name))
+
+
+def round_to_pages(nbytes: int) -> int:
+    return max(_PAGE, -(-nbytes // _PAGE) * _PAGE)
+
+
+class Segment:
+    """One mapped segment.  ``buf`` is writable; views handed to users are read-only."""
+
+    def __init__(self, shm: SharedMemory) -> None:
+        self._shm = shm
+        self.name = shm.name
+        self.buf: memoryview = shm.buf
+        self.size = shm.size
+        self.address = int(np.frombuffer(self.buf, np.uint8, count=1).ctypes.data) if self.size else 0
+
+    @classmethod
+    def create(cls, name: str, size: int) -> Segment:
+        """Create (O_EXCL, mode 0600) and pre-fault, so no insert ever takes a page fault
+        and a full tmpfs is an error here rather than a SIGBUS later."""
+        if not is_block_name(name):
+            raise ValueError(f"not a fabric block name: {name!r}")
+        shm = SharedMemory(name, create=True, size=size, **_UNTRACKED)
+        try:
+            os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
+            _populate(shm)
+        except OSError as exc:
+            shm.close()
+            shm.unlink()
+            raise OutOfSpaceError(
+                f"cannot reserve {size} bytes of shared memory for block {name}: {exc.strerror}. "
+                "Free space in /dev/shm (df -h /dev/shm) or allocate fewer megabytes."
+            ) from None
+        return cls(shm)
+
+    @classmethod
+    def attach(cls, name: str) -> Segment:
+        if not is_block_name(name):
+            raise ValueError(f"not a fabric block name: {name!r}")
+        return cls(SharedMemory(name, create=False, **_UNTRACKED))
+
+    def close(self) -> None:
+        """Unmap, unless user views still pin the mapping; then it unmaps when they die."""
+        try:
+            self._shm.close()
+        except BufferError:
+            pass
+
+    def unlink(self) -> None:
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _populate(shm: SharedMemory) -> None:
+    try:
+        shm._mmap.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # kernel older than 5.14: touch one byte per page instead
+        np.frombuffer(shm.buf, np.uint8)[::_PAGE] = 0

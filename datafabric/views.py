@@ -1,0 +1,137 @@
+"""What one process holds of the fabric: attached blocks, and the leases behind its views.
+
+Every array ``get`` returns has a ``_Pin`` as its numpy ``.base`` (numpy collapses view
+chains onto the first non-ndarray base, so slices and reshapes share it too).  The pin
+holds a read-only slice of the block's mapping, which keeps the mapping alive, and the
+lease: when the last view of a pin is collected, a finalizer sends the release to the
+YellowPages without waiting.  The pin is cached by name so that later gets in this
+process cost no RPC while any view is alive; the YellowPages invalidates the cache when
+the name is deleted.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+
+from datafabric import layout
+from datafabric.shm import Segment
+from datafabric.types import FabricType
+
+
+class _Pin:
+    __slots__ = ("__array_interface__", "_mem", "segment", "var_id", "ftype", "__weakref__")
+
+    def __init__(self, segment: Segment, data_offset: int, ftype: FabricType, var_id: int) -> None:
+        nbytes = ftype.nbytes
+        self._mem = segment.buf[data_offset : data_offset + nbytes].toreadonly()
+        self.segment = segment
+        self.var_id = var_id
+        self.ftype = ftype
+        self.__array_interface__ = {
+            "version": 3,
+            "shape": ftype.shape,
+            "typestr": f"|V{ftype.dtype.itemsize}",  # viewed as the dtype below: records keep their layout
+            "data": (segment.address + data_offset, True),
+        }
+
+    def view(self) -> np.ndarray:
+        return np.asarray(self).view(self.ftype.dtype)
+
+
+class LocalState:
+    """Per process and fabric; shared by every thread and every Fabric object."""
+
+    def __init__(self, fabric_id: str) -> None:
+        self.fabric_id = uuid.UUID(fabric_id)
+        self.lock = threading.RLock()
+        self._segments: dict[str, Segment] = {}
+        self._pins: dict[str, weakref.ref[_Pin]] = {}
+
+    def segment(self, node: str, shm_id: str) -> Segment | None:
+        """The mapping of a block of this fabric on ``node``, or None if this process
+        cannot map it (another machine, or another simulated node's block)."""
+        with self.lock:
+            seg = self._segments.get(shm_id)
+            if seg is not None:
+                return seg
+            try:
+                seg = Segment.attach(shm_id)
+            except (FileNotFoundError, PermissionError, ValueError):
+                return None
+            try:
+                header = layout.read_block_header(seg.buf)
+            except layout.LayoutError:
+                header = None
+            if header is None or header.fabric_id != self.fabric_id or header.node != node:
+                seg.close()
+                return None
+            self._segments[shm_id] = seg
+            return seg
+
+    def adopt(self, segment: Segment) -> None:
+        """The owner's own mapping serves its process's views too."""
+        with self.lock:
+            self._segments[segment.name.lstrip("/")] = segment
+
+    def cached_view(self, name: str) -> np.ndarray | None:
+        with self.lock:
+            ref = self._pins.get(name)
+            pin = ref() if ref is not None else None
+        return None if pin is None else pin.view()
+
+    def pin(
+        self, name: str, var_id: int, segment: Segment, data_offset: int, ftype: FabricType, on_release: Callable
+    ) -> _Pin:
+        pin = _Pin(segment, data_offset, ftype, var_id)
+        weakref.finalize(pin, on_release)
+        with self.lock:
+            self._pins[name] = weakref.ref(pin)
+        return pin
+
+    def invalidate(self, var_ids: list[int]) -> None:
+        drop = set(var_ids)
+        with self.lock:
+            for name, ref in list(self._pins.items()):
+                pin = ref()
+                if pin is None or pin.var_id in drop:
+                    del self._pins[name]
+
+    def forget(self, name: str) -> None:
+        with self.lock:
+            self._pins.pop(name, None)
+
+    def detach(self, shm_ids: list[str]) -> None:
+        """Blocks were unlinked: unmap them (views still alive keep their pages until
+        they die) and forget views on them."""
+        with self.lock:
+            gone = {s.lstrip("/") for s in shm_ids}
+            for name, ref in list(self._pins.items()):
+                pin = ref()
+                if pin is None or pin.segment.name.lstrip("/") in gone:
+                    del self._pins[name]
+            for shm_id in gone:
+                seg = self._segments.pop(shm_id, None)
+                if seg is not None:
+                    seg.close()
+
+
+_states: dict[str, LocalState] = {}
+_states_lock = threading.Lock()
+
+
+def local_state(fabric_id: str) -> LocalState:
+    with _states_lock:
+        state = _states.get(fabric_id)
+        if state is None:
+            state = _states[fabric_id] = LocalState(fabric_id)
+        return state
+
+
+def all_states() -> list[LocalState]:
+    with _states_lock:
+        return list(_states.values())

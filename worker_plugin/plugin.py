@@ -1,0 +1,152 @@
+"""The worker side of the fabric: the blocks this worker process owns and their allocators.
+
+An insert in a task on this worker reserves an extent in one of its own blocks with no
+RPC; every other change of a block (create, free, unlink, reservations for writers
+elsewhere) arrives as a ``datafabric_<op>`` RPC from the YellowPages or a peer, on the
+worker's event loop.  A lock serialises the task threads and the loop on the allocators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from datafabric import layout
+from datafabric.layout import BlockHeader, ExtentState
+from datafabric.node import worker_node
+from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
+from datafabric.shm import Segment, new_block_name
+from datafabric.views import local_state
+from worker_plugin.allocator import BlockAllocator
+from worker_plugin.memory import exclude_shared_memory_in_worker
+
+logger = logging.getLogger("datafabric.worker")
+
+_HANDLERS = ["create_block", "reserve", "free", "unlink_block", "block_stats", "shutdown"]
+
+
+@dataclass
+class OwnedBlock:
+    segment: Segment
+    allocator: BlockAllocator
+
+
+class FabricWorkerPlugin(WorkerPlugin):
+    name = WORKER_PLUGIN
+
+    def __init__(self, fabric_id: str) -> None:
+        self.fabric_id = fabric_id
+
+    async def setup(self, worker: Any) -> None:
+        self.worker = worker
+        self.node = worker_node(worker.address)
+        self.blocks: dict[str, OwnedBlock] = {}
+        self.lock = threading.Lock()
+        self.state = local_state(self.fabric_id)
+        worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
+        worker.stream_handlers.update(
+            datafabric_sealed=self._sealed,
+            datafabric_invalidate=self._invalidate,
+            datafabric_detach=self.state.detach,
+        )
+        exclude_shared_memory_in_worker(worker)
+        atexit.register(self._unlink_all)  # a worker that exits without teardown
+        await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node)
+
+    def teardown(self, worker: Any) -> None:
+        self._unlink_all()
+        atexit.unregister(self._unlink_all)
+
+    # -- used by tasks on this worker (any thread) ---------------------------------------
+    def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
+        with self.lock:
+            for shm_id, block in sorted(self.blocks.items(), key=lambda kv: -kv[1].allocator.largest_free):
+                r = block.allocator.reserve(name, type_, doc, nbytes)
+                if r is not None:
+                    return _reservation(shm_id, r)
+        return None
+
+    def mark_sealed(self, shm_id: str, extent_offset: int) -> None:
+        with self.lock:
+            block = self.blocks.get(shm_id)
+            if block is not None and block.allocator.state_of(extent_offset) is ExtentState.RESERVED:
+                block.allocator.set_state(extent_offset, ExtentState.SEALED)
+
+    def release_local(self, shm_id: str, extent_offset: int) -> None:
+        with self.lock:
+            block = self.blocks.get(shm_id)
+            if block is not None and block.allocator.state_of(extent_offset) not in (None, ExtentState.FREE):
+                block.allocator.release(extent_offset)
+
+    # -- RPC handlers ----------------------------------------------------------------
+    async def create_block(self, size: int, node: str) -> dict:
+        shm_id = new_block_name(uuid.UUID(self.fabric_id), node)
+        segment = await asyncio.to_thread(Segment.create, shm_id, size)
+        header = BlockHeader(uuid.uuid4(), uuid.UUID(self.fabric_id), node, size)
+        layout.write_block_header(segment.buf, header)
+        allocator = BlockAllocator(segment.buf, size, fresh=True)
+        with self.lock:
+            self.blocks[shm_id] = OwnedBlock(segment, allocator)
+        self.state.adopt(segment)
+        logger.info("created block %s of %d bytes on node %s", shm_id, size, node)
+        return {"shm_id": shm_id, "size": size, "capacity": allocator.capacity, "block_uuid": str(header.block_uuid)}
+
+    def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> dict | None:
+        with self.lock:
+            block = self.blocks.get(shm_id)
+            r = block.allocator.reserve(name, type, doc, nbytes) if block is not None else None
+        return _reservation(shm_id, r) if r is not None else None
+
+    def free(self, shm_id: str, extent_offset: int) -> dict:
+        self.release_local(shm_id, extent_offset)
+        return {}
+
+    def unlink_block(self, shm_id: str) -> dict:
+        with self.lock:
+            block = self.blocks.pop(shm_id, None)
+        if block is not None:
+            self.state.detach([shm_id])
+            block.segment.unlink()
+        return {}
+
+    def block_stats(self, shm_id: str) -> dict:
+        with self.lock:
+            alloc = self.blocks[shm_id].allocator
+            extents = alloc.extents()
+            return {
+                "capacity": alloc.capacity,
+                "free": alloc.free_bytes,
+                "used": alloc.capacity - alloc.free_bytes,
+                "largest_free": alloc.largest_free,
+                "extents": len(extents),
+                "reserved": sum(1 for _, _, st in extents if st is ExtentState.RESERVED),
+            }
+
+    def shutdown(self) -> dict:
+        self._unlink_all()
+        return {}
+
+    # -- stream handlers -------------------------------------------------------------
+    def _sealed(self, shm_id: str, extent_offset: int) -> None:
+        self.mark_sealed(shm_id, extent_offset)
+
+    def _invalidate(self, var_ids: list[int]) -> None:
+        self.state.invalidate(var_ids)
+
+    def _unlink_all(self) -> None:
+        with self.lock:
+            blocks, self.blocks = self.blocks, {}
+        self.state.detach(list(blocks))
+        for block in blocks.values():
+            block.segment.unlink()
+
+
+def _reservation(shm_id: str, r: Any) -> dict:
+    return {"shm_id": shm_id, "extent_offset": r.offset, "data_offset": r.data_offset, "extent_size": r.size}

@@ -1,0 +1,268 @@
+"""The YellowPages: a SchedulerPlugin that is the fabric's single source of truth.
+
+It never touches shared memory.  It owns the directory (names, types, docs, locations,
+leases), the block inventory and placement, and it orders the workers that own blocks to
+create, free and unlink.  Its RPC handlers are installed on the scheduler as
+``datafabric_<op>``; lease releases arrive one-way on the scheduler's batched streams
+(``datafabric_release``) so that dropping a view costs its process no round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from typing import Any
+
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from datafabric.errors import InvalidArgumentError, NoFabricError
+from datafabric.names import validate_name
+from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
+from datafabric.shm import round_to_pages
+from yp.directory import Block, Copy, Directory, ExtentRef, Variable
+
+logger = logging.getLogger("datafabric.yp")
+
+_HANDLERS = [
+    "register_worker",
+    "allocate",
+    "reserve",
+    "abort",
+    "seal",
+    "acquire",
+    "acquire_at",
+    "names",
+    "info",
+    "delete",
+    "deallocate",
+    "status",
+    "shutdown",
+]
+
+
+class YellowPages(SchedulerPlugin):
+    name = SCHEDULER_PLUGIN
+
+    def __init__(self, fabric_id: str) -> None:
+        self.fabric_id: str | None = fabric_id
+        self.directory = Directory()
+
+    async def start(self, scheduler: Any) -> None:
+        self.scheduler = scheduler
+        scheduler.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
+        scheduler.stream_handlers["datafabric_release"] = self.release
+
+    # -- cluster membership ----------------------------------------------------------
+    def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        self.directory.workers.pop(worker, None)
+        lost = self.directory.drop_worker_blocks(worker)
+        if lost:
+            logger.warning("worker %s left with the only copy of %d variables: %s", worker, len(lost), lost[:10])
+        self._free_later(self.directory.drop_holder(worker))
+
+    def remove_client(self, scheduler: Any, client: str) -> None:
+        self._free_later(self.directory.drop_holder(client))
+
+    # -- handlers ------------------------------------------------------------------
+    def register_worker(self, address: str, node: str) -> dict:
+        self._running()
+        self.directory.workers[address] = node
+        return {"fabric_id": self.fabric_id}
+
+    async def allocate(self, mb: float) -> list[tuple[str, str]]:
+        self._running()
+        if not mb or mb <= 0:
+            raise InvalidArgumentError(f"allocate needs a positive number of megabytes, got {mb!r}")
+        nodes: dict[str, list[str]] = defaultdict(list)
+        for worker, node in self.directory.workers.items():
+            if worker in self.scheduler.workers:
+                nodes[node].append(worker)
+        if not nodes:
+            raise NoFabricError("no worker runs the fabric's worker plugin yet; start workers first")
+        per_node = int(mb * 2**20) // len(nodes)
+        plan = [
+            (worker, node, round_to_pages(per_node // len(workers)))
+            for node, workers in sorted(nodes.items())
+            for worker in sorted(workers)
+        ]
+        results = await asyncio.gather(
+            *(self._ask(w, "create_block", size=size, node=node) for w, node, size in plan),
+            return_exceptions=True,
+        )
+        created = [(p, r) for p, r in zip(plan, results, strict=True) if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:  # all or nothing: a refused allocate leaves no block behind
+            await asyncio.gather(
+                *(self._rpc(w).datafabric_unlink_block(shm_id=r["shm_id"]) for (w, _, _), r in created),
+                return_exceptions=True,
+            )
+            raise failed[0]
+        for (worker, node, _), r in created:
+            self.directory.add_block(Block(r["shm_id"], node, worker, r["size"], r["capacity"]))
+        return [(node, r["shm_id"]) for (_, node, _), r in created]
+
+    async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> dict:
+        """Find room for an insert whose writer has none in its own blocks."""
+        self._running()
+        validate_name(name)
+        tried: set[str] = set()
+        while candidates := self.directory.placement(nbytes, node, tried):
+            block = candidates[0]
+            tried.add(block.shm_id)
+            try:
+                r = await self._rpc(block.worker).datafabric_reserve(
+                    shm_id=block.shm_id, name=name, type=type, doc=doc, nbytes=nbytes
+                )
+            except OSError:
+                continue  # owner unreachable: try the next block
+            if r is not None:
+                self.directory.add_pending(holder, block.shm_id, r["extent_offset"], r["extent_size"])
+                return {**r, "worker": block.worker, "node": block.node}
+        raise self.directory.out_of_space(nbytes)
+
+    async def abort(self, shm_id: str, extent_offset: int) -> dict:
+        ref = self.directory.drop_pending(shm_id, extent_offset)
+        if ref is not None:
+            await self._free([ref])
+        return {}
+
+    def seal(
+        self,
+        name: str,
+        doc: str,
+        type: str,
+        nbytes: int,
+        shm_id: str,
+        extent_offset: int,
+        extent_size: int,
+        data_offset: int,
+        holder: str,
+    ) -> dict:
+        self._running()
+        var = self.directory.seal(name, doc, type, nbytes, Copy(shm_id, extent_offset, extent_size, data_offset))
+        owner = self.directory.blocks[shm_id].worker
+        if owner != holder:  # the owner's allocator learns that the extent is now sealed
+            self._to_worker(owner, {"op": "datafabric_sealed", "shm_id": shm_id, "extent_offset": extent_offset})
+        return self._describe(var)
+
+    def acquire(self, name: str, holder: str) -> dict:
+        self._running()
+        var = self.directory.lookup(name)
+        self.directory.acquire(var, holder)
+        return self._describe(var)
+
+    def acquire_at(self, node: str, shm_id: str, offset: int, holder: str) -> dict:
+        self._running()
+        var = self.directory.at_location(node, shm_id, offset)
+        self.directory.acquire(var, holder)
+        return self._describe(var)
+
+    def release(self, var_id: int, holder: str, **_stream_extra: Any) -> None:
+        self._free_later(self.directory.release(var_id, holder))
+
+    def names(self, prefix: str = "") -> list[str]:
+        self._running()
+        return sorted(n for n in self.directory.variables if n.startswith(prefix))
+
+    def info(self, name: str) -> dict:
+        self._running()
+        return self._describe(self.directory.lookup(name))
+
+    async def delete(self, name: str) -> dict:
+        self._running()
+        var, freed = self.directory.delete(name)
+        self._invalidate(var)
+        await self._free(freed)
+        return {"freed": bool(freed)}
+
+    async def deallocate(self, node: str, shm_id: str) -> dict:
+        self._running()
+        block = self.directory.block(node, shm_id)
+        self.directory.check_removable(block)
+        await self._rpc(block.worker).datafabric_unlink_block(shm_id=shm_id)
+        self.directory.remove_block(shm_id)
+        self._detach([shm_id])
+        return {}
+
+    async def status(self) -> list[dict]:
+        self._running()
+        blocks = list(self.directory.blocks.values())
+        stats = await asyncio.gather(
+            *(self._rpc(b.worker).datafabric_block_stats(shm_id=b.shm_id) for b in blocks),
+            return_exceptions=True,
+        )
+        out = []
+        for b, s in zip(blocks, stats, strict=True):
+            names = sorted(
+                v.name for v in self.directory.variables.values() if any(c.shm_id == b.shm_id for c in v.copies)
+            )
+            row = {"node": b.node, "worker": b.worker, "shm_id": b.shm_id, "size": b.size, "variables": names}
+            row.update(s if isinstance(s, dict) else {"error": repr(s)})
+            out.append(row)
+        return sorted(out, key=lambda r: (r["node"], r["worker"], r["shm_id"]))
+
+    async def shutdown(self) -> dict:
+        """Unlink every block on every worker; the fabric id is retired."""
+        self._running()
+        workers = {b.worker for b in self.directory.blocks.values()} | set(self.directory.workers)
+        await asyncio.gather(
+            *(self._rpc(w).datafabric_shutdown() for w in workers if w in self.scheduler.workers),
+            return_exceptions=True,
+        )
+        self._detach(list(self.directory.blocks))
+        self.fabric_id = None
+        self.directory = Directory()
+        return {}
+
+    # -- helpers ----------------------------------------------------------------------
+    def _running(self) -> None:
+        if self.fabric_id is None:
+            raise NoFabricError("the fabric has been shut down; start a new one with datafabric.start(client, mb=...)")
+
+    def _describe(self, var: Variable) -> dict:
+        return {
+            "var_id": var.var_id,
+            "name": var.name,
+            "doc": var.doc,
+            "type": var.type,
+            "nbytes": var.nbytes,
+            "locations": self.directory.locations(var),
+        }
+
+    def _rpc(self, worker: str) -> Any:
+        return self.scheduler.rpc(worker)
+
+    async def _ask(self, worker: str, op: str, **kwargs: Any) -> Any:
+        return raise_if_refused(await getattr(self._rpc(worker), f"{HANDLER_PREFIX}{op}")(**kwargs))
+
+    def _to_worker(self, worker: str, msg: dict) -> None:
+        comm = self.scheduler.stream_comms.get(worker)
+        if comm is not None:
+            comm.send(msg)
+
+    def _invalidate(self, var: Variable) -> None:
+        """Holders drop their cached view so a later get in their process asks again."""
+        msg = {"op": "datafabric_invalidate", "var_ids": [var.var_id]}
+        for holder in self.directory.holders(var):
+            self._to_worker(holder, msg)
+        self.scheduler.log_event(EVENT_TOPIC, {"fabric_id": self.fabric_id, **msg})
+
+    def _detach(self, shm_ids: list[str]) -> None:
+        msg = {"op": "datafabric_detach", "shm_ids": shm_ids}
+        for worker in self.scheduler.workers:
+            self._to_worker(worker, msg)
+        self.scheduler.log_event(EVENT_TOPIC, msg)
+
+    async def _free(self, refs: list[ExtentRef]) -> None:
+        results = await asyncio.gather(
+            *(self._rpc(r.worker).datafabric_free(shm_id=r.shm_id, extent_offset=r.offset) for r in refs),
+            return_exceptions=True,
+        )
+        for ref, result in zip(refs, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("could not free extent %s: %r", ref, result)
+
+    def _free_later(self, refs: list[ExtentRef]) -> None:
+        if refs:
+            self.scheduler.loop.add_callback(self._free, refs)
