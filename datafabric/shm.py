@@ -29,6 +29,7 @@ PREFIX = "dfab_"
 _NAME = re.compile(r"^/?dfab_[0-9a-f]{8}_[0-9a-f]{8}_[0-9a-f]{16}$")
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _PAGE = mmap.PAGESIZE
+SHM_DIR = "/dev/shm"
 
 if sys.version_info >= (3, 13):
     _UNTRACKED = {"track": False}
@@ -59,6 +60,17 @@ def new_block_name(fabric_id: uuid.UUID, node: str) -> str:
 
 def is_block_name(name: str) -> bool:
     return bool(_NAME.match(name))
+
+
+def fabric_segments(fabric_id: uuid.UUID) -> list[str]:
+    """Every segment of a fabric on this machine, by name prefix (Linux lists them in
+    /dev/shm): what shutdown sweeps up when a worker died before it could unlink."""
+    prefix = f"{PREFIX}{fabric_id.hex[:8]}_"
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix) and is_block_name(n))
 
 
 def round_to_pages(nbytes: int) -> int:

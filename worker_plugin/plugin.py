@@ -22,14 +22,14 @@ from datafabric import layout
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
-from datafabric.shm import Segment, new_block_name
+from datafabric.shm import Segment, fabric_segments, new_block_name
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
 
 logger = logging.getLogger("datafabric.worker")
 
-_HANDLERS = ["create_block", "reserve", "free", "unlink_block", "block_stats", "shutdown"]
+_HANDLERS = ["create_block", "reserve", "free", "unlink_block", "unlink_orphans", "block_stats", "shutdown"]
 
 
 @dataclass
@@ -116,6 +116,17 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
         return {}
 
+    def unlink_orphans(self, shm_ids: list[str]) -> dict:
+        """Blocks of a worker of this node that died without unlinking them."""
+        for shm_id in shm_ids:
+            try:
+                segment = Segment.attach(shm_id)
+            except FileNotFoundError:
+                continue
+            segment.close()
+            segment.unlink()
+        return {}
+
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
             alloc = self.blocks[shm_id].allocator
@@ -131,6 +142,7 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def shutdown(self) -> dict:
         self._unlink_all()
+        self.unlink_orphans(fabric_segments(uuid.UUID(self.fabric_id)))
         return {}
 
     # -- stream handlers -------------------------------------------------------------

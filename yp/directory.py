@@ -73,6 +73,7 @@ class Directory:
         self.variables: dict[str, Variable] = {}  # visible names only
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], tuple[str, int]] = {}  # (shm, ext) -> (writer, size)
+        self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to unlink
         self._ids = itertools.count(1)
 
     # -- blocks ---------------------------------------------------------------------
@@ -205,7 +206,8 @@ class Directory:
                     del self.variables[var.name]
                     lost.append(var.name)
         for shm_id in gone:
-            del self.blocks[shm_id]
+            block = self.blocks.pop(shm_id)
+            self.orphans.setdefault(block.node, set()).add(shm_id)
         self.pending = {k: v for k, v in self.pending.items() if k[0] not in gone}
         return lost
 

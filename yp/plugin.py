@@ -55,11 +55,13 @@ class YellowPages(SchedulerPlugin):
 
     # -- cluster membership ----------------------------------------------------------
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-        self.directory.workers.pop(worker, None)
+        node = self.directory.workers.pop(worker, None)
         lost = self.directory.drop_worker_blocks(worker)
         if lost:
             logger.warning("worker %s left with the only copy of %d variables: %s", worker, len(lost), lost[:10])
         self._free_later(self.directory.drop_holder(worker))
+        if node is not None:
+            self.scheduler.loop.add_callback(self._reap_orphans, node)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         self._free_later(self.directory.drop_holder(client))
@@ -68,6 +70,8 @@ class YellowPages(SchedulerPlugin):
     def register_worker(self, address: str, node: str) -> dict:
         self._running()
         self.directory.workers[address] = node
+        if self.directory.orphans.get(node):
+            self.scheduler.loop.add_callback(self._reap_orphans, node)
         return {"fabric_id": self.fabric_id}
 
     async def allocate(self, mb: float) -> list[tuple[str, str]]:
@@ -211,6 +215,7 @@ class YellowPages(SchedulerPlugin):
             return_exceptions=True,
         )
         self._detach(list(self.directory.blocks))
+        await asyncio.gather(*(self._reap_orphans(node) for node in list(self.directory.orphans)))
         self.fabric_id = None
         self.directory = Directory()
         return {}
@@ -253,6 +258,21 @@ class YellowPages(SchedulerPlugin):
         for worker in self.scheduler.workers:
             self._to_worker(worker, msg)
         self.scheduler.log_event(EVENT_TOPIC, msg)
+
+    async def _reap_orphans(self, node: str) -> None:
+        """A dead worker's blocks are unlinked by a live worker of the same node (only a
+        process on that node can); if none is alive, the next one to register does it."""
+        orphans = self.directory.orphans.get(node)
+        peers = [w for w, n in self.directory.workers.items() if n == node and w in self.scheduler.workers]
+        if not orphans or not peers:
+            return
+        shm_ids = sorted(orphans)
+        try:
+            await self._ask(peers[0], "unlink_orphans", shm_ids=shm_ids)
+        except OSError as exc:
+            logger.warning("could not have %s unlink orphaned blocks %s: %r", peers[0], shm_ids, exc)
+            return
+        orphans.difference_update(shm_ids)
 
     async def _free(self, refs: list[ExtentRef]) -> None:
         results = await asyncio.gather(
