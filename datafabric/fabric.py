@@ -81,6 +81,7 @@ class Fabric:
         self.address = address
         self.fabric_id = fabric_id
         self._client = client
+        self._local: LocalState | None = None
 
     def __reduce__(self) -> tuple:
         return (Fabric, (self.address, self.fabric_id))
@@ -169,10 +170,10 @@ class Fabric:
         """A read-only numpy view of the variable's shared memory, no copy.  The view
         (and every slice of it) holds the memory; the first get in a process asks the
         YellowPages once, later ones are answered here while a view is alive."""
-        validate_name(name)
-        view = self._state.cached_view(name)
+        view = self._state.cached_view(name)  # cached names were validated when first got
         if view is not None:
             return view
+        validate_name(name)
         ctx = self._ctx()
         info = ctx.call("acquire", name=name, holder=ctx.holder)
         return self._pin(ctx, info, name).view()
@@ -230,7 +231,9 @@ class Fabric:
     # -- plumbing ----------------------------------------------------------------------
     @property
     def _state(self) -> LocalState:
-        return local_state(self.fabric_id)
+        if self._local is None:
+            self._local = local_state(self.fabric_id)
+        return self._local
 
     def _ctx(self) -> Context:
         return current_context(self.address, self._client)

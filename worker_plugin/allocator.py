@@ -44,11 +44,12 @@ class BlockAllocator:
             self._extents[extent.offset] = (extent.size, extent.state)
 
     def reserve(self, name: str, type_: str, doc: str, data_size: int) -> Reservation | None:
-        need = layout.extent_size_for(name, type_, doc, data_size)
         for offset in self._offsets:
             size, state = self._extents[offset]
-            if state is ExtentState.FREE and size >= need:
-                break
+            if state is ExtentState.FREE:
+                need = layout.extent_size_for(offset, name, type_, doc, data_size)
+                if size >= need:
+                    break
         else:
             return None
         rest = size - need
