@@ -16,8 +16,9 @@ from datafabric.context import Context, current_context
 from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, NotOnThisNodeError
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN
-from datafabric.types import FabricType, from_datashape
+from datafabric.types import FabricType, from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
+from datafabric.writer import Creation, PendingWrite
 
 Location = tuple[str, str, int]
 MAX_DOC_BYTES = 65536
@@ -95,10 +96,18 @@ class Fabric:
         split among each node's workers; returns ``[(node, shm_id), ...]``."""
         return [tuple(b) for b in self._ctx().call("allocate", mb=num_megabytes)]
 
-    def deallocate(self, node: str, shm_id: str) -> None:
-        """Unlink a block; refused while it holds live variables."""
-        self._ctx().call("deallocate", node=node, shm_id=shm_id)
+    def deallocate(self, node: str, shm_id: str, *, migrate: bool = False) -> None:
+        """Unlink a block; refused while it holds live variables, unless ``migrate``,
+        which first copies them to other blocks of the same node."""
+        self._ctx().call("deallocate", node=node, shm_id=shm_id, migrate=migrate)
         self._state.detach([shm_id])
+
+    def defragment(self, node: str | None = None) -> dict:
+        """Compact the blocks (of ``node``), moving only variables no view holds.
+        Returns the names moved and, per block, bytes moved and the largest free
+        extent before and after."""
+        report = self._ctx().call("defragment", node=node)
+        return {"moved": list(report["moved"]), "blocks": [{**b, "moved": list(b["moved"])} for b in report["blocks"]]}
 
     def shutdown(self) -> None:
         """Unlink every block of the fabric on every node."""
@@ -110,60 +119,25 @@ class Fabric:
         validate_name(name)
         _validate_doc(doc)
         source = prepare(tp, buf)
-        ftype = source.type
-        ctx = self._ctx()
-        plugin = ctx.plugin if ctx.plugin is not None and ctx.plugin.fabric_id == self.fabric_id else None
-        res = plugin.reserve_local(name, ftype.datashape, doc, ftype.nbytes) if plugin else None
-        if res is not None:
-            res["node"] = plugin.node
-        else:
-            res = ctx.call(
-                "reserve",
-                name=name,
-                type=ftype.datashape,
-                doc=doc,
-                nbytes=ftype.nbytes,
-                node=ctx.node,
-                holder=ctx.holder,
-            )
-        abort = functools.partial(self._abort, ctx, res, local=plugin is not None and "worker" not in res)
+        write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type)
         try:
-            segment = self._state.segment(res["node"], res["shm_id"])
-            if segment is None:
-                raise NotOnThisNodeError(
-                    f"the fabric placed {name!r} on node {res['node']}, which this process cannot map; "
-                    "insert from a task on a worker of that node"
-                )
-            dest = segment.buf[res["data_offset"] : res["data_offset"] + ftype.nbytes]
+            dest = write.memory()
             try:
                 source.copy_into(dest)
             finally:
                 dest.release()
-            info = ctx.call(
-                "seal",
-                name=name,
-                doc=doc,
-                type=ftype.datashape,
-                nbytes=ftype.nbytes,
-                shm_id=res["shm_id"],
-                extent_offset=res["extent_offset"],
-                extent_size=res["extent_size"],
-                data_offset=res["data_offset"],
-                holder=ctx.holder,
-            )
         except BaseException:
-            abort()
+            write.abort()
             raise
-        if plugin is not None and "worker" not in res:
-            plugin.mark_sealed(res["shm_id"], res["extent_offset"])
-        return _locations(info)
+        return _locations(write.seal())
 
-    @staticmethod
-    def _abort(ctx: Context, res: dict, *, local: bool) -> None:
-        if local:
-            ctx.plugin.release_local(res["shm_id"], res["extent_offset"])
-        else:
-            ctx.call("abort", shm_id=res["shm_id"], extent_offset=res["extent_offset"])
+    def create(self, name: str, doc: str, tp: Any) -> Creation:
+        """Reserve ``name`` and hand out its memory to fill in place (zero-copy
+        producers: ``np.add(a, b, out=...)``, ``f.readinto(...)``); see ``Creation``."""
+        validate_name(name)
+        _validate_doc(doc)
+        ftype = parse_type(tp)  # a bare numpy dtype is refused: create needs the shape too
+        return Creation(PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, ftype))
 
     # -- reading -----------------------------------------------------------------------
     def get(self, name: str) -> np.ndarray:

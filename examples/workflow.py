@@ -41,13 +41,15 @@ def fabric_session():
         with Client() as client:
             yield client, datafabric.connect(client)
         return
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as cluster:
-        with Client(cluster) as client:
-            fabric = datafabric.start(client, mb=256)
-            try:
-                yield client, fabric
-            finally:
-                fabric.shutdown()
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as cluster,
+        Client(cluster) as client,
+    ):
+        fabric = datafabric.start(client, mb=256)
+        try:
+            yield client, fabric
+        finally:
+            fabric.shutdown()
 
 
 def main() -> None:
@@ -62,7 +64,9 @@ def main() -> None:
         name = "run1/temps/2"
         print("info:", fabric.info(name))
         result = client.submit(consume, fabric, name, workers=[consumer]).result()
-        print(f"read on {result['worker']} (pid {result['pid']}): mean {result['mean']:.6f}, zero-copy {result['zero_copy']}")
+        print(
+            f"read on {result['worker']} (pid {result['pid']}): mean {result['mean']:.6f}, zero-copy {result['zero_copy']}"
+        )
 
         here = fabric.get(name)  # the client shares the machine: a view, no copy
         print(f"read in the client (pid {os.getpid()}): shape {here.shape}, mean {here.mean():.6f}")

@@ -11,6 +11,7 @@ O(number of extents); a block of a few thousand variables stays well under a mil
 from __future__ import annotations
 
 import bisect
+import ctypes
 from dataclasses import dataclass
 
 from datafabric import layout
@@ -87,6 +88,41 @@ class BlockAllocator:
         layout.write_extent(self._buf, offset, ExtentState.FREE, size)
         self._extents[offset] = (size, ExtentState.FREE)
         return freed
+
+    def compact(self, movable: set[int], address: int) -> dict[int, tuple[int, int]]:
+        """Slide the sealed extents in ``movable`` towards the block's start, past free
+        space, never past a fixed extent (leased, reserved, deleted).  Returns
+        ``{old extent offset: (new extent offset, new data offset)}``.
+
+        An extent moves only if its data lands strictly lower, so its new end never passes
+        its old end and one left-to-right pass with memmove (overlap-safe) is enough; the
+        header is written after the data has moved.  Cost: one pass over the extents plus
+        the bytes moved."""
+        moved: dict[int, tuple[int, int]] = {}
+        cursor = layout.BLOCK_HEADER_SIZE
+        for offset in list(self._offsets):
+            size, state = self._extents[offset]
+            if state is ExtentState.FREE:
+                continue
+            if offset in movable and state is ExtentState.SEALED and cursor < offset:
+                ext = layout.read_extent(self._buf, offset)
+                new_data = cursor + layout.data_offset_for(cursor, ext.name, ext.type, ext.doc, ext.data_size)
+                if new_data < ext.data_offset:
+                    ctypes.memmove(address + new_data, address + ext.data_offset, ext.data_size)
+                    new_size = layout.extent_size_for(cursor, ext.name, ext.type, ext.doc, ext.data_size)
+                    layout.write_extent(
+                        self._buf, cursor, ExtentState.SEALED, new_size, ext.name, ext.type, ext.doc, ext.data_size
+                    )
+                    moved[offset] = (cursor, new_data)
+                    cursor += new_size
+                    continue
+            if cursor < offset:
+                layout.write_extent(self._buf, cursor, ExtentState.FREE, offset - cursor)
+            cursor = offset + size
+        if cursor < self.size:
+            layout.write_extent(self._buf, cursor, ExtentState.FREE, self.size - cursor)
+        self.rebuild()
+        return moved
 
     def extents(self) -> list[tuple[int, int, ExtentState]]:
         return [(o, *self._extents[o]) for o in self._offsets]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import ctypes
 import logging
 import threading
 import uuid
@@ -19,6 +20,7 @@ from typing import Any
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from datafabric import layout
+from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
@@ -29,7 +31,18 @@ from worker_plugin.memory import exclude_shared_memory_in_worker
 
 logger = logging.getLogger("datafabric.worker")
 
-_HANDLERS = ["create_block", "reserve", "free", "unlink_block", "unlink_orphans", "block_stats", "shutdown"]
+_HANDLERS = [
+    "create_block",
+    "reserve",
+    "free",
+    "compact",
+    "copy_extent",
+    "unlink_block",
+    "unlink_orphans",
+    "block_stats",
+    "block_extents",
+    "shutdown",
+]
 
 
 @dataclass
@@ -108,8 +121,39 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.release_local(shm_id, extent_offset)
         return {}
 
+    async def compact(self, shm_id: str, movable: list[int]) -> dict:
+        return await asyncio.to_thread(self._compact, shm_id, set(movable))
+
+    def _compact(self, shm_id: str, movable: set[int]) -> dict:
+        with self.lock:  # inserts of this worker wait; the YellowPages holds back readers
+            block = self.blocks[shm_id]
+            before = block.allocator.largest_free
+            sizes = {offset: size for offset, size, _ in block.allocator.extents()}
+            moved = block.allocator.compact(movable, block.segment.address)
+            new_sizes = {offset: size for offset, size, _ in block.allocator.extents()}
+            return {
+                "moved": [[old, new, data, new_sizes[new]] for old, (new, data) in sorted(moved.items())],
+                "bytes_moved": sum(sizes[old] for old in moved),
+                "largest_free_before": before,
+                "largest_free_after": block.allocator.largest_free,
+            }
+
+    async def copy_extent(
+        self, shm_id: str, data_offset: int, nbytes: int, dest_node: str, dest_shm_id: str, dest_data_offset: int
+    ) -> dict:
+        """Copy a variable's bytes into a reserved extent of another block of this node."""
+        src = self.blocks[shm_id].segment
+        dest = self.state.segment(dest_node, dest_shm_id)
+        if dest is None:
+            raise NotOnThisNodeError(f"block {dest_shm_id} of node {dest_node} cannot be mapped here")
+        await asyncio.to_thread(ctypes.memmove, dest.address + dest_data_offset, src.address + data_offset, nbytes)
+        return {}
+
     def unlink_block(self, shm_id: str) -> dict:
         with self.lock:
+            block = self.blocks.get(shm_id)
+            if block is not None and any(st is ExtentState.RESERVED for _, _, st in block.allocator.extents()):
+                raise BlockInUseError(f"block {shm_id} has an insert in progress; try again when it is sealed")
             block = self.blocks.pop(shm_id, None)
         if block is not None:
             self.state.detach([shm_id])
@@ -139,6 +183,11 @@ class FabricWorkerPlugin(WorkerPlugin):
                 "extents": len(extents),
                 "reserved": sum(1 for _, _, st in extents if st is ExtentState.RESERVED),
             }
+
+    def block_extents(self, shm_id: str) -> list[tuple[int, int, int]]:
+        """The allocator's view, to compare with a walk of the block's headers."""
+        with self.lock:
+            return [(o, s, int(st)) for o, s, st in self.blocks[shm_id].allocator.extents()]
 
     def shutdown(self) -> dict:
         self._unlink_all()

@@ -16,7 +16,7 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from datafabric.errors import InvalidArgumentError, NoFabricError
+from datafabric.errors import BlockNotFoundError, InvalidArgumentError, NoFabricError, OutOfSpaceError
 from datafabric.names import validate_name
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
 from datafabric.shm import round_to_pages
@@ -36,6 +36,7 @@ _HANDLERS = [
     "info",
     "delete",
     "deallocate",
+    "defragment",
     "status",
     "shutdown",
 ]
@@ -47,6 +48,7 @@ class YellowPages(SchedulerPlugin):
     def __init__(self, fabric_id: str) -> None:
         self.fabric_id: str | None = fabric_id
         self.directory = Directory()
+        self._moving: dict[str, asyncio.Event] = {}  # blocks whose extents are being moved
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -115,15 +117,25 @@ class YellowPages(SchedulerPlugin):
             block = candidates[0]
             tried.add(block.shm_id)
             try:
-                r = await self._rpc(block.worker).datafabric_reserve(
-                    shm_id=block.shm_id, name=name, type=type, doc=doc, nbytes=nbytes
+                r = await self._ask(
+                    block.worker, "reserve", shm_id=block.shm_id, name=name, type=type, doc=doc, nbytes=nbytes
                 )
             except OSError:
                 continue  # owner unreachable: try the next block
             if r is not None:
-                self.directory.add_pending(holder, block.shm_id, r["extent_offset"], r["extent_size"])
-                return {**r, "worker": block.worker, "node": block.node}
+                return self._pending(holder, block, r)
+        for block in self.directory.placement(nbytes, node):  # enough free, but in pieces
+            await self._compact(block)
+            r = await self._ask(
+                block.worker, "reserve", shm_id=block.shm_id, name=name, type=type, doc=doc, nbytes=nbytes
+            )
+            if r is not None:
+                return self._pending(holder, block, r)
         raise self.directory.out_of_space(nbytes)
+
+    def _pending(self, holder: str, block: Block, r: dict) -> dict:
+        self.directory.add_pending(holder, block.shm_id, r["extent_offset"], r["extent_size"])
+        return {**r, "worker": block.worker, "node": block.node}
 
     async def abort(self, shm_id: str, extent_offset: int) -> dict:
         ref = self.directory.drop_pending(shm_id, extent_offset)
@@ -150,14 +162,16 @@ class YellowPages(SchedulerPlugin):
             self._to_worker(owner, {"op": "datafabric_sealed", "shm_id": shm_id, "extent_offset": extent_offset})
         return self._describe(var)
 
-    def acquire(self, name: str, holder: str) -> dict:
+    async def acquire(self, name: str, holder: str) -> dict:
         self._running()
-        var = self.directory.lookup(name)
+        var = await self._settled(self.directory.lookup(name))
         self.directory.acquire(var, holder)
         return self._describe(var)
 
-    def acquire_at(self, node: str, shm_id: str, offset: int, holder: str) -> dict:
+    async def acquire_at(self, node: str, shm_id: str, offset: int, holder: str) -> dict:
         self._running()
+        if shm_id in self._moving:
+            await self._moving[shm_id].wait()
         var = self.directory.at_location(node, shm_id, offset)
         self.directory.acquire(var, holder)
         return self._describe(var)
@@ -169,25 +183,37 @@ class YellowPages(SchedulerPlugin):
         self._running()
         return sorted(n for n in self.directory.variables if n.startswith(prefix))
 
-    def info(self, name: str) -> dict:
+    async def info(self, name: str) -> dict:
         self._running()
-        return self._describe(self.directory.lookup(name))
+        return self._describe(await self._settled(self.directory.lookup(name)))
 
     async def delete(self, name: str) -> dict:
         self._running()
+        await self._settled(self.directory.lookup(name))
         var, freed = self.directory.delete(name)
         self._invalidate(var)
         await self._free(freed)
         return {"freed": bool(freed)}
 
-    async def deallocate(self, node: str, shm_id: str) -> dict:
+    async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         self._running()
         block = self.directory.block(node, shm_id)
+        if migrate:
+            await self._migrate(block)
         self.directory.check_removable(block)
         await self._rpc(block.worker).datafabric_unlink_block(shm_id=shm_id)
         self.directory.remove_block(shm_id)
         self._detach([shm_id])
         return {}
+
+    async def defragment(self, node: str | None = None) -> dict:
+        """Compact every block (of ``node``), moving only extents no lease holds."""
+        self._running()
+        blocks = [b for b in self.directory.blocks.values() if node is None or b.node == node]
+        if node is not None and not blocks:
+            raise BlockNotFoundError(f"no block on node {node!r}; `datafabric status` lists the blocks")
+        reports = await asyncio.gather(*(self._compact(b) for b in blocks))
+        return {"moved": sorted(n for r in reports for n in r["moved"]), "blocks": reports}
 
     async def status(self) -> list[dict]:
         self._running()
@@ -258,6 +284,98 @@ class YellowPages(SchedulerPlugin):
         for worker in self.scheduler.workers:
             self._to_worker(worker, msg)
         self.scheduler.log_event(EVENT_TOPIC, msg)
+
+    async def _settled(self, var: Variable) -> Variable:
+        """Wait until no block holding ``var`` is being compacted; then its copies'
+        offsets are current."""
+        for copy in list(var.copies):
+            event = self._moving.get(copy.shm_id)
+            if event is not None:
+                await event.wait()
+        return var
+
+    async def _compact(self, block: Block) -> dict:
+        """Have the owner compact one block.  While it runs, gets, infos and deletes of its
+        variables wait; the new offsets are recorded before they resume."""
+        while (busy := self._moving.get(block.shm_id)) is not None:
+            await busy.wait()
+        done = self._moving[block.shm_id] = asyncio.Event()
+        try:
+            movable = {
+                c.extent_offset: (var, c)
+                for var in self.directory.variables.values()
+                if not var.leases
+                for c in var.copies
+                if c.shm_id == block.shm_id
+            }
+            r = await self._ask(block.worker, "compact", shm_id=block.shm_id, movable=sorted(movable))
+            moved = []
+            for old, new_extent, new_data, new_size in r["moved"]:
+                var, copy = movable[old]
+                block.used += new_size - copy.extent_size
+                copy.extent_offset, copy.data_offset, copy.extent_size = new_extent, new_data, new_size
+                moved.append(var.name)
+            return {
+                "node": block.node,
+                "shm_id": block.shm_id,
+                "moved": moved,
+                "bytes_moved": r["bytes_moved"],
+                "largest_free_before": r["largest_free_before"],
+                "largest_free_after": r["largest_free_after"],
+            }
+        finally:
+            del self._moving[block.shm_id]
+            done.set()
+
+    async def _migrate(self, block: Block) -> None:
+        """Copy every live variable of ``block`` to other blocks of its node, so that the
+        block can go.  Views taken before keep the old pages until they are dropped."""
+        while (busy := self._moving.get(block.shm_id)) is not None:
+            await busy.wait()
+        done = self._moving[block.shm_id] = asyncio.Event()
+        try:
+            for var in list(self.directory.by_id.values()):
+                for copy in [c for c in var.copies if c.shm_id == block.shm_id]:
+                    if var.deleted:  # its pages die with the block; nothing to free later
+                        var.copies.remove(copy)
+                        continue
+                    await self._copy_elsewhere(block, var, copy)
+        finally:
+            del self._moving[block.shm_id]
+            done.set()
+
+    async def _copy_elsewhere(self, block: Block, var: Variable, copy: Copy) -> None:
+        for dest in self.directory.placement(var.nbytes, block.node, {block.shm_id}):
+            if dest.node != block.node:
+                break
+            r = await self._ask(
+                dest.worker, "reserve", shm_id=dest.shm_id, name=var.name, type=var.type, doc=var.doc, nbytes=var.nbytes
+            )
+            if r is None:
+                continue
+            await self._ask(
+                block.worker,
+                "copy_extent",
+                shm_id=block.shm_id,
+                data_offset=copy.data_offset,
+                nbytes=var.nbytes,
+                dest_node=dest.node,
+                dest_shm_id=dest.shm_id,
+                dest_data_offset=r["data_offset"],
+            )
+            self._to_worker(
+                dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": r["extent_offset"]}
+            )
+            dest.used += r["extent_size"]
+            block.used -= copy.extent_size
+            var.copies[var.copies.index(copy)] = Copy(
+                dest.shm_id, r["extent_offset"], r["extent_size"], r["data_offset"]
+            )
+            return
+        raise OutOfSpaceError(
+            f"no other block on node {block.node} has room for {var.name!r} ({var.nbytes / 2**20:.1f} MiB); "
+            "allocate more memory before deallocating this block"
+        )
 
     async def _reap_orphans(self, node: str) -> None:
         """A dead worker's blocks are unlinked by a live worker of the same node (only a

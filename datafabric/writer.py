@@ -1,0 +1,140 @@
+"""One write into the fabric, from reservation to seal: shared by ``insert`` (copy a
+buffer in) and ``create`` (let the producer fill the memory in place).
+
+A reservation is invisible until sealed.  Whatever goes wrong before the seal (an
+exception, a refused name, the object being dropped unsealed) gives the extent back, so
+a failed write leaves nothing visible and nothing allocated.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from datafabric.context import Context
+from datafabric.errors import NotOnThisNodeError
+from datafabric.shm import Segment
+from datafabric.types import FabricType
+from datafabric.views import LocalState
+
+
+class PendingWrite:
+    def __init__(self, ctx: Context, state: LocalState, fabric_id: str, name: str, doc: str, ftype: FabricType) -> None:
+        self.ctx, self.name, self.doc, self.type = ctx, name, doc, ftype
+        plugin = ctx.plugin if ctx.plugin is not None and ctx.plugin.fabric_id == fabric_id else None
+        res = plugin.reserve_local(name, ftype.datashape, doc, ftype.nbytes) if plugin else None
+        self.local = res is not None  # in this worker's own block: no YellowPages bookkeeping
+        if self.local:
+            res["node"] = plugin.node
+        else:
+            res = ctx.call(
+                "reserve",
+                name=name,
+                type=ftype.datashape,
+                doc=doc,
+                nbytes=ftype.nbytes,
+                node=ctx.node,
+                holder=ctx.holder,
+            )
+        self.res = res
+        self._lock = threading.Lock()
+        self._open = True
+        segment = state.segment(res["node"], res["shm_id"])
+        if segment is None:
+            self.abort()
+            raise NotOnThisNodeError(
+                f"the fabric placed {name!r} on node {res['node']}, which this process cannot map; "
+                "write it from a task on a worker of that node"
+            )
+        self.segment: Segment = segment
+
+    def memory(self) -> memoryview:
+        start = self.res["data_offset"]
+        return self.segment.buf[start : start + self.type.nbytes]
+
+    def seal(self) -> dict:
+        """Make the variable visible; if the YellowPages refuses, give the space back."""
+        with self._lock:
+            if not self._open:
+                raise ValueError(f"the write of {self.name!r} is finished already")
+            self._open = False
+        res = self.res
+        try:
+            info = self.ctx.call(
+                "seal",
+                name=self.name,
+                doc=self.doc,
+                type=self.type.datashape,
+                nbytes=self.type.nbytes,
+                shm_id=res["shm_id"],
+                extent_offset=res["extent_offset"],
+                extent_size=res["extent_size"],
+                data_offset=res["data_offset"],
+                holder=self.ctx.holder,
+            )
+        except BaseException:
+            self._give_back()
+            raise
+        if self.local:
+            self.ctx.plugin.mark_sealed(res["shm_id"], res["extent_offset"])
+        return info
+
+    def abort(self) -> None:
+        with self._lock:
+            if not self._open:
+                return
+            self._open = False
+        self._give_back()
+
+    def _give_back(self) -> None:
+        if self.local:
+            self.ctx.plugin.release_local(self.res["shm_id"], self.res["extent_offset"])
+        else:
+            self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
+
+
+class Creation:
+    """A variable being produced in place.  ``array`` is a writable view of its shared
+    memory; ``seal()`` (or leaving the ``with`` block normally) makes it visible and
+    read-only, an exception in the block (or dropping the object unsealed) discards it.
+
+    >>> with fabric.create("sum", "a + b", "1000 * float64") as out:
+    ...     np.add(a, b, out=out)
+    """
+
+    def __init__(self, write: PendingWrite) -> None:
+        self._write = write
+        raw = (
+            np.frombuffer(write.memory(), dtype=write.type.dtype)
+            if write.type.nbytes
+            else np.empty(0, write.type.dtype)
+        )
+        self.array: np.ndarray = raw.reshape(write.type.shape)
+        self._finalizer = weakref.finalize(self, write.abort)
+        self.locations: list[tuple[str, str, int]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self._write.name
+
+    def seal(self) -> list[tuple[str, str, int]]:
+        self.array.flags.writeable = False  # the producer's own handle; write-once from here
+        info = self._write.seal()
+        self._finalizer.detach()
+        self.locations = [(n, s, int(o)) for n, s, o in info["locations"]]
+        return self.locations
+
+    def abort(self) -> None:
+        self._finalizer()
+
+    def __enter__(self) -> np.ndarray:
+        return self.array
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.seal()
+        else:
+            self.abort()
