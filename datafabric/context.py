@@ -47,6 +47,9 @@ class WorkerContext(Context):
     def _call(self, op: str, **kwargs: Any) -> Any:
         return sync(self.worker.loop, getattr(self.worker.scheduler, f"datafabric_{op}"), **kwargs)
 
+    def call_worker(self, address: str, op: str, **kwargs: Any) -> Any:
+        return raise_if_refused(sync(self.worker.loop, getattr(self.worker.rpc(address), f"datafabric_{op}"), **kwargs))
+
     def send(self, msg: dict) -> None:
         """One-way, from any thread (finalizers run wherever the GC runs)."""
         try:
@@ -65,6 +68,9 @@ class ClientContext(Context):
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         return self.client.sync(getattr(self.client.scheduler, f"datafabric_{op}"), **kwargs)
+
+    def call_worker(self, address: str, op: str, **kwargs: Any) -> Any:
+        return raise_if_refused(self.client.sync(getattr(self.client.rpc(address), f"datafabric_{op}"), **kwargs))
 
     def send(self, msg: dict) -> None:
         try:

@@ -8,14 +8,15 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import distributed
 import numpy as np
 from ndtypes import ndt
 
 from datafabric.buffers import prepare
 from datafabric.context import Context, current_context
-from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, NotOnThisNodeError
+from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, NotOnThisNodeError, OutOfSpaceError
 from datafabric.names import validate_name
-from datafabric.protocol import SCHEDULER_PLUGIN
+from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.types import FabricType, from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite
@@ -119,13 +120,16 @@ class Fabric:
         validate_name(name)
         _validate_doc(doc)
         source = prepare(tp, buf)
-        write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type)
+        write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
         try:
-            dest = write.memory()
-            try:
-                source.copy_into(dest)
-            finally:
-                dest.release()
+            if write.segment is not None:
+                dest = write.memory()
+                try:
+                    source.copy_into(dest)
+                finally:
+                    dest.release()
+            else:
+                write.stream(source)
         except BaseException:
             write.abort()
             raise
@@ -140,17 +144,49 @@ class Fabric:
         return Creation(PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, ftype))
 
     # -- reading -----------------------------------------------------------------------
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, *, cache: bool = True) -> np.ndarray:
         """A read-only numpy view of the variable's shared memory, no copy.  The view
         (and every slice of it) holds the memory; the first get in a process asks the
-        YellowPages once, later ones are answered here while a view is alive."""
-        view = self._state.cached_view(name)  # cached names were validated when first got
-        if view is not None:
-            return view
+        YellowPages once, later ones are answered here while a view is alive.
+
+        When no copy is on this process's node, the bytes come over the network from a
+        worker that has one and, with ``cache`` (the default), land in a block of this
+        node as a replica, so the next get here is local.  Without ``cache``, or where
+        this node has no blocks, the array is a private read-only copy."""
+        if cache:
+            view = self._state.cached_view(name)  # cached names were validated when first got
+            if view is not None:
+                return view
         validate_name(name)
         ctx = self._ctx()
         info = ctx.call("acquire", name=name, holder=ctx.holder)
-        return self._pin(ctx, info, name).view()
+        pin = self._local_pin(ctx, info, name)
+        if pin is None and cache and ctx.node is not None:
+            try:
+                info = ctx.call("replicate_to", name=name, node=ctx.node)
+            except (NotOnThisNodeError, OutOfSpaceError):
+                pass  # no room or no blocks here: read a private copy instead
+            else:
+                pin = self._local_pin(ctx, info, name)
+        if pin is not None:
+            return pin.view()
+        try:
+            return self._fetch(ctx, info)
+        finally:
+            ctx.send(_release_msg(ctx, info))
+
+    def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
+        """The variable's bytes over Dask's comms into private memory, in chunks."""
+        ftype = _type(info["type"])
+        (_, shm_id, offset), worker = info["locations"][0], info["workers"][0]
+        out = np.empty(ftype.nbytes, np.uint8)
+        for start in range(0, ftype.nbytes, TRANSFER_CHUNK):
+            n = min(TRANSFER_CHUNK, ftype.nbytes - start)
+            answer = ctx.call_worker(worker, "read", shm_id=shm_id, data_offset=offset + start, nbytes=n)
+            out[start : start + n] = np.frombuffer(answer["data"], np.uint8)
+        view = out.view(ftype.dtype).reshape(ftype.shape)
+        view.flags.writeable = False
+        return view
 
     def get_ptr(self, node: str, shm_id: str, offset: int) -> Pointer:
         """The type and address of the variable stored at a location of this node; the
@@ -160,26 +196,39 @@ class Fabric:
             raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
         info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=int(offset), holder=ctx.holder)
         info["locations"] = [[node, shm_id, int(offset)]]
-        pin = self._pin(ctx, info, info["name"])
+        pin = self._local_pin(ctx, info, info["name"])
+        if pin is None:
+            ctx.send(_release_msg(ctx, info))
+            raise NotOnThisNodeError(f"block {shm_id} of node {node!r} cannot be mapped by this process")
         return Pointer(ndt(info["type"]), pin)
 
-    def _pin(self, ctx: Context, info: dict, name: str) -> _Pin:
-        release = functools.partial(
-            ctx.send, {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
-        )
+    def _local_pin(self, ctx: Context, info: dict, name: str) -> _Pin | None:
         ftype = _type(info["type"])
         for node, shm_id, offset in info["locations"]:
             if ctx.node is not None and node != ctx.node:
                 continue
             segment = self._state.segment(node, shm_id)
             if segment is not None:
+                release = functools.partial(ctx.send, _release_msg(ctx, info))
                 return self._state.pin(name, info["var_id"], segment, offset, ftype, release)
-        release()
-        nodes = sorted({loc[0] for loc in info["locations"]})
-        raise NotOnThisNodeError(
-            f"{name!r} is stored on node(s) {nodes}, none of which this process can map; "
-            f"read it in a task on a worker of one of those nodes"
-        )
+        return None
+
+    def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:
+        """Copy ``name`` ahead of time to the given nodes, to ``nodes`` (an int) more
+        nodes, or to every node; returns all its locations."""
+        options = {"count": nodes} if isinstance(nodes, int) else {"nodes": None if nodes is None else list(nodes)}
+        return _locations(self._ctx().call("replicate", name=validate_name(name), **options))
+
+    def where(self, *names: str) -> list[str]:
+        """Addresses of the workers on the nodes that hold ``names``: pass them as
+        ``client.submit(f, ..., workers=fabric.where(name))`` to run next to the data."""
+        return list(self._ctx().call("where", names=[validate_name(n) for n in names]))
+
+    def submit(self, func: Any, *names: str, **kwargs: Any) -> Any:
+        """``client.submit(func, *views)`` on a worker of a node holding the named
+        variables, each passed to ``func`` as its zero-copy view."""
+        client = self._client or distributed.get_client(self.address)
+        return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
 
     def get_list(self, prefix: str = "") -> list[str]:
         return list(self._ctx().call("names", prefix=prefix))
@@ -244,6 +293,14 @@ class Pointer:
 @functools.lru_cache(maxsize=4096)
 def _type(datashape: str) -> FabricType:
     return from_datashape(datashape)
+
+
+def _call_on_views(fabric: Fabric, func: Any, names: tuple[str, ...]) -> Any:
+    return func(*(fabric.get(name) for name in names))
+
+
+def _release_msg(ctx: Context, info: dict) -> dict:
+    return {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
 
 
 def _locations(info: dict) -> list[Location]:

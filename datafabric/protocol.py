@@ -14,6 +14,7 @@ WORKER_PLUGIN = "datafabric"
 SCHEDULER_PLUGIN = "datafabric-yellowpages"
 HANDLER_PREFIX = "datafabric_"  # every RPC and stream op of the fabric starts with this
 EVENT_TOPIC = "datafabric"  # clients hear of invalidations and unlinked blocks here
+TRANSFER_CHUNK = 64 * 2**20  # bytes per message when data crosses nodes
 
 
 def refusal(exc: Exception) -> dict:

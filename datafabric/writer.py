@@ -13,16 +13,28 @@ import weakref
 from typing import Any
 
 import numpy as np
+from distributed.protocol import to_serialize
 
 from datafabric.context import Context
 from datafabric.errors import NotOnThisNodeError
+from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
 from datafabric.views import LocalState
 
 
 class PendingWrite:
-    def __init__(self, ctx: Context, state: LocalState, fabric_id: str, name: str, doc: str, ftype: FabricType) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        state: LocalState,
+        fabric_id: str,
+        name: str,
+        doc: str,
+        ftype: FabricType,
+        *,
+        remote_ok: bool = False,
+    ) -> None:
         self.ctx, self.name, self.doc, self.type = ctx, name, doc, ftype
         plugin = ctx.plugin if ctx.plugin is not None and ctx.plugin.fabric_id == fabric_id else None
         res = plugin.reserve_local(name, ftype.datashape, doc, ftype.nbytes) if plugin else None
@@ -42,18 +54,33 @@ class PendingWrite:
         self.res = res
         self._lock = threading.Lock()
         self._open = True
-        segment = state.segment(res["node"], res["shm_id"])
-        if segment is None:
+        mappable = ctx.node is None or ctx.node == res["node"]
+        self.segment: Segment | None = state.segment(res["node"], res["shm_id"]) if mappable else None
+        if self.segment is None and not remote_ok:
             self.abort()
             raise NotOnThisNodeError(
                 f"the fabric placed {name!r} on node {res['node']}, which this process cannot map; "
-                "write it from a task on a worker of that node"
+                "create it in a task on a worker of that node, or use insert"
             )
-        self.segment: Segment = segment
 
     def memory(self) -> memoryview:
         start = self.res["data_offset"]
         return self.segment.buf[start : start + self.type.nbytes]
+
+    def stream(self, source: Any) -> None:
+        """For a writer off the node: the bytes go to the block's owner over Dask's comms,
+        in chunks, after one copy into private memory."""
+        staging = np.empty(self.type.nbytes, np.uint8)
+        source.copy_into(memoryview(staging))
+        for start in range(0, self.type.nbytes, TRANSFER_CHUNK):
+            chunk = staging[start : start + TRANSFER_CHUNK]
+            self.ctx.call_worker(
+                self.res["worker"],
+                "write",
+                shm_id=self.res["shm_id"],
+                data_offset=self.res["data_offset"] + start,
+                data=to_serialize(chunk.data),
+            )
 
     def seal(self) -> dict:
         """Make the variable visible; if the YellowPages refuses, give the space back."""

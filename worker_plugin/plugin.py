@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol import to_serialize
 
 from datafabric import layout
 from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
-from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
+from datafabric.protocol import HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, new_block_name
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
@@ -37,6 +38,9 @@ _HANDLERS = [
     "free",
     "compact",
     "copy_extent",
+    "read",
+    "fetch",
+    "write",
     "unlink_block",
     "unlink_orphans",
     "block_stats",
@@ -147,6 +151,38 @@ class FabricWorkerPlugin(WorkerPlugin):
         if dest is None:
             raise NotOnThisNodeError(f"block {dest_shm_id} of node {dest_node} cannot be mapped here")
         await asyncio.to_thread(ctypes.memmove, dest.address + dest_data_offset, src.address + data_offset, nbytes)
+        return {}
+
+    def read(self, shm_id: str, data_offset: int, nbytes: int) -> dict:
+        """Bytes of a block for another node; sent from the mapping, not copied here."""
+        return {"data": to_serialize(self.blocks[shm_id].segment.buf[data_offset : data_offset + nbytes])}
+
+    async def fetch(
+        self,
+        source_worker: str,
+        source_shm_id: str,
+        source_data_offset: int,
+        nbytes: int,
+        shm_id: str,
+        data_offset: int,
+    ) -> dict:
+        """Pull a variable from a worker of another node into a reserved extent here, in
+        chunks, so that a replica of any size needs little private memory."""
+        dest = self.blocks[shm_id].segment.buf
+        source = self.worker.rpc(source_worker)
+        for start in range(0, nbytes, TRANSFER_CHUNK):
+            n = min(TRANSFER_CHUNK, nbytes - start)
+            answer = await source.datafabric_read(
+                shm_id=source_shm_id, data_offset=source_data_offset + start, nbytes=n
+            )
+            at = data_offset + start
+            dest[at : at + n] = answer["data"]
+        return {}
+
+    def write(self, shm_id: str, data_offset: int, data: Any) -> dict:
+        """Bytes streamed by a writer that cannot map this node's memory."""
+        view = memoryview(data).cast("B")
+        self.blocks[shm_id].segment.buf[data_offset : data_offset + len(view)] = view
         return {}
 
     def unlink_block(self, shm_id: str) -> dict:

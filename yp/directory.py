@@ -8,6 +8,7 @@ memory's life return the extents to free; the plugin tells their owners.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -64,6 +65,7 @@ class Variable:
     copies: list[Copy]
     leases: Counter = field(default_factory=Counter)  # holder -> count
     deleted: bool = False
+    last_used: float = 0.0  # monotonic time of the last acquire: replicas are evicted LRU
 
 
 class Directory:
@@ -163,8 +165,44 @@ class Directory:
     def locations(self, var: Variable) -> list[Location]:
         return [(self.blocks[c.shm_id].node, c.shm_id, c.data_offset) for c in var.copies]
 
+    def owners(self, var: Variable) -> list[str]:
+        return [self.blocks[c.shm_id].worker for c in var.copies]
+
+    def on_node(self, var: Variable, node: str) -> bool:
+        return any(self.blocks[c.shm_id].node == node for c in var.copies)
+
+    def evictable(self, node: str) -> list[tuple[Variable, Copy]]:
+        """Replicas on ``node`` that may go: unleased, and never a variable's last copy;
+        least recently used first."""
+        found = [
+            (var, c)
+            for var in self.variables.values()
+            if not var.leases and len(var.copies) > 1
+            for c in var.copies
+            if self.blocks[c.shm_id].node == node
+        ]
+        return sorted(found, key=lambda vc: vc[0].last_used)
+
+    def drop_copy(self, var: Variable, copy: Copy) -> ExtentRef:
+        var.copies.remove(copy)
+        return self.release_copy(copy)
+
+    def release_copy(self, copy: Copy) -> ExtentRef:
+        block = self.blocks[copy.shm_id]
+        block.used -= copy.extent_size
+        return ExtentRef(block.worker, copy.shm_id, copy.extent_offset)
+
+    def seal_pending_copy(self, shm_id: str, extent_offset: int, data_offset: int) -> Copy:
+        """A reserved extent filled by the fabric itself (a replica) becomes a copy."""
+        _, size = self.pending.pop((shm_id, extent_offset))
+        return Copy(shm_id, extent_offset, size, data_offset)
+
+    def add_copy(self, var: Variable, copy: Copy) -> None:
+        var.copies.append(copy)
+
     def acquire(self, var: Variable, holder: str) -> None:
         var.leases[holder] += 1
+        var.last_used = time.monotonic()
 
     def release(self, var_id: int, holder: str) -> list[ExtentRef]:
         var = self.by_id.get(var_id)

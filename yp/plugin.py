@@ -16,7 +16,14 @@ from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from datafabric.errors import BlockNotFoundError, InvalidArgumentError, NoFabricError, OutOfSpaceError
+from datafabric.errors import (
+    BlockNotFoundError,
+    InvalidArgumentError,
+    NameNotFoundError,
+    NoFabricError,
+    NotOnThisNodeError,
+    OutOfSpaceError,
+)
 from datafabric.names import validate_name
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
 from datafabric.shm import round_to_pages
@@ -24,8 +31,11 @@ from yp.directory import Block, Copy, Directory, ExtentRef, Variable
 
 logger = logging.getLogger("datafabric.yp")
 
+_SELF = "datafabric-yellowpages"  # the lease holder name of the YellowPages' own reads
+
 _HANDLERS = [
     "register_worker",
+    "replicate_to",
     "allocate",
     "reserve",
     "abort",
@@ -37,6 +47,8 @@ _HANDLERS = [
     "delete",
     "deallocate",
     "defragment",
+    "replicate",
+    "where",
     "status",
     "shutdown",
 ]
@@ -49,6 +61,7 @@ class YellowPages(SchedulerPlugin):
         self.fabric_id: str | None = fabric_id
         self.directory = Directory()
         self._moving: dict[str, asyncio.Event] = {}  # blocks whose extents are being moved
+        self._replicating: dict[tuple[int, str], asyncio.Future] = {}  # (var_id, node) in flight
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -131,7 +144,10 @@ class YellowPages(SchedulerPlugin):
             )
             if r is not None:
                 return self._pending(holder, block, r)
-        raise self.directory.out_of_space(nbytes)
+        if node is None:
+            raise self.directory.out_of_space(nbytes)
+        block, r = await self._reserve_on_node(name, type, doc, nbytes, node, holder)  # evicts replicas
+        return {**r, "worker": block.worker, "node": block.node}
 
     def _pending(self, holder: str, block: Block, r: dict) -> dict:
         self.directory.add_pending(holder, block.shm_id, r["extent_offset"], r["extent_size"])
@@ -206,6 +222,111 @@ class YellowPages(SchedulerPlugin):
         self._detach([shm_id])
         return {}
 
+    async def replicate(self, name: str, nodes: list[str] | None = None, count: int | None = None) -> dict:
+        """Copy ``name`` to other nodes ahead of time: the listed ``nodes``, or ``count``
+        more nodes (most free space first), or every node with blocks."""
+        self._running()
+        var = await self._settled(self.directory.lookup(name))
+        have = {self.directory.blocks[c.shm_id].node for c in var.copies}
+        with_blocks = sorted({b.node for b in self.directory.blocks.values()})
+        if nodes is None:
+            free = {n: sum(b.free for b in self.directory.blocks.values() if b.node == n) for n in with_blocks}
+            targets = sorted((n for n in with_blocks if n not in have), key=lambda n: -free[n])
+            targets = targets[:count] if count is not None else targets
+        else:
+            unknown = sorted(set(nodes) - set(with_blocks))
+            if unknown:
+                raise BlockNotFoundError(f"nodes {unknown} have no blocks; known nodes: {with_blocks}")
+            targets = [n for n in nodes if n not in have]
+        for node in targets:
+            await self.replicate_to(name, node)
+        return self._describe(var)
+
+    async def replicate_to(self, name: str, node: str) -> dict:
+        """Make sure ``name`` has a copy on ``node``; concurrent callers share one copy."""
+        self._running()
+        var = await self._settled(self.directory.lookup(name))
+        key = (var.var_id, node)
+        while not self.directory.on_node(var, node):
+            if key in self._replicating:
+                await asyncio.shield(self._replicating[key])
+                continue
+            self._replicating[key] = done = asyncio.get_running_loop().create_future()
+            try:
+                await self._replicate(var, node)
+            finally:
+                del self._replicating[key]
+                done.set_result(None)
+        return self._describe(var)
+
+    async def _replicate(self, var: Variable, node: str) -> None:
+        if not any(b.node == node for b in self.directory.blocks.values()):
+            raise NotOnThisNodeError(f"node {node!r} has no blocks to hold a replica of {var.name!r}")
+        dest, r = await self._reserve_on_node(var.name, var.type, var.doc, var.nbytes, node, _SELF)
+        src = var.copies[0]
+        source_block = self.directory.blocks[src.shm_id]
+        self.directory.acquire(var, _SELF)  # the source may not move nor be freed while read
+        try:
+            await self._ask(
+                dest.worker,
+                "fetch",
+                source_worker=source_block.worker,
+                source_shm_id=src.shm_id,
+                source_data_offset=src.data_offset,
+                nbytes=var.nbytes,
+                shm_id=dest.shm_id,
+                data_offset=r["data_offset"],
+            )
+        except BaseException:
+            await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
+            raise
+        finally:
+            self._free_later(self.directory.release(var.var_id, _SELF))
+        copy = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
+        self._to_worker(
+            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": copy.extent_offset}
+        )
+        if var.deleted or var.var_id not in self.directory.by_id:
+            await self._free([self.directory.release_copy(copy)])
+            raise NameNotFoundError(f"{var.name!r} was deleted while it was being replicated")
+        self.directory.add_copy(var, copy)
+
+    async def _reserve_on_node(
+        self, name: str, type_: str, doc: str, nbytes: int, node: str, holder: str
+    ) -> tuple[Block, dict]:
+        """An extent on ``node``: free space, then compaction, then evicting replicas."""
+        for attempt in ("free", "compact", "evict"):
+            if attempt == "evict":
+                for var, copy in self.directory.evictable(node):
+                    if any(b.free >= nbytes for b in self.directory.blocks.values() if b.node == node):
+                        break
+                    await self._free([self.directory.drop_copy(var, copy)])
+            for block in [b for b in self.directory.placement(nbytes, node) if b.node == node]:
+                if attempt == "compact":
+                    await self._compact(block)
+                r = await self._ask(
+                    block.worker, "reserve", shm_id=block.shm_id, name=name, type=type_, doc=doc, nbytes=nbytes
+                )
+                if r is not None:
+                    self.directory.add_pending(holder, block.shm_id, r["extent_offset"], r["extent_size"])
+                    return block, r
+        raise self.directory.out_of_space(nbytes)
+
+    def where(self, names: list[str]) -> list[str]:
+        """Workers on the nodes that hold every one of ``names`` (or, failing that, the
+        most of them): where a task reading them runs without moving bytes."""
+        self._running()
+        per_node: dict[str, int] = {}
+        for name in names:
+            var = self.directory.lookup(name)
+            for node in {self.directory.blocks[c.shm_id].node for c in var.copies}:
+                per_node[node] = per_node.get(node, 0) + 1
+        if not per_node:
+            return []
+        best = max(per_node.values())
+        nodes = {n for n, k in per_node.items() if k == best}
+        return sorted(w for w, n in self.directory.workers.items() if n in nodes and w in self.scheduler.workers)
+
     async def defragment(self, node: str | None = None) -> dict:
         """Compact every block (of ``node``), moving only extents no lease holds."""
         self._running()
@@ -259,6 +380,7 @@ class YellowPages(SchedulerPlugin):
             "type": var.type,
             "nbytes": var.nbytes,
             "locations": self.directory.locations(var),
+            "workers": self.directory.owners(var),
         }
 
     def _rpc(self, worker: str) -> Any:
