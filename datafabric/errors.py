@@ -44,6 +44,18 @@ class OutOfSpaceError(FabricError):
     """No block (or no tmpfs) has room for the request."""
 
 
+class VariableUnavailableError(FabricError, LookupError):
+    """Every copy of the variable is on a node with no live worker right now; it comes
+    back when a worker of that node joins."""
+
+    @classmethod
+    def on_nodes(cls, name: str, nodes: list[str]) -> VariableUnavailableError:
+        return cls(
+            f"{name!r} is stored only on node(s) {sorted(set(nodes))}, which have no live worker now; "
+            "it comes back when a worker of that node joins"
+        )
+
+
 class NotOnThisNodeError(FabricError, LookupError):
     """The memory asked for is not mapped on this process's node."""
 

@@ -14,7 +14,14 @@ from ndtypes import ndt
 
 from datafabric.buffers import prepare
 from datafabric.context import Context, current_context
-from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, NotOnThisNodeError, OutOfSpaceError
+from datafabric.errors import (
+    FabricError,
+    InvalidArgumentError,
+    NoFabricError,
+    NotOnThisNodeError,
+    OutOfSpaceError,
+    VariableUnavailableError,
+)
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.types import FabricType, from_datashape, parse_type
@@ -171,6 +178,8 @@ class Fabric:
         if pin is not None:
             return pin.view()
         try:
+            if not any(info["workers"]):
+                raise VariableUnavailableError.on_nodes(name, [loc[0] for loc in info["locations"]])
             return self._fetch(ctx, info)
         finally:
             ctx.send(_release_msg(ctx, info))
@@ -178,7 +187,9 @@ class Fabric:
     def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
         """The variable's bytes over Dask's comms into private memory, in chunks."""
         ftype = _type(info["type"])
-        (_, shm_id, offset), worker = info["locations"][0], info["workers"][0]
+        (_, shm_id, offset), worker = next(
+            (loc, w) for loc, w in zip(info["locations"], info["workers"], strict=True) if w
+        )
         out = np.empty(ftype.nbytes, np.uint8)
         for start in range(0, ftype.nbytes, TRANSFER_CHUNK):
             n = min(TRANSFER_CHUNK, ftype.nbytes - start)

@@ -12,7 +12,7 @@ import pytest
 from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 
 import datafabric
-from datafabric import errors
+from datafabric import errors, layout
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -153,3 +153,84 @@ def test_client_off_every_node_streams_inserts_and_reads_private_copies(nodes_cl
         with pytest.raises(errors.NotOnThisNodeError):
             fabric.create("made-remotely", "", "10 * float64")
     assert fabric.get_list(prefix="from-") == ["from-laptop"]
+
+
+# -- worker loss ------------------------------------------------------------------------
+def kill(client, worker: str) -> None:
+    """SIGKILL: no teardown, no atexit; the nanny starts a new worker on the same node."""
+    import os
+    import signal
+
+    pid = client.run(os.getpid, workers=[worker])[worker]
+    os.kill(pid, signal.SIGKILL)
+
+
+def wait_until(predicate, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except Exception:
+            pass
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def keep_unsealed(fabric, name):
+    """A producer that reserved memory and then dies before sealing."""
+    creation = fabric.create(name, "", "1000 * float64")
+    creation.array[:] = 1
+    get_worker()._datafabric_test_unsealed = creation  # keep it alive, unsealed
+
+
+def blocks_by_owner(fabric) -> dict[str, str | None]:
+    return {b["shm_id"]: (None if b.get("orphaned") else b["worker"]) for b in fabric.status()}
+
+
+def test_killed_owner_s_blocks_are_adopted_and_its_variables_stay_readable(nodes_client, nfabric):
+    per_node = node_workers(nodes_client)
+    victim, peer = per_node["node-a"]
+    data = np.arange(MiB // 8, dtype=np.float64)
+    [(_, shm_id, offset)] = nodes_client.submit(insert_here, nfabric, "survivor", data, workers=[victim]).result()
+    nodes_client.submit(insert_here, nfabric, "replicated", data, workers=[victim]).result()
+    nfabric.replicate("replicated", ["node-b"])
+    nodes_client.submit(insert_here, nfabric, "doomed", data, workers=[victim]).result()
+    nodes_client.submit(keep_unsealed, nfabric, "never-sealed", workers=[victim]).result()
+    capacity = {b["shm_id"]: b["capacity"] for b in nfabric.status()}[shm_id]
+
+    kill(nodes_client, victim)
+    wait_until(lambda: blocks_by_owner(nfabric)[shm_id] not in (None, victim))
+    adopter = blocks_by_owner(nfabric)[shm_id]
+    assert adopter == peer or adopter in node_workers(nodes_client)["node-a"]
+
+    assert nfabric.get_locations("survivor") == [("node-a", shm_id, offset)]
+    total, private, mapped = nodes_client.submit(read_here, nfabric, "survivor", workers=[adopter]).result()
+    assert total == data.sum() and not private and mapped == shm_id
+    b0 = node_workers(nodes_client)["node-b"][0]
+    assert nodes_client.submit(read_here, nfabric, "replicated", workers=[b0]).result()[0] == data.sum()
+    np.testing.assert_array_equal(nfabric.get("survivor"), data)
+    assert "never-sealed" not in nfabric.get_list()
+
+    # the adopter's allocator is rebuilt from the headers: the unsealed reservation was
+    # reclaimed, a delete frees memory, and the block's accounts add up
+    nfabric.delete("doomed")
+    stats = {b["shm_id"]: b for b in nfabric.status()}[shm_id]
+    extent = lambda name: layout.extent_size_for(layout.BLOCK_HEADER_SIZE, name, "131072 * float64", "", MiB)  # noqa: E731
+    assert stats["reserved"] == 0
+    assert stats["free"] + stats["used"] == capacity
+    assert stats["used"] <= extent("survivor") + extent("replicated") + 2 * layout.PAGE
+
+
+def test_a_node_whose_workers_all_died_comes_back_with_its_data(nodes_client, nfabric):
+    per_node = node_workers(nodes_client)
+    data = np.full(1000, 3.0)
+    nodes_client.submit(insert_here, nfabric, "phoenix", data, workers=[per_node["node-a"][0]]).result()
+    for worker in per_node["node-a"]:
+        kill(nodes_client, worker)
+    wait_until(lambda: len(node_workers(nodes_client)["node-a"]) == 2 and all(blocks_by_owner(nfabric).values()))
+    assert "phoenix" in nfabric.get_list()
+    b0 = node_workers(nodes_client)["node-b"][0]
+    assert nodes_client.submit(read_here, nfabric, "phoenix", workers=[b0]).result()[0] == 3000.0

@@ -42,7 +42,7 @@ _HANDLERS = [
     "fetch",
     "write",
     "unlink_block",
-    "unlink_orphans",
+    "adopt",
     "block_stats",
     "block_extents",
     "shutdown",
@@ -77,9 +77,20 @@ class FabricWorkerPlugin(WorkerPlugin):
         atexit.register(self._unlink_all)  # a worker that exits without teardown
         await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node)
 
-    def teardown(self, worker: Any) -> None:
-        self._unlink_all()
+    async def teardown(self, worker: Any) -> None:
+        """Hand the blocks to a peer of this node if the fabric lives on; else unlink."""
         atexit.unregister(self._unlink_all)
+        if self.blocks:
+            try:
+                answer = await asyncio.wait_for(worker.scheduler.datafabric_handoff(address=worker.address), 10)
+            except Exception:  # scheduler gone or closing: nobody will adopt
+                answer = None
+            if isinstance(answer, dict) and answer.get("adopted"):
+                with self.lock:
+                    blocks, self.blocks = self.blocks, {}
+                self.state.detach(list(blocks))
+                return
+        self._unlink_all()
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
@@ -196,8 +207,32 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
         return {}
 
-    def unlink_orphans(self, shm_ids: list[str]) -> dict:
-        """Blocks of a worker of this node that died without unlinking them."""
+    def adopt(self, shm_ids: list[str], live: dict[str, list[int]]) -> list[tuple[str, int]]:
+        """Take over blocks of a worker of this node that died or left: rebuild their
+        allocators from the extent headers, and free every extent that is no longer live
+        (deleted meanwhile, or reserved by a writer that died).  Returns (block, free)."""
+        adopted = []
+        for shm_id in shm_ids:
+            try:
+                segment = Segment.attach(shm_id)
+                header = layout.read_block_header(segment.buf)
+            except (FileNotFoundError, layout.LayoutError):
+                continue
+            if header.fabric_id != uuid.UUID(self.fabric_id) or header.node != self.node:
+                segment.close()
+                continue
+            allocator = BlockAllocator(segment.buf, header.size, fresh=False)
+            keep = set(live.get(shm_id, ()))
+            for offset, _, _ in allocator.extents():
+                if offset not in keep and allocator.state_of(offset) not in (None, ExtentState.FREE):
+                    allocator.release(offset)
+            with self.lock:
+                self.blocks[shm_id] = OwnedBlock(segment, allocator)
+            self.state.adopt(segment)
+            adopted.append((shm_id, allocator.free_bytes))
+        return adopted
+
+    def _unlink_segments(self, shm_ids: list[str]) -> None:
         for shm_id in shm_ids:
             try:
                 segment = Segment.attach(shm_id)
@@ -205,7 +240,6 @@ class FabricWorkerPlugin(WorkerPlugin):
                 continue
             segment.close()
             segment.unlink()
-        return {}
 
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
@@ -227,7 +261,7 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def shutdown(self) -> dict:
         self._unlink_all()
-        self.unlink_orphans(fabric_segments(uuid.UUID(self.fabric_id)))
+        self._unlink_segments(fabric_segments(uuid.UUID(self.fabric_id)))
         return {}
 
     # -- stream handlers -------------------------------------------------------------

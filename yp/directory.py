@@ -37,7 +37,7 @@ class ExtentRef:
 class Block:
     shm_id: str
     node: str
-    worker: str
+    worker: str | None  # None: its owner died and no worker of the node has adopted it yet
     size: int
     capacity: int
     used: int = 0  # bytes of sealed, deleted-but-leased and pending extents known here
@@ -75,7 +75,7 @@ class Directory:
         self.variables: dict[str, Variable] = {}  # visible names only
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], tuple[str, int]] = {}  # (shm, ext) -> (writer, size)
-        self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to unlink
+        self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to adopt
         self._ids = itertools.count(1)
 
     # -- blocks ---------------------------------------------------------------------
@@ -104,7 +104,7 @@ class Directory:
 
     def placement(self, nbytes: int, node: str | None, exclude: set[str] = frozenset()) -> list[Block]:
         """Blocks that may fit ``nbytes``: the caller's node first, then the emptiest."""
-        fits = [b for b in self.blocks.values() if b.free >= nbytes and b.shm_id not in exclude]
+        fits = [b for b in self.owned() if b.free >= nbytes and b.shm_id not in exclude]
         return sorted(fits, key=lambda b: (b.node != node, -b.free))
 
     def out_of_space(self, nbytes: int) -> OutOfSpaceError:
@@ -232,22 +232,33 @@ class Directory:
                 freed.append(ref)
         return freed
 
-    def drop_worker_blocks(self, worker: str) -> list[str]:
-        """The worker's blocks went with it: forget them and the copies they held."""
+    def owned(self) -> list[Block]:
+        return [b for b in self.blocks.values() if b.worker is not None]
+
+    def orphan_blocks(self, worker: str) -> list[str]:
+        """The worker died; its blocks stay in shared memory, waiting for a worker of
+        the same node to adopt them.  Returns the names of variables now unavailable."""
         gone = {s for s, b in self.blocks.items() if b.worker == worker}
-        lost = []
-        for var in list(self.by_id.values()):
-            var.copies = [c for c in var.copies if c.shm_id not in gone]
-            if not var.copies:
-                self.by_id.pop(var.var_id)
-                if self.variables.get(var.name) is var:
-                    del self.variables[var.name]
-                    lost.append(var.name)
         for shm_id in gone:
-            block = self.blocks.pop(shm_id)
+            block = self.blocks[shm_id]
+            block.worker = None
             self.orphans.setdefault(block.node, set()).add(shm_id)
-        self.pending = {k: v for k, v in self.pending.items() if k[0] not in gone}
-        return lost
+        return sorted(v.name for v in self.variables.values() if not self.available(v))
+
+    def available(self, var: Variable) -> bool:
+        return any(self.blocks[c.shm_id].worker is not None for c in var.copies)
+
+    def live_extents(self, shm_id: str) -> list[int]:
+        """Extents of a block that must survive its adoption: copies of variables still
+        known (visible or leased) and reservations of writers still alive."""
+        live = [c.extent_offset for v in self.by_id.values() for c in v.copies if c.shm_id == shm_id]
+        return sorted(live + [off for (s, off) in self.pending if s == shm_id])
+
+    def adopt(self, shm_id: str, worker: str, free: int) -> None:
+        block = self.blocks[shm_id]
+        block.worker = worker
+        block.used = block.capacity - free
+        self.orphans.get(block.node, set()).discard(shm_id)
 
     def holders(self, var: Variable) -> list[str]:
         return list(var.leases)

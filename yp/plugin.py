@@ -17,12 +17,14 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from datafabric.errors import (
+    BlockInUseError,
     BlockNotFoundError,
     InvalidArgumentError,
     NameNotFoundError,
     NoFabricError,
     NotOnThisNodeError,
     OutOfSpaceError,
+    VariableUnavailableError,
 )
 from datafabric.names import validate_name
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
@@ -35,6 +37,7 @@ _SELF = "datafabric-yellowpages"  # the lease holder name of the YellowPages' ow
 
 _HANDLERS = [
     "register_worker",
+    "handoff",
     "replicate_to",
     "allocate",
     "reserve",
@@ -70,13 +73,18 @@ class YellowPages(SchedulerPlugin):
 
     # -- cluster membership ----------------------------------------------------------
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+        """Its leases end and its unfinished inserts go; its blocks wait for adoption."""
         node = self.directory.workers.pop(worker, None)
-        lost = self.directory.drop_worker_blocks(worker)
-        if lost:
-            logger.warning("worker %s left with the only copy of %d variables: %s", worker, len(lost), lost[:10])
+        unavailable = self.directory.orphan_blocks(worker)
+        if unavailable:
+            logger.warning(
+                "until a worker of its node adopts them, %d variables are unavailable: %s",
+                len(unavailable),
+                unavailable[:10],
+            )
         self._free_later(self.directory.drop_holder(worker))
         if node is not None:
-            self.scheduler.loop.add_callback(self._reap_orphans, node)
+            self.scheduler.loop.add_callback(self._adopt_orphans, node)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         self._free_later(self.directory.drop_holder(client))
@@ -86,7 +94,7 @@ class YellowPages(SchedulerPlugin):
         self._running()
         self.directory.workers[address] = node
         if self.directory.orphans.get(node):
-            self.scheduler.loop.add_callback(self._reap_orphans, node)
+            self.scheduler.loop.add_callback(self._adopt_orphans, node)
         return {"fabric_id": self.fabric_id}
 
     async def allocate(self, mb: float) -> list[tuple[str, str]]:
@@ -174,7 +182,7 @@ class YellowPages(SchedulerPlugin):
         self._running()
         var = self.directory.seal(name, doc, type, nbytes, Copy(shm_id, extent_offset, extent_size, data_offset))
         owner = self.directory.blocks[shm_id].worker
-        if owner != holder:  # the owner's allocator learns that the extent is now sealed
+        if owner is not None and owner != holder:  # the owner's allocator learns that the extent is now sealed
             self._to_worker(owner, {"op": "datafabric_sealed", "shm_id": shm_id, "extent_offset": extent_offset})
         return self._describe(var)
 
@@ -214,6 +222,8 @@ class YellowPages(SchedulerPlugin):
     async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         self._running()
         block = self.directory.block(node, shm_id)
+        if block.worker is None:
+            raise BlockInUseError(f"block {shm_id} of node {node} has no live owner; start a worker on {node} first")
         if migrate:
             await self._migrate(block)
         self.directory.check_removable(block)
@@ -263,7 +273,12 @@ class YellowPages(SchedulerPlugin):
         if not any(b.node == node for b in self.directory.blocks.values()):
             raise NotOnThisNodeError(f"node {node!r} has no blocks to hold a replica of {var.name!r}")
         dest, r = await self._reserve_on_node(var.name, var.type, var.doc, var.nbytes, node, _SELF)
-        src = var.copies[0]
+        sources = [c for c in var.copies if self.directory.blocks[c.shm_id].worker is not None]
+        if not sources:
+            raise VariableUnavailableError.on_nodes(
+                var.name, [self.directory.blocks[c.shm_id].node for c in var.copies]
+            )
+        src = sources[0]
         source_block = self.directory.blocks[src.shm_id]
         self.directory.acquire(var, _SELF)  # the source may not move nor be freed while read
         try:
@@ -330,7 +345,7 @@ class YellowPages(SchedulerPlugin):
     async def defragment(self, node: str | None = None) -> dict:
         """Compact every block (of ``node``), moving only extents no lease holds."""
         self._running()
-        blocks = [b for b in self.directory.blocks.values() if node is None or b.node == node]
+        blocks = [b for b in self.directory.owned() if node is None or b.node == node]
         if node is not None and not blocks:
             raise BlockNotFoundError(f"no block on node {node!r}; `datafabric status` lists the blocks")
         reports = await asyncio.gather(*(self._compact(b) for b in blocks))
@@ -340,7 +355,7 @@ class YellowPages(SchedulerPlugin):
         self._running()
         blocks = list(self.directory.blocks.values())
         stats = await asyncio.gather(
-            *(self._rpc(b.worker).datafabric_block_stats(shm_id=b.shm_id) for b in blocks),
+            *(self._block_stats(b) for b in blocks),
             return_exceptions=True,
         )
         out = []
@@ -356,13 +371,12 @@ class YellowPages(SchedulerPlugin):
     async def shutdown(self) -> dict:
         """Unlink every block on every worker; the fabric id is retired."""
         self._running()
-        workers = {b.worker for b in self.directory.blocks.values()} | set(self.directory.workers)
+        workers = {b.worker for b in self.directory.owned()} | set(self.directory.workers)
         await asyncio.gather(
             *(self._rpc(w).datafabric_shutdown() for w in workers if w in self.scheduler.workers),
             return_exceptions=True,
         )
         self._detach(list(self.directory.blocks))
-        await asyncio.gather(*(self._reap_orphans(node) for node in list(self.directory.orphans)))
         self.fabric_id = None
         self.directory = Directory()
         return {}
@@ -499,22 +513,48 @@ class YellowPages(SchedulerPlugin):
             "allocate more memory before deallocating this block"
         )
 
-    async def _reap_orphans(self, node: str) -> None:
-        """A dead worker's blocks are unlinked by a live worker of the same node (only a
-        process on that node can); if none is alive, the next one to register does it."""
+    async def _block_stats(self, block: Block) -> dict:
+        if block.worker is None:
+            return {"orphaned": True, "capacity": block.capacity, "used": block.used, "free": block.free}
+        return await self._ask(block.worker, "block_stats", shm_id=block.shm_id)
+
+    async def handoff(self, address: str) -> dict:
+        """A worker closing gracefully asks whether a peer of its node takes its blocks;
+        if none does, it unlinks them itself."""
+        if self.fabric_id is None or self.scheduler.status.name != "running":
+            return {"adopted": False}
+        node = self.directory.workers.pop(address, None)
+        if node is None or not self._peers(node):
+            return {"adopted": False}
+        self.directory.orphan_blocks(address)
+        await self._adopt_orphans(node)
+        return {"adopted": not any(b.worker is None for b in self.directory.blocks.values() if b.node == node)}
+
+    def _peers(self, node: str) -> list[str]:
+        return sorted(w for w, n in self.directory.workers.items() if n == node and w in self.scheduler.workers)
+
+    async def _adopt_orphans(self, node: str) -> None:
+        """Blocks of a dead worker are taken over by a live worker of the same node (only
+        a process on that node can map them); with none alive, the next one to register
+        does it.  The adopter rebuilds each allocator from the extent headers and frees
+        every extent the directory no longer needs."""
         orphans = self.directory.orphans.get(node)
-        peers = [w for w, n in self.directory.workers.items() if n == node and w in self.scheduler.workers]
+        peers = self._peers(node)
         if not orphans or not peers:
             return
         shm_ids = sorted(orphans)
+        live = {s: self.directory.live_extents(s) for s in shm_ids}
         try:
-            await self._ask(peers[0], "unlink_orphans", shm_ids=shm_ids)
+            adopted = await self._ask(peers[0], "adopt", shm_ids=shm_ids, live=live)
         except OSError as exc:
-            logger.warning("could not have %s unlink orphaned blocks %s: %r", peers[0], shm_ids, exc)
+            logger.warning("%s could not adopt blocks %s: %r", peers[0], shm_ids, exc)
             return
-        orphans.difference_update(shm_ids)
+        for shm_id, free in adopted:
+            self.directory.adopt(shm_id, peers[0], free)
+        logger.info("%s adopted blocks %s of node %s", peers[0], [s for s, _ in adopted], node)
 
     async def _free(self, refs: list[ExtentRef]) -> None:
+        refs = [r for r in refs if r.worker is not None]  # an orphan's adopter frees them
         results = await asyncio.gather(
             *(self._rpc(r.worker).datafabric_free(shm_id=r.shm_id, extent_offset=r.offset) for r in refs),
             return_exceptions=True,
