@@ -54,11 +54,7 @@ SCRIPT_GRACE = 30.0  # seconds a --run script has to exit after it is signalled
 
 
 class CliError(Exception):
-    """A failure to report as one line, with the exit status to leave with."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
+    """A failure of a command, reported as one line with exit status 1."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(exc.format_message(), exc.exit_code)
     except click.Abort:
         return _fail("interrupted", 130)
-    except CliError as exc:
-        return _fail(str(exc), exc.status)
-    except FabricError as exc:
+    except (CliError, FabricError) as exc:
         return _fail(str(exc), 1)
     except distributed.comm.CommClosedError as exc:
         return _fail(f"lost the connection to the scheduler ({exc})", 1)
@@ -92,7 +86,8 @@ def _fail(message: str, status: int) -> int:
 
 def state_path() -> Path:
     """Where a running embedded ``datafabric start`` leaves its scheduler's address:
-    ``$XDG_RUNTIME_DIR/datafabric/scheduler``, else ``~/.cache/datafabric/scheduler``."""
+    ``$XDG_RUNTIME_DIR/datafabric/scheduler``, else the same under ``$XDG_CACHE_HOME``
+    or ``~/.cache``."""
     base = os.environ.get("XDG_RUNTIME_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "datafabric" / "scheduler"
 
@@ -321,7 +316,8 @@ def start(
     Examples:
       datafabric start --mb 4096
       datafabric start --mb 4096 --scheduler tcp://10.0.0.5:8786
-      datafabric start --mb 512 --run examples/workflow.py -- --steps 10
+      datafabric start --mb 512 --run examples/workflow.py
+      datafabric start --mb 512 --run job.py -- --steps 10    # the script's own arguments
     """
     if script_args and script is None:
         raise click.UsageError(f"got unexpected arguments {list(script_args)}; only a --run script takes arguments")
@@ -358,7 +354,10 @@ def _start_on(
                 )
             return 0
         with _signals_handled() as stop:
-            return _run_script(script, script_args, address, stop, lambda: _shutdown(fabric))
+            try:
+                return _run_script(script, script_args, address, stop)
+            finally:
+                _shutdown(fabric)
 
 
 def _start_embedded(
@@ -393,7 +392,7 @@ def _start_embedded(
         extra = {"scheduler": address, "dashboard": dashboard, "state_file": str(state.path) if state else None}
         _report_start(out, fabric, as_json, extra)
         if script is not None:
-            return _run_script(script, script_args, address, stop, lambda: None)
+            return _run_script(script, script_args, address, stop)  # the cleanup shuts down
         if not as_json:
             _print_connect_help(out, address, dashboard, state)
         state.publish(address)  # last: once the file is there, the fabric is ready and announced
@@ -497,7 +496,7 @@ def _serve(cluster: distributed.LocalCluster, stop: _Stop) -> str:
     return f"got {signal.Signals(stop.signum).name}; shutting the fabric down and closing the cluster"
 
 
-def _run_script(script: str, args: tuple[str, ...], address: str, stop: _Stop, shutdown: Callable[[], None]) -> int:
+def _run_script(script: str, args: tuple[str, ...], address: str, stop: _Stop) -> int:
     """Run the script, pass a signal we get on to it, and return its exit status."""
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": address}
     proc = subprocess.Popen([sys.executable, script, *args], env=env)
@@ -509,7 +508,6 @@ def _run_script(script: str, args: tuple[str, ...], address: str, stop: _Stop, s
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    shutdown()
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
@@ -523,7 +521,7 @@ def stop(scheduler: str | None, timeout: float) -> None:
 
     A fabric started by an embedded `datafabric start` takes its cluster with it: that
     start exits, and stop waits for it.  Its state file is
-    $XDG_RUNTIME_DIR/datafabric/scheduler, else ~/.cache/datafabric/scheduler.
+    $XDG_RUNTIME_DIR/datafabric/scheduler, else the same under $XDG_CACHE_HOME or ~/.cache.
 
     \b
     Example:
@@ -602,8 +600,9 @@ def info(name: str, scheduler: str | None, timeout: float, as_json: bool) -> Non
 def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
     """Print a variable, or a numpy-style slice of it, with numpy's printing.
 
-    A variable named exactly NAME[SLICE] is shown whole.  A slice holds integers (negative ones count from the end), start:stop:step and
-    `...`, separated by commas; quote it for the shell.
+    A slice holds integers (negative ones count from the end), start:stop:step and `...`,
+    separated by commas; quote it for the shell.  A variable whose name is exactly
+    NAME[SLICE] is shown whole.
 
     \b
     Examples:
@@ -623,8 +622,8 @@ def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -
         except (IndexError, ValueError) as exc:
             raise CliError(f"bad slice [{text}] for {name!r} of shape {view.shape}: {exc}") from None
         if as_json:
-            doc = {"name": name, "slice": text, "shape": list(part.shape), "dtype": str(part.dtype)}
-            click.echo(fmt.to_json(doc | {"data": part.tolist()}))
+            header = {"name": name, "slice": text, "shape": list(part.shape), "dtype": str(part.dtype)}
+            click.echo(fmt.to_json(header | {"data": part.tolist()}))
         else:
             with np.printoptions(linewidth=shutil.get_terminal_size().columns):
                 click.echo(str(part))
