@@ -43,6 +43,8 @@ import numpy as np
 
 import datafabric
 from datafabric import cli_format as fmt
+from datafabric.cleanup import remove as remove_segments
+from datafabric.cleanup import stale_segments
 from datafabric.errors import FabricError, NameNotFoundError, NoFabricError
 from datafabric.protocol import SCHEDULER_PLUGIN
 from datafabric.types import from_datashape, parse_type
@@ -541,6 +543,41 @@ def stop(scheduler: str | None, timeout: float) -> None:
             raise CliError(f"the embedded `datafabric start` at {address} is still closing its cluster")
         time.sleep(0.1)
     click.echo("the embedded `datafabric start` has closed its cluster and exited")
+
+
+@cli.command(short_help="Remove segments left by crashed fabrics.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@_connection_options
+@_json_option
+def cleanup(dry_run: bool, scheduler: str | None, timeout: float, as_json: bool) -> None:
+    """Remove this machine's fabric segments that no process maps and no running fabric
+    claims: what is left in /dev/shm when every process of a fabric crashed.  The fabric
+    of the scheduler found as usual (--scheduler, DASK_SCHEDULER_ADDRESS, a running
+    `datafabric start`) is kept whole, including blocks waiting for adoption.
+
+    \b
+    Example:
+      datafabric cleanup --dry-run
+      datafabric cleanup
+    """
+    live: set[str] = set()
+    try:
+        address = resolve_address(scheduler)
+    except CliError:
+        address = None  # nothing running that we know of: mappings alone decide
+    if address is not None:
+        with connected_client(address, timeout) as client:
+            try:
+                live.add(datafabric.connect(client).fabric_id)
+            except NoFabricError:
+                pass
+    stale = stale_segments(live)
+    removed = stale if dry_run else remove_segments(stale)
+    if as_json:
+        click.echo(fmt.to_json({"removed": [] if dry_run else removed, "stale": stale}))
+        return
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(removed)} stale segment(s)" + "".join(f"\n  {n}" for n in removed))
 
 
 # -- reading ----------------------------------------------------------------------------

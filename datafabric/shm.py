@@ -62,10 +62,10 @@ def is_block_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def fabric_segments(fabric_id: uuid.UUID) -> list[str]:
-    """Every segment of a fabric on this machine, by name prefix (Linux lists them in
-    /dev/shm): what shutdown sweeps up when a worker died before it could unlink."""
-    prefix = f"{PREFIX}{fabric_id.hex[:8]}_"
+def fabric_segments(fabric_id: uuid.UUID | None = None) -> list[str]:
+    """Every segment of one fabric (or of all fabrics) on this machine, by name prefix
+    (Linux lists them in /dev/shm): what shutdown and cleanup sweep up."""
+    prefix = f"{PREFIX}{fabric_id.hex[:8]}_" if fabric_id else PREFIX
     try:
         names = os.listdir(SHM_DIR)
     except OSError:

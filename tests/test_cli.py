@@ -486,3 +486,34 @@ def test_ctrl_c_in_the_terminal_shuts_down_cleanly(tmp_path):
         assert "got SIGINT" in start.err and "Traceback" not in start.err
     finally:
         end(start.proc)
+
+
+def test_cleanup_removes_only_segments_nobody_owns(tmp_path):
+    """A crash of every process leaves segments; cleanup removes those no process maps and
+    no running fabric claims, and leaves mapped ones alone."""
+    import uuid
+
+    from datafabric.shm import Segment, new_block_name
+
+    crashed = new_block_name(uuid.uuid4(), "gone-node")
+    Segment.create(crashed, 4096).close()  # created, then its owner "died"
+    in_use_name = new_block_name(uuid.uuid4(), "busy-node")
+    in_use = Segment.create(in_use_name, 4096)  # mapped by this process
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+        env["XDG_RUNTIME_DIR"] = str(tmp_path)  # no embedded start to be found
+        dry = subprocess.run(
+            [DATAFABRIC, "cleanup", "--dry-run", "--json"], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert dry.returncode == 0, dry.stderr
+        report = json.loads(dry.stdout)
+        assert crashed in report["stale"] and in_use_name not in report["stale"] and report["removed"] == []
+        assert os.path.exists(f"/dev/shm/{crashed}")
+        done = subprocess.run([DATAFABRIC, "cleanup"], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0 and crashed in done.stdout
+        assert not os.path.exists(f"/dev/shm/{crashed}") and os.path.exists(f"/dev/shm/{in_use_name}")
+    finally:
+        in_use.close()
+        in_use.unlink()
+        if os.path.exists(f"/dev/shm/{crashed}"):
+            Segment.attach(crashed).unlink()
