@@ -1,0 +1,141 @@
+"""Bad input, tried systematically: every refusal is a typed FabricError, and none of them
+changes the directory or leaks space."""
+
+from __future__ import annotations
+
+import io
+import mmap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from datafabric import errors
+
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+bad_names = st.one_of(
+    st.just(""),
+    st.text(min_size=256, max_size=400).filter(lambda s: len(s.encode("utf-8", "surrogatepass")) > 255),
+    st.text(max_size=20).map(lambda s: s + "\x00"),
+    st.text(max_size=20).map(lambda s: "\x1b" + s),
+    st.text(max_size=10).map(lambda s: s + "\ud800"),  # lone surrogate: not encodable UTF-8
+    st.sampled_from([b"bytes", 1, None, 2.5, ("t",)]),
+)
+
+bad_types = st.one_of(
+    st.sampled_from(
+        [
+            "N * float64",
+            "var * int8",
+            "Any",
+            "10 * ?float64",
+            "3 * string",
+            "float128",
+            "{a: int8,",
+            "10 * * int8",
+            "",
+            "1000000000000 * 1000000000000 * float64",
+        ]
+    ),
+    st.text(max_size=30),
+    st.sampled_from([None, 3, object(), np.dtype("O"), np.dtype("M8[s]"), np.dtype(">f8")]),
+)
+
+
+def snapshot(fabric):
+    return fabric.get_list(), [(b["shm_id"], b["free"], b["reserved"]) for b in fabric.status()]
+
+
+@pytest.fixture
+def seeded(fabric):
+    fabric.insert("keep", "a variable that must survive everything", np.float64, np.arange(10.0))
+    return fabric
+
+
+@SETTINGS
+@given(name=bad_names)
+def test_bad_names_are_refused_everywhere(seeded, name):
+    before = snapshot(seeded)
+    for call in (
+        lambda: seeded.insert(name, "", np.float64, np.ones(2)),
+        lambda: seeded.get(name),
+        lambda: seeded.info(name),
+        lambda: seeded.delete(name),
+        lambda: seeded.create(name, "", "2 * float64"),
+    ):
+        with pytest.raises(errors.InvalidNameError):
+            call()
+    assert snapshot(seeded) == before
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../etc/passwd", "/abs", "..", "dfab_x", "a" * 255])
+def test_path_like_names_are_just_keys(seeded, name):
+    """Names never reach a filesystem path: these are valid keys, stored and read back."""
+    seeded.insert(name, "", np.int8, np.arange(3, dtype=np.int8))
+    assert seeded.get(name).tolist() == [0, 1, 2]
+    seeded.delete(name)
+
+
+@SETTINGS
+@given(tp=bad_types)
+def test_bad_types_are_refused(seeded, tp):
+    before = snapshot(seeded)
+    try:
+        seeded.insert("t", "", tp, np.ones(4))
+    except errors.FabricError as exc:
+        assert isinstance(exc, errors.InvalidTypeError | errors.TypeMismatchError), exc
+    else:  # some random text is a valid type of exactly 32 bytes: then it is stored
+        seeded.delete("t")
+    assert snapshot(seeded)[0] == before[0]
+
+
+@SETTINGS
+@given(nbytes=st.integers(0, 4096), declared=st.integers(0, 4096))
+def test_size_mismatches_are_refused(seeded, nbytes, declared):
+    before = snapshot(seeded)
+    if nbytes == declared:
+        return
+    with pytest.raises(errors.TypeMismatchError):
+        seeded.insert("m", "", f"{declared} * uint8", b"\x01" * nbytes)
+    assert snapshot(seeded) == before
+
+
+def test_odd_buffers(seeded, tmp_path):
+    before = snapshot(seeded)
+    strided = np.arange(20.0)[::2]
+    seeded.insert("strided", "", "10 * float64", strided)
+    np.testing.assert_array_equal(seeded.get("strided"), strided)
+    readonly = np.arange(5.0)
+    readonly.flags.writeable = False
+    seeded.insert("readonly", "", np.float64, readonly)
+    seeded.insert("empty", "", "0 * float64", b"")
+    assert seeded.get("empty").shape == (0,)
+    for name in ("strided", "readonly", "empty"):
+        seeded.delete(name)
+
+    path = tmp_path / "data"
+    path.write_bytes(b"\x00" * 16)
+    f = open(path, "rb")  # noqa: SIM115 - closed on purpose
+    f.close()
+    cases = [
+        (errors.InvalidBufferError, lambda: seeded.insert("x", "", "2 * float64", f)),
+        (errors.InvalidBufferError, lambda: seeded.insert("x", "", "2 * float64", io.StringIO("text"))),
+        (errors.InvalidBufferError, lambda: seeded.insert("x", "", "2 * float64", [1.0, 2.0])),
+        (errors.InvalidBufferError, lambda: seeded.insert("x", "", "2 * float64", None)),
+        (errors.TypeMismatchError, lambda: seeded.insert("x", "", np.float64, b"\x00" * 7)),
+        (errors.TypeMismatchError, lambda: seeded.insert("x", "", np.int32, np.ones(3))),
+        (errors.InvalidArgumentError, lambda: seeded.insert("x", 42, "2 * float64", b"\x00" * 16)),
+        (errors.InvalidArgumentError, lambda: seeded.insert("x", "d" * 70000, "2 * float64", b"\x00" * 16)),
+    ]
+    with open(path, "r+b") as g, mmap.mmap(g.fileno(), 0) as m:
+        m.close()
+        cases.append((errors.InvalidBufferError, lambda: seeded.insert("x", "", "2 * float64", m)))
+        for error, call in cases:
+            with pytest.raises(error):
+                call()
+    with open(path, "rb") as g, pytest.raises(errors.TypeMismatchError):  # a short file, refused before any copy
+        seeded.insert("x", "", "3 * float64", g)
+    assert snapshot(seeded) == before
+    np.testing.assert_array_equal(seeded.get("keep"), np.arange(10.0))
