@@ -5,14 +5,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import distributed
 import numpy as np
 from ndtypes import ndt
 
-from datafabric.buffers import prepare
+from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
 from datafabric.errors import (
     FabricError,
@@ -26,7 +26,7 @@ from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.types import FabricType, from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
-from datafabric.writer import Creation, PendingWrite
+from datafabric.writer import Creation, PendingWrite, seal_all
 
 Location = tuple[str, str, int]
 MAX_DOC_BYTES = 65536
@@ -129,18 +129,30 @@ class Fabric:
         source = prepare(tp, buf)
         write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
         try:
-            if write.segment is not None:
-                dest = write.memory()
-                try:
-                    source.copy_into(dest)
-                finally:
-                    dest.release()
-            else:
-                write.stream(source)
+            _copy(write, source)
         except BaseException:
             write.abort()
             raise
         return _locations(write.seal())
+
+    def insert_many(self, items: Iterable[tuple[str, str, Any, Any]]) -> list[list[Location]]:
+        """``insert`` for many ``(name, doc, tp, buf)`` at once, sealed with one RPC, all
+        or none: the fast path for many small variables written from a task."""
+        ctx = self._ctx()
+        writes: list[PendingWrite] = []
+        try:
+            for name, doc, tp, buf in items:
+                validate_name(name)
+                _validate_doc(doc)
+                source = prepare(tp, buf)
+                write = PendingWrite(ctx, self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
+                writes.append(write)
+                _copy(write, source)
+        except BaseException:
+            for write in writes:
+                write.abort()
+            raise
+        return [_locations(info) for info in seal_all(writes)]
 
     def create(self, name: str, doc: str, tp: Any) -> Creation:
         """Reserve ``name`` and hand out its memory to fill in place (zero-copy
@@ -304,6 +316,18 @@ class Pointer:
 @functools.lru_cache(maxsize=4096)
 def _type(datashape: str) -> FabricType:
     return from_datashape(datashape)
+
+
+def _copy(write: PendingWrite, source: Source) -> None:
+    """The one copy of an insert: into the mapping, or streamed to a node off this one."""
+    if write.segment is None:
+        write.stream(source)
+        return
+    dest = write.memory()
+    try:
+        source.copy_into(dest)
+    finally:
+        dest.release()
 
 
 def _call_on_views(fabric: Fabric, func: Any, names: tuple[str, ...]) -> Any:

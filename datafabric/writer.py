@@ -84,30 +84,23 @@ class PendingWrite:
 
     def seal(self) -> dict:
         """Make the variable visible; if the YellowPages refuses, give the space back."""
+        return seal_all([self])[0]
+
+    def _finish(self) -> None:
         with self._lock:
             if not self._open:
                 raise ValueError(f"the write of {self.name!r} is finished already")
             self._open = False
-        res = self.res
-        try:
-            info = self.ctx.call(
-                "seal",
-                name=self.name,
-                doc=self.doc,
-                type=self.type.datashape,
-                nbytes=self.type.nbytes,
-                shm_id=res["shm_id"],
-                extent_offset=res["extent_offset"],
-                extent_size=res["extent_size"],
-                data_offset=res["data_offset"],
-                holder=self.ctx.holder,
-            )
-        except BaseException:
-            self._give_back()
-            raise
+
+    def _seal_request(self) -> dict:
+        keys = ("shm_id", "extent_offset", "extent_size", "data_offset")
+        return {"name": self.name, "doc": self.doc, "type": self.type.datashape, "nbytes": self.type.nbytes} | {
+            k: self.res[k] for k in keys
+        }
+
+    def _sealed(self) -> None:
         if self.local:
-            self.ctx.plugin.mark_sealed(res["shm_id"], res["extent_offset"])
-        return info
+            self.ctx.plugin.mark_sealed(self.res["shm_id"], self.res["extent_offset"])
 
     def abort(self) -> None:
         with self._lock:
@@ -121,6 +114,25 @@ class PendingWrite:
             self.ctx.plugin.release_local(self.res["shm_id"], self.res["extent_offset"])
         else:
             self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
+
+
+def seal_all(writes: list[PendingWrite]) -> list[dict]:
+    """Seal several writes of one process with one RPC, all or none: if any name is
+    refused, every write gives its space back."""
+    if not writes:
+        return []
+    for write in writes:
+        write._finish()
+    ctx = writes[0].ctx
+    try:
+        infos = ctx.call("seal", items=[w._seal_request() for w in writes], holder=ctx.holder)
+    except BaseException:
+        for write in writes:
+            write._give_back()
+        raise
+    for write in writes:
+        write._sealed()
+    return infos
 
 
 class Creation:

@@ -300,3 +300,28 @@ def test_resource_tracker_does_not_unlink_blocks_of_exiting_readers(client, fabr
     assert out.stdout.strip() == "10.0" and "resource_tracker" not in out.stderr
     assert shm_id in fabric_segments()
     np.testing.assert_array_equal(fabric.get("survivor"), np.arange(5.0))
+
+
+def test_insert_many_seals_a_batch_with_one_rpc_all_or_nothing(client, fabric):
+    a, _ = workers(client)
+
+    def batch(fabric, names):
+        worker = get_worker()
+        calls = []
+        real = worker.scheduler.datafabric_seal
+        worker.scheduler.datafabric_seal = lambda **kw: calls.append(kw) or real(**kw)
+        try:
+            items = [(n, "", np.int64, np.full(128, i)) for i, n in enumerate(names)]
+            return len(fabric.insert_many(items)), len(calls)
+        finally:
+            del worker.scheduler.datafabric_seal
+
+    assert client.submit(batch, fabric, [f"b/{i}" for i in range(100)], workers=[a]).result() == (100, 1)
+    assert len(fabric.get_list(prefix="b/")) == 100 and fabric.get("b/7")[0] == 7
+    free = sum(b["free"] for b in fabric.status())
+    with pytest.raises(errors.NameExistsError, match="b/3"):
+        client.submit(batch, fabric, ["c/1", "b/3", "c/2"], workers=[a]).result()
+    with pytest.raises(errors.NameExistsError):
+        fabric.insert_many([("c/1", "", np.int8, b"x"), ("c/1", "", np.int8, b"y")])
+    assert fabric.get_list(prefix="c/") == []
+    assert sum(b["free"] for b in fabric.status()) == free

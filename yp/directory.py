@@ -130,12 +130,17 @@ class Directory:
         block.used -= entry[1]
         return ExtentRef(block.worker, shm_id, extent_offset)
 
-    def seal(self, name: str, doc: str, type_: str, nbytes: int, copy: Copy) -> Variable:
-        if name in self.variables:
+    def check_new_names(self, names: list[str]) -> None:
+        taken = sorted({n for n in names if n in self.variables} | {n for n in names if names.count(n) > 1})
+        if taken:
+            listed = ", ".join(repr(n) for n in taken[:5]) + (" ..." if len(taken) > 5 else "")
             raise NameExistsError(
-                f"a variable named {name!r} exists already; variables are write-once: "
-                "delete it first or choose another name"
+                f"variables named {listed} exist already (or twice in one batch); variables are write-once: "
+                "delete them first or choose other names"
             )
+
+    def seal(self, name: str, doc: str, type_: str, nbytes: int, copy: Copy) -> Variable:
+        self.check_new_names([name])
         block = self.blocks[copy.shm_id]
         entry = self.pending.pop((copy.shm_id, copy.extent_offset), None)
         if entry is None:

@@ -167,24 +167,21 @@ class YellowPages(SchedulerPlugin):
             await self._free([ref])
         return {}
 
-    def seal(
-        self,
-        name: str,
-        doc: str,
-        type: str,
-        nbytes: int,
-        shm_id: str,
-        extent_offset: int,
-        extent_size: int,
-        data_offset: int,
-        holder: str,
-    ) -> dict:
+    def seal(self, items: list[dict], holder: str) -> list[dict]:
+        """Make written variables visible, all or none (one RPC for a whole batch)."""
         self._running()
-        var = self.directory.seal(name, doc, type, nbytes, Copy(shm_id, extent_offset, extent_size, data_offset))
-        owner = self.directory.blocks[shm_id].worker
-        if owner is not None and owner != holder:  # the owner's allocator learns that the extent is now sealed
-            self._to_worker(owner, {"op": "datafabric_sealed", "shm_id": shm_id, "extent_offset": extent_offset})
-        return self._describe(var)
+        self.directory.check_new_names([item["name"] for item in items])
+        described = []
+        for item in items:
+            copy = Copy(item["shm_id"], item["extent_offset"], item["extent_size"], item["data_offset"])
+            var = self.directory.seal(item["name"], item["doc"], item["type"], item["nbytes"], copy)
+            owner = self.directory.blocks[copy.shm_id].worker
+            if owner is not None and owner != holder:  # the owner's allocator learns it is sealed
+                self._to_worker(
+                    owner, {"op": "datafabric_sealed", "shm_id": copy.shm_id, "extent_offset": copy.extent_offset}
+                )
+            described.append(self._describe(var))
+        return described
 
     async def acquire(self, name: str, holder: str) -> dict:
         self._running()
