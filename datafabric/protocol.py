@@ -15,6 +15,7 @@ SCHEDULER_PLUGIN = "datafabric-yellowpages"
 HANDLER_PREFIX = "datafabric_"  # every RPC and stream op of the fabric starts with this
 EVENT_TOPIC = "datafabric"  # clients hear of invalidations and unlinked blocks here
 TRANSFER_CHUNK = 64 * 2**20  # bytes per message when data crosses nodes
+CHUNKS_IN_FLIGHT = 4  # messages a fetch keeps in flight
 
 
 def refusal(exc: Exception) -> dict:

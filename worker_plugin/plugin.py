@@ -24,7 +24,7 @@ from datafabric import layout
 from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
-from datafabric.protocol import HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
+from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, new_block_name
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
@@ -178,16 +178,21 @@ class FabricWorkerPlugin(WorkerPlugin):
         data_offset: int,
     ) -> dict:
         """Pull a variable from a worker of another node into a reserved extent here, in
-        chunks, so that a replica of any size needs little private memory."""
+        chunks with a few in flight: the network stays busy while arrived chunks are
+        copied in, and a replica of any size needs little private memory."""
         dest = self.blocks[shm_id].segment.buf
         source = self.worker.rpc(source_worker)
-        for start in range(0, nbytes, TRANSFER_CHUNK):
+        in_flight = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def chunk(start: int) -> None:
             n = min(TRANSFER_CHUNK, nbytes - start)
-            answer = await source.datafabric_read(
-                shm_id=source_shm_id, data_offset=source_data_offset + start, nbytes=n
-            )
-            at = data_offset + start
-            dest[at : at + n] = answer["data"]
+            async with in_flight:
+                answer = await source.datafabric_read(
+                    shm_id=source_shm_id, data_offset=source_data_offset + start, nbytes=n
+                )
+                dest[data_offset + start : data_offset + start + n] = answer["data"]
+
+        await asyncio.gather(*(chunk(start) for start in range(0, nbytes, TRANSFER_CHUNK)))
         return {}
 
     def write(self, shm_id: str, data_offset: int, data: Any) -> dict:
