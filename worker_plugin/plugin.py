@@ -21,6 +21,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import to_serialize
 
 from datafabric import layout
+from datafabric.cleanup import remove as remove_segments
 from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
@@ -237,15 +238,6 @@ class FabricWorkerPlugin(WorkerPlugin):
             adopted.append((shm_id, allocator.free_bytes))
         return adopted
 
-    def _unlink_segments(self, shm_ids: list[str]) -> None:
-        for shm_id in shm_ids:
-            try:
-                segment = Segment.attach(shm_id)
-            except FileNotFoundError:
-                continue
-            segment.close()
-            segment.unlink()
-
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
             alloc = self.blocks[shm_id].allocator
@@ -266,7 +258,7 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def shutdown(self) -> dict:
         self._unlink_all()
-        self._unlink_segments(fabric_segments(uuid.UUID(self.fabric_id)))
+        remove_segments(fabric_segments(uuid.UUID(self.fabric_id)))
         return {}
 
     # -- stream handlers -------------------------------------------------------------

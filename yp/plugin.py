@@ -304,7 +304,7 @@ class YellowPages(SchedulerPlugin):
         self.directory.add_copy(var, copy)
 
     async def _reserve_on_node(
-        self, name: str, type_: str, doc: str, nbytes: int, node: str, holder: str
+        self, name: str, type_: str, doc: str, nbytes: int, node: str, holder: str, exclude: set[str] = frozenset()
     ) -> tuple[Block, dict]:
         """An extent on ``node``: free space, then compaction, then evicting replicas."""
         for attempt in ("free", "compact", "evict"):
@@ -313,7 +313,7 @@ class YellowPages(SchedulerPlugin):
                     if any(b.free >= nbytes for b in self.directory.blocks.values() if b.node == node):
                         break
                     await self._free([self.directory.drop_copy(var, copy)])
-            for block in [b for b in self.directory.placement(nbytes, node) if b.node == node]:
+            for block in [b for b in self.directory.placement(nbytes, node, exclude) if b.node == node]:
                 if attempt == "compact":
                     await self._compact(block)
                 r = await self._ask(
@@ -478,14 +478,16 @@ class YellowPages(SchedulerPlugin):
             done.set()
 
     async def _copy_elsewhere(self, block: Block, var: Variable, copy: Copy) -> None:
-        for dest in self.directory.placement(var.nbytes, block.node, {block.shm_id}):
-            if dest.node != block.node:
-                break
-            r = await self._ask(
-                dest.worker, "reserve", shm_id=dest.shm_id, name=var.name, type=var.type, doc=var.doc, nbytes=var.nbytes
+        try:
+            dest, r = await self._reserve_on_node(
+                var.name, var.type, var.doc, var.nbytes, block.node, _SELF, exclude={block.shm_id}
             )
-            if r is None:
-                continue
+        except OutOfSpaceError:
+            raise OutOfSpaceError(
+                f"no other block on node {block.node} has room for {var.name!r} ({var.nbytes / 2**20:.1f} MiB); "
+                "allocate more memory before deallocating this block"
+            ) from None
+        try:
             await self._ask(
                 block.worker,
                 "copy_extent",
@@ -496,19 +498,15 @@ class YellowPages(SchedulerPlugin):
                 dest_shm_id=dest.shm_id,
                 dest_data_offset=r["data_offset"],
             )
-            self._to_worker(
-                dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": r["extent_offset"]}
-            )
-            dest.used += r["extent_size"]
-            block.used -= copy.extent_size
-            var.copies[var.copies.index(copy)] = Copy(
-                dest.shm_id, r["extent_offset"], r["extent_size"], r["data_offset"]
-            )
-            return
-        raise OutOfSpaceError(
-            f"no other block on node {block.node} has room for {var.name!r} ({var.nbytes / 2**20:.1f} MiB); "
-            "allocate more memory before deallocating this block"
+        except BaseException:
+            await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
+            raise
+        moved = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
+        self._to_worker(
+            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": moved.extent_offset}
         )
+        self.directory.release_copy(copy)  # its pages go with the block
+        var.copies[var.copies.index(copy)] = moved
 
     async def _block_stats(self, block: Block) -> dict:
         if block.worker is None:
