@@ -31,8 +31,10 @@ _PIPE_WIDTH = 240  # tables written to a pipe or file are not squeezed into 80 c
 _SHOWN_NAMES = 3
 
 
-def human_size(nbytes: float) -> str:
-    """Binary units, as ``--mb`` counts them: 1 MB here is 2**20 bytes."""
+def human_size(nbytes: float | None) -> str:
+    """Binary units, as ``--mb`` counts them: 1 MB here is 2**20 bytes; None is unknown."""
+    if nbytes is None:
+        return "?"
     if abs(nbytes) < 1024:
         return f"{int(nbytes)} B"
     for unit in ("KiB", "MiB", "GiB"):
@@ -110,7 +112,7 @@ def status_table(rows: list[dict], title: str | None = None) -> Table:
         for row in blocks:
             table.add_row(
                 node,
-                row["worker"],
+                row["worker"] or "none: awaiting adoption",
                 row["shm_id"],
                 human_size(row["size"]),
                 *_usage(row),
@@ -125,7 +127,7 @@ def status_table(rows: list[dict], title: str | None = None) -> Table:
                 human_size(sum(b["size"] for b in blocks)),
                 human_size(sum(b["used"] for b in ok)),
                 human_size(sum(b["free"] for b in ok)),
-                human_size(max((b["largest_free"] for b in ok), default=0)),
+                human_size(max((b["largest_free"] or 0 for b in ok), default=0)),
                 str(sum(len(b["variables"]) for b in blocks)),
                 style="bold",
                 end_section=True,

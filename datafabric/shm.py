@@ -93,13 +93,17 @@ class Segment:
         and a full tmpfs is an error here rather than a SIGBUS later."""
         if not is_block_name(name):
             raise ValueError(f"not a fabric block name: {name!r}")
-        shm = SharedMemory(name, create=True, size=size, **_UNTRACKED)
+        shm = None
         try:
+            shm = SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
             os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
             _populate(shm)
+        except FileExistsError:
+            raise
         except OSError as exc:
-            shm.close()
-            shm.unlink()
+            if shm is not None:
+                shm.close()
+                shm.unlink()
             raise OutOfSpaceError(
                 f"cannot reserve {size} bytes of shared memory for block {name}: {exc.strerror}. "
                 "Free space in /dev/shm (df -h /dev/shm) or allocate fewer megabytes."

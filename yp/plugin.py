@@ -361,9 +361,12 @@ class YellowPages(SchedulerPlugin):
                 v.name for v in self.directory.variables.values() if any(c.shm_id == b.shm_id for c in v.copies)
             )
             row = {"node": b.node, "worker": b.worker, "shm_id": b.shm_id, "size": b.size, "variables": names}
-            row.update(s if isinstance(s, dict) else {"error": repr(s)})
+            if isinstance(s, dict):
+                row.update(s)
+            else:  # the owner did not answer: the directory's own accounts, and why
+                row.update(self._block_stats_known(b), error=repr(s))
             out.append(row)
-        return sorted(out, key=lambda r: (r["node"], r["worker"], r["shm_id"]))
+        return sorted(out, key=lambda r: (r["node"], r["worker"] or "", r["shm_id"]))
 
     async def shutdown(self) -> dict:
         """Unlink every block on every worker; the fabric id is retired."""
@@ -510,8 +513,15 @@ class YellowPages(SchedulerPlugin):
 
     async def _block_stats(self, block: Block) -> dict:
         if block.worker is None:
-            return {"orphaned": True, "capacity": block.capacity, "used": block.used, "free": block.free}
+            return self._block_stats_known(block) | {"orphaned": True}
         return await self._ask(block.worker, "block_stats", shm_id=block.shm_id)
+
+    @staticmethod
+    def _block_stats_known(block: Block) -> dict:
+        """What the YellowPages knows of a block without asking its owner; the
+        allocator's own figures (largest free extent, reservations) are unknown."""
+        unknown = dict.fromkeys(("largest_free", "extents", "reserved"))
+        return {"capacity": block.capacity, "used": block.used, "free": block.free} | unknown
 
     async def handoff(self, address: str) -> dict:
         """A worker closing gracefully asks whether a peer of its node takes its blocks;

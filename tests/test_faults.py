@@ -1,0 +1,88 @@
+"""Faults: a block that cannot get its memory, a writer killed mid-insert.  After each,
+every surviving variable reads back byte for byte and the free space adds up."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+import time
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import get_worker
+
+from datafabric import errors
+from tests.conftest import fabric_segments
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MiB = 2**20
+
+
+def limit_file_size(nbytes: int) -> None:
+    """Make this worker's next large fallocate fail (EFBIG), as a full tmpfs would."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def lift_file_size_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+
+def test_allocate_that_cannot_get_its_memory_is_refused_whole(client, fabric):
+    a, b = sorted(client.scheduler_info()["workers"])
+    before = set(fabric_segments())
+    blocks_before = fabric.status()
+    client.run(limit_file_size, 8 * MiB, workers=[b])
+    try:
+        with pytest.raises(errors.OutOfSpaceError, match="cannot reserve"):
+            fabric.allocate(64)  # 32 MiB per worker: worker b cannot, so worker a's block goes too
+    finally:
+        client.run(lift_file_size_limit, workers=[b])
+    assert set(fabric_segments()) == before
+    assert [s["shm_id"] for s in fabric.status()] == [s["shm_id"] for s in blocks_before]
+    assert len(fabric.allocate(16)) == 2  # and the fabric goes on
+
+
+def slow_producer(fabric, name: str) -> None:
+    """Reserves, half fills, and waits to be killed before it seals."""
+    creation = fabric.create(name, "", f"{4 * MiB // 8} * float64")
+    creation.array[: creation.array.size // 2] = 7.0
+    get_worker()._datafabric_test_unsealed = creation
+    time.sleep(60)
+
+
+def test_writer_killed_mid_insert_leaves_nothing_visible_and_its_space_returns(client, fabric):
+    a, b = sorted(client.scheduler_info()["workers"])
+    good = {f"ok/{i}": np.random.default_rng(i).random(MiB // 8) for i in range(3)}
+    for name, data in good.items():
+        fabric.insert(name, "", np.float64, data)
+    free_before = sum(s["free"] for s in fabric.status())
+    future = client.submit(slow_producer, fabric, "half-written", workers=[a], pure=False)
+    deadline = time.monotonic() + 30
+    while sum(s["reserved"] for s in fabric.status()) == 0:
+        assert time.monotonic() < deadline, "the producer never reserved"
+        time.sleep(0.05)
+    pid = client.run(os.getpid, workers=[a])[a]
+    os.kill(pid, signal.SIGKILL)
+    client.cancel(future)  # pinned to the dead worker: it would wait for it forever
+
+    def settled() -> bool:
+        stats = fabric.status()
+        return all(s["reserved"] == 0 for s in stats)  # None while orphaned or unreachable
+
+    deadline = time.monotonic() + 60
+    while not settled():
+        assert time.monotonic() < deadline, "the killed worker's block was not adopted"
+        time.sleep(0.1)
+    assert "half-written" not in fabric.get_list()
+    for name, data in good.items():
+        np.testing.assert_array_equal(fabric.get(name), data)
+    stats = fabric.status()
+    assert all(s["free"] + s["used"] == s["capacity"] for s in stats)
+    assert sum(s["free"] for s in stats) == free_before
+    client.wait_for_workers(2)  # the nanny restarted the worker for the next tests
