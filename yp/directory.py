@@ -131,13 +131,18 @@ class Directory:
         return ExtentRef(block.worker, shm_id, extent_offset)
 
     def check_new_names(self, names: list[str]) -> None:
-        taken = sorted({n for n in names if n in self.variables} | {n for n in names if names.count(n) > 1})
-        if taken:
-            listed = ", ".join(repr(n) for n in taken[:5]) + (" ..." if len(taken) > 5 else "")
-            raise NameExistsError(
-                f"variables named {listed} exist already (or twice in one batch); variables are write-once: "
-                "delete them first or choose other names"
-            )
+        existing = sorted({n for n in names if n in self.variables})
+        twice = sorted({n for n in names if names.count(n) > 1} - set(existing))
+        if not existing and not twice:
+            return
+        listed = ", ".join(repr(n) for n in (existing + twice)[:5]) + (" ..." if len(existing) + len(twice) > 5 else "")
+        if len(existing) == 1 and not twice:
+            what = f"a variable named {listed} exists already"
+        elif existing and not twice:
+            what = f"variables named {listed} exist already"
+        else:
+            what = f"names {listed} exist already or come twice in one batch"
+        raise NameExistsError(f"{what}; variables are write-once: delete it first or choose another name")
 
     def seal(self, name: str, doc: str, type_: str, nbytes: int, copy: Copy) -> Variable:
         self.check_new_names([name])

@@ -1,0 +1,120 @@
+"""The commands that look into a fabric and change nothing: ``ls``, ``info``, ``show``
+and ``status``.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import click
+import numpy as np
+
+from datafabric.cli import format as fmt
+from datafabric.cli.address import connected_fabric
+from datafabric.cli.app import CliError, cli, connection_options, json_option, known_name
+from datafabric.cli.slices import parse_selection
+from datafabric.errors import NameNotFoundError
+from datafabric.types import from_datashape
+
+
+@cli.command(name="ls", short_help="List variables.")
+@click.argument("prefix", default="")
+@connection_options
+@json_option
+def ls(prefix: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
+    """List the variables whose names start with PREFIX: name, type, size, locations.
+
+    \b
+    Example:
+      datafabric ls run1/
+    """
+    with connected_fabric(scheduler, timeout) as fabric:
+        rows = []
+        for name in fabric.get_list(prefix):
+            try:
+                rows.append(fabric.info(name))
+            except NameNotFoundError:
+                continue  # deleted meanwhile
+    if as_json:
+        click.echo(fmt.to_json(rows))
+    elif rows:
+        fmt.console().print(fmt.variables_table(rows))
+    else:
+        click.echo(f"no variables{f' starting with {prefix!r}' if prefix else ''}")
+
+
+@cli.command(short_help="Show a variable's details.")
+@click.argument("name")
+@connection_options
+@json_option
+def info(name: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
+    """Show a variable's type, numpy shape and dtype, size, documentation and locations.
+
+    \b
+    Example:
+      datafabric info temps
+    """
+    with connected_fabric(scheduler, timeout) as fabric, known_name(name):
+        details = fabric.info(name)
+    ftype = from_datashape(details["type"])
+    details |= {"shape": list(ftype.shape), "dtype": str(ftype.dtype)}
+    if as_json:
+        click.echo(fmt.to_json(details))
+    else:
+        fmt.console().print(fmt.info_table(details))
+
+
+@cli.command(short_help="Print a variable or a slice of it.")
+@click.argument("selection", metavar="NAME[SLICE]")
+@connection_options
+@json_option
+def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
+    """Print a variable, or a numpy-style slice of it, with numpy's printing.
+
+    A slice holds integers (negative ones count from the end), start:stop:step and `...`,
+    separated by commas; quote it for the shell.  A variable whose name is exactly
+    NAME[SLICE] is shown whole.
+
+    \b
+    Examples:
+      datafabric show temps
+      datafabric show 'temps[0, :10]'
+      datafabric show 'temps[..., -1]'
+    """
+    with connected_fabric(scheduler, timeout) as fabric:
+        if "[" in selection and selection in fabric.get_list(selection):
+            name, index, text = selection, None, None  # a name that holds brackets itself
+        else:
+            name, index, text = parse_selection(selection)
+        with known_name(name):
+            view = fabric.get(name)
+        try:
+            part = np.asarray(view[index] if index is not None else view)
+        except (IndexError, ValueError) as exc:
+            raise CliError(f"bad slice [{text}] for {name!r} of shape {view.shape}: {exc}") from None
+        if as_json:
+            header = {"name": name, "slice": text, "shape": list(part.shape), "dtype": str(part.dtype)}
+            click.echo(fmt.to_json(header | {"data": part.tolist()}))
+        else:
+            with np.printoptions(linewidth=shutil.get_terminal_size().columns):
+                click.echo(str(part))
+
+
+@cli.command(short_help="Show the blocks and their use.")
+@connection_options
+@json_option
+def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
+    """Show every block per node: size, used, free, largest free extent, variables.
+
+    \b
+    Example:
+      datafabric status --json
+    """
+    with connected_fabric(scheduler, timeout) as fabric:
+        blocks = fabric.status()
+    if as_json:
+        click.echo(fmt.to_json(blocks))
+    elif blocks:
+        fmt.console().print(fmt.status_table(blocks, title=f"fabric {fabric.fabric_id[:8]} on {fabric.address}"))
+    else:
+        click.echo(f"fabric {fabric.fabric_id[:8]} on {fabric.address} has no blocks")
