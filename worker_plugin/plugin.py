@@ -96,7 +96,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
         with self.lock:
-            for shm_id, block in sorted(self.blocks.items(), key=lambda kv: -kv[1].allocator.largest_free):
+            for shm_id, block in self.blocks.items():
                 r = block.allocator.reserve(name, type_, doc, nbytes)
                 if r is not None:
                     return _reservation(shm_id, r)
