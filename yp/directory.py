@@ -132,7 +132,7 @@ class Directory:
 
     def check_new_names(self, names: list[str]) -> None:
         existing = sorted({n for n in names if n in self.variables})
-        twice = sorted({n for n in names if names.count(n) > 1} - set(existing))
+        twice = sorted({n for n, k in Counter(names).items() if k > 1} - set(existing))
         if not existing and not twice:
             return
         listed = ", ".join(repr(n) for n in (existing + twice)[:5]) + (" ..." if len(existing) + len(twice) > 5 else "")
