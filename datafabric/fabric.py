@@ -24,7 +24,7 @@ from datafabric.errors import (
 )
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
-from datafabric.types import FabricType, from_datashape, parse_type
+from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite, seal_all
 
@@ -198,7 +198,7 @@ class Fabric:
 
     def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
         """The variable's bytes over Dask's comms into private memory, in chunks."""
-        ftype = _type(info["type"])
+        ftype = from_datashape(info["type"])
         (_, shm_id, offset), worker = next(
             (loc, w) for loc, w in zip(info["locations"], info["workers"], strict=True) if w
         )
@@ -226,7 +226,7 @@ class Fabric:
         return Pointer(ndt(info["type"]), pin)
 
     def _local_pin(self, ctx: Context, info: dict, name: str) -> _Pin | None:
-        ftype = _type(info["type"])
+        ftype = from_datashape(info["type"])
         for node, shm_id, offset in info["locations"]:
             if ctx.node is not None and node != ctx.node:
                 continue
@@ -311,11 +311,6 @@ class Pointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@functools.lru_cache(maxsize=4096)
-def _type(datashape: str) -> FabricType:
-    return from_datashape(datashape)
 
 
 def _copy(write: PendingWrite, source: Source) -> None:

@@ -10,6 +10,7 @@ faithfully is refused here rather than guessed at.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import re
@@ -150,8 +151,10 @@ def parse_type(tp: Any, *, shape: tuple[int, ...] | None = None) -> FabricType:
     return from_dtype(tp, shape)
 
 
+@functools.lru_cache(maxsize=4096)
 def from_datashape(text: str) -> FabricType:
-    """Rebuild the layout from a datashape, as ``get`` does from the stored string."""
+    """Rebuild the layout from a datashape, as ``get`` does from the stored string.
+    Cached: a process sees few distinct types, and parsing one costs about 15 µs."""
     try:
         t = ndt(text)
     except Exception as exc:  # ndtypes raises ValueError, TypeError, ... for bad text
@@ -170,8 +173,13 @@ def from_dtype(dtype: Any, shape: tuple[int, ...]) -> FabricType:
         raise InvalidTypeError(
             f"numpy dtype {given} is not in native byte order; convert with arr.astype(arr.dtype.newbyteorder('='))"
         )
+    return _from_native_dtype(given, _check_shape(shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_native_dtype(given: np.dtype, shape: tuple[int, ...]) -> FabricType:
     sub, element = _split(given)
-    text = _spell(_check_shape(shape) + sub, element)
+    text = _spell(shape + sub, element)
     try:
         t = ndt(text)
     except Exception as exc:  # only field names can make our own spelling unparseable
