@@ -323,5 +323,6 @@ def test_refusals_are_type_errors_that_pickle():
 
 def test_layout_disagreement_never_passes(monkeypatch):
     monkeypatch.setattr(types_module._Parser, "parse", lambda self: ((3,), np.dtype("f8")))
+    from_datashape.cache_clear()  # parse afresh, with the broken parser
     with pytest.raises(InvalidTypeError, match="internal error: .* not the 16 bytes ndtypes computes"):
         from_datashape("2 * float64")
