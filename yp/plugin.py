@@ -269,39 +269,50 @@ class YellowPages(SchedulerPlugin):
     async def _replicate(self, var: Variable, node: str) -> None:
         if not any(b.node == node for b in self.directory.blocks.values()):
             raise NotOnThisNodeError(f"node {node!r} has no blocks to hold a replica of {var.name!r}")
-        dest, r = await self._reserve_on_node(var.name, var.type, var.doc, var.nbytes, node, _SELF)
         sources = [c for c in var.copies if self.directory.blocks[c.shm_id].worker is not None]
         if not sources:
             raise VariableUnavailableError.on_nodes(
                 var.name, [self.directory.blocks[c.shm_id].node for c in var.copies]
             )
         src = sources[0]
-        source_block = self.directory.blocks[src.shm_id]
-        self.directory.acquire(var, _SELF)  # the source may not move nor be freed while read
-        try:
-            await self._ask(
+        source_worker = self.directory.blocks[src.shm_id].worker
+
+        def fetch(dest: Block, data_offset: int) -> Any:
+            return self._ask(
                 dest.worker,
                 "fetch",
-                source_worker=source_block.worker,
+                source_worker=source_worker,
                 source_shm_id=src.shm_id,
                 source_data_offset=src.data_offset,
                 nbytes=var.nbytes,
                 shm_id=dest.shm_id,
-                data_offset=r["data_offset"],
+                data_offset=data_offset,
             )
-        except BaseException:
-            await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
-            raise
+
+        self.directory.acquire(var, _SELF)  # the source may not move, be evicted nor freed meanwhile
+        try:
+            copy = await self._new_copy(var, node, fetch)
         finally:
             self._free_later(self.directory.release(var.var_id, _SELF))
-        copy = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
-        self._to_worker(
-            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": copy.extent_offset}
-        )
         if var.deleted or var.var_id not in self.directory.by_id:
             await self._free([self.directory.release_copy(copy)])
             raise NameNotFoundError(f"{var.name!r} was deleted while it was being replicated")
         self.directory.add_copy(var, copy)
+
+    async def _new_copy(self, var: Variable, node: str, fill: Any, exclude: set[str] = frozenset()) -> Copy:
+        """Another copy of ``var`` on ``node``: reserve an extent, have ``fill(block,
+        data_offset)`` write the bytes, then seal it.  If filling fails, the extent goes back."""
+        dest, r = await self._reserve_on_node(var.name, var.type, var.doc, var.nbytes, node, _SELF, exclude)
+        try:
+            await fill(dest, r["data_offset"])
+        except BaseException:
+            await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
+            raise
+        copy = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
+        self._to_worker(
+            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": copy.extent_offset}
+        )
+        return copy
 
     async def _reserve_on_node(
         self, name: str, type_: str, doc: str, nbytes: int, node: str, holder: str, exclude: set[str] = frozenset()
@@ -481,17 +492,8 @@ class YellowPages(SchedulerPlugin):
             done.set()
 
     async def _copy_elsewhere(self, block: Block, var: Variable, copy: Copy) -> None:
-        try:
-            dest, r = await self._reserve_on_node(
-                var.name, var.type, var.doc, var.nbytes, block.node, _SELF, exclude={block.shm_id}
-            )
-        except OutOfSpaceError:
-            raise OutOfSpaceError(
-                f"no other block on node {block.node} has room for {var.name!r} ({var.nbytes / 2**20:.1f} MiB); "
-                "allocate more memory before deallocating this block"
-            ) from None
-        try:
-            await self._ask(
+        def copy_within_node(dest: Block, data_offset: int) -> Any:
+            return self._ask(
                 block.worker,
                 "copy_extent",
                 shm_id=block.shm_id,
@@ -499,15 +501,16 @@ class YellowPages(SchedulerPlugin):
                 nbytes=var.nbytes,
                 dest_node=dest.node,
                 dest_shm_id=dest.shm_id,
-                dest_data_offset=r["data_offset"],
+                dest_data_offset=data_offset,
             )
-        except BaseException:
-            await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
-            raise
-        moved = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
-        self._to_worker(
-            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": moved.extent_offset}
-        )
+
+        try:
+            moved = await self._new_copy(var, block.node, copy_within_node, exclude={block.shm_id})
+        except OutOfSpaceError:
+            raise OutOfSpaceError(
+                f"no other block on node {block.node} has room for {var.name!r} ({var.nbytes / 2**20:.1f} MiB); "
+                "allocate more memory before deallocating this block"
+            ) from None
         self.directory.release_copy(copy)  # its pages go with the block
         var.copies[var.copies.index(copy)] = moved
 
