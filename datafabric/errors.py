@@ -72,5 +72,9 @@ class NoFabricError(FabricError, RuntimeError):
     """No fabric is running on the cluster (or it has been shut down)."""
 
 
+class FabricRunningError(FabricError, RuntimeError):
+    """A fabric runs on the cluster already; connect to it instead of starting one."""
+
+
 class InvalidArgumentError(FabricError, ValueError):
     """An argument other than a name, type or buffer is out of range."""

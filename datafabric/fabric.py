@@ -15,7 +15,7 @@ from ndtypes import ndt
 from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
 from datafabric.errors import (
-    FabricError,
+    FabricRunningError,
     InvalidArgumentError,
     NoFabricError,
     NotOnThisNodeError,
@@ -34,24 +34,22 @@ MAX_DOC_BYTES = 65536
 
 def start(client: Any, mb: float | None = None) -> Fabric:
     """Install the fabric on the cluster behind ``client`` and allocate ``mb`` megabytes
-    spread evenly over its nodes.  Workers that join later get the worker plugin too."""
-    running = client.run_on_scheduler(_yellowpages_state)
-    if running == "running":
-        raise FabricError(
+    spread evenly over its nodes.  Workers that join later get the worker plugin too.
+    On a scheduler started with ``--preload datafabric.preload`` the fabric is there
+    already, holding nothing: it is the one started, so it outlives scheduler crashes."""
+    state = client.run_on_scheduler(_yellowpages_state)
+    if state == "running":
+        raise FabricRunningError(
             f"a fabric is running on {client.scheduler.address} already; "
             "use datafabric.connect(client), or shut it down first"
         )
-    if running == "stopped":  # a fabric was shut down here: its YellowPages makes way
+    if state in ("stopped", "stopped-durable"):  # a fabric was shut down here: its YellowPages makes way
         client.unregister_scheduler_plugin(SCHEDULER_PLUGIN)
-    from worker_plugin.memory import SharedMemoryAwareNanny
-    from worker_plugin.plugin import FabricWorkerPlugin
-    from yp.plugin import YellowPages
+    if state != "idle":
+        from yp.plugin import YellowPages
 
-    fabric_id = uuid.uuid4().hex
-    client.register_plugin(YellowPages(fabric_id))
-    client.register_plugin(SharedMemoryAwareNanny())
-    client.register_plugin(FabricWorkerPlugin(fabric_id))
-    fabric = Fabric(client.scheduler.address, fabric_id, client=client)
+        client.register_plugin(YellowPages(None if state == "stopped-durable" else uuid.uuid4().hex))
+    fabric = Fabric(client.scheduler.address, _fabric_id(client), client=client)
     if mb:
         fabric.allocate(mb)
     return fabric
@@ -78,8 +76,15 @@ def _running_fabric_id(dask_scheduler: Any) -> str | None:
 
 
 def _yellowpages_state(dask_scheduler: Any) -> str:
+    """absent, idle (a preloaded fabric holding nothing yet), running, or stopped;
+    stopped-durable if it was preloaded, so that its successor is durable too."""
     yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
-    return "absent" if yp is None else "running" if yp.fabric_id else "stopped"
+    if yp is None:
+        return "absent"
+    if yp.fabric_id is None:
+        return "stopped-durable" if yp.durable else "stopped"
+    empty = not yp.directory.blocks and not yp.directory.variables
+    return "idle" if yp.durable and empty else "running"
 
 
 class Fabric:

@@ -52,10 +52,13 @@ else:
             resource_tracker.unregister = _untracked(resource_tracker.unregister)
 
 
+def node_tag(node: str) -> str:
+    return hashlib.blake2b(node.encode(), digest_size=4).hexdigest()
+
+
 def new_block_name(fabric_id: uuid.UUID, node: str) -> str:
     """A name that says whose block it is and that nobody can guess ahead of time."""
-    node_tag = hashlib.blake2b(node.encode(), digest_size=4).hexdigest()
-    return f"{PREFIX}{fabric_id.hex[:8]}_{node_tag}_{secrets.token_hex(8)}"
+    return f"{PREFIX}{fabric_id.hex[:8]}_{node_tag(node)}_{secrets.token_hex(8)}"
 
 
 def is_block_name(name: str) -> bool:
@@ -71,6 +74,13 @@ def fabric_segments(fabric_id: uuid.UUID | None = None) -> list[str]:
     except OSError:
         return []
     return sorted(n for n in names if n.startswith(prefix) and is_block_name(n))
+
+
+def node_segments(fabric_id: uuid.UUID, node: str) -> list[str]:
+    """The segments of one fabric on one node: what a worker joining a fabric whose
+    scheduler restarted finds and offers back to the YellowPages."""
+    prefix = f"{PREFIX}{fabric_id.hex[:8]}_{node_tag(node)}_"
+    return [n for n in fabric_segments(fabric_id) if n.startswith(prefix)]
 
 
 def round_to_pages(nbytes: int) -> int:

@@ -26,7 +26,7 @@ from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
-from datafabric.shm import Segment, fabric_segments, new_block_name
+from datafabric.shm import Segment, fabric_segments, new_block_name, node_segments
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
@@ -44,6 +44,7 @@ _HANDLERS = [
     "write",
     "unlink_block",
     "adopt",
+    "mark_deleted",
     "block_stats",
     "block_extents",
     "shutdown",
@@ -76,22 +77,38 @@ class FabricWorkerPlugin(WorkerPlugin):
         )
         exclude_shared_memory_in_worker(worker)
         atexit.register(self._unlink_all)  # a worker that exits without teardown
-        await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node)
+        # Blocks of this node already in /dev/shm: the YellowPages takes those it does not
+        # know (its scheduler restarted) back into the fabric through this worker.
+        found = node_segments(uuid.UUID(self.fabric_id), self.node)
+        await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node, segments=found)
 
     async def teardown(self, worker: Any) -> None:
-        """Hand the blocks to a peer of this node if the fabric lives on; else unlink."""
+        """Hand the blocks to a peer of this node, or unlink them, as the YellowPages
+        decides.  Without an answer (the scheduler died) they stay in /dev/shm for the
+        restarted scheduler's YellowPages to take back."""
         atexit.unregister(self._unlink_all)
-        if self.blocks:
-            try:
-                answer = await asyncio.wait_for(worker.scheduler.datafabric_handoff(address=worker.address), 10)
-            except Exception:  # scheduler gone or closing: nobody will adopt
-                answer = None
-            if isinstance(answer, dict) and answer.get("adopted"):
-                with self.lock:
-                    blocks, self.blocks = self.blocks, {}
-                self.state.detach(list(blocks))
-                return
-        self._unlink_all()
+        if not self.blocks:
+            return
+        decision = await self._handoff(worker)
+        if decision == "unlink":
+            self._unlink_all()
+            return
+        with self.lock:
+            blocks, self.blocks = self.blocks, {}
+        self.state.detach(list(blocks))
+        if decision != "adopted":
+            logger.warning("scheduler unreachable: left blocks %s in shared memory for adoption", sorted(blocks))
+
+    @staticmethod
+    async def _handoff(worker: Any) -> str:
+        stream = getattr(worker.batched_stream, "comm", None)
+        if stream is None or stream.closed():
+            return "keep"  # the worker closes because it lost its scheduler
+        try:
+            answer = await asyncio.wait_for(worker.scheduler.datafabric_handoff(address=worker.address), 10)
+        except Exception:
+            return "keep"
+        return answer.get("decision", "keep") if isinstance(answer, dict) else "keep"
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
@@ -213,30 +230,63 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
         return {}
 
-    def adopt(self, shm_ids: list[str], live: dict[str, list[int]]) -> list[tuple[str, int]]:
-        """Take over blocks of a worker of this node that died or left: rebuild their
-        allocators from the extent headers, and free every extent that is no longer live
-        (deleted meanwhile, or reserved by a writer that died).  Returns (block, free)."""
+    def adopt(self, shm_ids: list[str], live: dict[str, list[int]] | None = None) -> list[dict]:
+        """Take over blocks of this node whose owner died or left, or that a restarted
+        YellowPages found: rebuild their allocators from the extent headers and free every
+        extent that is no longer live.  ``live`` lists, per block, the extents the
+        directory still needs; without it (the directory is being rebuilt) the sealed
+        extents are live, are kept, and are described back."""
         adopted = []
         for shm_id in shm_ids:
             try:
                 segment = Segment.attach(shm_id)
-                header = layout.read_block_header(segment.buf)
-            except (FileNotFoundError, layout.LayoutError):
+            except FileNotFoundError:
                 continue
-            if header.fabric_id != uuid.UUID(self.fabric_id) or header.node != self.node:
+            try:
+                header = layout.read_block_header(segment.buf)
+                if header.fabric_id != uuid.UUID(self.fabric_id) or header.node != self.node:
+                    raise layout.LayoutError(f"block of fabric {header.fabric_id} on node {header.node}")
+                allocator = BlockAllocator(segment.buf, header.size, fresh=False)
+            except layout.LayoutError as exc:
+                logger.warning("not adopting %s: %s", shm_id, exc)
                 segment.close()
                 continue
-            allocator = BlockAllocator(segment.buf, header.size, fresh=False)
-            keep = set(live.get(shm_id, ()))
-            for offset, _, _ in allocator.extents():
-                if offset not in keep and allocator.state_of(offset) not in (None, ExtentState.FREE):
+            extents = allocator.extents()
+            if live is None:
+                keep = {offset for offset, _, state in extents if state is ExtentState.SEALED}
+            else:
+                keep = set(live.get(shm_id, ()))
+            for offset, _, state in extents:
+                if offset not in keep and state is not ExtentState.FREE:
                     allocator.release(offset)
+            sealed = [] if live is not None else [_describe(layout.read_extent(segment.buf, o)) for o in sorted(keep)]
             with self.lock:
                 self.blocks[shm_id] = OwnedBlock(segment, allocator)
             self.state.adopt(segment)
-            adopted.append((shm_id, allocator.free_bytes))
+            adopted.append(
+                {
+                    "shm_id": shm_id,
+                    "size": header.size,
+                    "capacity": allocator.capacity,
+                    "free": allocator.free_bytes,
+                    "sealed": sealed,
+                }
+            )
         return adopted
+
+    def mark_deleted(self, shm_id: str, extent_offset: int, name: str) -> dict:
+        """A deleted variable that readers still hold is marked in its header, so that a
+        directory rebuilt from the blocks does not bring it back."""
+        with self.lock:
+            block = self.blocks.get(shm_id)
+            if block is None or block.allocator.state_of(extent_offset) not in (
+                ExtentState.RESERVED,  # sealed, and its writer has not marked it yet
+                ExtentState.SEALED,
+            ):
+                return {}
+            if layout.read_extent(block.segment.buf, extent_offset).name == name:
+                block.allocator.set_state(extent_offset, ExtentState.DELETED)
+        return {}
 
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
@@ -274,6 +324,18 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.state.detach(list(blocks))
         for block in blocks.values():
             block.segment.unlink()
+
+
+def _describe(extent: layout.Extent) -> dict:
+    return {
+        "name": extent.name,
+        "doc": extent.doc,
+        "type": extent.type,
+        "nbytes": extent.data_size,
+        "extent_offset": extent.offset,
+        "extent_size": extent.size,
+        "data_offset": extent.data_offset,
+    }
 
 
 def _reservation(shm_id: str, r: Any) -> dict:

@@ -76,7 +76,9 @@ class Directory:
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], tuple[str, int]] = {}  # (shm, ext) -> (writer, size)
         self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to adopt
-        self._ids = itertools.count(1)
+        # Ids never repeat across YellowPages incarnations: a release from a process that
+        # outlived a scheduler restart cannot end somebody else's lease.
+        self._ids = itertools.count(time.time_ns() // 1000)
 
     # -- blocks ---------------------------------------------------------------------
     def add_block(self, block: Block) -> None:
@@ -269,6 +271,24 @@ class Directory:
         block.worker = worker
         block.used = block.capacity - free
         self.orphans.get(block.node, set()).discard(shm_id)
+
+    def recover_block(self, block: Block, sealed: list[dict]) -> list[ExtentRef]:
+        """A block found in shared memory by a restarted YellowPages: its sealed extents
+        become variables again, a second copy of a name a replica.  Returns the extents
+        that contradict a name already known (another type or size), to free."""
+        self.blocks[block.shm_id] = block
+        conflicting = []
+        for ext in sealed:
+            copy = Copy(block.shm_id, ext["extent_offset"], ext["extent_size"], ext["data_offset"])
+            known = self.variables.get(ext["name"])
+            if known is None:
+                var = Variable(next(self._ids), ext["name"], ext["doc"], ext["type"], ext["nbytes"], [copy])
+                self.variables[var.name] = self.by_id[var.var_id] = var
+            elif (known.type, known.nbytes) == (ext["type"], ext["nbytes"]):
+                known.copies.append(copy)
+            else:
+                conflicting.append(self.release_copy(copy))
+        return conflicting
 
     def holders(self, var: Variable) -> list[str]:
         return list(var.leases)

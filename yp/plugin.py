@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import defaultdict
 from typing import Any
 
 from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
 
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
+    FabricError,
     InvalidArgumentError,
     NameNotFoundError,
     NoFabricError,
@@ -29,11 +32,18 @@ from datafabric.errors import (
 from datafabric.names import validate_name
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
 from datafabric.shm import round_to_pages
+from worker_plugin.memory import SharedMemoryAwareNanny
+from worker_plugin.plugin import FabricWorkerPlugin
 from yp.directory import Block, Copy, Directory, ExtentRef, Variable
 
 logger = logging.getLogger("datafabric.yp")
 
 _SELF = "datafabric-yellowpages"  # the lease holder name of the YellowPages' own reads
+
+
+def durable_fabric_id(scheduler_address: str) -> str:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"datafabric:{scheduler_address}").hex
+
 
 _HANDLERS = [
     "register_worker",
@@ -58,9 +68,14 @@ _HANDLERS = [
 
 
 class YellowPages(SchedulerPlugin):
+    """``fabric_id`` None makes a durable fabric: its id comes from the scheduler's
+    address, so the YellowPages of a scheduler restarted at that address (loaded with
+    ``--preload datafabric.preload``) recognises the blocks left in shared memory."""
+
     name = SCHEDULER_PLUGIN
 
-    def __init__(self, fabric_id: str) -> None:
+    def __init__(self, fabric_id: str | None = None) -> None:
+        self.durable = fabric_id is None
         self.fabric_id: str | None = fabric_id
         self.directory = Directory()
         self._moving: dict[str, asyncio.Event] = {}  # blocks whose extents are being moved
@@ -68,8 +83,31 @@ class YellowPages(SchedulerPlugin):
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
+        self._blocks_changing = asyncio.Lock()  # block creation and recovery, one at a time
+        if self.durable:
+            self.fabric_id = durable_fabric_id(scheduler.address)
         scheduler.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         scheduler.stream_handlers["datafabric_release"] = self.release
+        await self._install_on_workers()
+
+    async def _install_on_workers(self) -> None:
+        """The worker side goes to every worker and nanny, present and future, from here:
+        a restarted scheduler's YellowPages re-installs it with no client involved."""
+        plugins = [
+            (self.scheduler.register_nanny_plugin, SharedMemoryAwareNanny()),
+            (self.scheduler.register_worker_plugin, FabricWorkerPlugin(self.fabric_id)),
+        ]
+        for register, plugin in plugins:
+            answers = await register(comm=None, plugin=dumps(plugin), name=plugin.name, idempotent=False)
+            for address, answer in answers.items():
+                if answer.get("status") == "error":
+                    raise FabricError(f"{address} could not set up {plugin.name!r}: {answer.get('exception_text')}")
+
+    async def close(self) -> None:
+        """A scheduler closing on purpose takes its fabric with it, as Dask takes its
+        workers; only a crash leaves the blocks for a restarted scheduler to take back."""
+        if self.fabric_id is not None:
+            await self.shutdown()
 
     # -- cluster membership ----------------------------------------------------------
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
@@ -90,12 +128,37 @@ class YellowPages(SchedulerPlugin):
         self._free_later(self.directory.drop_holder(client))
 
     # -- handlers ------------------------------------------------------------------
-    def register_worker(self, address: str, node: str) -> dict:
+    def register_worker(self, address: str, node: str, segments: list[str] = ()) -> dict:
+        """``segments`` are the fabric's blocks the worker sees on its node; any this
+        YellowPages does not know were left by its predecessor, and are taken back."""
         self._running()
         self.directory.workers[address] = node
+        if any(s not in self.directory.blocks for s in segments):
+            self.scheduler.loop.add_callback(self._recover, address, node, list(segments))
         if self.directory.orphans.get(node):
             self.scheduler.loop.add_callback(self._adopt_orphans, node)
         return {"fabric_id": self.fabric_id}
+
+    async def _recover(self, worker: str, node: str, segments: list[str]) -> None:
+        """Rebuild the directory from blocks found in shared memory: ``worker`` adopts
+        them, keeps their sealed extents, frees the rest (writes that never sealed,
+        variables deleted while read), and describes the kept ones from their headers."""
+        async with self._blocks_changing:  # a block being created is not a found one
+            unknown = sorted(s for s in segments if s not in self.directory.blocks)
+            if not unknown or self.directory.workers.get(worker) != node:
+                return
+            try:
+                found = await self._ask(worker, "adopt", shm_ids=unknown, live=None)
+            except OSError as exc:
+                logger.warning("%s could not take back blocks %s: %r", worker, unknown, exc)
+                return
+            conflicting = []
+            for b in found:
+                block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
+                conflicting += self.directory.recover_block(block, b["sealed"])
+        await self._free(conflicting)
+        names = sorted({e["name"] for b in found for e in b["sealed"]})
+        logger.info("took back %d blocks of node %s holding %d variables", len(found), node, len(names))
 
     async def allocate(self, mb: float) -> list[tuple[str, str]]:
         self._running()
@@ -107,7 +170,10 @@ class YellowPages(SchedulerPlugin):
                 nodes[node].append(worker)
         if not nodes:
             raise NoFabricError("no worker runs the fabric's worker plugin yet; start workers first")
-        per_node = int(mb * 2**20) // len(nodes)
+        async with self._blocks_changing:
+            return await self._allocate(nodes, int(mb * 2**20) // len(nodes))
+
+    async def _allocate(self, nodes: dict[str, list[str]], per_node: int) -> list[tuple[str, str]]:
         plan = [
             (worker, node, round_to_pages(per_node // len(workers)))
             for node, workers in sorted(nodes.items())
@@ -210,11 +276,29 @@ class YellowPages(SchedulerPlugin):
 
     async def delete(self, name: str) -> dict:
         self._running()
-        await self._settled(self.directory.lookup(name))
+        var = await self._settled(self.directory.lookup(name))
+        if var.leases:  # it outlives this call, so its headers say deleted first: a rebuilt directory agrees
+            await self._mark_deleted(var)
         var, freed = self.directory.delete(name)
         self._invalidate(var)
         await self._free(freed)
         return {"freed": bool(freed)}
+
+    async def _mark_deleted(self, var: Variable) -> None:
+        """Done while the name is still visible, so no other variable of that name can
+        sit at a copy's offset; the owner checks the name in the header."""
+        copies = [(self.directory.blocks[c.shm_id].worker, c) for c in var.copies]
+        results = await asyncio.gather(
+            *(
+                self._ask(owner, "mark_deleted", shm_id=c.shm_id, extent_offset=c.extent_offset, name=var.name)
+                for owner, c in copies
+                if owner is not None
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("could not mark %r deleted in its header: %r", var.name, result)
 
     async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         self._running()
@@ -527,16 +611,21 @@ class YellowPages(SchedulerPlugin):
         return {"capacity": block.capacity, "used": block.used, "free": block.free} | unknown
 
     async def handoff(self, address: str) -> dict:
-        """A worker closing gracefully asks whether a peer of its node takes its blocks;
-        if none does, it unlinks them itself."""
+        """A worker closing gracefully asks what becomes of its blocks: a peer of its node
+        adopts them, or, the node's last worker leaving, they are unlinked.  A worker
+        this YellowPages does not know (it outlived a scheduler restart, or was removed
+        already) keeps them in shared memory for adoption."""
         if self.fabric_id is None or self.scheduler.status.name != "running":
-            return {"adopted": False}
+            return {"decision": "unlink"}
         node = self.directory.workers.pop(address, None)
-        if node is None or not self._peers(node):
-            return {"adopted": False}
+        if node is None:
+            return {"decision": "keep"}
+        if not self._peers(node):
+            return {"decision": "unlink"}
         self.directory.orphan_blocks(address)
         await self._adopt_orphans(node)
-        return {"adopted": not any(b.worker is None for b in self.directory.blocks.values() if b.node == node)}
+        orphaned = any(b.worker is None for b in self.directory.blocks.values() if b.node == node)
+        return {"decision": "keep" if orphaned else "adopted"}
 
     def _peers(self, node: str) -> list[str]:
         return sorted(w for w, n in self.directory.workers.items() if n == node and w in self.scheduler.workers)
@@ -557,9 +646,9 @@ class YellowPages(SchedulerPlugin):
         except OSError as exc:
             logger.warning("%s could not adopt blocks %s: %r", peers[0], shm_ids, exc)
             return
-        for shm_id, free in adopted:
-            self.directory.adopt(shm_id, peers[0], free)
-        logger.info("%s adopted blocks %s of node %s", peers[0], [s for s, _ in adopted], node)
+        for b in adopted:
+            self.directory.adopt(b["shm_id"], peers[0], b["free"])
+        logger.info("%s adopted blocks %s of node %s", peers[0], [b["shm_id"] for b in adopted], node)
 
     async def _free(self, refs: list[ExtentRef]) -> None:
         refs = [r for r in refs if r.worker is not None]  # an orphan's adopter frees them

@@ -21,7 +21,7 @@ from datafabric.cli import format as fmt
 from datafabric.cli.address import StateFile, connected_client
 from datafabric.cli.app import CliError, cli, json_option, timeout_option
 from datafabric.cli.supervise import run_script, serve, sigint_ignored, signals_handled
-from datafabric.errors import NoFabricError
+from datafabric.errors import FabricRunningError, NoFabricError
 
 _EMBEDDED_ONLY = ("workers", "threads_per_worker", "dashboard_address")
 
@@ -180,15 +180,12 @@ def _start_embedded(
 def _start_fabric(client: distributed.Client, mb: float) -> datafabric.Fabric:
     address = client.scheduler.address
     try:
-        datafabric.connect(client)
-    except NoFabricError:
-        pass
-    else:
+        fabric = datafabric.start(client)
+    except FabricRunningError:
         raise CliError(
             f"a fabric is running on {address} already; `datafabric status --scheduler {address}` shows it, "
             f"`datafabric stop --scheduler {address}` shuts it down"
-        )
-    fabric = datafabric.start(client)
+        ) from None
     try:
         fabric.allocate(mb)
     except BaseException:

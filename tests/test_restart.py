@@ -1,0 +1,214 @@
+"""A scheduler that crashes and is restarted at the same address takes its fabric back.
+
+Real processes: ``dask scheduler --preload datafabric.preload`` and one ``dask worker``
+(with its nanny) on each of two simulated nodes.  The scheduler is SIGKILLed; its workers
+close, as Dask workers do when they lose their scheduler, and leave their blocks in
+/dev/shm.  A new scheduler on the same port and new workers (what a supervisor would
+start) rebuild the directory from the blocks' headers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+from distributed import Client, get_worker
+
+import datafabric
+from datafabric.cleanup import remove
+from tests.conftest import fabric_segments
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MiB = 2**20
+NODES = ("restart-a", "restart-b")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """A scheduler and one worker per node, each its own process group."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.scheduler: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+
+    def _spawn(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", *args],
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def start(self) -> None:
+        self.scheduler = self._spawn(
+            [
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dashboard-address",
+                ":0",
+                "--preload",
+                "datafabric.preload",
+            ]
+        )
+        for node in NODES:
+            self.workers.append(
+                self._spawn(
+                    [
+                        "distributed.cli.dask_worker",
+                        self.address,
+                        "--host",
+                        "127.0.0.1",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--death-timeout",
+                        "60",
+                    ],
+                    {"DASK_DATAFABRIC__NODE_ID": node},
+                )
+            )
+
+    def crash_scheduler(self) -> None:
+        self.scheduler.send_signal(signal.SIGKILL)
+        self.scheduler.wait()
+        for worker in self.workers:  # they close, as Dask workers do without a scheduler
+            worker.wait(60)
+        self.workers = []
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in [*self.workers, self.scheduler]:
+            if proc is not None:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def worker_of(client: Client) -> dict[str, str]:
+    nodes = client.run(lambda: dask.config.get("datafabric.node-id"))
+    return {node: worker for worker, node in nodes.items()}
+
+
+def insert_here(fabric, items):
+    return fabric.insert_many([(name, f"doc of {name}", np.float64, data) for name, data in items.items()])
+
+
+def hold(fabric, name):
+    """A reader that keeps its view: the variable is deleted while read."""
+    get_worker()._datafabric_test_held = fabric.get(name)
+
+
+def write_without_sealing(fabric, name):
+    creation = fabric.create(name, "", f"{MiB // 8} * float64")
+    creation.array[:] = 1.0
+    get_worker()._datafabric_test_unsealed = creation
+
+
+def read_here(fabric, names):
+    return {name: np.array(fabric.get(name)) for name in names}
+
+
+def wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def processes():
+    procs = Processes()
+    procs.start()
+    try:
+        yield procs
+    finally:
+        procs.stop()
+        from yp.plugin import durable_fabric_id
+
+        remove([s for s in fabric_segments() if s.startswith(f"dfab_{durable_fabric_id(procs.address)[:8]}_")])
+
+
+def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
+    rng = np.random.default_rng(7)
+    data = {
+        node: {f"{node}/v{i}": rng.random(rng.integers(1, 400_000)) for i in range(4)}
+        | {f"{node}/small": rng.random(3)}
+        for node in NODES
+    }
+    expected = {name: array for per_node in data.values() for name, array in per_node.items()}
+    replicated = f"{NODES[0]}/v0"
+
+    with Client(processes.address) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)  # the preloaded, durable fabric
+        workers = worker_of(client)
+        for node, items in data.items():
+            client.submit(insert_here, fabric, items, workers=[workers[node]]).result()
+        fabric.replicate(replicated, nodes=[NODES[1]])
+        client.submit(
+            insert_here, fabric, {"deleted-while-read": rng.random(1000)}, workers=[workers[NODES[0]]]
+        ).result()
+        client.submit(hold, fabric, "deleted-while-read", workers=[workers[NODES[0]]], pure=False).result()
+        fabric.delete("deleted-while-read")
+        client.submit(insert_here, fabric, {"deleted": rng.random(1000)}, workers=[workers[NODES[1]]]).result()
+        fabric.delete("deleted")
+        client.submit(write_without_sealing, fabric, "never-sealed", workers=[workers[NODES[1]]], pure=False).result()
+        blocks = {b["shm_id"]: b for b in fabric.status()}
+        assert sum(b["reserved"] for b in blocks.values()) == 1
+
+    processes.crash_scheduler()
+    assert set(blocks) <= set(fabric_segments()), "the blocks must outlive the scheduler"
+    processes.start()
+
+    with Client(processes.address) as client:
+        client.wait_for_workers(2)
+        again = datafabric.connect(client)
+        assert again.fabric_id == fabric.fabric_id
+        wait_for(lambda: set(again.get_list()) == set(expected), f"names after restart: {again.get_list()}")
+        workers = worker_of(client)
+
+        status = again.status()
+        assert {b["shm_id"] for b in status} == set(blocks)
+        assert all(b["free"] + b["used"] == b["capacity"] and b["reserved"] == 0 for b in status)
+        reclaimed = sum(b["used"] for b in blocks.values()) - sum(b["used"] for b in status)
+        assert reclaimed > MiB  # the unsealed write and the deleted variables are free again
+
+        assert {loc[0] for loc in again.get_locations(replicated)} == set(NODES)
+        assert again.info(f"{NODES[1]}/v1")["doc"] == f"doc of {NODES[1]}/v1"
+        for node in NODES:  # every variable, byte for byte, read on each node
+            got = client.submit(read_here, again, sorted(expected), workers=[workers[node]], pure=False).result()
+            for name, array in expected.items():
+                np.testing.assert_array_equal(got[name], array, err_msg=name)
+
+        # the rebuilt fabric works on: inserts, defragmentation, deletes down to empty
+        client.submit(insert_here, again, {"after": np.arange(10.0)}, workers=[workers[NODES[0]]]).result()
+        again.defragment()
+        for name in again.get_list():
+            again.delete(name)
+        wait_for(lambda: all(b["used"] == 0 for b in again.status()), "space still used after deleting everything")
+        again.shutdown()
+    assert not set(blocks) & set(fabric_segments())
