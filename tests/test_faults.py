@@ -86,3 +86,17 @@ def test_writer_killed_mid_insert_leaves_nothing_visible_and_its_space_returns(c
     assert all(s["free"] + s["used"] == s["capacity"] for s in stats)
     assert sum(s["free"] for s in stats) == free_before
     client.wait_for_workers(2)  # the nanny restarted the worker for the next tests
+
+
+def test_block_bigger_than_the_tmpfs_is_refused_at_allocate(client, fabric):
+    """The kernel's own refusal (ENOSPC from fallocate), not an rlimit: a block larger
+    than all of /dev/shm.  Nothing is left behind and the fabric goes on."""
+    fabric.insert("kept", "", np.float64, np.arange(1000.0))
+    st = os.statvfs("/dev/shm")
+    too_big_per_worker = st.f_blocks * st.f_frsize + 2**30
+    before = set(fabric_segments())
+    with pytest.raises(errors.OutOfSpaceError, match="No space left on device"):
+        fabric.allocate(2 * too_big_per_worker / MiB)
+    assert set(fabric_segments()) == before
+    np.testing.assert_array_equal(fabric.get("kept"), np.arange(1000.0))
+    assert all(s["free"] + s["used"] == s["capacity"] for s in fabric.status())
