@@ -100,3 +100,42 @@ def test_block_bigger_than_the_tmpfs_is_refused_at_allocate(client, fabric):
     assert set(fabric_segments()) == before
     np.testing.assert_array_equal(fabric.get("kept"), np.arange(1000.0))
     assert all(s["free"] + s["used"] == s["capacity"] for s in fabric.status())
+
+
+def insert_and_read_here(fabric, name):
+    data = np.arange(1000.0)
+    fabric.insert(name, "", np.float64, data)
+    view = fabric.get(name)
+    return bool((view == data).all()), view.flags.owndata
+
+
+def restarted(client, old: dict[str, int]) -> bool:
+    """Two workers again, one of them new (a restarted worker listens on a new port)."""
+    workers = set(client.scheduler_info()["workers"])
+    return len(workers) == 2 and workers != set(old)
+
+
+@pytest.mark.parametrize("how", ["sigkill", "restart_workers"])
+def test_a_nanny_restarted_worker_rejoins_and_its_data_survives(client, fabric, how):
+    """SIGKILL (the nanny restarts it; a peer adopts its blocks from their headers) and
+    Dask's graceful ``restart_workers`` (it hands its blocks to a peer first)."""
+    a, b = sorted(client.scheduler_info()["workers"])
+    data = {f"on-a/{i}": np.random.default_rng(i).random(50_000) for i in range(4)}
+    client.submit(lambda f: [f.insert(n, "", np.float64, d) for n, d in data.items()], fabric, workers=[a]).result()
+    pids = client.run(os.getpid)
+    if how == "sigkill":
+        os.kill(pids[a], signal.SIGKILL)
+    else:
+        client.restart_workers([a])
+    deadline = time.monotonic() + 60
+    while not restarted(client, pids) or any(s["worker"] is None for s in fabric.status()):
+        assert time.monotonic() < deadline, "the worker did not come back, or its blocks were not adopted"
+        time.sleep(0.1)
+    for name, array in data.items():
+        np.testing.assert_array_equal(fabric.get(name), array)
+    stats = fabric.status()
+    assert all(s["free"] + s["used"] == s["capacity"] and s["reserved"] == 0 for s in stats)
+    new = sorted(set(client.scheduler_info()["workers"]) - {b})
+    assert len(new) == 1
+    same, private = client.submit(insert_and_read_here, fabric, f"from-new-{how}", workers=new).result()
+    assert same and not private  # it writes into and maps the node's blocks: it is in the fabric
