@@ -373,6 +373,7 @@ def test_sigterm_ends_the_embedded_start_cleanly(embedded):
     _, alive = psutil.wait_procs(children, timeout=WAIT)
     assert alive == []
     assert "got SIGTERM" in embedded.err and "Traceback" not in embedded.err
+    assert "resource_tracker" not in embedded.err and "leaked" not in embedded.err
 
 
 # -- starting on a cluster of separate processes -------------------------------------------
@@ -484,6 +485,7 @@ def test_ctrl_c_in_the_terminal_shuts_down_cleanly(tmp_path):
         _, alive = psutil.wait_procs(children, timeout=WAIT)
         assert alive == []
         assert "got SIGINT" in start.err and "Traceback" not in start.err
+        assert "resource_tracker" not in start.err and "leaked" not in start.err
     finally:
         end(start.proc)
 

@@ -12,8 +12,9 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import get_worker
+from distributed import Client, LocalCluster, get_worker
 
+import datafabric
 from datafabric import errors
 from tests.conftest import fabric_segments
 
@@ -139,3 +140,21 @@ def test_a_nanny_restarted_worker_rejoins_and_its_data_survives(client, fabric, 
     assert len(new) == 1
     same, private = client.submit(insert_and_read_here, fabric, f"from-new-{how}", workers=new).result()
     assert same and not private  # it writes into and maps the node's blocks: it is in the fabric
+
+
+def test_a_worker_exiting_and_the_cluster_closing_leave_no_segment():
+    """No ``shutdown()``: a retired worker's peer adopts its blocks, and the cluster
+    closing takes the fabric down before Dask closes the workers."""
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as c,
+        Client(c) as client,
+    ):
+        fabric = datafabric.start(client, mb=16)
+        fabric.insert("x", "", np.float64, np.arange(10.0))
+        mine = [s for s in fabric_segments() if s.startswith(f"dfab_{fabric.fabric_id[:8]}_")]
+        assert len(mine) == 2
+        client.retire_workers([sorted(client.scheduler_info()["workers"])[0]])
+        np.testing.assert_array_equal(fabric.get("x"), np.arange(10.0))
+        assert [s["worker"] for s in fabric.status()].count(None) == 0
+        assert sorted(s for s in fabric_segments() if s in mine) == mine
+    assert not set(mine) & set(fabric_segments())
