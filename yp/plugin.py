@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import defaultdict
 from typing import Any
@@ -144,6 +145,7 @@ class YellowPages(SchedulerPlugin):
         them, keeps their sealed extents, frees the rest (writes that never sealed,
         variables deleted while read), and describes the kept ones from their headers."""
         async with self._blocks_changing:  # a block being created is not a found one
+            started = time.perf_counter()
             unknown = sorted(s for s in segments if s not in self.directory.blocks)
             if not unknown or self.directory.workers.get(worker) != node:
                 return
@@ -157,8 +159,13 @@ class YellowPages(SchedulerPlugin):
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
                 conflicting += self.directory.recover_block(block, b["sealed"])
         await self._free(conflicting)
-        names = sorted({e["name"] for b in found for e in b["sealed"]})
-        logger.info("took back %d blocks of node %s holding %d variables", len(found), node, len(names))
+        logger.info(
+            "took back %d blocks of node %s holding %d extents in %.3f s",
+            len(found),
+            node,
+            sum(len(b["sealed"]) for b in found),
+            time.perf_counter() - started,
+        )
 
     async def allocate(self, mb: float) -> list[tuple[str, str]]:
         self._running()
