@@ -24,6 +24,7 @@ from distributed import Client
 import datafabric
 from datafabric.errors import FabricError
 from tests.conftest import fabric_segments
+from yp.plugin import durable_fabric_id
 
 BIN = Path(sys.executable).parent
 DATAFABRIC = str(BIN / "datafabric")
@@ -385,11 +386,14 @@ def dask_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([DASK, *args], env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
-def test_start_on_a_running_cluster_reaches_workers_that_join_later(tmp_path):
+@pytest.mark.parametrize("preload", [False, True], ids=["plain", "preloaded"])
+def test_start_on_a_running_cluster_reaches_workers_that_join_later(tmp_path, preload):
+    """On a plain scheduler, and on one that preloads the (durable) fabric."""
     scheduler_file = tmp_path / "scheduler.json"
     worker_args = ["worker", "--scheduler-file", str(scheduler_file), "--nworkers", "1", "--nthreads", "1"]
     worker_args += ["--host", "127.0.0.1", "--no-dashboard"]
     scheduler_args = ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard"]
+    scheduler_args += ["--preload", "datafabric.preload"] if preload else []
     procs = [dask_process([*scheduler_args, "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")]
     client = fabric = None
     try:
@@ -400,10 +404,14 @@ def test_start_on_a_running_cluster_reaches_workers_that_join_later(tmp_path):
         client.wait_for_workers(1, timeout=WAIT)
         env = env_for(tmp_path)
 
-        assert_fails(run(env, "ls", "--scheduler", address), f"no fabric is running on {address}")
+        if preload:  # running, holding nothing
+            assert json.loads(ok(env, "ls", "--scheduler", address, "--json")) == []
+        else:
+            assert_fails(run(env, "ls", "--scheduler", address), f"no fabric is running on {address}")
         report = json.loads(ok(env, "start", "--mb", "16", "--scheduler", address, "--json"))
         fabric = datafabric.connect(client)
         assert report["fabric_id"] == fabric.fabric_id and report["scheduler"] == address
+        assert (fabric.fabric_id == durable_fabric_id(address)) is preload
         [first] = report["blocks"]
         assert first["size"] == 16 * 2**20
 
