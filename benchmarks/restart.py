@@ -90,16 +90,16 @@ def node_workers(client: Client) -> dict[str, str]:
     return {node: worker for worker, node in nodes.items()}
 
 
-def one_restart(
-    port: int, procs: list[subprocess.Popen], expected: int, log: str
-) -> tuple[list[subprocess.Popen], dict]:
+def one_restart(port: int, procs: list[subprocess.Popen], expected: int, log: str) -> dict:
+    """Crash and restart; ``procs`` is replaced in place, so the caller always holds the
+    processes to stop, whatever fails here."""
     procs[0].send_signal(signal.SIGKILL)
     t_kill = time.perf_counter()
     for proc in procs:
         proc.wait()
     workers_gone = time.perf_counter() - t_kill
     t0 = time.perf_counter()
-    procs = start_cluster(port, log)
+    procs[:] = start_cluster(port, log)
     with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
         client.wait_for_workers(len(NODES))
         dask_ready = time.perf_counter() - t0
@@ -111,7 +111,7 @@ def one_restart(
     with open(log) as f:
         took_back = [(int(n), float(s)) for n, s in TOOK_BACK.findall(f.read())]
     assert sum(n for n, _ in took_back) == expected, took_back
-    return procs, {
+    return {
         "workers_gone": workers_gone,
         "dask_ready": dask_ready,
         "fabric_back": fabric_back,
@@ -135,8 +135,7 @@ def run(small: int, rounds: int, log: str) -> dict:
             assert len(fabric.get_list()) == expected
         samples = []
         for _ in range(rounds):
-            procs, sample = one_restart(port, procs, expected, log)
-            samples.append(sample)
+            samples.append(one_restart(port, procs, expected, log))
         with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
             datafabric.connect(client).shutdown()
     finally:
