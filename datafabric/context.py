@@ -8,14 +8,16 @@ worker's own connections and reserves memory in the worker's own blocks.
 
 from __future__ import annotations
 
+import functools
 import threading
+import uuid
 import weakref
 from typing import Any
 
 import distributed
 from distributed.utils import sync
 
-from datafabric.errors import NoFabricError
+from datafabric.errors import FabricError, NoFabricError
 from datafabric.node import configured_node
 from datafabric.protocol import EVENT_TOPIC, WORKER_PLUGIN, raise_if_refused
 from datafabric.views import all_states
@@ -101,13 +103,33 @@ def _subscribe(client: Any) -> None:
         if client in _subscribed:
             return
         _subscribed.add(client)
-    client.loop.add_callback(client.subscribe_topic, EVENT_TOPIC, _on_event)
+    client.loop.add_callback(client.subscribe_topic, EVENT_TOPIC, functools.partial(_on_event, client))
 
 
-def _on_event(event: tuple) -> None:
+def _on_event(client: Any, event: tuple) -> Any:
     _, msg = event
+    if msg.get("op") == "datafabric_took_back":
+        return _declare_kept_views(client, uuid.UUID(msg["fabric_id"]), msg["first_id"])
     for state in all_states():
         if msg.get("op") == "datafabric_invalidate":
             state.invalidate(msg["var_ids"])
         elif msg.get("op") == "datafabric_detach":
             state.detach(msg["shm_ids"])
+    return None
+
+
+async def _declare_kept_views(client: Any, fabric_id: uuid.UUID, first_id: int) -> None:
+    """The scheduler restarted and its YellowPages took blocks back, knowing no lease:
+    every view this process kept gets its lease again, by location, so nothing moves or
+    frees the memory under it.  Views on blocks not back yet are declared at the next
+    such event; a view that died meanwhile releases the new lease through its pin."""
+    for state in all_states():
+        if state.fabric_id != fabric_id:
+            continue
+        for pin in state.pins_leased_before(first_id):
+            location = {"node": pin.node, "shm_id": pin.segment.name.lstrip("/"), "offset": pin.data_offset}
+            try:
+                info = raise_if_refused(await client.scheduler.datafabric_acquire_at(**location, holder=client.id))
+            except (FabricError, OSError):
+                continue
+            pin.lease["var_id"] = info["var_id"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import functools
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -237,8 +236,7 @@ class Fabric:
                 continue
             segment = self._state.segment(node, shm_id)
             if segment is not None:
-                release = functools.partial(ctx.send, _release_msg(ctx, info))
-                return self._state.pin(name, info["var_id"], segment, offset, ftype, release)
+                return self._state.pin(name, node, segment, offset, ftype, _release_msg(ctx, info), ctx.send)
         return None
 
     def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:

@@ -24,13 +24,28 @@ from datafabric.types import FabricType
 
 
 class _Pin:
-    __slots__ = ("__array_interface__", "_mem", "segment", "var_id", "ftype", "_last", "__weakref__")
+    """``lease`` is the release message its finalizer sends; a lease declared again after
+    a scheduler restart changes its ``var_id`` in place."""
 
-    def __init__(self, segment: Segment, data_offset: int, ftype: FabricType, var_id: int) -> None:
+    __slots__ = (
+        "__array_interface__",
+        "_mem",
+        "segment",
+        "node",
+        "data_offset",
+        "lease",
+        "ftype",
+        "_last",
+        "__weakref__",
+    )
+
+    def __init__(self, segment: Segment, node: str, data_offset: int, ftype: FabricType, lease: dict) -> None:
         nbytes = ftype.nbytes
         self._mem = segment.buf[data_offset : data_offset + nbytes].toreadonly()
         self.segment = segment
-        self.var_id = var_id
+        self.node = node
+        self.data_offset = data_offset
+        self.lease = lease
         self.ftype = ftype
         self._last: weakref.ref[np.ndarray] | None = None
         self.__array_interface__ = {
@@ -39,6 +54,10 @@ class _Pin:
             "typestr": f"|V{ftype.dtype.itemsize}",  # viewed as the dtype below: records keep their layout
             "data": (segment.address + data_offset, True),
         }
+
+    @property
+    def var_id(self) -> int:
+        return self.lease["var_id"]
 
     def view(self) -> np.ndarray:
         """A new view; made from a live earlier one when there is one (a fifth of the
@@ -57,7 +76,8 @@ class LocalState:
         self.fabric_id = uuid.UUID(fabric_id)
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
-        self._pins: dict[str, weakref.ref[_Pin]] = {}
+        self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
+        self._live: weakref.WeakSet[_Pin] = weakref.WeakSet()  # every pin alive, each holding a lease
 
     def segment(self, node: str, shm_id: str) -> Segment | None:
         """The mapping of a block of this fabric on ``node``, or None if this process
@@ -91,13 +111,20 @@ class LocalState:
         return None if pin is None else pin.view()
 
     def pin(
-        self, name: str, var_id: int, segment: Segment, data_offset: int, ftype: FabricType, on_release: Callable
+        self, name: str, node: str, segment: Segment, data_offset: int, ftype: FabricType, lease: dict, send: Callable
     ) -> _Pin:
-        pin = _Pin(segment, data_offset, ftype, var_id)
-        weakref.finalize(pin, on_release)
+        """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies."""
+        pin = _Pin(segment, node, data_offset, ftype, lease)
+        weakref.finalize(pin, send, lease)
         with self.lock:
             self._pins[name] = weakref.ref(pin)
+            self._live.add(pin)
         return pin
+
+    def pins_leased_before(self, var_id: int) -> list[_Pin]:
+        """Live pins whose lease a YellowPages older than ids from ``var_id`` granted."""
+        with self.lock:
+            return [pin for pin in self._live if pin.var_id < var_id]
 
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)

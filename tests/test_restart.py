@@ -212,3 +212,50 @@ def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
         wait_for(lambda: all(b["used"] == 0 for b in again.status()), "space still used after deleting everything")
         again.shutdown()
     assert not set(blocks) & set(fabric_segments())
+
+
+def pin_of(view: np.ndarray):
+    base = view
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base
+
+
+def listed(fabric) -> list[str]:
+    try:
+        return fabric.get_list()
+    except OSError:  # the client is still reconnecting
+        return []
+
+
+def test_views_kept_through_a_restart_get_their_leases_back(processes):
+    """A client process outlives the scheduler with a view open.  Once its block is back,
+    the view's lease is declared again: defragmenting does not move the memory under it,
+    and deleting the variable frees it only when the view is dropped."""
+    held_data = np.arange(200_000.0)
+    with dask.config.set({"datafabric.node-id": NODES[0]}), Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)
+        on_a = worker_of(client)[NODES[0]]
+        items = {"gap": np.zeros(100_000), "held": held_data, "after": np.ones(1000)}
+        client.submit(insert_here, fabric, items, workers=[on_a]).result()
+        view = fabric.get("held")  # mapped straight from node A's block: this process is on node A
+        assert not view.flags.owndata and view.flags.writeable is False
+        fabric.delete("gap")  # a hole before "held": an unleased "held" would be moved into it
+        lease = pin_of(view).lease  # the release message the view's pin sends when it dies
+        granted_before = lease["var_id"]
+
+        processes.crash_scheduler()
+        processes.start()
+        client.wait_for_workers(2)  # the same client, reconnected
+        wait_for(lambda: set(listed(fabric)) == {"held", "after"}, "the variables did not come back")
+        wait_for(lambda: lease["var_id"] != granted_before, "the kept view's lease was not declared again")
+
+        assert "held" not in fabric.defragment()["moved"]
+        np.testing.assert_array_equal(view, held_data)
+        fabric.delete("held")
+        used = sum(b["used"] for b in fabric.status())
+        np.testing.assert_array_equal(view, held_data)
+        del view  # the last view goes: its lease ends and the memory is freed
+        wait_for(lambda: sum(b["used"] for b in fabric.status()) < used - held_data.nbytes, "memory not freed")
+        fabric.shutdown()

@@ -78,7 +78,8 @@ class Directory:
         self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to adopt
         # Ids never repeat across YellowPages incarnations: a release from a process that
         # outlived a scheduler restart cannot end somebody else's lease.
-        self._ids = itertools.count(time.time_ns() // 1000)
+        self.first_id = time.time_ns() // 1000
+        self._ids = itertools.count(self.first_id)
 
     # -- blocks ---------------------------------------------------------------------
     def add_block(self, block: Block) -> None:

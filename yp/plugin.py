@@ -81,6 +81,7 @@ class YellowPages(SchedulerPlugin):
         self.directory = Directory()
         self._moving: dict[str, asyncio.Event] = {}  # blocks whose extents are being moved
         self._replicating: dict[tuple[int, str], asyncio.Future] = {}  # (var_id, node) in flight
+        self._took_back = False  # blocks found in shared memory were taken back
 
     async def start(self, scheduler: Any) -> None:
         self.scheduler = scheduler
@@ -125,6 +126,25 @@ class YellowPages(SchedulerPlugin):
         if node is not None:
             self.scheduler.loop.add_callback(self._adopt_orphans, node)
 
+    def add_client(self, scheduler: Any, client: str) -> None:
+        """A client that outlived a scheduler restart reconnects to this YellowPages
+        unannounced: it hears the fabric's events again, and, once blocks came back, is
+        asked to declare the views it kept."""
+        if not self.durable or self.fabric_id is None:
+            return
+        scheduler.subscribe_topic(EVENT_TOPIC, client)
+        if self._took_back:
+            # Not now: the client's stream does not exist yet, and its first batch must hold
+            # "stream-start" alone (batches go out every 2 ms).
+            scheduler.loop.call_later(0.5, self._tell_took_back, client)
+
+    def _tell_took_back(self, client: str) -> None:
+        event = (time.time(), self._took_back_msg())
+        self.scheduler.report({"op": "event", "topic": EVENT_TOPIC, "event": event}, client=client)
+
+    def _took_back_msg(self) -> dict:
+        return {"op": "datafabric_took_back", "fabric_id": self.fabric_id, "first_id": self.directory.first_id}
+
     def remove_client(self, scheduler: Any, client: str) -> None:
         self._free_later(self.directory.drop_holder(client))
 
@@ -159,6 +179,8 @@ class YellowPages(SchedulerPlugin):
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
                 conflicting += self.directory.recover_block(block, b["sealed"])
         await self._free(conflicting)
+        self._took_back = True
+        self.scheduler.log_event(EVENT_TOPIC, self._took_back_msg())  # clients declare the views they kept
         logger.info(
             "took back %d blocks of node %s holding %d extents in %.3f s",
             len(found),
