@@ -100,7 +100,7 @@ class PendingWrite:
 
     def _sealed(self) -> None:
         if self.local:
-            self.ctx.plugin.mark_sealed(self.res["shm_id"], self.res["extent_offset"])
+            self.ctx.plugin.mark_sealed(self.res["shm_id"], self.res["extent_offset"], self.name)
 
     def abort(self) -> None:
         with self._lock:

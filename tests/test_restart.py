@@ -160,6 +160,7 @@ def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
         for node in NODES
     }
     expected = {name: array for per_node in data.values() for name, array in per_node.items()}
+    expected["from-client"] = rng.random(5000)  # streamed by a client off the nodes, sealed by the owner
     replicated = f"{NODES[0]}/v0"
 
     with Client(processes.address) as client:
@@ -169,6 +170,7 @@ def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
         for node, items in data.items():
             client.submit(insert_here, fabric, items, workers=[workers[node]]).result()
         fabric.replicate(replicated, nodes=[NODES[1]])
+        fabric.insert("from-client", "", np.float64, expected["from-client"])
         client.submit(
             insert_here, fabric, {"deleted-while-read": rng.random(1000)}, workers=[workers[NODES[0]]]
         ).result()

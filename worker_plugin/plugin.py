@@ -45,6 +45,7 @@ _HANDLERS = [
     "unlink_block",
     "adopt",
     "mark_deleted",
+    "sealed",
     "block_stats",
     "block_extents",
     "shutdown",
@@ -71,7 +72,6 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.state = local_state(self.fabric_id)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
-            datafabric_sealed=self._sealed,
             datafabric_invalidate=self._invalidate,
             datafabric_detach=self.state.detach,
         )
@@ -119,10 +119,15 @@ class FabricWorkerPlugin(WorkerPlugin):
                     return _reservation(shm_id, r)
         return None
 
-    def mark_sealed(self, shm_id: str, extent_offset: int) -> None:
+    def mark_sealed(self, shm_id: str, extent_offset: int, name: str) -> None:
+        """The header says sealed once the YellowPages has sealed the name: what a
+        directory rebuilt from the blocks lists.  The name check keeps a late mark off an
+        extent that was freed and reserved again meanwhile."""
         with self.lock:
             block = self.blocks.get(shm_id)
-            if block is not None and block.allocator.state_of(extent_offset) is ExtentState.RESERVED:
+            if block is None or block.allocator.state_of(extent_offset) is not ExtentState.RESERVED:
+                return
+            if layout.read_extent(block.segment.buf, extent_offset).name == name:
                 block.allocator.set_state(extent_offset, ExtentState.SEALED)
 
     def release_local(self, shm_id: str, extent_offset: int) -> None:
@@ -274,6 +279,13 @@ class FabricWorkerPlugin(WorkerPlugin):
             )
         return adopted
 
+    def sealed(self, extents: list[tuple[str, int, str]]) -> dict:
+        """Extents other processes wrote into this worker's blocks, sealed at the
+        YellowPages, which answers the writer once this returns."""
+        for shm_id, extent_offset, name in extents:
+            self.mark_sealed(shm_id, extent_offset, name)
+        return {}
+
     def mark_deleted(self, shm_id: str, extent_offset: int, name: str) -> dict:
         """A deleted variable that readers still hold is marked in its header, so that a
         directory rebuilt from the blocks does not bring it back."""
@@ -312,9 +324,6 @@ class FabricWorkerPlugin(WorkerPlugin):
         return {}
 
     # -- stream handlers -------------------------------------------------------------
-    def _sealed(self, shm_id: str, extent_offset: int) -> None:
-        self.mark_sealed(shm_id, extent_offset)
-
     def _invalidate(self, var_ids: list[int]) -> None:
         self.state.invalidate(var_ids)
 

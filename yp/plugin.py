@@ -262,21 +262,32 @@ class YellowPages(SchedulerPlugin):
             await self._free([ref])
         return {}
 
-    def seal(self, items: list[dict], holder: str) -> list[dict]:
-        """Make written variables visible, all or none (one RPC for a whole batch)."""
+    async def seal(self, items: list[dict], holder: str) -> list[dict]:
+        """Make written variables visible, all or none (one RPC for a whole batch).  The
+        answer waits until the blocks' owners have marked the extents sealed in their
+        headers: an insert that returned survives a scheduler crash."""
         self._running()
         self.directory.check_new_names([item["name"] for item in items])
         described = []
+        to_mark: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
         for item in items:
             copy = Copy(item["shm_id"], item["extent_offset"], item["extent_size"], item["data_offset"])
             var = self.directory.seal(item["name"], item["doc"], item["type"], item["nbytes"], copy)
             owner = self.directory.blocks[copy.shm_id].worker
-            if owner is not None and owner != holder:  # the owner's allocator learns it is sealed
-                self._to_worker(
-                    owner, {"op": "datafabric_sealed", "shm_id": copy.shm_id, "extent_offset": copy.extent_offset}
-                )
+            if owner is not None and owner != holder:  # a writer in its own block marks it itself
+                to_mark[owner].append((copy.shm_id, copy.extent_offset, var.name))
             described.append(self._describe(var))
+        await self._mark_sealed(to_mark)
         return described
+
+    async def _mark_sealed(self, to_mark: dict[str, list[tuple[str, int, str]]]) -> None:
+        results = await asyncio.gather(
+            *(self._ask(owner, "sealed", extents=extents) for owner, extents in to_mark.items()),
+            return_exceptions=True,
+        )
+        for owner, result in zip(to_mark, results, strict=True):
+            if isinstance(result, BaseException):  # it died: its adopter keeps the extents the directory lists
+                logger.warning("%s could not mark %d extents sealed: %r", owner, len(to_mark[owner]), result)
 
     async def acquire(self, name: str, holder: str) -> dict:
         self._running()
@@ -422,9 +433,7 @@ class YellowPages(SchedulerPlugin):
             await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
             raise
         copy = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
-        self._to_worker(
-            dest.worker, {"op": "datafabric_sealed", "shm_id": dest.shm_id, "extent_offset": copy.extent_offset}
-        )
+        await self._mark_sealed({dest.worker: [(dest.shm_id, copy.extent_offset, var.name)]})
         return copy
 
     async def _reserve_on_node(
