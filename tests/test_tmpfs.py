@@ -67,14 +67,13 @@ def scenario() -> None:
 
 def test_a_full_small_tmpfs_is_an_error_at_allocate_and_loses_nothing():
     unshare = shutil.which("unshare")
-    if unshare is None or subprocess.run([unshare, "--user", "--map-root-user", "--mount", "true"]).returncode:
-        pytest.skip("needs unshare and user namespaces to mount a private tmpfs")
-    script = (
-        f"mount -t tmpfs -o size={TMPFS_MB}m,mode=1777 tmpfs /dev/shm && "
-        f'exec "{sys.executable}" -c "import tests.test_tmpfs as t; t.scenario()"'
-    )
+    namespace = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c"]
+    mount = f"mount -t tmpfs -o size={TMPFS_MB}m,mode=1777 tmpfs /dev/shm"
+    if unshare is None or subprocess.run([*namespace, mount], capture_output=True).returncode:
+        pytest.skip("needs unshare, user namespaces and a tmpfs mount in them")
+    script = f'{mount} && exec "{sys.executable}" -c "import tests.test_tmpfs as t; t.scenario()"'
     done = subprocess.run(
-        [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
+        [*namespace, script],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
