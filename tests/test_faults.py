@@ -158,3 +158,36 @@ def test_a_worker_exiting_and_the_cluster_closing_leave_no_segment():
         assert [s["worker"] for s in fabric.status()].count(None) == 0
         assert sorted(s for s in fabric_segments() if s in mine) == mine
     assert not set(mine) & set(fabric_segments())
+
+
+@pytest.mark.parametrize("how", ["restart", "restart_workers"])
+def test_a_node_whose_only_worker_dask_restarts_keeps_its_data(how):
+    """``client.restart()`` and ``restart_workers`` close the node's last worker
+    gracefully; its nanny starts it again, and the new worker adopts the blocks."""
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as c,
+        Client(c) as client,
+    ):
+        fabric = datafabric.start(client, mb=16)
+        data = {f"kept/{i}": np.random.default_rng(i).random(20_000) for i in range(3)}
+        client.submit(lambda f: [f.insert(n, "", np.float64, d) for n, d in data.items()], fabric).result()
+        [old] = client.scheduler_info()["workers"]
+        mine = [s for s in fabric_segments() if s.startswith(f"dfab_{fabric.fabric_id[:8]}_")]
+        if how == "restart":
+            client.restart()
+        else:
+            client.restart_workers([old])
+        deadline = time.monotonic() + 60
+        while not restarted_once(client, old) or any(s["worker"] is None for s in fabric.status()):
+            assert time.monotonic() < deadline, "the new worker did not adopt the blocks"
+            time.sleep(0.1)
+        assert sorted(s for s in fabric_segments() if s in mine) == mine
+        for name, array in data.items():
+            np.testing.assert_array_equal(fabric.get(name), array)
+        assert all(s["free"] + s["used"] == s["capacity"] and s["reserved"] == 0 for s in fabric.status())
+    assert not set(mine) & set(fabric_segments())
+
+
+def restarted_once(client, old: str) -> bool:
+    workers = set(client.scheduler_info()["workers"])
+    return len(workers) == 1 and old not in workers

@@ -30,6 +30,7 @@ from datafabric.shm import Segment, fabric_segments, new_block_name, node_segmen
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
+from worker_plugin.restarts import nanny_restarts
 
 logger = logging.getLogger("datafabric.worker")
 
@@ -83,9 +84,9 @@ class FabricWorkerPlugin(WorkerPlugin):
         await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node, segments=found)
 
     async def teardown(self, worker: Any) -> None:
-        """Hand the blocks to a peer of this node, or unlink them, as the YellowPages
-        decides.  Without an answer (the scheduler died) they stay in /dev/shm for the
-        restarted scheduler's YellowPages to take back."""
+        """Hand the blocks to a peer of this node, unlink them, or leave them for the
+        worker's successor, as the YellowPages decides.  Without an answer (the scheduler
+        died) they stay in /dev/shm for the restarted scheduler's YellowPages."""
         atexit.unregister(self._unlink_all)
         if not self.blocks:
             return
@@ -97,15 +98,18 @@ class FabricWorkerPlugin(WorkerPlugin):
             blocks, self.blocks = self.blocks, {}
         self.state.detach(list(blocks))
         if decision != "adopted":
-            logger.warning("scheduler unreachable: left blocks %s in shared memory for adoption", sorted(blocks))
+            logger.info("left blocks %s in shared memory for the node's next worker", sorted(blocks))
 
     @staticmethod
     async def _handoff(worker: Any) -> str:
         stream = getattr(worker.batched_stream, "comm", None)
         if stream is None or stream.closed():
             return "keep"  # the worker closes because it lost its scheduler
+        restarting = await nanny_restarts(worker)
         try:
-            answer = await asyncio.wait_for(worker.scheduler.datafabric_handoff(address=worker.address), 10)
+            answer = await asyncio.wait_for(
+                worker.scheduler.datafabric_handoff(address=worker.address, restarting=restarting), 10
+            )
         except Exception:
             return "keep"
         return answer.get("decision", "keep") if isinstance(answer, dict) else "keep"

@@ -35,6 +35,7 @@ from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, a
 from datafabric.shm import round_to_pages
 from worker_plugin.memory import SharedMemoryAwareNanny
 from worker_plugin.plugin import FabricWorkerPlugin
+from worker_plugin.restarts import RestartIntent
 from yp.directory import Block, Copy, Directory, ExtentRef, Variable
 
 logger = logging.getLogger("datafabric.yp")
@@ -97,6 +98,7 @@ class YellowPages(SchedulerPlugin):
         a restarted scheduler's YellowPages re-installs it with no client involved."""
         plugins = [
             (self.scheduler.register_nanny_plugin, SharedMemoryAwareNanny()),
+            (self.scheduler.register_nanny_plugin, RestartIntent()),
             (self.scheduler.register_worker_plugin, FabricWorkerPlugin(self.fabric_id)),
         ]
         for register, plugin in plugins:
@@ -648,18 +650,18 @@ class YellowPages(SchedulerPlugin):
         unknown = dict.fromkeys(("largest_free", "extents", "reserved"))
         return {"capacity": block.capacity, "used": block.used, "free": block.free} | unknown
 
-    async def handoff(self, address: str) -> dict:
+    async def handoff(self, address: str, restarting: bool = False) -> dict:
         """A worker closing gracefully asks what becomes of its blocks: a peer of its node
-        adopts them, or, the node's last worker leaving, they are unlinked.  A worker
-        this YellowPages does not know (it outlived a scheduler restart, or was removed
-        already) keeps them in shared memory for adoption."""
+        adopts them; the node's last worker unlinks them, unless its nanny is restarting
+        it, when they wait for its successor.  A worker this YellowPages does not know (it
+        outlived a scheduler restart, or was removed already) keeps them for adoption."""
         if self.fabric_id is None or self.scheduler.status.name != "running":
             return {"decision": "unlink"}
         node = self.directory.workers.pop(address, None)
         if node is None:
             return {"decision": "keep"}
         if not self._peers(node):
-            return {"decision": "unlink"}
+            return {"decision": "keep" if restarting else "unlink"}
         self.directory.orphan_blocks(address)
         await self._adopt_orphans(node)
         orphaned = any(b.worker is None for b in self.directory.blocks.values() if b.node == node)
