@@ -49,43 +49,63 @@ def test_allocate_that_cannot_get_its_memory_is_refused_whole(client, fabric):
     assert len(fabric.allocate(16)) == 2  # and the fabric goes on
 
 
-def slow_producer(fabric, name: str) -> None:
-    """Reserves, half fills, and waits to be killed before it seals."""
+STAGES = ("reserved", "half-filled", "filled", "sealed")
+
+
+def producer_stopping_at(fabric, name: str, stage: str) -> None:
+    """Writes ``name`` in place up to ``stage``, then waits to be killed."""
     creation = fabric.create(name, "", f"{4 * MiB // 8} * float64")
-    creation.array[: creation.array.size // 2] = 7.0
-    get_worker()._datafabric_test_unsealed = creation
+    if stage != "reserved":
+        filled = creation.array.size // 2 if stage == "half-filled" else creation.array.size
+        creation.array[:filled] = 7.0
+    if stage == "sealed":
+        creation.seal()
+    get_worker()._datafabric_test_creation = creation
     time.sleep(60)
 
 
-def test_writer_killed_mid_insert_leaves_nothing_visible_and_its_space_returns(client, fabric):
+@pytest.mark.parametrize("stage", STAGES)
+def test_writer_killed_at_any_point_of_an_insert(client, fabric, stage):
+    """SIGKILL at each stage of an in-place write.  Before the seal: nothing visible and
+    the space returns.  After: the variable stays, adopted by the node's other worker.
+    The other variables read back exactly either way."""
     a, b = sorted(client.scheduler_info()["workers"])
     good = {f"ok/{i}": np.random.default_rng(i).random(MiB // 8) for i in range(3)}
     for name, data in good.items():
         fabric.insert(name, "", np.float64, data)
     free_before = sum(s["free"] for s in fabric.status())
-    future = client.submit(slow_producer, fabric, "half-written", workers=[a], pure=False)
+    future = client.submit(producer_stopping_at, fabric, "written", stage, workers=[a], pure=False)
+
+    def reached() -> bool:
+        return "written" in fabric.get_list() if stage == "sealed" else sum(s["reserved"] for s in fabric.status())
+
     deadline = time.monotonic() + 30
-    while sum(s["reserved"] for s in fabric.status()) == 0:
-        assert time.monotonic() < deadline, "the producer never reserved"
+    while not reached():
+        assert time.monotonic() < deadline, f"the producer never reached {stage}"
         time.sleep(0.05)
+    time.sleep(0.2)  # the fill is under way or done
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
     client.cancel(future)  # pinned to the dead worker: it would wait for it forever
 
     def settled() -> bool:
         stats = fabric.status()
-        return all(s["reserved"] == 0 for s in stats)  # None while orphaned or unreachable
+        return all(s["worker"] is not None and s["reserved"] == 0 for s in stats)
 
     deadline = time.monotonic() + 60
     while not settled():
         assert time.monotonic() < deadline, "the killed worker's block was not adopted"
         time.sleep(0.1)
-    assert "half-written" not in fabric.get_list()
     for name, data in good.items():
         np.testing.assert_array_equal(fabric.get(name), data)
     stats = fabric.status()
     assert all(s["free"] + s["used"] == s["capacity"] for s in stats)
-    assert sum(s["free"] for s in stats) == free_before
+    if stage == "sealed":
+        np.testing.assert_array_equal(fabric.get("written"), np.full(4 * MiB // 8, 7.0))
+        assert sum(s["free"] for s in stats) < free_before - 4 * MiB
+    else:
+        assert "written" not in fabric.get_list()
+        assert sum(s["free"] for s in stats) == free_before
     client.wait_for_workers(2)  # the nanny restarted the worker for the next tests
 
 
