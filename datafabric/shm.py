@@ -126,6 +126,13 @@ class Segment:
             raise ValueError(f"not a fabric block name: {name!r}")
         return cls(SharedMemory(name, create=False, **_UNTRACKED))
 
+    def private(self) -> bool:
+        """Ours alone, as ``create`` makes every block: owned by this user, mode 0600.
+        A segment found by name (after a crash) is trusted only then: another user
+        could plant one with a fabric's name prefix."""
+        st = os.fstat(self._shm._fd)
+        return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
     def close(self) -> None:
         """Unmap, unless user views still pin the mapping; then it unmaps when they die."""
         try:

@@ -108,6 +108,16 @@ class Processes:
                     proc.wait()
 
 
+def plant_copy(shm_id: str) -> str:
+    """A well-formed block of the fabric, same bytes, but readable by others: what a
+    second user who knows the scheduler's address could leave in /dev/shm."""
+    name = shm_id[: -len("0123456789abcdef")] + "0123456789abcdef"
+    with open(f"/dev/shm/{shm_id}", "rb") as src, open(f"/dev/shm/{name}", "xb") as dst:
+        dst.write(src.read())
+    os.chmod(f"/dev/shm/{name}", 0o644)
+    return name
+
+
 def worker_of(client: Client) -> dict[str, str]:
     nodes = client.run(lambda: dask.config.get("datafabric.node-id"))
     return {node: worker for worker, node in nodes.items()}
@@ -184,6 +194,7 @@ def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
 
     processes.crash_scheduler()
     assert set(blocks) <= set(fabric_segments()), "the blocks must outlive the scheduler"
+    planted = plant_copy(sorted(blocks)[0])  # another user's file with the fabric's prefix
     processes.start()
 
     with Client(processes.address) as client:
@@ -194,7 +205,8 @@ def test_scheduler_restart_rebuilds_the_directory_from_the_blocks(processes):
         workers = worker_of(client)
 
         status = again.status()
-        assert {b["shm_id"] for b in status} == set(blocks)
+        assert {b["shm_id"] for b in status} == set(blocks), "the planted segment must not be taken"
+        os.unlink(f"/dev/shm/{planted}")
         assert all(b["free"] + b["used"] == b["capacity"] and b["reserved"] == 0 for b in status)
         reclaimed = sum(b["used"] for b in blocks.values()) - sum(b["used"] for b in status)
         assert reclaimed > MiB  # the unsealed write and the deleted variables are free again

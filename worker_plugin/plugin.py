@@ -252,6 +252,8 @@ class FabricWorkerPlugin(WorkerPlugin):
             except FileNotFoundError:
                 continue
             try:
+                if not segment.private():
+                    raise layout.LayoutError("not owned by this user with mode 0600")
                 header = layout.read_block_header(segment.buf)
                 if header.fabric_id != uuid.UUID(self.fabric_id) or header.node != self.node:
                     raise layout.LayoutError(f"block of fabric {header.fabric_id} on node {header.node}")
