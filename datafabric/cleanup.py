@@ -39,14 +39,17 @@ def stale_segments(live_fabric_ids: set[str] = frozenset()) -> list[str]:
 
 
 def remove(names: list[str]) -> list[str]:
-    """Unlink the segments; returns those actually removed."""
+    """Unlink the segments the fabric made (this user's, mode 0600); returns those
+    actually removed."""
     removed = []
     for name in names:
         try:
             segment = Segment.attach(name)
-        except FileNotFoundError:
+        except (FileNotFoundError, PermissionError):
             continue
+        mine = segment.private()
         segment.close()
-        segment.unlink()
-        removed.append(name)
+        if mine:
+            segment.unlink()
+            removed.append(name)
     return removed
