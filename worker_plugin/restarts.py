@@ -26,7 +26,7 @@ class RestartIntent(NannyPlugin):
         nanny.handlers["datafabric_restarts_worker"] = lambda: nanny.status == Status.running
 
 
-ANSWER_WITHIN = 0.5  # seconds; a closing nanny has stopped listening and never answers
+ANSWER_WITHIN = 1.0  # seconds; a closing nanny has stopped listening and never answers
 
 
 async def nanny_restarts(worker: Any) -> bool:
