@@ -17,6 +17,7 @@ from distributed.protocol import to_serialize
 
 from datafabric.context import Context
 from datafabric.errors import NotOnThisNodeError
+from datafabric.layout import ExtentState
 from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
@@ -100,7 +101,7 @@ class PendingWrite:
 
     def _sealed(self) -> None:
         if self.local:
-            self.ctx.plugin.mark_sealed(self.res["shm_id"], self.res["extent_offset"], self.name)
+            self.ctx.plugin.mark(ExtentState.SEALED, [(self.res["shm_id"], self.res["extent_offset"], self.name)])
 
     def abort(self) -> None:
         with self._lock:

@@ -45,8 +45,7 @@ _HANDLERS = [
     "write",
     "unlink_block",
     "adopt",
-    "mark_deleted",
-    "sealed",
+    "mark",
     "block_stats",
     "block_extents",
     "shutdown",
@@ -123,16 +122,21 @@ class FabricWorkerPlugin(WorkerPlugin):
                     return _reservation(shm_id, r)
         return None
 
-    def mark_sealed(self, shm_id: str, extent_offset: int, name: str) -> None:
-        """The header says sealed once the YellowPages has sealed the name: what a
-        directory rebuilt from the blocks lists.  The name check keeps a late mark off an
-        extent that was freed and reserved again meanwhile."""
+    def mark(self, state: int, extents: list[tuple[str, int, str]]) -> dict:
+        """Headers follow the directory, so that one rebuilt from the blocks agrees:
+        SEALED once the YellowPages has sealed a name (before its writer hears back),
+        DELETED when a name still being read is deleted.  An extent is marked only from
+        an earlier state and while it holds that name: a late mark never lands on an
+        extent freed and reserved again meanwhile."""
+        state = ExtentState(state)
         with self.lock:
-            block = self.blocks.get(shm_id)
-            if block is None or block.allocator.state_of(extent_offset) is not ExtentState.RESERVED:
-                return
-            if layout.read_extent(block.segment.buf, extent_offset).name == name:
-                block.allocator.set_state(extent_offset, ExtentState.SEALED)
+            for shm_id, extent_offset, name in extents:
+                block = self.blocks.get(shm_id)
+                if block is None or block.allocator.state_of(extent_offset) not in _MARKED_FROM[state]:
+                    continue
+                if layout.read_extent(block.segment.buf, extent_offset).name == name:
+                    block.allocator.set_state(extent_offset, state)
+        return {}
 
     def release_local(self, shm_id: str, extent_offset: int) -> None:
         with self.lock:
@@ -285,27 +289,6 @@ class FabricWorkerPlugin(WorkerPlugin):
             )
         return adopted
 
-    def sealed(self, extents: list[tuple[str, int, str]]) -> dict:
-        """Extents other processes wrote into this worker's blocks, sealed at the
-        YellowPages, which answers the writer once this returns."""
-        for shm_id, extent_offset, name in extents:
-            self.mark_sealed(shm_id, extent_offset, name)
-        return {}
-
-    def mark_deleted(self, shm_id: str, extent_offset: int, name: str) -> dict:
-        """A deleted variable that readers still hold is marked in its header, so that a
-        directory rebuilt from the blocks does not bring it back."""
-        with self.lock:
-            block = self.blocks.get(shm_id)
-            if block is None or block.allocator.state_of(extent_offset) not in (
-                ExtentState.RESERVED,  # sealed, and its writer has not marked it yet
-                ExtentState.SEALED,
-            ):
-                return {}
-            if layout.read_extent(block.segment.buf, extent_offset).name == name:
-                block.allocator.set_state(extent_offset, ExtentState.DELETED)
-        return {}
-
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
             alloc = self.blocks[shm_id].allocator
@@ -339,6 +322,12 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.state.detach(list(blocks))
         for block in blocks.values():
             block.segment.unlink()
+
+
+_MARKED_FROM = {
+    ExtentState.SEALED: {ExtentState.RESERVED},
+    ExtentState.DELETED: {ExtentState.RESERVED, ExtentState.SEALED},  # sealed, or its writer has not marked it yet
+}
 
 
 def _describe(extent: layout.Extent) -> dict:

@@ -30,6 +30,7 @@ from datafabric.errors import (
     OutOfSpaceError,
     VariableUnavailableError,
 )
+from datafabric.layout import ExtentState
 from datafabric.names import validate_name
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals, raise_if_refused
 from datafabric.shm import round_to_pages
@@ -270,26 +271,31 @@ class YellowPages(SchedulerPlugin):
         headers: an insert that returned survives a scheduler crash."""
         self._running()
         self.directory.check_new_names([item["name"] for item in items])
-        described = []
-        to_mark: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+        described, sealed = [], []
         for item in items:
             copy = Copy(item["shm_id"], item["extent_offset"], item["extent_size"], item["data_offset"])
             var = self.directory.seal(item["name"], item["doc"], item["type"], item["nbytes"], copy)
-            owner = self.directory.blocks[copy.shm_id].worker
-            if owner is not None and owner != holder:  # a writer in its own block marks it itself
-                to_mark[owner].append((copy.shm_id, copy.extent_offset, var.name))
+            if self.directory.blocks[copy.shm_id].worker != holder:  # a writer in its own block marks it itself
+                sealed.append((var, copy))
             described.append(self._describe(var))
-        await self._mark_sealed(to_mark)
+        await self._mark(ExtentState.SEALED, sealed)
         return described
 
-    async def _mark_sealed(self, to_mark: dict[str, list[tuple[str, int, str]]]) -> None:
+    async def _mark(self, state: ExtentState, copies: list[tuple[Variable, Copy]]) -> None:
+        """Have the owners write ``state`` into these copies' headers: one RPC per owner.
+        An owner that died is skipped; its adopter keeps what the directory lists."""
+        per_owner: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+        for var, copy in copies:
+            owner = self.directory.blocks[copy.shm_id].worker
+            if owner is not None:
+                per_owner[owner].append((copy.shm_id, copy.extent_offset, var.name))
         results = await asyncio.gather(
-            *(self._ask(owner, "sealed", extents=extents) for owner, extents in to_mark.items()),
+            *(self._ask(owner, "mark", state=int(state), extents=extents) for owner, extents in per_owner.items()),
             return_exceptions=True,
         )
-        for owner, result in zip(to_mark, results, strict=True):
-            if isinstance(result, BaseException):  # it died: its adopter keeps the extents the directory lists
-                logger.warning("%s could not mark %d extents sealed: %r", owner, len(to_mark[owner]), result)
+        for owner, result in zip(per_owner, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("%s could not mark %d extents %s: %r", owner, len(per_owner[owner]), state.name, result)
 
     async def acquire(self, name: str, holder: str) -> dict:
         self._running()
@@ -319,28 +325,13 @@ class YellowPages(SchedulerPlugin):
     async def delete(self, name: str) -> dict:
         self._running()
         var = await self._settled(self.directory.lookup(name))
-        if var.leases:  # it outlives this call, so its headers say deleted first: a rebuilt directory agrees
-            await self._mark_deleted(var)
+        if var.leases:  # it outlives this call, so its headers say deleted first, while the name is
+            # still visible: no other variable of that name can sit at a copy's offset
+            await self._mark(ExtentState.DELETED, [(var, c) for c in var.copies])
         var, freed = self.directory.delete(name)
         self._invalidate(var)
         await self._free(freed)
         return {"freed": bool(freed)}
-
-    async def _mark_deleted(self, var: Variable) -> None:
-        """Done while the name is still visible, so no other variable of that name can
-        sit at a copy's offset; the owner checks the name in the header."""
-        copies = [(self.directory.blocks[c.shm_id].worker, c) for c in var.copies]
-        results = await asyncio.gather(
-            *(
-                self._ask(owner, "mark_deleted", shm_id=c.shm_id, extent_offset=c.extent_offset, name=var.name)
-                for owner, c in copies
-                if owner is not None
-            ),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                logger.warning("could not mark %r deleted in its header: %r", var.name, result)
 
     async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         self._running()
@@ -435,7 +426,7 @@ class YellowPages(SchedulerPlugin):
             await self._free([self.directory.drop_pending(dest.shm_id, r["extent_offset"])])
             raise
         copy = self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"], r["data_offset"])
-        await self._mark_sealed({dest.worker: [(dest.shm_id, copy.extent_offset, var.name)]})
+        await self._mark(ExtentState.SEALED, [(var, copy)])
         return copy
 
     async def _reserve_on_node(
