@@ -16,10 +16,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -28,49 +24,13 @@ from distributed import Client
 
 import datafabric
 from benchmarks.timing import summary
+from tests.processes import ProcessCluster
 
 NODES = ("node-a", "node-b")
 SMALL = 1024
 LARGE = 64 * 2**20
 LARGE_COUNT = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 TOOK_BACK = re.compile(r"took back \d+ blocks of node \S+ holding (\d+) extents in ([0-9.]+) s")
-
-
-def spawn(args: list[str], env: dict | None = None, log: str | None = None) -> subprocess.Popen:
-    with open(log or os.devnull, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", *args],
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-
-
-def start_cluster(port: int, log: str | None = None) -> list[subprocess.Popen]:
-    address = f"tcp://127.0.0.1:{port}"
-    scheduler = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port)]
-    scheduler += ["--dashboard-address", ":0", "--preload", "datafabric.preload"]
-    worker = ["distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard"]
-    procs = [spawn(scheduler, {"DASK_LOGGING__DATAFABRIC": "info"}, log)]
-    procs += [spawn(worker, {"DASK_DATAFABRIC__NODE_ID": node}) for node in NODES]
-    return procs
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        proc.wait()
 
 
 def fill(fabric: datafabric.Fabric, small: int) -> None:
@@ -90,17 +50,13 @@ def node_workers(client: Client) -> dict[str, str]:
     return {node: worker for worker, node in nodes.items()}
 
 
-def one_restart(port: int, procs: list[subprocess.Popen], expected: int, log: str) -> dict:
-    """Crash and restart; ``procs`` is replaced in place, so the caller always holds the
-    processes to stop, whatever fails here."""
-    procs[0].send_signal(signal.SIGKILL)
+def one_restart(cluster: ProcessCluster, expected: int) -> dict:
     t_kill = time.perf_counter()
-    for proc in procs:
-        proc.wait()
+    cluster.crash_scheduler()
     workers_gone = time.perf_counter() - t_kill
     t0 = time.perf_counter()
-    procs[:] = start_cluster(port, log)
-    with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+    cluster.start()
+    with Client(cluster.address, timeout=60) as client:
         client.wait_for_workers(len(NODES))
         dask_ready = time.perf_counter() - t0
         fabric = datafabric.connect(client)
@@ -108,7 +64,7 @@ def one_restart(port: int, procs: list[subprocess.Popen], expected: int, log: st
             time.sleep(0.005)
         fabric_back = time.perf_counter() - t0
         assert float(fabric.get(f"{NODES[1]}/large/{LARGE_COUNT - 1}", cache=False)[-1]) == LARGE_COUNT - 1
-    with open(log) as f:
+    with open(cluster.scheduler_log) as f:
         took_back = [(int(n), float(s)) for n, s in TOOK_BACK.findall(f.read())]
     assert sum(n for n, _ in took_back) == expected, took_back
     return {
@@ -120,12 +76,12 @@ def one_restart(port: int, procs: list[subprocess.Popen], expected: int, log: st
 
 
 def run(small: int, rounds: int, log: str) -> dict:
-    port = free_port()
-    procs = start_cluster(port)
+    cluster = ProcessCluster(NODES, scheduler_log=log)
+    cluster.start()
     expected = len(NODES) * (small + LARGE_COUNT)
     mb = 2 * (small * (SMALL + 256) + LARGE_COUNT * (LARGE + 8192)) / 2**20 + 16
     try:
-        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+        with Client(cluster.address, timeout=60) as client:
             client.wait_for_workers(len(NODES))
             fabric = datafabric.start(client, mb=mb)
             workers = node_workers(client)
@@ -133,13 +89,11 @@ def run(small: int, rounds: int, log: str) -> dict:
             client.gather([client.submit(fill, fabric, small, workers=[w], pure=False) for w in workers.values()])
             insert_seconds = time.perf_counter() - t0
             assert len(fabric.get_list()) == expected
-        samples = []
-        for _ in range(rounds):
-            samples.append(one_restart(port, procs, expected, log))
-        with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+        samples = [one_restart(cluster, expected) for _ in range(rounds)]
+        with Client(cluster.address, timeout=60) as client:
             datafabric.connect(client).shutdown()
     finally:
-        stop(procs)
+        cluster.stop()
     result = {key: summary([s[key] for s in samples]) for key in samples[0]}
     result.update(variables=expected, mb=mb, insert_seconds=insert_seconds, rounds=rounds)
     return result

@@ -10,9 +10,6 @@ start) rebuild the directory from the blocks' headers.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 
@@ -25,87 +22,12 @@ from distributed import Client, get_worker
 import datafabric
 from datafabric.cleanup import remove
 from tests.conftest import fabric_segments
+from tests.processes import ProcessCluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 MiB = 2**20
 NODES = ("restart-a", "restart-b")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """A scheduler and one worker per node, each its own process group."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.scheduler: subprocess.Popen | None = None
-        self.workers: list[subprocess.Popen] = []
-
-    def _spawn(self, args: list[str], env: dict | None = None) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", *args],
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-
-    def start(self) -> None:
-        self.scheduler = self._spawn(
-            [
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dashboard-address",
-                ":0",
-                "--preload",
-                "datafabric.preload",
-            ]
-        )
-        for node in NODES:
-            self.workers.append(
-                self._spawn(
-                    [
-                        "distributed.cli.dask_worker",
-                        self.address,
-                        "--host",
-                        "127.0.0.1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--death-timeout",
-                        "60",
-                    ],
-                    {"DASK_DATAFABRIC__NODE_ID": node},
-                )
-            )
-
-    def crash_scheduler(self) -> None:
-        self.scheduler.send_signal(signal.SIGKILL)
-        self.scheduler.wait()
-        for worker in self.workers:  # they close, as Dask workers do without a scheduler
-            worker.wait(60)
-        self.workers = []
-
-    def stop(self) -> None:
-        for proc in [*self.workers, self.scheduler]:
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in [*self.workers, self.scheduler]:
-            if proc is not None:
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
 
 
 def plant_copy(shm_id: str) -> str:
@@ -151,7 +73,7 @@ def wait_for(predicate, what: str, timeout: float = 60) -> None:
 
 @pytest.fixture
 def processes():
-    procs = Processes()
+    procs = ProcessCluster(NODES)
     procs.start()
     try:
         yield procs
