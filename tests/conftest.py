@@ -25,11 +25,22 @@ def no_segments_left():
     assert not left, f"the test session left fabric segments in {SHM_DIR}: {left}"
 
 
+def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, **options) -> LocalCluster:
+    """Worker processes on loopback, no dashboard: the session's cluster, and the own
+    cluster of a test that changes the cluster itself (limits, TLS, restarts)."""
+    return LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+        **options,
+    )
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None, host="127.0.0.1"
-    ) as cluster:
+    with local_cluster(threads_per_worker=2) as cluster:
         yield cluster
 
 

@@ -12,11 +12,11 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, get_worker
+from distributed import Client, get_worker
 
 import datafabric
 from datafabric import errors
-from tests.conftest import fabric_segments
+from tests.conftest import fabric_segments, local_cluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -166,7 +166,7 @@ def test_a_worker_exiting_and_the_cluster_closing_leave_no_segment():
     """No ``shutdown()``: a retired worker's peer adopts its blocks, and the cluster
     closing takes the fabric down before Dask closes the workers."""
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as c,
+        local_cluster() as c,
         Client(c) as client,
     ):
         fabric = datafabric.start(client, mb=16)
@@ -185,7 +185,7 @@ def test_a_node_whose_only_worker_dask_restarts_keeps_its_data(how):
     """``client.restart()`` and ``restart_workers`` close the node's last worker
     gracefully; its nanny starts it again, and the new worker adopts the blocks."""
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as c,
+        local_cluster(n_workers=1) as c,
         Client(c) as client,
     ):
         fabric = datafabric.start(client, mb=16)

@@ -12,9 +12,10 @@ import cloudpickle
 import dask
 import numpy as np
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import datafabric
+from tests.conftest import local_cluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -44,14 +45,7 @@ def test_fabric_larger_than_memory_limit_pauses_and_kills_no_worker(tmp_path):
     config = {"distributed.worker.memory.monitor-interval": "20ms"}
     with (
         dask.config.set(config),
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            memory_limit=LIMIT,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
+        local_cluster(memory_limit=LIMIT) as cluster,
         Client(cluster) as client,
     ):
         a, b = sorted(client.scheduler_info()["workers"])

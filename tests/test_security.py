@@ -8,10 +8,11 @@ import sys
 import cloudpickle
 import numpy as np
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 from distributed.security import Security
 
 import datafabric
+from tests.conftest import local_cluster
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -23,14 +24,7 @@ def listening_ports() -> set[int]:
 def test_fabric_works_end_to_end_over_tls_and_opens_no_port():
     security = Security.temporary()
     with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            security=security,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
+        local_cluster(security=security) as cluster,
         Client(cluster, security=security) as client,
     ):
         assert cluster.scheduler_address.startswith("tls://")

@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def scenario() -> None:
     """Runs inside the namespace; any failed assertion is a non-zero exit."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     import datafabric
     from datafabric import errors, layout
     from datafabric.shm import fabric_segments
+    from tests.conftest import local_cluster
 
     def check(fabric, data):
         for name, array in data.items():
@@ -32,7 +33,7 @@ def scenario() -> None:
         assert all(s["free"] + s["used"] == s["capacity"] and s["reserved"] == 0 for s in fabric.status())
 
     with (
-        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1") as c,
+        local_cluster() as c,
         Client(c) as client,
     ):
         fabric = datafabric.start(client, mb=32)
