@@ -9,8 +9,13 @@ Block header (little endian): magic ``b"DFABRIC\\0"``, layout version (u32), hea
 node id (UTF-8).  Extents tile the rest of the block with no gap, so walking them from the
 first one rebuilds the allocator.  Each extent::
 
-    [magic b"DFEX", state u32, extent size u64, data size u64, data offset u32,
-     name length u32, type length u32, doc length u32][name][type][doc][pad][data][pad]
+    [magic b"DFEX", state u32, extent size u64, data size u64, extent id u64,
+     data offset u32, name length u32, type length u32, doc length u32]
+    [name][type][doc][pad][data][pad]
+
+The ``extent id`` is drawn at random when the extent is reserved and travels with it
+when it moves, so that the directory can find a variable's copy again after a move
+whose report was lost (its owner died mid-compaction); a FREE extent has id 0.
 
 ``data offset`` is relative to the extent; extents and their sizes are ALIGN-aligned, and
 data starts ALIGN-aligned in the block, or page-aligned for data of PAGE_ALIGN_FROM bytes
@@ -28,7 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 ALIGN = 64
 PAGE = 4096
 PAGE_ALIGN_FROM = 1 << 20
@@ -37,7 +42,7 @@ EXTENT_MAGIC = b"DFEX"
 BLOCK_HEADER_SIZE = 512
 
 _BLOCK_FIXED = struct.Struct("<8sIIQ16s16sH")
-_EXTENT_FIXED = struct.Struct("<4sIQQIIII")
+_EXTENT_FIXED = struct.Struct("<4sIQQQIIII")
 MAX_NODE_BYTES = BLOCK_HEADER_SIZE - _BLOCK_FIXED.size
 MIN_EXTENT = -(-_EXTENT_FIXED.size // ALIGN) * ALIGN
 
@@ -72,6 +77,7 @@ class Extent:
     size: int
     data_size: int
     data_offset: int  # in the block
+    extent_id: int
     name: str
     type: str
     doc: str
@@ -128,6 +134,7 @@ def write_extent(
     type_: str = "",
     doc: str = "",
     data_size: int = 0,
+    extent_id: int = 0,
 ) -> int:
     """Write an extent header with its metadata; return where its data starts in the block."""
     name_b, type_b, doc_b = name.encode(), type_.encode(), doc.encode()
@@ -135,7 +142,17 @@ def write_extent(
     if data_offset + data_size > size:
         raise ValueError(f"extent of {size} bytes cannot hold {data_offset + data_size}")
     _EXTENT_FIXED.pack_into(
-        buf, offset, EXTENT_MAGIC, state, size, data_size, data_offset, len(name_b), len(type_b), len(doc_b)
+        buf,
+        offset,
+        EXTENT_MAGIC,
+        state,
+        size,
+        data_size,
+        extent_id,
+        data_offset,
+        len(name_b),
+        len(type_b),
+        len(doc_b),
     )
     pos = offset + _EXTENT_FIXED.size
     for part in (name_b, type_b, doc_b):
@@ -149,7 +166,9 @@ def set_state(buf: memoryview, offset: int, state: ExtentState) -> None:
 
 
 def read_extent(buf: memoryview, offset: int) -> Extent:
-    magic, state, size, data_size, data_offset, name_len, type_len, doc_len = _EXTENT_FIXED.unpack_from(buf, offset)
+    magic, state, size, data_size, extent_id, data_offset, name_len, type_len, doc_len = _EXTENT_FIXED.unpack_from(
+        buf, offset
+    )
     if magic != EXTENT_MAGIC or size < MIN_EXTENT or size % ALIGN or offset + size > len(buf):
         raise LayoutError(f"no valid extent at offset {offset}")
     pos = offset + _EXTENT_FIXED.size
@@ -160,6 +179,7 @@ def read_extent(buf: memoryview, offset: int) -> Extent:
         size=size,
         data_size=data_size,
         data_offset=offset + data_offset,
+        extent_id=extent_id,
         name=meta[:name_len].decode(),
         type=meta[name_len : name_len + type_len].decode(),
         doc=meta[name_len + type_len :].decode(),

@@ -94,7 +94,7 @@ class PendingWrite:
             self._open = False
 
     def _seal_request(self) -> dict:
-        keys = ("shm_id", "extent_offset", "extent_size", "data_offset")
+        keys = ("shm_id", "extent_offset", "extent_size", "data_offset", "extent_id")
         return {"name": self.name, "doc": self.doc, "type": self.type.datashape, "nbytes": self.type.nbytes} | {
             k: self.res[k] for k in keys
         }

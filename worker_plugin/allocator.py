@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import secrets
 from dataclasses import dataclass
 
 from datafabric import layout
@@ -25,6 +26,7 @@ class Reservation:
     offset: int  # of the extent header
     data_offset: int
     size: int
+    extent_id: int
 
 
 class BlockAllocator:
@@ -59,9 +61,12 @@ class BlockAllocator:
         if rest >= layout.MIN_EXTENT:
             self._put(offset + need, rest, ExtentState.FREE)
             size = need
-        data_offset = layout.write_extent(self._buf, offset, ExtentState.RESERVED, size, name, type_, doc, data_size)
+        extent_id = secrets.randbits(63) + 1
+        data_offset = layout.write_extent(
+            self._buf, offset, ExtentState.RESERVED, size, name, type_, doc, data_size, extent_id
+        )
         self._record(offset, size, ExtentState.RESERVED)
-        return Reservation(offset, data_offset, size)
+        return Reservation(offset, data_offset, size, extent_id)
 
     def set_state(self, offset: int, state: ExtentState) -> None:
         size, _ = self._extents[offset]
@@ -113,7 +118,15 @@ class BlockAllocator:
                     ctypes.memmove(address + new_data, address + ext.data_offset, ext.data_size)
                     new_size = layout.extent_size_for(cursor, ext.name, ext.type, ext.doc, ext.data_size)
                     layout.write_extent(
-                        self._buf, cursor, ExtentState.SEALED, new_size, ext.name, ext.type, ext.doc, ext.data_size
+                        self._buf,
+                        cursor,
+                        ExtentState.SEALED,
+                        new_size,
+                        ext.name,
+                        ext.type,
+                        ext.doc,
+                        ext.data_size,
+                        ext.extent_id,
                     )
                     moved[offset] = (cursor, new_data)
                     cursor += new_size

@@ -339,8 +339,15 @@ def _describe(extent: layout.Extent) -> dict:
         "extent_offset": extent.offset,
         "extent_size": extent.size,
         "data_offset": extent.data_offset,
+        "extent_id": extent.extent_id,
     }
 
 
 def _reservation(shm_id: str, r: Any) -> dict:
-    return {"shm_id": shm_id, "extent_offset": r.offset, "data_offset": r.data_offset, "extent_size": r.size}
+    return {
+        "shm_id": shm_id,
+        "extent_offset": r.offset,
+        "data_offset": r.data_offset,
+        "extent_size": r.size,
+        "extent_id": r.extent_id,
+    }

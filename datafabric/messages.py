@@ -1,0 +1,115 @@
+"""The messages between the three parts: client and tasks, the YellowPages, block owners.
+
+Every RPC argument or answer that is a record is one of these ``TypedDict``s, so both ends
+name the same fields.  Offsets are bytes from the start of a block; ``extent_offset`` is
+where an extent's header starts, ``data_offset`` where its data starts.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+Location = tuple[str, str, int]  # (node, shm_id, data offset)
+
+
+class Reservation(TypedDict):
+    """An extent reserved for a writer: invisible until sealed (block owner -> writer)."""
+
+    shm_id: str
+    extent_offset: int
+    extent_size: int
+    data_offset: int
+    extent_id: int
+
+
+class Placement(Reservation):
+    """A reservation the YellowPages found for a writer with no room of its own."""
+
+    worker: str  # the block's owner, who takes streamed bytes
+    node: str
+
+
+class SealItem(TypedDict):
+    """One written variable to make visible (writer -> YellowPages)."""
+
+    name: str
+    doc: str
+    type: str
+    nbytes: int
+    shm_id: str
+    extent_offset: int
+    extent_size: int
+    data_offset: int
+    extent_id: int
+
+
+class VariableInfo(TypedDict):
+    """What a reader needs to map a variable, and whom its lease is with."""
+
+    var_id: int
+    name: str
+    doc: str
+    type: str
+    nbytes: int
+    locations: list[Location]
+    workers: list[str | None]  # each location's owner; None while its block is orphaned
+
+
+class ExtentInfo(TypedDict):
+    """An extent as its header describes it (block owner -> YellowPages)."""
+
+    extent_id: int
+    extent_offset: int
+    extent_size: int
+    data_offset: int
+    state: int  # a layout.ExtentState
+    name: str
+    type: str
+    doc: str
+    nbytes: int
+
+
+class CreatedBlock(TypedDict):
+    shm_id: str
+    size: int
+    capacity: int
+    block_uuid: str
+
+
+class AdoptedBlock(TypedDict):
+    """A block taken over by a worker, with the extents it kept."""
+
+    shm_id: str
+    size: int
+    capacity: int
+    free: int
+    extents: list[ExtentInfo]
+
+
+class CompactReport(TypedDict):
+    """What one block's compaction did (block owner -> YellowPages)."""
+
+    moved: list[tuple[int, int, int, int]]  # (old extent offset, new extent offset, new data offset, new size)
+    bytes_moved: int
+    largest_free_before: int
+    largest_free_after: int
+
+
+class BlockCompaction(TypedDict):
+    """One block's part of ``defragment``'s answer (YellowPages -> client)."""
+
+    node: str
+    shm_id: str
+    moved: list[str]
+    bytes_moved: int
+    largest_free_before: int
+    largest_free_after: int
+
+
+class BlockStats(TypedDict):
+    capacity: int
+    free: int
+    used: int
+    largest_free: int | None  # None: the owner did not answer; the directory's own figures
+    extents: int | None
+    reserved: int | None
