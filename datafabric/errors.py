@@ -78,3 +78,8 @@ class FabricRunningError(FabricError, RuntimeError):
 
 class InvalidArgumentError(FabricError, ValueError):
     """An argument other than a name, type or buffer is out of range."""
+
+
+class WorkerLostError(FabricError, ConnectionError):
+    """A worker that a request needed (a block's owner, or the one running the task) died
+    or left while serving it; what it owned is adopted by a peer of its node."""
