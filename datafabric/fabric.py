@@ -71,7 +71,8 @@ def _fabric_id(client: Any) -> str | None:
 def _running_fabric_id(dask_scheduler: Any) -> str | None:
     """Runs on the scheduler: asks the plugin table, so a cluster with no fabric is
     answered quietly rather than by an unknown-handler warning."""
-    return getattr(dask_scheduler.plugins.get(SCHEDULER_PLUGIN), "fabric_id", None)
+    yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
+    return yp.fabric_id if yp is not None and yp.running else None
 
 
 def _yellowpages_state(dask_scheduler: Any) -> str:
@@ -80,7 +81,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
     if yp is None:
         return "absent"
-    if yp.fabric_id is None:
+    if not yp.running:
         return "stopped-durable" if yp.durable else "stopped"
     empty = not yp.directory.blocks and not yp.directory.variables
     return "idle" if yp.durable and empty else "running"
@@ -222,7 +223,11 @@ class Fabric:
         if ctx.node is not None and node != ctx.node:
             raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
         info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=int(offset), holder=ctx.holder)
-        info["locations"] = [[node, shm_id, int(offset)]]
+        owner = next(
+            (w for (_, s, o), w in zip(info["locations"], info["workers"], strict=True) if (s, o) == (shm_id, offset)),
+            None,
+        )
+        info["locations"], info["workers"] = [[node, shm_id, int(offset)]], [owner]
         pin = self._local_pin(ctx, info, info["name"])
         if pin is None:
             ctx.send(_release_msg(ctx, info))

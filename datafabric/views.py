@@ -100,7 +100,7 @@ class LocalState:
             self._segments[shm_id] = seg
             return seg
 
-    def adopt(self, segment: Segment) -> None:
+    def map_own(self, segment: Segment) -> None:
         """The owner's own mapping serves its process's views too."""
         with self.lock:
             self._segments[segment.name.lstrip("/")] = segment

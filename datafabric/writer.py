@@ -100,8 +100,12 @@ class PendingWrite:
         }
 
     def _sealed(self) -> None:
-        if self.local:
-            self.ctx.plugin.mark(ExtentState.SEALED, [(self.res["shm_id"], self.res["extent_offset"], self.name)])
+        """A writer that owns the block marks its header itself (the YellowPages marks
+        every other writer's before it answers), however the extent was placed."""
+        plugin = self.ctx.plugin
+        if plugin is not None and plugin.owns(self.res["shm_id"]):
+            r = self.res
+            plugin.mark(ExtentState.SEALED, [(r["shm_id"], r["extent_offset"], r["extent_id"], self.name)])
 
     def abort(self) -> None:
         with self._lock:
@@ -112,7 +116,7 @@ class PendingWrite:
 
     def _give_back(self) -> None:
         if self.local:
-            self.ctx.plugin.release_local(self.res["shm_id"], self.res["extent_offset"])
+            self.ctx.plugin.free_local(self.res["shm_id"], self.res["extent_offset"], self.res["extent_id"])
         else:
             self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
 

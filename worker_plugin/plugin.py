@@ -26,7 +26,7 @@ from datafabric.errors import BlockInUseError, NotOnThisNodeError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
-from datafabric.shm import Segment, fabric_segments, new_block_name, node_segments
+from datafabric.shm import Segment, fabric_segments, node_segments
 from datafabric.views import local_state
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
@@ -122,38 +122,44 @@ class FabricWorkerPlugin(WorkerPlugin):
                     return _reservation(shm_id, r)
         return None
 
-    def mark(self, state: int, extents: list[tuple[str, int, str]]) -> dict:
+    def mark(self, state: int, extents: list[tuple[str, int, int, str]]) -> dict:
         """Headers follow the directory, so that one rebuilt from the blocks agrees:
         SEALED once the YellowPages has sealed a name (before its writer hears back),
         DELETED when a name still being read is deleted.  An extent is marked only from
-        an earlier state and while it holds that name: a late mark never lands on an
-        extent freed and reserved again meanwhile."""
+        an earlier state and while it holds that id and name: a late mark never lands on
+        an extent freed and reserved again meanwhile."""
         state = ExtentState(state)
         with self.lock:
-            for shm_id, extent_offset, name in extents:
-                block = self.blocks.get(shm_id)
-                if block is None or block.allocator.state_of(extent_offset) not in _MARKED_FROM[state]:
-                    continue
-                if layout.read_extent(block.segment.buf, extent_offset).name == name:
-                    block.allocator.set_state(extent_offset, state)
+            for shm_id, extent_offset, extent_id, name in extents:
+                if self._holds(shm_id, extent_offset, extent_id, _MARKED_FROM[state], name):
+                    self.blocks[shm_id].allocator.set_state(extent_offset, state)
         return {}
 
-    def release_local(self, shm_id: str, extent_offset: int) -> None:
+    def owns(self, shm_id: str) -> bool:
+        return shm_id in self.blocks
+
+    def free_local(self, shm_id: str, extent_offset: int, extent_id: int) -> None:
+        """Give an extent back, if it is still the one named (by offset and id)."""
         with self.lock:
-            block = self.blocks.get(shm_id)
-            if block is not None and block.allocator.state_of(extent_offset) not in (None, ExtentState.FREE):
-                block.allocator.release(extent_offset)
+            if self._holds(shm_id, extent_offset, extent_id, _FREEABLE):
+                self.blocks[shm_id].allocator.release(extent_offset)
+
+    def _holds(self, shm_id: str, offset: int, extent_id: int, states: set, name: str | None = None) -> bool:
+        block = self.blocks.get(shm_id)
+        if block is None or block.allocator.state_of(offset) not in states:
+            return False
+        extent = layout.read_extent(block.segment.buf, offset)
+        return extent.extent_id == extent_id and (name is None or extent.name == name)
 
     # -- RPC handlers ----------------------------------------------------------------
-    async def create_block(self, size: int, node: str) -> dict:
-        shm_id = new_block_name(uuid.UUID(self.fabric_id), node)
+    async def create_block(self, shm_id: str, size: int, node: str) -> dict:
         segment = await asyncio.to_thread(Segment.create, shm_id, size)
         header = BlockHeader(uuid.uuid4(), uuid.UUID(self.fabric_id), node, size)
         layout.write_block_header(segment.buf, header)
         allocator = BlockAllocator(segment.buf, size, fresh=True)
         with self.lock:
             self.blocks[shm_id] = OwnedBlock(segment, allocator)
-        self.state.adopt(segment)
+        self.state.map_own(segment)
         logger.info("created block %s of %d bytes on node %s", shm_id, size, node)
         return {"shm_id": shm_id, "size": size, "capacity": allocator.capacity, "block_uuid": str(header.block_uuid)}
 
@@ -163,8 +169,8 @@ class FabricWorkerPlugin(WorkerPlugin):
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None else None
         return _reservation(shm_id, r) if r is not None else None
 
-    def free(self, shm_id: str, extent_offset: int) -> dict:
-        self.release_local(shm_id, extent_offset)
+    def free(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
+        self.free_local(shm_id, extent_offset, extent_id)
         return {}
 
     async def compact(self, shm_id: str, movable: list[int]) -> dict:
@@ -243,12 +249,15 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
         return {}
 
-    def adopt(self, shm_ids: list[str], live: dict[str, list[int]] | None = None) -> list[dict]:
+    def adopt(
+        self, shm_ids: list[str], live: dict[str, list[int]] | None = None, unfinished: list[str] = ()
+    ) -> list[dict]:
         """Take over blocks of this node whose owner died or left, or that a restarted
         YellowPages found: rebuild their allocators from the extent headers and free every
         extent that is no longer live.  ``live`` lists, per block, the extents the
         directory still needs; without it (the directory is being rebuilt) the sealed
         extents are live, are kept, and are described back."""
+        remove_segments(list(unfinished))  # their creator died before they were blocks
         adopted = []
         for shm_id in shm_ids:
             try:
@@ -266,25 +275,25 @@ class FabricWorkerPlugin(WorkerPlugin):
                 logger.warning("not adopting %s: %s", shm_id, exc)
                 segment.close()
                 continue
-            extents = allocator.extents()
+            headers = [e for e in layout.walk(segment.buf, header.size) if e.state is not ExtentState.FREE]
             if live is None:
-                keep = {offset for offset, _, state in extents if state is ExtentState.SEALED}
+                kept = [e for e in headers if e.state is ExtentState.SEALED]
             else:
-                keep = set(live.get(shm_id, ()))
-            for offset, _, state in extents:
-                if offset not in keep and state is not ExtentState.FREE:
-                    allocator.release(offset)
-            sealed = [] if live is not None else [_describe(layout.read_extent(segment.buf, o)) for o in sorted(keep)]
+                ids = set(live.get(shm_id, ()))
+                kept = [e for e in headers if e.extent_id in ids]
+            for e in headers:
+                if e not in kept:
+                    allocator.release(e.offset)
             with self.lock:
                 self.blocks[shm_id] = OwnedBlock(segment, allocator)
-            self.state.adopt(segment)
+            self.state.map_own(segment)
             adopted.append(
                 {
                     "shm_id": shm_id,
                     "size": header.size,
                     "capacity": allocator.capacity,
                     "free": allocator.free_bytes,
-                    "sealed": sealed,
+                    "extents": [_extent_info(e) for e in kept],
                 }
             )
         return adopted
@@ -324,14 +333,16 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
 
 
+_FREEABLE = {ExtentState.RESERVED, ExtentState.SEALED, ExtentState.DELETED}
 _MARKED_FROM = {
     ExtentState.SEALED: {ExtentState.RESERVED},
     ExtentState.DELETED: {ExtentState.RESERVED, ExtentState.SEALED},  # sealed, or its writer has not marked it yet
 }
 
 
-def _describe(extent: layout.Extent) -> dict:
+def _extent_info(extent: layout.Extent) -> dict:
     return {
+        "state": int(extent.state),
         "name": extent.name,
         "doc": extent.doc,
         "type": extent.type,

@@ -1,8 +1,10 @@
 """The YellowPages' state: names, blocks, leases and pending reservations.
 
 Kept free of Dask so every rule (write-once names, memory held while leased, nothing
-freed twice) is plain code that the plugin's handlers call.  Methods that end a piece of
-memory's life return the extents to free; the plugin tells their owners.
+freed twice, a copy found again by its extent id) is plain code that the components
+call and that unit tests drive with no cluster.  Methods that end a piece of memory's
+life return the copies to free; ``yp.owners`` tells their owners, reading each copy's
+offsets only when its block is settled.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from datafabric.errors import (
     BlockInUseError,
@@ -19,80 +20,62 @@ from datafabric.errors import (
     NameNotFoundError,
     NotOnThisNodeError,
     OutOfSpaceError,
+    VariableUnavailableError,
 )
-
-Location = tuple[str, str, int]  # (node, shm_id, data offset)
-
-
-@dataclass(frozen=True)
-class ExtentRef:
-    """One extent to free: which worker owns it, in which block, at which header offset."""
-
-    worker: str
-    shm_id: str
-    offset: int
-
-
-@dataclass
-class Block:
-    shm_id: str
-    node: str
-    worker: str | None  # None: its owner died and no worker of the node has adopted it yet
-    size: int
-    capacity: int
-    used: int = 0  # bytes of sealed, deleted-but-leased and pending extents known here
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.used
-
-
-@dataclass
-class Copy:
-    shm_id: str
-    extent_offset: int
-    extent_size: int
-    data_offset: int
-
-
-@dataclass
-class Variable:
-    var_id: int
-    name: str
-    doc: str
-    type: str
-    nbytes: int
-    copies: list[Copy]
-    leases: Counter = field(default_factory=Counter)  # holder -> count
-    deleted: bool = False
-    last_used: float = 0.0  # monotonic time of the last acquire: replicas are evicted LRU
+from datafabric.layout import ExtentState
+from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
+from yp.records import Block, Copy, Pending, Variable
 
 
 class Directory:
     def __init__(self) -> None:
-        self.workers: dict[str, str] = {}  # worker address -> node
         self.blocks: dict[str, Block] = {}
         self.variables: dict[str, Variable] = {}  # visible names only
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
-        self.pending: dict[tuple[str, int], tuple[str, int]] = {}  # (shm, ext) -> (writer, size)
-        self.orphans: dict[str, set[str]] = {}  # node -> blocks whose owner died, to adopt
+        self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
         # Ids never repeat across YellowPages incarnations: a release from a process that
         # outlived a scheduler restart cannot end somebody else's lease.
         self.first_id = time.time_ns() // 1000
         self._ids = itertools.count(self.first_id)
 
     # -- blocks ---------------------------------------------------------------------
+    def begin_block(self, shm_id: str, node: str, worker: str) -> None:
+        """A block whose creation was ordered: if its creator dies before confirming it,
+        whoever adopts the node removes whatever it left."""
+        self.blocks[shm_id] = Block(shm_id, node, worker, 0, 0, creating=True)
+
+    def confirm_block(self, shm_id: str, size: int, capacity: int) -> None:
+        block = self.blocks[shm_id]
+        block.size, block.capacity, block.creating = size, capacity, False
+
     def add_block(self, block: Block) -> None:
         self.blocks[block.shm_id] = block
 
+    def remove_block(self, shm_id: str) -> Block | None:
+        return self.blocks.pop(shm_id, None)
+
     def block(self, node: str, shm_id: str) -> Block:
         block = self.blocks.get(shm_id)
-        if block is None or block.node != node:
+        if block is None or block.node != node or block.creating:
             raise BlockNotFoundError(f"no block {shm_id!r} on node {node!r}; `datafabric status` lists the blocks")
         return block
 
+    def ready(self) -> list[Block]:
+        """Blocks that exist, owned or orphaned (not ones still being created)."""
+        return [b for b in self.blocks.values() if not b.creating]
+
+    def owned(self) -> list[Block]:
+        return [b for b in self.ready() if b.worker is not None]
+
+    def orphaned(self, node: str) -> list[Block]:
+        """The one record of orphans: blocks of ``node`` with no owner."""
+        return [b for b in self.blocks.values() if b.node == node and b.worker is None]
+
+    def copies_in(self, shm_id: str) -> list[tuple[Variable, Copy]]:
+        return [(v, c) for v in self.by_id.values() for c in v.copies if c.shm_id == shm_id]
+
     def check_removable(self, block: Block) -> None:
-        live = sorted(v.name for v in self.by_id.values() if any(c.shm_id == block.shm_id for c in v.copies))
+        live = sorted(v.name for v, _ in self.copies_in(block.shm_id))
         pending = [k for k in self.pending if k[0] == block.shm_id]
         if live or pending:
             what = f"variables {live[:5]}{'...' if len(live) > 5 else ''}" if live else ""
@@ -102,36 +85,43 @@ class Directory:
                 "(and let readers drop their views) before deallocating it"
             )
 
-    def remove_block(self, shm_id: str) -> Block:
-        return self.blocks.pop(shm_id)
-
     def placement(self, nbytes: int, node: str | None, exclude: set[str] = frozenset()) -> list[Block]:
-        """Blocks that may fit ``nbytes``: the caller's node first, then the emptiest."""
+        """Owned blocks that may fit ``nbytes``: the caller's node first, then the emptiest."""
         fits = [b for b in self.owned() if b.free >= nbytes and b.shm_id not in exclude]
         return sorted(fits, key=lambda b: (b.node != node, -b.free))
 
-    def out_of_space(self, nbytes: int) -> OutOfSpaceError:
+    def out_of_space(self, nbytes: int, node: str | None = None) -> OutOfSpaceError:
+        blocks = [b for b in self.ready() if node is None or b.node == node]
+        where = f" on node {node}" if node is not None else ""
+        if blocks and not any(b.worker for b in blocks):
+            return OutOfSpaceError(
+                f"no block{where} has a live owner now ({len(blocks)} wait for a worker of their node "
+                "to adopt them); start a worker there, or call fabric.allocate(mb) to add memory"
+            )
         free: dict[str, int] = {}
-        for b in self.blocks.values():
+        for b in blocks:
             free[b.node] = free.get(b.node, 0) + b.free
         per_node = ", ".join(f"{n}: {f / 2**20:.1f} MiB" for n, f in sorted(free.items())) or "no blocks"
         return OutOfSpaceError(
-            f"no block has {nbytes / 2**20:.1f} MiB free in one piece (free per node: {per_node}); "
+            f"no block{where} has {_size(nbytes)} free in one piece (free per node: {per_node}); "
             "delete variables or call fabric.allocate(mb) to add memory"
         )
 
     # -- inserts --------------------------------------------------------------------
-    def add_pending(self, writer: str, shm_id: str, extent_offset: int, extent_size: int) -> None:
-        self.pending[(shm_id, extent_offset)] = (writer, extent_size)
-        self.blocks[shm_id].used += extent_size
+    def add_pending(self, holder: str, shm_id: str, r: Reservation) -> Copy:
+        copy = Copy(shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])
+        self.pending[(shm_id, copy.extent_offset)] = Pending(holder, copy)
+        self.blocks[shm_id].used += copy.extent_size
+        return copy
 
-    def drop_pending(self, shm_id: str, extent_offset: int) -> ExtentRef | None:
+    def drop_pending(self, shm_id: str, extent_offset: int) -> Copy | None:
+        """A reservation given back: its copy is to free."""
         entry = self.pending.pop((shm_id, extent_offset), None)
         block = self.blocks.get(shm_id)
         if entry is None or block is None:
             return None
-        block.used -= entry[1]
-        return ExtentRef(block.worker, shm_id, extent_offset)
+        block.used -= entry.copy.extent_size
+        return entry.copy
 
     def check_new_names(self, names: list[str]) -> None:
         existing = sorted({n for n in names if n in self.variables})
@@ -147,16 +137,22 @@ class Directory:
             what = f"names {listed} exist already or come twice in one batch"
         raise NameExistsError(f"{what}; variables are write-once: delete it first or choose another name")
 
-    def seal(self, name: str, doc: str, type_: str, nbytes: int, copy: Copy) -> Variable:
-        self.check_new_names([name])
-        block = self.blocks[copy.shm_id]
-        entry = self.pending.pop((copy.shm_id, copy.extent_offset), None)
+    def seal(self, item: SealItem) -> Variable:
+        """A written extent becomes a visible variable (its reservation, if the directory
+        handed it out, ends)."""
+        self.check_new_names([item["name"]])
+        shm_id = item["shm_id"]
+        entry = self.pending.pop((shm_id, item["extent_offset"]), None)
         if entry is None:
-            block.used += copy.extent_size
-        var = Variable(next(self._ids), name, doc, type_, nbytes, [copy])
-        self.variables[name] = var
-        self.by_id[var.var_id] = var
+            self.blocks[shm_id].used += item["extent_size"]
+        copy = Copy(shm_id, item["extent_offset"], item["extent_size"], item["data_offset"], item["extent_id"])
+        var = Variable(next(self._ids), item["name"], item["doc"], item["type"], item["nbytes"], [copy])
+        self.variables[var.name] = self.by_id[var.var_id] = var
         return var
+
+    def seal_pending_copy(self, shm_id: str, extent_offset: int) -> Copy:
+        """A reserved extent filled by the fabric itself (a replica) becomes a copy."""
+        return self.pending.pop((shm_id, extent_offset)).copy
 
     # -- reads ----------------------------------------------------------------------
     def lookup(self, name: str) -> Variable:
@@ -166,7 +162,10 @@ class Directory:
         return var
 
     def at_location(self, node: str, shm_id: str, offset: int) -> Variable:
-        self.block(node, shm_id)
+        if self.block(node, shm_id).unsettled:
+            raise VariableUnavailableError(
+                f"block {shm_id} of node {node} is being adopted after its owner died moving extents; try again"
+            )
         for var in self.variables.values():
             if any(c.shm_id == shm_id and c.data_offset == offset for c in var.copies):
                 return var
@@ -175,15 +174,41 @@ class Directory:
             "use a location returned by fabric.get_locations(name)"
         )
 
-    def locations(self, var: Variable) -> list[Location]:
-        return [(self.blocks[c.shm_id].node, c.shm_id, c.data_offset) for c in var.copies]
+    def info(self, var: Variable) -> VariableInfo:
+        """Where a reader finds ``var``: read it only while the copies' blocks are settled.
+        A copy in a block whose owner died moving extents is left out until its adopter
+        has said where its extents are."""
+        copies = [(self.blocks[c.shm_id], c) for c in var.copies if not self.blocks[c.shm_id].unsettled]
+        return {
+            "var_id": var.var_id,
+            "name": var.name,
+            "doc": var.doc,
+            "type": var.type,
+            "nbytes": var.nbytes,
+            "locations": [(b.node, c.shm_id, c.data_offset) for b, c in copies],
+            "workers": [b.worker for b, _ in copies],
+        }
 
-    def owners(self, var: Variable) -> list[str]:
-        return [self.blocks[c.shm_id].worker for c in var.copies]
+    def nodes_of(self, var: Variable) -> set[str]:
+        return {self.blocks[c.shm_id].node for c in var.copies}
 
-    def on_node(self, var: Variable, node: str) -> bool:
-        return any(self.blocks[c.shm_id].node == node for c in var.copies)
+    def acquire(self, var: Variable, holder: str) -> None:
+        var.leases[holder] += 1
+        var.last_used = time.monotonic()
 
+    def release(self, var_id: int, holder: str) -> list[Copy]:
+        var = self.by_id.get(var_id)
+        if var is None or var.leases[holder] <= 0:
+            return []
+        var.leases[holder] -= 1
+        if var.leases[holder] == 0:
+            del var.leases[holder]
+        return self._free_if_done(var)
+
+    def holders(self, var: Variable) -> list[str]:
+        return list(var.leases)
+
+    # -- copies ---------------------------------------------------------------------
     def evictable(self, node: str) -> list[tuple[Variable, Copy]]:
         """Replicas on ``node`` that may go: unleased, and never a variable's last copy;
         least recently used first."""
@@ -196,112 +221,133 @@ class Directory:
         ]
         return sorted(found, key=lambda vc: vc[0].last_used)
 
-    def drop_copy(self, var: Variable, copy: Copy) -> ExtentRef:
+    def drop_copy(self, var: Variable, copy: Copy) -> Copy:
         var.copies.remove(copy)
-        return self.release_copy(copy)
-
-    def release_copy(self, copy: Copy) -> ExtentRef:
-        block = self.blocks[copy.shm_id]
-        block.used -= copy.extent_size
-        return ExtentRef(block.worker, copy.shm_id, copy.extent_offset)
-
-    def seal_pending_copy(self, shm_id: str, extent_offset: int, data_offset: int) -> Copy:
-        """A reserved extent filled by the fabric itself (a replica) becomes a copy."""
-        _, size = self.pending.pop((shm_id, extent_offset))
-        return Copy(shm_id, extent_offset, size, data_offset)
+        return self.uncount(copy)
 
     def add_copy(self, var: Variable, copy: Copy) -> None:
         var.copies.append(copy)
 
-    def acquire(self, var: Variable, holder: str) -> None:
-        var.leases[holder] += 1
-        var.last_used = time.monotonic()
+    def uncount(self, copy: Copy) -> Copy:
+        """The directory no longer counts ``copy``'s extent as used; returns it to free."""
+        self.blocks[copy.shm_id].used -= copy.extent_size
+        return copy
 
-    def release(self, var_id: int, holder: str) -> list[ExtentRef]:
-        var = self.by_id.get(var_id)
-        if var is None or var.leases[holder] <= 0:
-            return []
-        var.leases[holder] -= 1
-        if var.leases[holder] == 0:
-            del var.leases[holder]
-        return self._free_if_done(var)
+    # -- moves ----------------------------------------------------------------------
+    def movable(self, shm_id: str) -> dict[int, tuple[Variable, Copy]]:
+        """Copies a compaction of ``shm_id`` may move: of visible variables no lease holds.
+        Taken under the block's exclusive hold, in one step with no lease granted since."""
+        return {c.extent_offset: (v, c) for v, c in self.copies_in(shm_id) if not v.leases and not v.deleted}
+
+    def moved(self, block: Block, movable: dict[int, tuple[Variable, Copy]], moved: list) -> list[str]:
+        names = []
+        for old, new_extent, new_data, new_size in moved:
+            var, copy = movable[old]
+            block.used += new_size - copy.extent_size
+            copy.extent_offset, copy.data_offset, copy.extent_size = new_extent, new_data, new_size
+            names.append(var.name)
+        return names
 
     # -- deletes and departures -----------------------------------------------------
-    def delete(self, name: str) -> tuple[Variable, list[ExtentRef]]:
-        var = self.lookup(name)
-        del self.variables[name]
+    def delete(self, var: Variable) -> list[Copy]:
+        if self.variables.get(var.name) is not var:
+            raise NameNotFoundError(f"{var.name!r} was deleted meanwhile; fabric.get_list() shows the names")
+        del self.variables[var.name]
         var.deleted = True
-        return var, self._free_if_done(var)
+        return self._free_if_done(var)
 
-    def drop_holder(self, holder: str) -> list[ExtentRef]:
+    def drop_holder(self, holder: str) -> list[Copy]:
         """A process is gone: its leases end and its unfinished inserts are given back."""
-        freed: list[ExtentRef] = []
+        freed: list[Copy] = []
         for var in list(self.by_id.values()):
             if var.leases.pop(holder, 0):
                 freed += self._free_if_done(var)
-        for shm_id, offset in [k for k, (w, _) in self.pending.items() if w == holder]:
-            ref = self.drop_pending(shm_id, offset)
-            if ref is not None:
-                freed.append(ref)
+        for shm_id, offset in [k for k, p in self.pending.items() if p.holder == holder]:
+            copy = self.drop_pending(shm_id, offset)
+            if copy is not None:
+                freed.append(copy)
         return freed
 
-    def owned(self) -> list[Block]:
-        return [b for b in self.blocks.values() if b.worker is not None]
-
     def orphan_blocks(self, worker: str) -> list[str]:
-        """The worker died; its blocks stay in shared memory, waiting for a worker of
-        the same node to adopt them.  Returns the names of variables now unavailable."""
-        gone = {s for s, b in self.blocks.items() if b.worker == worker}
-        for shm_id in gone:
-            block = self.blocks[shm_id]
-            block.worker = None
-            self.orphans.setdefault(block.node, set()).add(shm_id)
+        """The worker died; its blocks stay in shared memory, waiting for a worker of the
+        same node to adopt them.  Returns the names of variables now unavailable."""
+        for block in self.blocks.values():
+            if block.worker == worker:
+                block.worker = None
         return sorted(v.name for v in self.variables.values() if not self.available(v))
 
     def available(self, var: Variable) -> bool:
         return any(self.blocks[c.shm_id].worker is not None for c in var.copies)
 
-    def live_extents(self, shm_id: str) -> list[int]:
+    def live_ids(self, shm_id: str) -> list[int]:
         """Extents of a block that must survive its adoption: copies of variables still
         known (visible or leased) and reservations of writers still alive."""
-        live = [c.extent_offset for v in self.by_id.values() for c in v.copies if c.shm_id == shm_id]
-        return sorted(live + [off for (s, off) in self.pending if s == shm_id])
+        live = [c.extent_id for _, c in self.copies_in(shm_id)]
+        return sorted(live + [p.copy.extent_id for (s, _), p in self.pending.items() if s == shm_id])
 
-    def adopt(self, shm_id: str, worker: str, free: int) -> None:
+    def adopt(self, shm_id: str, worker: str, free: int, extents: list[ExtentInfo]) -> list[str]:
+        """``worker`` owns the block now.  Its headers say where each kept extent is: a
+        copy that moved before its move was reported is found again by its extent id.
+        Returns the names of copies the block no longer holds (dropped)."""
         block = self.blocks[shm_id]
-        block.worker = worker
+        block.worker, block.unsettled = worker, False
         block.used = block.capacity - free
-        self.orphans.get(block.node, set()).discard(shm_id)
+        found = {e["extent_id"]: e for e in extents}
+        lost = []
+        for var, copy in self.copies_in(shm_id):
+            e = found.get(copy.extent_id)
+            if e is None:
+                self._forget_copy(var, copy)
+                lost.append(var.name)
+            else:
+                copy.extent_offset, copy.data_offset, copy.extent_size = (
+                    e["extent_offset"],
+                    e["data_offset"],
+                    e["extent_size"],
+                )
+        return lost
 
-    def recover_block(self, block: Block, sealed: list[dict]) -> list[ExtentRef]:
+    def recover_block(self, block: Block, extents: list[ExtentInfo]) -> list[Copy]:
         """A block found in shared memory by a restarted YellowPages: its sealed extents
-        become variables again, a second copy of a name a replica.  Returns the extents
+        become variables again, a second copy of a name a replica.  Returns the copies
         that contradict a name already known (another type or size), to free."""
         self.blocks[block.shm_id] = block
         conflicting = []
-        for ext in sealed:
-            copy = Copy(block.shm_id, ext["extent_offset"], ext["extent_size"], ext["data_offset"])
-            known = self.variables.get(ext["name"])
+        for e in extents:
+            if e["state"] != ExtentState.SEALED:
+                continue
+            copy = Copy(block.shm_id, e["extent_offset"], e["extent_size"], e["data_offset"], e["extent_id"])
+            known = self.variables.get(e["name"])
             if known is None:
-                var = Variable(next(self._ids), ext["name"], ext["doc"], ext["type"], ext["nbytes"], [copy])
+                var = Variable(next(self._ids), e["name"], e["doc"], e["type"], e["nbytes"], [copy])
                 self.variables[var.name] = self.by_id[var.var_id] = var
-            elif (known.type, known.nbytes) == (ext["type"], ext["nbytes"]):
+            elif (known.type, known.nbytes) == (e["type"], e["nbytes"]):
                 known.copies.append(copy)
             else:
-                conflicting.append(self.release_copy(copy))
+                conflicting.append(self.uncount(copy))
         return conflicting
 
-    def holders(self, var: Variable) -> list[str]:
-        return list(var.leases)
+    def drop_block(self, shm_id: str) -> None:
+        """A block that is gone from shared memory, with every copy it held."""
+        for var, copy in self.copies_in(shm_id):
+            self._forget_copy(var, copy)
+        for key in [k for k in self.pending if k[0] == shm_id]:
+            del self.pending[key]
+        self.blocks.pop(shm_id, None)
 
-    def _free_if_done(self, var: Variable) -> list[ExtentRef]:
+    def _forget_copy(self, var: Variable, copy: Copy) -> None:
+        var.copies.remove(copy)
+        if not var.copies:  # nothing of it is left anywhere
+            self.by_id.pop(var.var_id, None)
+            if self.variables.get(var.name) is var:
+                del self.variables[var.name]
+
+    def _free_if_done(self, var: Variable) -> list[Copy]:
         if not var.deleted or var.leases:
             return []
         self.by_id.pop(var.var_id, None)
-        refs = []
-        for c in var.copies:
-            block = self.blocks.get(c.shm_id)
-            if block is not None:
-                block.used -= c.extent_size
-                refs.append(ExtentRef(block.worker, c.shm_id, c.extent_offset))
-        return refs
+        return [self.uncount(c) for c in var.copies if c.shm_id in self.blocks]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"

@@ -1,0 +1,134 @@
+"""The block inventory: allocate, deallocate, status, shutdown.
+
+A block's name is chosen here and recorded (as being created) before its worker is asked
+to create it, so that a creator dying half-way leaves a name a peer can remove.  Allocate
+is all or nothing: a refused allocate leaves no block behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from typing import Any
+
+from datafabric.errors import BlockInUseError, InvalidArgumentError, NoFabricError, WorkerLostError
+from datafabric.messages import BlockStats, CreatedBlock
+from datafabric.shm import new_block_name, round_to_pages
+from yp.copies import Copies
+from yp.directory import Directory
+from yp.membership import Membership
+from yp.moves import BlockMoves
+from yp.records import Block
+
+
+class Inventory:
+    def __init__(
+        self,
+        fabric_id: str,
+        directory: Directory,
+        moves: BlockMoves,
+        owners: Any,
+        members: Membership,
+        copies: Copies,
+    ) -> None:
+        self.fabric_id = fabric_id
+        self.directory = directory
+        self.moves = moves
+        self.owners = owners
+        self.members = members
+        self.copies = copies
+
+    async def allocate(self, mb: float) -> list[tuple[str, str]]:
+        if isinstance(mb, bool) or not isinstance(mb, int | float) or not math.isfinite(mb) or mb <= 0:
+            raise InvalidArgumentError(f"allocate needs a positive, finite number of megabytes, got {mb!r}")
+        nodes = self.members.live()
+        if not nodes:
+            raise NoFabricError("no worker runs the fabric's worker plugin yet; start workers first")
+        per_node = int(mb * 2**20) // len(nodes)
+        async with self.members.changing:
+            plan = [
+                (
+                    worker,
+                    node,
+                    round_to_pages(per_node // len(workers)),
+                    new_block_name(uuid.UUID(self.fabric_id), node),
+                )
+                for node, workers in sorted(nodes.items())
+                for worker in workers
+            ]
+            for worker, node, _, shm_id in plan:
+                self.directory.begin_block(shm_id, node, worker)
+            results = await self.owners.ask_each(
+                ((w, "create_block", {"shm_id": s, "size": size, "node": n}) for w, n, size, s in plan), "allocate"
+            )
+            created: list[CreatedBlock] = [r for r in results if not isinstance(r, BaseException)]
+            failed = [(p, r) for p, r in zip(plan, results, strict=True) if isinstance(r, BaseException)]
+            if failed:
+                await self._undo(plan, results)
+                raise failed[0][1]
+            for r in created:
+                self.directory.confirm_block(r["shm_id"], r["size"], r["capacity"])
+        return [(node, shm_id) for _, node, _, shm_id in plan]
+
+    async def _undo(self, plan: list[tuple], results: list[Any]) -> None:
+        """A refused allocate: unlink what was created; a creator that was lost leaves its
+        name to the peer that adopts its node, every other name is forgotten."""
+        unlink = []
+        for (worker, _, _, shm_id), r in zip(plan, results, strict=True):
+            if isinstance(r, WorkerLostError):
+                continue
+            self.directory.remove_block(shm_id)
+            if not isinstance(r, BaseException):
+                unlink.append((worker, "unlink_block", {"shm_id": shm_id}))
+        await self.owners.ask_each(unlink, "undo allocate")
+
+    async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
+        block = self.directory.block(node, shm_id)
+        if block.worker is None:
+            raise BlockInUseError(f"block {shm_id} of node {node} has no live owner; start a worker on {node} first")
+        async with self.moves.exclusive(shm_id):  # no reader, placement or move meanwhile
+            if migrate:
+                await self.copies.migrate(block)
+            self.directory.check_removable(block)
+            await self.owners.ask(block.worker, "unlink_block", shm_id=shm_id)  # refused while a local insert runs
+            self.directory.remove_block(shm_id)
+        self.detach([shm_id])
+        return {}
+
+    async def status(self) -> list[dict]:
+        blocks = self.directory.ready()
+        stats = await asyncio.gather(*(self._stats(b) for b in blocks), return_exceptions=True)
+        out = []
+        for b, s in zip(blocks, stats, strict=True):
+            names = sorted(v.name for v, _ in self.directory.copies_in(b.shm_id) if not v.deleted)
+            row = {"node": b.node, "worker": b.worker, "shm_id": b.shm_id, "size": b.size, "variables": names}
+            if isinstance(s, dict):
+                row.update(s)
+            else:  # the owner did not answer: the directory's own accounts, and why
+                row.update(self._known_stats(b), error=repr(s))
+            out.append(row)
+        return sorted(out, key=lambda r: (r["node"], r["worker"] or "", r["shm_id"]))
+
+    async def _stats(self, block: Block) -> BlockStats | dict:
+        if block.worker is None:
+            return self._known_stats(block) | {"orphaned": True}
+        return await self.owners.ask(block.worker, "block_stats", shm_id=block.shm_id)
+
+    @staticmethod
+    def _known_stats(block: Block) -> BlockStats:
+        """What the YellowPages knows of a block without asking its owner; the
+        allocator's own figures (largest free extent, reservations) are unknown."""
+        unknown = dict.fromkeys(("largest_free", "extents", "reserved"))
+        return {"capacity": block.capacity, "used": block.used, "free": block.free} | unknown
+
+    async def shutdown(self) -> None:
+        """Unlink every block on every worker."""
+        workers = {b.worker for b in self.directory.blocks.values() if b.worker} | set(self.members.node_of)
+        await self.owners.ask_each(
+            ((w, "shutdown", {}) for w in workers if w in self.members.scheduler.workers), "shutdown"
+        )
+        self.detach(list(self.directory.blocks))
+
+    def detach(self, shm_ids: list[str]) -> None:
+        self.owners.tell_everyone({"op": "datafabric_detach", "shm_ids": shm_ids}, self.members.scheduler.workers)

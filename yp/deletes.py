@@ -1,0 +1,34 @@
+"""Deletes: a name disappears at once; its memory is freed when its last lease ends.
+
+A variable still read when it is deleted has its headers marked DELETED first, so that a
+directory rebuilt from the blocks after a crash frees it rather than listing it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datafabric.layout import ExtentState
+from datafabric.protocol import EVENT_TOPIC
+from yp.directory import Directory
+from yp.reads import Reads
+
+
+class Deletes:
+    def __init__(self, directory: Directory, reads: Reads, owners: Any, fabric_id: str) -> None:
+        self.directory = directory
+        self.reads = reads
+        self.owners = owners
+        self.fabric_id = fabric_id
+
+    async def delete(self, name: str) -> dict:
+        var = await self.reads.settled(name)
+        if var.leases:
+            await self.owners.mark(ExtentState.DELETED, [(var.name, c) for c in var.copies])
+        freed = self.directory.delete(var)
+        msg = {"op": "datafabric_invalidate", "var_ids": [var.var_id]}
+        for holder in self.directory.holders(var):  # they drop their cached view; a later get asks again
+            self.owners.send(holder, msg)
+        self.owners.scheduler.log_event(EVENT_TOPIC, {"fabric_id": self.fabric_id, **msg})
+        await self.owners.free(freed)
+        return {"freed": bool(freed)}

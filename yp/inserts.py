@@ -1,0 +1,46 @@
+"""Inserts: room for a writer that has none in its own blocks, giving it back, and the seal.
+
+Who marks a header SEALED: the block's owner, always before the writer's insert returns.
+A writer that owns the block (a task on that worker) marks it in its own process after
+the seal is answered; for every other writer the YellowPages has the owner mark it before
+it answers.  So an insert that returned survives a scheduler crash, whichever path placed it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datafabric.layout import ExtentState
+from datafabric.messages import Placement as PlacementMsg
+from datafabric.messages import SealItem, VariableInfo
+from datafabric.names import validate_name
+from yp.directory import Directory
+from yp.placement import Placement
+
+
+class Inserts:
+    def __init__(self, directory: Directory, placement: Placement, owners: Any) -> None:
+        self.directory = directory
+        self.placement = placement
+        self.owners = owners
+
+    async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
+        validate_name(name)
+        block, r = await self.placement.reserve(name, type, doc, nbytes, node, holder)
+        return {**r, "worker": block.worker, "node": block.node}
+
+    async def abort(self, shm_id: str, extent_offset: int) -> dict:
+        copy = self.directory.drop_pending(shm_id, extent_offset)
+        if copy is not None:
+            await self.owners.free([copy])
+        return {}
+
+    async def seal(self, items: list[SealItem], holder: str) -> list[VariableInfo]:
+        """Make written variables visible, all or none (one RPC for a whole batch)."""
+        self.directory.check_new_names([item["name"] for item in items])
+        sealed = [self.directory.seal(item) for item in items]
+        await self.owners.mark(
+            ExtentState.SEALED,
+            [(var.name, var.copies[0]) for var in sealed if self.owners.owner_of(var.copies[0].shm_id) != holder],
+        )
+        return [self.directory.info(var) for var in sealed]

@@ -1,0 +1,170 @@
+"""Membership: which workers run the fabric on which node, and what becomes of a block
+when its owner goes.
+
+- A worker that **registers** lists the fabric's blocks it sees on its node; those this
+  directory does not know were left by a crashed scheduler's fabric and are **taken back**
+  (``recover``): the directory is rebuilt from their headers.
+- A worker that **dies** leaves its blocks orphaned; a live worker of the same node
+  **adopts** them: it rebuilds each allocator from the extent headers, keeps the extents
+  the directory names by id (reporting where each now is) and frees the rest.  A block
+  whose creation its creator never confirmed is removed by the adopter.
+- A worker that **closes** asks for a **handoff**: a peer adopts its blocks, or the node's
+  last worker unlinks them, or keeps them for its successor when its nanny restarts it.
+
+Block creation, adoption and take-back change who owns which block, one at a time
+(``changing``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+from datafabric.errors import FabricError
+from datafabric.messages import AdoptedBlock
+from datafabric.protocol import EVENT_TOPIC
+from yp.directory import Directory
+from yp.records import Block
+
+logger = logging.getLogger("datafabric.yp")
+
+
+class Membership:
+    def __init__(self, scheduler: Any, fabric_id: str, directory: Directory, owners: Any) -> None:
+        self.scheduler = scheduler
+        self.fabric_id = fabric_id
+        self.directory = directory
+        self.owners = owners
+        self.node_of: dict[str, str] = {}  # workers that registered the fabric's plugin -> node
+        self.changing = asyncio.Lock()
+        self.took_back = False  # blocks found in shared memory were taken back
+
+    # -- who is there ----------------------------------------------------------------
+    def live(self) -> dict[str, list[str]]:
+        """node -> its live fabric workers, sorted: Dask's view of who is alive, joined
+        with which of them run the fabric."""
+        nodes: dict[str, list[str]] = defaultdict(list)
+        for worker, node in sorted(self.node_of.items()):
+            if worker in self.scheduler.workers:
+                nodes[node].append(worker)
+        return dict(nodes)
+
+    def peers(self, node: str) -> list[str]:
+        return self.live().get(node, [])
+
+    def workers_on(self, nodes: set[str]) -> list[str]:
+        return sorted(w for n, ws in self.live().items() if n in nodes for w in ws)
+
+    # -- arrivals ----------------------------------------------------------------------
+    def register(self, address: str, node: str, segments: list[str] = ()) -> dict:
+        """``segments`` are the fabric's blocks the worker sees on its node; any this
+        YellowPages does not know were left by its predecessor, and are taken back."""
+        self.node_of[address] = node
+        if any(s not in self.directory.blocks for s in segments):
+            self.scheduler.loop.add_callback(self.recover, address, node, list(segments))
+        if self.directory.orphaned(node):
+            self.scheduler.loop.add_callback(self.adopt_orphans, node)
+        return {}
+
+    async def recover(self, worker: str, node: str, segments: list[str]) -> None:
+        async with self.changing:  # a block being created is not a found one
+            started = time.perf_counter()
+            unknown = sorted(s for s in segments if s not in self.directory.blocks)
+            if not unknown or self.node_of.get(worker) != node:
+                return
+            try:
+                found: list[AdoptedBlock] = await self.owners.ask(worker, "adopt", shm_ids=unknown, live=None)
+            except FabricError as exc:
+                logger.warning("%s could not take back blocks %s: %r", worker, unknown, exc)
+                return
+            conflicting = []
+            for b in found:
+                block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
+                conflicting += self.directory.recover_block(block, b["extents"])
+        await self.owners.free(conflicting)
+        self.took_back = True
+        self.scheduler.log_event(EVENT_TOPIC, self.took_back_msg())  # clients declare the views they kept
+        logger.info(
+            "took back %d blocks of node %s holding %d extents in %.3f s",
+            len(found),
+            node,
+            sum(len(b["extents"]) for b in found),
+            time.perf_counter() - started,
+        )
+
+    def took_back_msg(self) -> dict:
+        return {"op": "datafabric_took_back", "fabric_id": self.fabric_id, "first_id": self.directory.first_id}
+
+    # -- departures --------------------------------------------------------------------
+    def remove(self, worker: str) -> None:
+        """Its leases end and its unfinished inserts go; its blocks wait for adoption."""
+        node = self.node_of.pop(worker, None)
+        unavailable = self.directory.orphan_blocks(worker)
+        if unavailable:
+            logger.warning(
+                "until a worker of its node adopts them, %d variables are unavailable: %s",
+                len(unavailable),
+                unavailable[:10],
+            )
+        self.owners.free_later(self.directory.drop_holder(worker))
+        if node is not None:
+            self.scheduler.loop.add_callback(self.adopt_orphans, node)
+
+    def lost_block(self, block: Block) -> None:
+        """Its owner died while moving its extents: the block is orphaned at once (its
+        offsets are unknown until the headers are read again) and adopted anew."""
+        block.worker, block.unsettled = None, True
+        self.scheduler.loop.add_callback(self.adopt_orphans, block.node)
+
+    async def handoff(self, address: str, restarting: bool = False) -> dict:
+        """A worker closing gracefully asks what becomes of its blocks: a peer of its node
+        adopts them; the node's last worker unlinks them, unless its nanny is restarting
+        it, when they wait for its successor.  A worker this YellowPages does not know (it
+        outlived a scheduler restart, or was removed already) keeps them for adoption."""
+        node = self.node_of.pop(address, None)
+        if node is None:
+            return {"decision": "keep"}
+        if not self.peers(node):
+            return {"decision": "keep" if restarting else "unlink"}
+        self.directory.orphan_blocks(address)
+        await self.adopt_orphans(node)
+        orphaned = any(not b.creating for b in self.directory.orphaned(node))
+        return {"decision": "keep" if orphaned else "adopted"}
+
+    async def adopt_orphans(self, node: str) -> None:
+        """Blocks of a dead worker are taken over by a live worker of the same node (only a
+        process on that node can map them); with none alive, the next one to register does
+        it.  A peer that refuses (it is closing) or dies passes the turn to the next."""
+        async with self.changing:
+            for peer in self.peers(node):
+                orphans = self.directory.orphaned(node)
+                if not orphans:
+                    return
+                try:
+                    await self._adopt(peer, orphans)
+                except FabricError as exc:
+                    logger.warning("%s could not adopt blocks of node %s: %r", peer, node, exc)
+                    continue
+                return
+
+    async def _adopt(self, peer: str, orphans: list[Block]) -> None:
+        ready = sorted(b.shm_id for b in orphans if not b.creating)
+        unfinished = sorted(b.shm_id for b in orphans if b.creating)
+        live = {s: self.directory.live_ids(s) for s in ready}
+        adopted: list[AdoptedBlock] = await self.owners.ask(
+            peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
+        )
+        for shm_id in unfinished:
+            self.directory.remove_block(shm_id)
+        for b in adopted:
+            lost = self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"])
+            if lost:
+                logger.error("block %s no longer holds copies of %s", b["shm_id"], lost)
+        missing = set(ready) - {b["shm_id"] for b in adopted}
+        for shm_id in missing:  # gone from shared memory, or not a valid block any more
+            logger.error("block %s of node %s could not be adopted; its copies are lost", shm_id, orphans[0].node)
+            self.directory.drop_block(shm_id)
+        logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], orphans[0].node)

@@ -1,0 +1,103 @@
+"""The one way the YellowPages talks to block owners (and to the processes that hold leases).
+
+Every call is checked for refusals (a worker's ``FabricError`` comes back as data and is
+raised again here, with its own class), and a worker that dies while answering becomes a
+``WorkerLostError``, never a raw comm error.  Frees and marks send a copy's offsets, so they
+are sent under the block's shared hold (``yp.moves``), read from the copy at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from distributed.comm.core import CommClosedError
+
+from datafabric.errors import WorkerLostError
+from datafabric.layout import ExtentState
+from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, raise_if_refused
+from yp.directory import Directory
+from yp.moves import BlockMoves
+from yp.records import Copy
+
+logger = logging.getLogger("datafabric.yp")
+
+
+class Owners:
+    def __init__(self, scheduler: Any, directory: Directory, moves: BlockMoves) -> None:
+        self.scheduler = scheduler
+        self.directory = directory
+        self.moves = moves
+
+    async def ask(self, worker: str, op: str, **kwargs: Any) -> Any:
+        try:
+            answer = await getattr(self.scheduler.rpc(worker), f"{HANDLER_PREFIX}{op}")(**kwargs)
+        except (CommClosedError, OSError) as exc:
+            raise WorkerLostError(
+                f"worker {worker} was lost during {op!r} ({type(exc).__name__}); "
+                "a peer of its node adopts its blocks: try again"
+            ) from exc
+        return raise_if_refused(answer)
+
+    async def ask_each(self, calls: Iterable[tuple[str, str, dict]], what: str) -> list[Any]:
+        """Several owners at once; a failure is logged and returned in its place."""
+        calls = list(calls)
+        results = await asyncio.gather(*(self.ask(w, op, **kw) for w, op, kw in calls), return_exceptions=True)
+        for (worker, op, _), result in zip(calls, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("%s: %s %s failed: %r", what, worker, op, result)
+        return results
+
+    async def free(self, copies: list[Copy]) -> None:
+        """Give extents back to their owners.  An orphaned block's extents are left to its
+        adopter, which frees whatever the directory no longer lists."""
+        if not copies:
+            return
+        async with self.moves.shared({c.shm_id for c in copies}):
+            await self.ask_each(
+                (
+                    (worker, "free", {"shm_id": c.shm_id, "extent_offset": c.extent_offset, "extent_id": c.extent_id})
+                    for c in copies
+                    if (worker := self.owner_of(c.shm_id)) is not None
+                ),
+                "free",
+            )
+
+    def free_later(self, copies: list[Copy]) -> None:
+        """From code that cannot wait (stream handlers, Dask's membership hooks)."""
+        if copies:
+            self.scheduler.loop.add_callback(self.free, copies)
+
+    async def mark(self, state: ExtentState, named: list[tuple[str, Copy]]) -> None:
+        """Have the owners write ``state`` into these copies' headers: one RPC per owner.
+        An owner that died is skipped; its adopter keeps what the directory lists."""
+        if not named:
+            return
+        async with self.moves.shared({c.shm_id for _, c in named}):
+            per_owner: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)
+            for name, c in named:
+                if (worker := self.owner_of(c.shm_id)) is not None:
+                    per_owner[worker].append((c.shm_id, c.extent_offset, c.extent_id, name))
+            await self.ask_each(
+                ((w, "mark", {"state": int(state), "extents": extents}) for w, extents in per_owner.items()),
+                f"mark {state.name}",
+            )
+
+    def owner_of(self, shm_id: str) -> str | None:
+        block = self.directory.blocks.get(shm_id)
+        return None if block is None else block.worker
+
+    # -- one-way messages -------------------------------------------------------------
+    def send(self, worker: str, msg: dict) -> None:
+        comm = self.scheduler.stream_comms.get(worker)
+        if comm is not None:
+            comm.send(msg)
+
+    def tell_everyone(self, msg: dict, workers: Iterable[str]) -> None:
+        """Workers on their streams, clients through the fabric's event topic."""
+        for worker in workers:
+            self.send(worker, msg)
+        self.scheduler.log_event(EVENT_TOPIC, msg)

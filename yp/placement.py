@@ -1,0 +1,78 @@
+"""Placement: where a new extent goes, for a writer with no room of its own, a replica or
+a migrated copy.
+
+One sequence serves them all: a block with that much free in one piece (the caller's
+node first); then compacting a block whose free space is enough but in pieces; then, on
+the target node, dropping unleased replicas, least recently used first (never a
+variable's last copy).  Only then is the request refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datafabric.errors import WorkerLostError
+from datafabric.messages import Reservation
+from yp.directory import Directory
+from yp.moves import BlockMoves, Compaction
+from yp.records import Block
+
+
+class Placement:
+    def __init__(self, directory: Directory, moves: BlockMoves, compaction: Compaction, owners: Any) -> None:
+        self.directory = directory
+        self.moves = moves
+        self.compaction = compaction
+        self.owners = owners
+
+    async def reserve(
+        self,
+        name: str,
+        type_: str,
+        doc: str,
+        nbytes: int,
+        node: str | None,
+        holder: str,
+        *,
+        only_node: bool = False,
+        exclude: frozenset[str] = frozenset(),
+    ) -> tuple[Block, Reservation]:
+        """An extent of ``nbytes`` for ``name``, recorded as ``holder``'s reservation.
+        ``only_node``: on ``node`` or nowhere (a copy that must be there)."""
+        request = {"name": name, "type": type_, "doc": doc, "nbytes": nbytes}
+        for step in ("free", "compact", "evict"):
+            if step == "evict":
+                if node is None:
+                    break
+                await self._evict(node, nbytes, exclude)
+            skip = exclude | self.moves.held()  # a block being moved now is not waited for
+            for block in self.directory.placement(nbytes, node, skip):
+                if (only_node or step == "evict") and block.node != node:
+                    continue
+                if step == "compact":
+                    try:
+                        await self.compaction.compact(block)
+                    except WorkerLostError:
+                        continue
+                r = await self._try(block, request)
+                if r is not None:
+                    self.directory.add_pending(holder, block.shm_id, r)
+                    return block, r
+        raise self.directory.out_of_space(nbytes, node if only_node else None)
+
+    async def _try(self, block: Block, request: dict) -> Reservation | None:
+        if block.worker is None:
+            return None
+        try:
+            return await self.owners.ask(block.worker, "reserve", shm_id=block.shm_id, **request)
+        except WorkerLostError:
+            return None  # owner unreachable: the next block
+
+    async def _evict(self, node: str, nbytes: int, exclude: frozenset[str]) -> None:
+        for var, copy in self.directory.evictable(node):
+            if any(b.free >= nbytes for b in self.directory.owned() if b.node == node):
+                return
+            still_evictable = not var.leases and not var.deleted and len(var.copies) > 1 and copy in var.copies
+            if not still_evictable or copy.shm_id in exclude or self.moves.busy([copy.shm_id]):
+                continue  # it changed while an earlier replica was being freed
+            await self.owners.free([self.directory.drop_copy(var, copy)])

@@ -1,0 +1,61 @@
+"""What the directory records: blocks, variables and their copies.
+
+A ``Copy``'s offsets change only under its block's exclusive hold (``yp.moves``): a
+compaction rewrites them from its owner's report, an adoption from the extent ids the
+block's headers carry.  Code that sends a copy's offsets to an owner reads them after the
+block is settled, in the same step, or under the block's shared hold.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Block:
+    shm_id: str
+    node: str
+    worker: str | None  # None: orphaned; its owner died and no worker of the node has adopted it yet
+    size: int
+    capacity: int
+    used: int = 0  # bytes of sealed, deleted-but-leased and pending extents known here
+    creating: bool = False  # ordered but not confirmed: its creator may die half-way
+    unsettled: bool = False  # its owner died moving extents: offsets unknown until it is adopted
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.used
+
+
+@dataclass
+class Copy:
+    """One extent of a block holding a variable's bytes (or reserved for them)."""
+
+    shm_id: str
+    extent_offset: int
+    extent_size: int
+    data_offset: int
+    extent_id: int  # written in the extent's header; it follows the extent when it moves
+
+
+@dataclass
+class Variable:
+    var_id: int
+    name: str
+    doc: str
+    type: str
+    nbytes: int
+    copies: list[Copy]
+    leases: Counter = field(default_factory=Counter)  # holder -> count
+    deleted: bool = False
+    last_used: float = 0.0  # monotonic time of the last acquire: replicas are evicted LRU
+
+
+@dataclass
+class Pending:
+    """A reservation the directory handed out (to a writer off its own blocks, or to the
+    fabric itself for a copy); a writer's reservations in its own blocks are its own."""
+
+    holder: str
+    copy: Copy
