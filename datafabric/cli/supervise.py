@@ -62,7 +62,7 @@ def serve(cluster: distributed.LocalCluster, stop: Stop) -> str:
     """Wait for a signal, or for the fabric to be shut down from outside; say which."""
     while not stop.wait(0.5):
         yellowpages = cluster.scheduler.plugins.get(SCHEDULER_PLUGIN)
-        if yellowpages is None or yellowpages.fabric_id is None:
+        if yellowpages is None or not yellowpages.running:
             return "the fabric was shut down; closing the cluster"
     return f"got {signal.Signals(stop.signum).name}; shutting the fabric down and closing the cluster"
 
