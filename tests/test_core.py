@@ -252,6 +252,35 @@ def test_allocate_spreads_over_workers_and_deallocate_refuses_live_blocks(client
     assert fabric.get("pinned").sum() == 4
 
 
+def create_and_wait(fabric, go: str) -> list:
+    """Hold a create() open, in this worker's own block, until the client says go."""
+    from distributed import Event
+
+    with fabric.create("pending", "", "1000 * float64") as out:
+        out[:] = 7.0
+        Event(go).wait(30)
+    return [get_worker().address, out.sum()]
+
+
+def test_deallocate_refuses_a_block_with_a_local_insert_in_flight(client, fabric):
+    """A task's insert reserves in its worker's own block with no RPC, so only the owner
+    knows of it: its refusal must reach the caller, and the insert completes."""
+    from distributed import Event
+
+    go = Event("go-pending")
+    a = workers(client)[0]
+    future = client.submit(create_and_wait, fabric, "go-pending", workers=[a], pure=False)
+    wait_for(lambda: any(s["reserved"] for s in fabric.status()))
+    [block] = [s for s in fabric.status() if s["reserved"]]
+    assert block["worker"] == a
+    with pytest.raises(errors.BlockInUseError, match="insert in progress"):
+        fabric.deallocate(block["node"], block["shm_id"])
+    assert block["shm_id"] in fabric_segments()
+    go.set()
+    assert future.result() == [a, 7000.0]
+    np.testing.assert_array_equal(fabric.get("pending"), np.full(1000, 7.0))
+
+
 def test_fabric_pickles_small_and_connect_finds_it(client, fabric):
     import datafabric
 
