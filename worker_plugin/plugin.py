@@ -66,6 +66,7 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     async def setup(self, worker: Any) -> None:
         self.worker = worker
+        self.closing = False
         self.node = worker_node(worker.address)
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
@@ -87,11 +88,12 @@ class FabricWorkerPlugin(WorkerPlugin):
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
         died) they stay in /dev/shm for the restarted scheduler's YellowPages."""
         atexit.unregister(self._unlink_all)
-        if not self.blocks:
-            return
-        decision = await self._handoff(worker)
+        self.closing = True  # from now on it adopts nothing: it could not hand it on
+        answer = await self._handoff(worker)
+        decision = answer.get("decision", "keep")
         if decision == "unlink":
             self._unlink_all()
+            remove_segments(answer.get("orphans", []))  # the node's other blocks: nobody is left to adopt them
             return
         with self.lock:
             blocks, self.blocks = self.blocks, {}
@@ -100,18 +102,18 @@ class FabricWorkerPlugin(WorkerPlugin):
             logger.info("left blocks %s in shared memory for the node's next worker", sorted(blocks))
 
     @staticmethod
-    async def _handoff(worker: Any) -> str:
+    async def _handoff(worker: Any) -> dict:
         stream = getattr(worker.batched_stream, "comm", None)
         if stream is None or stream.closed():
-            return "keep"  # the worker closes because it lost its scheduler
+            return {"decision": "keep"}  # the worker closes because it lost its scheduler
         restarting = await nanny_restarts(worker)
         try:
             answer = await asyncio.wait_for(
                 worker.scheduler.datafabric_handoff(address=worker.address, restarting=restarting), 10
             )
         except Exception:
-            return "keep"
-        return answer.get("decision", "keep") if isinstance(answer, dict) else "keep"
+            return {"decision": "keep"}
+        return answer if isinstance(answer, dict) else {"decision": "keep"}
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:

@@ -121,34 +121,45 @@ class Membership:
 
     async def handoff(self, address: str, restarting: bool = False) -> dict:
         """A worker closing gracefully asks what becomes of its blocks: a peer of its node
-        adopts them; the node's last worker unlinks them, unless its nanny is restarting
-        it, when they wait for its successor.  A worker this YellowPages does not know (it
-        outlived a scheduler restart, or was removed already) keeps them for adoption."""
-        node = self.node_of.pop(address, None)
-        if node is None:
-            return {"decision": "keep"}
-        if not self.peers(node):
-            return {"decision": "keep" if restarting else "unlink"}
-        self.directory.orphan_blocks(address)
-        await self.adopt_orphans(node)
-        orphaned = any(not b.creating for b in self.directory.orphaned(node))
-        return {"decision": "keep" if orphaned else "adopted"}
+        adopts them; the node's last worker unlinks them, and every orphan of its node with
+        them (no worker is left to adopt those), unless its nanny is restarting it, when
+        they wait for its successor.  A worker this YellowPages does not know (it outlived
+        a scheduler restart, or was removed already) keeps them for adoption."""
+        async with self.changing:  # no adoption is half-recorded while this one decides
+            node = self.node_of.pop(address, None)
+            if node is None:
+                return {"decision": "keep"}
+            self.directory.orphan_blocks(address)
+            if not self.peers(node):
+                if restarting:
+                    return {"decision": "keep"}
+                orphans = [b.shm_id for b in self.directory.orphaned(node)]
+                for shm_id in orphans:
+                    self.directory.drop_block(shm_id)
+                return {"decision": "unlink", "orphans": orphans}
+            await self._adopt_by_a_peer(node)
+            orphaned = any(not b.creating for b in self.directory.orphaned(node))
+            return {"decision": "keep" if orphaned else "adopted"}
 
     async def adopt_orphans(self, node: str) -> None:
         """Blocks of a dead worker are taken over by a live worker of the same node (only a
         process on that node can map them); with none alive, the next one to register does
-        it.  A peer that refuses (it is closing) or dies passes the turn to the next."""
+        it."""
         async with self.changing:
-            for peer in self.peers(node):
-                orphans = self.directory.orphaned(node)
-                if not orphans:
-                    return
-                try:
-                    await self._adopt(peer, orphans)
-                except FabricError as exc:
-                    logger.warning("%s could not adopt blocks of node %s: %r", peer, node, exc)
-                    continue
+            await self._adopt_by_a_peer(node)
+
+    async def _adopt_by_a_peer(self, node: str) -> None:
+        """A peer that refuses (it is closing) or dies passes the turn to the next."""
+        for peer in self.peers(node):
+            orphans = self.directory.orphaned(node)
+            if not orphans:
                 return
+            try:
+                await self._adopt(peer, orphans)
+            except FabricError as exc:
+                logger.warning("%s could not adopt blocks of node %s: %r", peer, node, exc)
+                continue
+            return
 
     async def _adopt(self, peer: str, orphans: list[Block]) -> None:
         ready = sorted(b.shm_id for b in orphans if not b.creating)
