@@ -174,33 +174,36 @@ def write_extent(
     data_size: int = 0,
     extent_id: int = 0,
 ) -> int:
-    """Write an extent header with its metadata; return where its data starts in the block."""
+    """Write an extent header with its metadata; return where its data starts in the block.
+
+    Safe against SIGKILL when it rewrites a header a walk can reach: state and size change
+    each in one store, the other fields only while the state is FREE (whose other fields
+    nobody reads).  So a FREE extent's state is stored first, then the rest, then its size;
+    any other extent's fields come first, then its size, then its state."""
     name_b, type_b, doc_b = name.encode(), type_.encode(), doc.encode()
     data_offset = data_offset_for(offset, name, type_, doc, data_size)
     if data_offset + data_size > size:
         raise ValueError(f"extent of {size} bytes cannot hold {data_offset + data_size}")
+    header = bytearray(_EXTENT_FIXED.size)
     _EXTENT_FIXED.pack_into(
-        buf,
-        offset,
-        EXTENT_MAGIC,
-        state,
-        size,
-        data_size,
-        extent_id,
-        data_offset,
-        len(name_b),
-        len(type_b),
-        len(doc_b),
+        header, 0, EXTENT_MAGIC, state, size, data_size, extent_id, data_offset, len(name_b), len(type_b), len(doc_b)
     )
+    if state == ExtentState.FREE:
+        _store(buf, offset + 4, "I", state)
+    buf[offset : offset + 4] = header[:4]
+    buf[offset + 16 : offset + _EXTENT_FIXED.size] = header[16:]
     pos = offset + _EXTENT_FIXED.size
     for part in (name_b, type_b, doc_b):
         buf[pos : pos + len(part)] = part
         pos += len(part)
+    _store(buf, offset + 8, "Q", size)
+    if state != ExtentState.FREE:
+        _store(buf, offset + 4, "I", state)
     return offset + data_offset
 
 
 def set_state(buf: memoryview, offset: int, state: ExtentState) -> None:
-    struct.pack_into("<I", buf, offset + 4, state)
+    _store(buf, offset + 4, "I", state)
 
 
 def read_extent(buf: memoryview, offset: int) -> Extent:
