@@ -6,8 +6,8 @@ A block is one POSIX shared-memory segment::
 
 Block header (little endian): magic ``b"DFABRIC\\0"``, layout version (u32), header size
 (u32), block size (u64), block uuid (16 bytes), fabric id (16 bytes), node id length (u16),
-node id (UTF-8).  Extents tile the rest of the block with no gap, so walking them from the
-first one rebuilds the allocator.  Each extent::
+node id (UTF-8); at JOURNAL_OFFSET, the move journal (below).  Extents tile the rest of the
+block with no gap, so walking them from the first one rebuilds the allocator.  Each extent::
 
     [magic b"DFEX", state u32, extent size u64, data size u64, extent id u64,
      data offset u32, name length u32, type length u32, doc length u32]
@@ -22,18 +22,47 @@ data starts ALIGN-aligned in the block, or page-aligned for data of PAGE_ALIGN_F
 or more (large copies run up to twice as fast into a page-aligned destination).  ``type`` is the
 canonical ndtypes string.  Free space is itself an extent in state FREE.
 
+Move journal (at JOURNAL_OFFSET in the block header): state u32 (IDLE 0, MOVING 1),
+reserved u32, source u64, dest u64, length u64, chunk u64, done u64.  Compaction moves an
+extent as one rigid byte range (header, metadata and data) from ``source`` down to
+``dest``, by a shift that is a multiple of its data's alignment, so its size and relative
+data offset stay the same.  Only the block's owner writes the journal, in this order, each
+step leaving a block that a walk after SIGKILL understands:
+
+1. ``[dest, source)`` is made one FREE extent (a FREE header at ``dest`` first, then the
+   FREE extent before it shrunk to end there): the tiling stays valid.
+2. source, dest, length, chunk and done = 0 are written while the state is IDLE, then the
+   state becomes MOVING (one aligned 4-byte store).
+3. The range is copied from its low end in chunks of at most ``source - dest`` bytes, so no
+   chunk overwrites bytes not yet copied; after each chunk ``done`` (one aligned 8-byte
+   store) counts the bytes copied.  Bytes ``[done, length)`` of the source are intact at
+   every instant, and copying them again is harmless.
+4. After the last chunk, a FREE header at ``dest + length`` covers ``[dest + length,
+   source + length)``; then the state becomes IDLE.
+
+While the state is MOVING the block's tiling is unknown to a reader: ``walk`` refuses it.
+Whoever opens the block to own it (``BlockAllocator(..., fresh=False)``) first rolls the
+move forward: it copies ``[done, length)`` again and does step 4.  The moved extent then
+reads exactly its old bytes at ``dest``; no extent ever holds a mixture.  A reader given
+an offset by the directory reads nothing of a block being compacted: the YellowPages holds
+those reads back, and re-learns offsets by extent id when an adopter rolled a move forward.
+
 Changing any of this means bumping LAYOUT_VERSION.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 
-LAYOUT_VERSION = 2
+if sys.byteorder != "little":  # _store writes native integers into a little-endian format
+    raise ImportError("datafabric's memory layout needs a little-endian machine")
+
+LAYOUT_VERSION = 3
 ALIGN = 64
 PAGE = 4096
 PAGE_ALIGN_FROM = 1 << 20
@@ -43,7 +72,10 @@ BLOCK_HEADER_SIZE = 512
 
 _BLOCK_FIXED = struct.Struct("<8sIIQ16s16sH")
 _EXTENT_FIXED = struct.Struct("<4sIQQQIIII")
-MAX_NODE_BYTES = BLOCK_HEADER_SIZE - _BLOCK_FIXED.size
+JOURNAL_OFFSET = 448
+_JOURNAL = struct.Struct("<IIQQQQQ")
+_JOURNAL_DONE = JOURNAL_OFFSET + 40
+MAX_NODE_BYTES = JOURNAL_OFFSET - _BLOCK_FIXED.size
 MIN_EXTENT = -(-_EXTENT_FIXED.size // ALIGN) * ALIGN
 
 
@@ -52,6 +84,11 @@ class ExtentState(IntEnum):
     RESERVED = 1  # being written; invisible, reclaimed if its writer dies
     SEALED = 2  # visible and read-only
     DELETED = 3  # invisible; memory held until the last lease ends
+
+
+class MoveState(IntEnum):
+    IDLE = 0
+    MOVING = 1
 
 
 class LayoutError(ValueError):
@@ -99,6 +136,7 @@ def write_block_header(buf: memoryview, header: BlockHeader) -> None:
         len(node),
     )
     buf[_BLOCK_FIXED.size : _BLOCK_FIXED.size + len(node)] = node
+    _JOURNAL.pack_into(buf, JOURNAL_OFFSET, MoveState.IDLE, 0, 0, 0, 0, 0, 0)
 
 
 def read_block_header(buf: memoryview) -> BlockHeader:
@@ -136,33 +174,36 @@ def write_extent(
     data_size: int = 0,
     extent_id: int = 0,
 ) -> int:
-    """Write an extent header with its metadata; return where its data starts in the block."""
+    """Write an extent header with its metadata; return where its data starts in the block.
+
+    Safe against SIGKILL when it rewrites a header a walk can reach: state and size change
+    each in one store, the other fields only while the state is FREE (whose other fields
+    nobody reads).  So a FREE extent's state is stored first, then the rest, then its size;
+    any other extent's fields come first, then its size, then its state."""
     name_b, type_b, doc_b = name.encode(), type_.encode(), doc.encode()
     data_offset = data_offset_for(offset, name, type_, doc, data_size)
     if data_offset + data_size > size:
         raise ValueError(f"extent of {size} bytes cannot hold {data_offset + data_size}")
+    header = bytearray(_EXTENT_FIXED.size)
     _EXTENT_FIXED.pack_into(
-        buf,
-        offset,
-        EXTENT_MAGIC,
-        state,
-        size,
-        data_size,
-        extent_id,
-        data_offset,
-        len(name_b),
-        len(type_b),
-        len(doc_b),
+        header, 0, EXTENT_MAGIC, state, size, data_size, extent_id, data_offset, len(name_b), len(type_b), len(doc_b)
     )
+    if state == ExtentState.FREE:
+        _store(buf, offset + 4, "I", state)
+    buf[offset : offset + 4] = header[:4]
+    buf[offset + 16 : offset + _EXTENT_FIXED.size] = header[16:]
     pos = offset + _EXTENT_FIXED.size
     for part in (name_b, type_b, doc_b):
         buf[pos : pos + len(part)] = part
         pos += len(part)
+    _store(buf, offset + 8, "Q", size)
+    if state != ExtentState.FREE:
+        _store(buf, offset + 4, "I", state)
     return offset + data_offset
 
 
 def set_state(buf: memoryview, offset: int, state: ExtentState) -> None:
-    struct.pack_into("<I", buf, offset + 4, state)
+    _store(buf, offset + 4, "I", state)
 
 
 def read_extent(buf: memoryview, offset: int) -> Extent:
@@ -187,10 +228,75 @@ def read_extent(buf: memoryview, offset: int) -> Extent:
 
 
 def walk(buf: memoryview, size: int | None = None) -> Iterator[Extent]:
-    """Every extent of the block, in address order, free ones included."""
+    """Every extent of the block, in address order, free ones included.  Refused while a
+    move is in progress: the tiling is known only once the move is rolled forward."""
     end = read_block_header(buf).size if size is None else size
+    journal = read_journal(buf)
+    if journal is not None:
+        raise LayoutError(
+            f"a move of {journal.length} bytes from offset {journal.source} to {journal.dest} is unfinished; "
+            "the block's owner finishes it when it opens the block"
+        )
     offset = BLOCK_HEADER_SIZE
     while offset < end:
         extent = read_extent(buf, offset)
         yield extent
         offset += extent.size
+
+
+@dataclass(frozen=True)
+class MoveJournal:
+    """A move in progress: ``length`` bytes from ``source`` down to ``dest``, ``done`` of
+    them copied so far, in chunks of ``chunk`` bytes."""
+
+    source: int
+    dest: int
+    length: int
+    chunk: int
+    done: int
+
+
+def read_journal(buf: memoryview) -> MoveJournal | None:
+    """The move in progress, or None.  A journal that breaks the rules a writer keeps is
+    refused: rolling it forward would write where no move ever wrote."""
+    state, _, source, dest, length, chunk, done = _JOURNAL.unpack_from(buf, JOURNAL_OFFSET)
+    if state == MoveState.IDLE:
+        return None
+    shift = source - dest
+    if (
+        state != MoveState.MOVING
+        or dest < BLOCK_HEADER_SIZE
+        or shift <= 0
+        or shift % ALIGN
+        or length < MIN_EXTENT
+        or source + length > len(buf)
+        or not 0 < chunk <= shift
+        or done > length
+        or (done % chunk and done != length)
+    ):
+        raise LayoutError(
+            f"corrupt move journal (state {state}, source {source}, dest {dest}, length {length}, "
+            f"chunk {chunk}, done {done})"
+        )
+    return MoveJournal(source, dest, length, chunk, done)
+
+
+def begin_move(buf: memoryview, source: int, dest: int, length: int, chunk: int) -> None:
+    """Step 2: the fields while IDLE, then MOVING in one store."""
+    _JOURNAL.pack_into(buf, JOURNAL_OFFSET, MoveState.IDLE, 0, source, dest, length, chunk, 0)
+    _store(buf, JOURNAL_OFFSET, "I", MoveState.MOVING)
+
+
+def record_progress(buf: memoryview, done: int) -> None:
+    _store(buf, _JOURNAL_DONE, "Q", done)
+
+
+def end_move(buf: memoryview) -> None:
+    _store(buf, JOURNAL_OFFSET, "I", MoveState.IDLE)
+
+
+def _store(buf: memoryview, offset: int, fmt: str, value: int) -> None:
+    """One aligned store of a native integer (memoryview item assignment is a single
+    ``memcpy`` of its size, which compiles to one store): a SIGKILL cannot tear it, where
+    ``struct.pack_into("<Q")`` writes byte by byte."""
+    buf[offset : offset + struct.calcsize(fmt)].cast(fmt)[0] = value

@@ -77,13 +77,15 @@ class CreatedBlock(TypedDict):
 
 
 class AdoptedBlock(TypedDict):
-    """A block taken over by a worker, with the extents it kept."""
+    """A block taken over by a worker, with the extents it kept; or, with ``unlinked``,
+    a segment that never became a block, which the worker removed (size 0, no extents)."""
 
     shm_id: str
     size: int
     capacity: int
     free: int
     extents: list[ExtentInfo]
+    unlinked: bool
 
 
 class CompactReport(TypedDict):

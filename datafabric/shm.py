@@ -65,6 +65,15 @@ def is_block_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
+def is_node_block_name(name: str, fabric_id: uuid.UUID, node: str) -> bool:
+    """Whether ``name`` says it is a block of this fabric on this node."""
+    return is_block_name(name) and name.lstrip("/").startswith(_node_prefix(fabric_id, node))
+
+
+def _node_prefix(fabric_id: uuid.UUID, node: str) -> str:
+    return f"{PREFIX}{fabric_id.hex[:8]}_{node_tag(node)}_"
+
+
 def fabric_segments(fabric_id: uuid.UUID | None = None) -> list[str]:
     """Every segment of one fabric (or of all fabrics) on this machine, by name prefix
     (Linux lists them in /dev/shm): what shutdown and cleanup sweep up."""
@@ -79,8 +88,7 @@ def fabric_segments(fabric_id: uuid.UUID | None = None) -> list[str]:
 def node_segments(fabric_id: uuid.UUID, node: str) -> list[str]:
     """The segments of one fabric on one node: what a worker joining a fabric whose
     scheduler restarted finds and offers back to the YellowPages."""
-    prefix = f"{PREFIX}{fabric_id.hex[:8]}_{node_tag(node)}_"
-    return [n for n in fabric_segments(fabric_id) if n.startswith(prefix)]
+    return [n for n in fabric_segments(fabric_id) if n.startswith(_node_prefix(fabric_id, node))]
 
 
 def round_to_pages(nbytes: int) -> int:

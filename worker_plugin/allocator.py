@@ -4,10 +4,18 @@ Every extent, free ones included, has its header in shared memory, so the alloca
 state can always be rebuilt by walking the block (after a crash, or by another worker that
 adopts the block).  The in-process index is a sorted list of extent offsets with their
 sizes and states, and a sorted list of the free ones; ``reserve`` scans the free ones for
-the first that fits and splits off the rest, ``release`` coalesces a freed extent with
-free neighbours.  Worst case per call: O(free extents) for the scan plus O(extents) for a
+the first that fits and splits off the rest, ``free`` coalesces a freed extent with free
+neighbours, so no two free extents are ever adjacent once a call returns.  Worst case per call: O(free extents) for the scan plus O(extents) for a
 list insertion (a memmove); filling a block with small variables keeps one free extent,
 so that case stays flat however many variables the block holds.
+
+Crash safety: every change of the block's headers leaves a block that a walk reads as a
+valid tiling, except a move, whose state is the block's move journal (``layout.py``).
+Opening a block that is not fresh therefore first rolls an interrupted move forward
+(``moves.roll_forward``), then walks it, merging free extents that a killed owner left
+side by side.  What a reader may assume: an extent that is not FREE holds exactly the
+bytes its writer sealed, at whichever offset the last finished move left it, and keeps its
+``extent_id`` wherever it moves.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataclasses import dataclass
 
 from datafabric import layout
 from datafabric.layout import ExtentState
+from worker_plugin import moves
 
 
 @dataclass(frozen=True)
@@ -43,9 +52,18 @@ class BlockAllocator:
             self.rebuild()
 
     def rebuild(self) -> None:
-        """Re-read every extent header: the block, not this object, is the truth."""
+        """Re-read every extent header: the block, not this object, is the truth.  A move
+        a dead owner left unfinished is finished first, and adjacent free extents (a
+        killed owner had not merged them yet) become one."""
+        moves.roll_forward(self._buf, ctypes.addressof(ctypes.c_char.from_buffer(self._buf)))
         self._offsets, self._extents, self._free = [], {}, []
         for extent in layout.walk(self._buf, self.size):
+            last = self._offsets[-1] if self._offsets else None
+            if extent.state is ExtentState.FREE and last is not None and self._extents[last][1] is ExtentState.FREE:
+                size = self._extents[last][0] + extent.size
+                layout.write_extent(self._buf, last, ExtentState.FREE, size)
+                self._extents[last] = (size, ExtentState.FREE)
+                continue
             self._offsets.append(extent.offset)
             self._record(extent.offset, extent.size, extent.state)
 
@@ -73,7 +91,7 @@ class BlockAllocator:
         layout.set_state(self._buf, offset, state)
         self._record(offset, size, state)
 
-    def release(self, offset: int) -> int:
+    def free(self, offset: int) -> int:
         """Free the extent at ``offset``, merge it with free neighbours; return its size."""
         size, state = self._extents[offset]
         if state is ExtentState.FREE:
@@ -99,40 +117,29 @@ class BlockAllocator:
     def compact(self, movable: set[int], address: int) -> dict[int, tuple[int, int]]:
         """Slide the sealed extents in ``movable`` towards the block's start, past free
         space, never past a fixed extent (leased, reserved, deleted).  Returns
-        ``{old extent offset: (new extent offset, new data offset)}``.
+        ``{old extent offset: (new extent offset, new data offset)}``; a moved extent keeps
+        its size.
 
-        An extent moves only if its data lands strictly lower, so its new end never passes
-        its old end and one left-to-right pass with memmove (overlap-safe) is enough; the
-        header is written after the data has moved.  Cost: one pass over the extents plus
-        the bytes moved."""
+        One left-to-right pass: each extent moves rigidly (``moves.slide``, journaled, safe
+        against SIGKILL at any instant) by the largest shift that keeps its data aligned,
+        if that shift is worth it (``moves.MAX_CHUNKS``).  Cost: one pass over the
+        extents plus the bytes moved, in at most MAX_CHUNKS copies per extent."""
         moved: dict[int, tuple[int, int]] = {}
-        cursor = layout.BLOCK_HEADER_SIZE
+        cursor = layout.BLOCK_HEADER_SIZE  # where the free space before the next extent starts
         for offset in list(self._offsets):
             size, state = self._extents[offset]
             if state is ExtentState.FREE:
                 continue
+            if cursor < offset:  # the free extents in between become one
+                layout.write_extent(self._buf, cursor, ExtentState.FREE, offset - cursor)
             if offset in movable and state is ExtentState.SEALED and cursor < offset:
                 ext = layout.read_extent(self._buf, offset)
-                new_data = cursor + layout.data_offset_for(cursor, ext.name, ext.type, ext.doc, ext.data_size)
-                if new_data < ext.data_offset:
-                    ctypes.memmove(address + new_data, address + ext.data_offset, ext.data_size)
-                    new_size = layout.extent_size_for(cursor, ext.name, ext.type, ext.doc, ext.data_size)
-                    layout.write_extent(
-                        self._buf,
-                        cursor,
-                        ExtentState.SEALED,
-                        new_size,
-                        ext.name,
-                        ext.type,
-                        ext.doc,
-                        ext.data_size,
-                        ext.extent_id,
-                    )
-                    moved[offset] = (cursor, new_data)
-                    cursor += new_size
+                shift = moves.shift_for(ext, cursor)
+                if shift:
+                    moves.slide(self._buf, address, cursor, offset, size, shift)
+                    moved[offset] = (offset - shift, ext.data_offset - shift)
+                    cursor = offset - shift + size
                     continue
-            if cursor < offset:
-                layout.write_extent(self._buf, cursor, ExtentState.FREE, offset - cursor)
             cursor = offset + size
         if cursor < self.size:
             layout.write_extent(self._buf, cursor, ExtentState.FREE, self.size - cursor)

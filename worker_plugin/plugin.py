@@ -22,12 +22,14 @@ from distributed.protocol import to_serialize
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
-from datafabric.errors import BlockInUseError, NotOnThisNodeError
+from datafabric.errors import BlockInUseError, InvalidArgumentError, NotOnThisNodeError, WorkerLostError
 from datafabric.layout import BlockHeader, ExtentState
+from datafabric.messages import AdoptedBlock, CreatedBlock
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
-from datafabric.shm import Segment, fabric_segments, node_segments
+from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
+from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
@@ -144,7 +146,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         """Give an extent back, if it is still the one named (by offset and id)."""
         with self.lock:
             if self._holds(shm_id, extent_offset, extent_id, _FREEABLE):
-                self.blocks[shm_id].allocator.release(extent_offset)
+                self.blocks[shm_id].allocator.free(extent_offset)
 
     def _holds(self, shm_id: str, offset: int, extent_id: int, states: set, name: str | None = None) -> bool:
         block = self.blocks.get(shm_id)
@@ -154,16 +156,31 @@ class FabricWorkerPlugin(WorkerPlugin):
         return extent.extent_id == extent_id and (name is None or extent.name == name)
 
     # -- RPC handlers ----------------------------------------------------------------
-    async def create_block(self, shm_id: str, size: int, node: str) -> dict:
+    async def create_block(self, shm_id: str, size: int, node: str) -> CreatedBlock:
+        """Create the block ``shm_id``, a name the YellowPages chose and recorded first: if
+        this worker dies before answering, a peer unlinks what it left
+        (``adopt(unfinished=...)``).  The header is written after the pre-fault, so a
+        segment without one was never a block."""
+        fabric_id = uuid.UUID(self.fabric_id)
+        if node != self.node or not is_node_block_name(shm_id, fabric_id, node):
+            raise InvalidArgumentError(
+                f"{shm_id!r} is not a block name of fabric {fabric_id} on node {node!r} (this worker is on "
+                f"node {self.node!r}); name blocks with datafabric.shm.new_block_name(fabric_id, node)"
+            )
+        if size < layout.BLOCK_HEADER_SIZE + layout.MIN_EXTENT or size % layout.ALIGN:
+            raise InvalidArgumentError(
+                f"a block of {size} bytes cannot hold an extent; ask for a multiple of {layout.ALIGN} bytes "
+                f"of at least {layout.BLOCK_HEADER_SIZE + layout.MIN_EXTENT}"
+            )
         segment = await asyncio.to_thread(Segment.create, shm_id, size)
-        header = BlockHeader(uuid.uuid4(), uuid.UUID(self.fabric_id), node, size)
+        header = BlockHeader(uuid.uuid4(), fabric_id, node, size)
         layout.write_block_header(segment.buf, header)
         allocator = BlockAllocator(segment.buf, size, fresh=True)
         with self.lock:
             self.blocks[shm_id] = OwnedBlock(segment, allocator)
         self.state.map_own(segment)
         logger.info("created block %s of %d bytes on node %s", shm_id, size, node)
-        return {"shm_id": shm_id, "size": size, "capacity": allocator.capacity, "block_uuid": str(header.block_uuid)}
+        return CreatedBlock(shm_id=shm_id, size=size, capacity=allocator.capacity, block_uuid=str(header.block_uuid))
 
     def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> dict | None:
         with self.lock:
@@ -253,52 +270,41 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def adopt(
         self, shm_ids: list[str], live: dict[str, list[int]] | None = None, unfinished: list[str] = ()
-    ) -> list[dict]:
+    ) -> list[AdoptedBlock]:
         """Take over blocks of this node whose owner died or left, or that a restarted
-        YellowPages found: rebuild their allocators from the extent headers and free every
-        extent that is no longer live.  ``live`` lists, per block, the extents the
-        directory still needs; without it (the directory is being rebuilt) the sealed
-        extents are live, are kept, and are described back."""
-        remove_segments(list(unfinished))  # their creator died before they were blocks
-        adopted = []
+        YellowPages found (``live=None``).  ``live`` lists, per block, the ids of the
+        extents the directory still needs; they are kept wherever they now are, every
+        other extent is freed (with ``live=None`` the sealed ones are kept).  Each answer
+        describes the kept extents, so the directory re-learns their offsets.
+        ``unfinished`` names blocks whose creator died before confirming them: each is
+        unlinked, and so is, with ``live=None``, a found segment that has no block header.
+        Unlinked ones come back with ``unlinked=True``.  A worker that is closing adopts
+        nothing: it could not hand the blocks on."""
+        if self.closing:
+            raise WorkerLostError(f"worker {self.worker.address} is closing; ask another worker of node {self.node}")
+        fabric_id = uuid.UUID(self.fabric_id)
+        answers = [a for a in (unlink_unmade(s, fabric_id, self.node) for s in unfinished) if a is not None]
         for shm_id in shm_ids:
+            if shm_id in unfinished:
+                continue
             try:
-                segment = Segment.attach(shm_id)
+                adopted = open_block(shm_id, fabric_id, self.node, None if live is None else live.get(shm_id, []))
             except FileNotFoundError:
                 continue
-            try:
-                if not segment.private():
-                    raise layout.LayoutError("not owned by this user with mode 0600")
-                header = layout.read_block_header(segment.buf)
-                if header.fabric_id != uuid.UUID(self.fabric_id) or header.node != self.node:
-                    raise layout.LayoutError(f"block of fabric {header.fabric_id} on node {header.node}")
-                allocator = BlockAllocator(segment.buf, header.size, fresh=False)
+            except HalfCreated as exc:
+                if live is None and (gone := unlink_unmade(shm_id, fabric_id, self.node)) is not None:
+                    answers.append(gone)
+                else:
+                    logger.warning("not adopting %s: %s", shm_id, exc)
+                continue
             except layout.LayoutError as exc:
                 logger.warning("not adopting %s: %s", shm_id, exc)
-                segment.close()
                 continue
-            headers = [e for e in layout.walk(segment.buf, header.size) if e.state is not ExtentState.FREE]
-            if live is None:
-                kept = [e for e in headers if e.state is ExtentState.SEALED]
-            else:
-                ids = set(live.get(shm_id, ()))
-                kept = [e for e in headers if e.extent_id in ids]
-            for e in headers:
-                if e not in kept:
-                    allocator.release(e.offset)
             with self.lock:
-                self.blocks[shm_id] = OwnedBlock(segment, allocator)
-            self.state.map_own(segment)
-            adopted.append(
-                {
-                    "shm_id": shm_id,
-                    "size": header.size,
-                    "capacity": allocator.capacity,
-                    "free": allocator.free_bytes,
-                    "extents": [_extent_info(e) for e in kept],
-                }
-            )
-        return adopted
+                self.blocks[shm_id] = OwnedBlock(adopted.segment, adopted.allocator)
+            self.state.map_own(adopted.segment)
+            answers.append(adopted.answer)
+        return answers
 
     def block_stats(self, shm_id: str) -> dict:
         with self.lock:
@@ -340,20 +346,6 @@ _MARKED_FROM = {
     ExtentState.SEALED: {ExtentState.RESERVED},
     ExtentState.DELETED: {ExtentState.RESERVED, ExtentState.SEALED},  # sealed, or its writer has not marked it yet
 }
-
-
-def _extent_info(extent: layout.Extent) -> dict:
-    return {
-        "state": int(extent.state),
-        "name": extent.name,
-        "doc": extent.doc,
-        "type": extent.type,
-        "nbytes": extent.data_size,
-        "extent_offset": extent.offset,
-        "extent_size": extent.size,
-        "data_offset": extent.data_offset,
-        "extent_id": extent.extent_id,
-    }
 
 
 def _reservation(shm_id: str, r: Any) -> dict:

@@ -80,6 +80,7 @@ class Membership:
             except FabricError as exc:
                 logger.warning("%s could not take back blocks %s: %r", worker, unknown, exc)
                 return
+            found = [b for b in found if not b.get("unlinked")]  # half-created ones are gone now
             conflicting = []
             for b in found:
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
@@ -170,6 +171,7 @@ class Membership:
         )
         for shm_id in unfinished:
             self.directory.remove_block(shm_id)
+        adopted = [b for b in adopted if not b.get("unlinked")]
         for b in adopted:
             lost = self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"])
             if lost:
