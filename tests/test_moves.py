@@ -151,11 +151,6 @@ def _insert(fabric, names, nbytes):
         fabric.insert(name, "moves", np.uint8, np.full(nbytes, i % 251, np.uint8))
 
 
-@pytest.mark.xfail(
-    reason="needs the YellowPages (lead, issue 18) to call create_block(shm_id=...), pass extent ids as "
-    "adopt's live, and re-learn offsets by id from the AdoptedBlock extents",
-    strict=False,
-)
 def test_a_worker_killed_during_defragment_leaves_its_block_adoptable():
 
     with local_cluster(2) as cluster, Client(cluster) as client:
@@ -167,7 +162,7 @@ def test_a_worker_killed_during_defragment_leaves_its_block_adoptable():
             for name in names[0::2]:
                 fabric.delete(name)
             client.run(_die_at_progress, 1, workers=[a])
-            with pytest.raises((errors.FabricError, OSError)):
+            with pytest.raises(errors.WorkerLostError):
                 fabric.defragment()
             deadline = time.monotonic() + 60
             for i, name in enumerate(names):

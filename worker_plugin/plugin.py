@@ -65,10 +65,10 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def __init__(self, fabric_id: str) -> None:
         self.fabric_id = fabric_id
+        self.closing = False
 
     async def setup(self, worker: Any) -> None:
         self.worker = worker
-        self.closing = False
         self.node = worker_node(worker.address)
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
