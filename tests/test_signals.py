@@ -92,9 +92,8 @@ if __name__ == "__main__":  # the workers are spawned: they import this file
     with LocalCluster(n_workers=1, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
         with Client(cluster) as client:
             fabric = datafabric.start(client, mb=8)
-            creation = fabric.create("s", "", "1000 * float64")
-            out = creation.__enter__()  # kept bound past the shutdown
-            out[:] = 1.0
+            with fabric.create("s", "", "1000 * float64") as out:  # out stays bound past the shutdown
+                out[:] = 1.0
             fabric.shutdown()
             fabric.shutdown()  # a second one does nothing
             print("shut down twice", float(out.sum()), flush=True)
