@@ -16,6 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 import distributed.comm
+from distributed.security import Security
 
 from datafabric.cli.app import CliError
 
@@ -40,7 +41,8 @@ async def _require_scheduler(address: str, deadline: float) -> None:
     scheme, _, _ = address.rpartition("://")
     if scheme in ("", "tcp"):  # tls:// and the others: Dask's own comm below tells
         await _listen_for_dask(address)
-    comm = await distributed.comm.connect(address, timeout=max(0.1, deadline - time.monotonic()))
+    tls = Security().get_connection_args("client")  # Dask's TLS config, as the Client will use it
+    comm = await distributed.comm.connect(address, timeout=max(0.1, deadline - time.monotonic()), **tls)
     try:
         await comm.write({"op": "identity", "reply": True})
         identity = await comm.read()
