@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import signal
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -49,9 +51,26 @@ def start(client: Any, mb: float | None = None) -> Fabric:
 
         client.register_plugin(YellowPages(None if state == "stopped-durable" else uuid.uuid4().hex))
     fabric = Fabric(client.scheduler.address, _fabric_id(client), client=client)
+    _exit_on_sigterm()
     if mb:
         fabric.allocate(mb)
     return fabric
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (``kill PID``, a scheduler's or a container's stop) raises SystemExit in
+    the main thread, as Ctrl-C raises KeyboardInterrupt: the script's ``with`` blocks and
+    atexit handlers run, the cluster closes, and closing it shuts the fabric down.  By
+    default SIGTERM ends the process on the spot and the fabric's blocks stay in
+    /dev/shm.  A handler the program installed itself is left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_system_exit)
+
+
+def _raise_system_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def connect(client: Any) -> Fabric:
@@ -123,8 +142,13 @@ class Fabric:
         return {"moved": list(report["moved"]), "blocks": [{**b, "moved": list(b["moved"])} for b in report["blocks"]]}
 
     def shutdown(self) -> None:
-        """Unlink every block of the fabric on every node."""
-        self._ctx().call("shutdown")
+        """Unlink every block of the fabric on every node.  A fabric shut down already
+        (by this call, by ``datafabric stop``, by closing the cluster) is left as it is:
+        ending something that has ended is not an error."""
+        try:
+            self._ctx().call("shutdown")
+        except NoFabricError:
+            pass
 
     # -- writing -----------------------------------------------------------------------
     def insert(self, name: str, doc: str, tp: Any, buf: Any) -> list[Location]:

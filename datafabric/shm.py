@@ -52,6 +52,24 @@ else:
             resource_tracker.unregister = _untracked(resource_tracker.unregister)
 
 
+class _SharedMemory(SharedMemory):
+    """Closing a segment while a buffer taken from it is still alive (a ``create()``
+    buffer kept past ``shutdown()``) unmaps nothing: the mapping lives until the last
+    such buffer dies, and then goes with it.  Python's own class says so on stderr from
+    its finalizer (``BufferError: cannot close exported pointers exist``); this one
+    drops its file descriptor and its references instead, silently."""
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except BufferError:
+            self._buf = None  # the exported views hold the mapping now
+            self._mmap = None
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
 def node_tag(node: str) -> str:
     return hashlib.blake2b(node.encode(), digest_size=4).hexdigest()
 
@@ -113,7 +131,7 @@ class Segment:
             raise ValueError(f"not a fabric block name: {name!r}")
         shm = None
         try:
-            shm = SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
+            shm = _SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
             os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
             _populate(shm)
         except FileExistsError:
@@ -132,7 +150,7 @@ class Segment:
     def attach(cls, name: str) -> Segment:
         if not is_block_name(name):
             raise ValueError(f"not a fabric block name: {name!r}")
-        return cls(SharedMemory(name, create=False, **_UNTRACKED))
+        return cls(_SharedMemory(name, create=False, **_UNTRACKED))
 
     def private(self) -> bool:
         """Ours alone, as ``create`` makes every block: owned by this user, mode 0600.
@@ -143,10 +161,7 @@ class Segment:
 
     def close(self) -> None:
         """Unmap, unless user views still pin the mapping; then it unmaps when they die."""
-        try:
-            self._shm.close()
-        except BufferError:
-            pass
+        self._shm.close()
 
     def unlink(self) -> None:
         try:

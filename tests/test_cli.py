@@ -1,19 +1,14 @@
 """The `datafabric` command, run as the real executable in subprocesses against real
 clusters: one embedded `start` shared by the client-command tests, a cluster of separate
 `dask scheduler` and `dask worker` processes for `start --scheduler`, and short-lived
-embedded starts for `--run`, `stop` and Ctrl-C.  Every wait is bounded."""
+embedded starts for `--run` and `stop`.  Every wait is bounded."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +18,24 @@ from distributed import Client
 
 import datafabric
 from datafabric.errors import FabricError
-from tests.conftest import fabric_segments
+from tests.cli_helpers import (
+    DASK,
+    DATAFABRIC,
+    WAIT,
+    assert_fails,
+    end,
+    env_for,
+    free_address,
+    launch,
+    ok,
+    ok_many,
+    run,
+    run_many,
+    segments_of,
+    wait_for,
+)
 from yp.plugin import durable_fabric_id
 
-BIN = Path(sys.executable).parent
-DATAFABRIC = str(BIN / "datafabric")
-DASK = str(BIN / "dask")
-WAIT = 60  # seconds: the bound on every subprocess and every condition waited for
 TEMPS = np.arange(800, dtype=np.float64).reshape(40, 20)
 RAW_ITEMS = 3 * 2**20  # 12 MiB of uint32: more than one chunk of `put` and `get`
 
@@ -47,119 +53,6 @@ with Client() as client:
     print("script read", fabric.get("x").tolist(), "from fabric", fabric.fabric_id)
 sys.exit(int(sys.argv[1]))
 """
-
-
-def env_for(runtime_dir: Path) -> dict[str, str]:
-    """Commands that find the fabric only through --scheduler or this state directory."""
-    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-    return env | {"XDG_RUNTIME_DIR": str(runtime_dir), "COLUMNS": "80"}
-
-
-def run_many(env: dict[str, str], *commands: list[str], cwd: Path | None = None) -> list[subprocess.CompletedProcess]:
-    """Independent commands at once: most of each one's time is Python importing Dask."""
-    procs = [
-        subprocess.Popen([DATAFABRIC, *c], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for c in commands
-    ]
-    try:
-        results = []
-        for command, proc in zip(commands, procs, strict=True):
-            out, err = proc.communicate(timeout=WAIT)
-            results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
-        return results
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(WAIT)
-
-
-def run(env: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return run_many(env, list(args), cwd=cwd)[0]
-
-
-def ok_many(env: dict[str, str], *commands: list[str]) -> list[str]:
-    results = run_many(env, *commands)
-    for result in results:
-        assert result.returncode == 0, (result.args, result.stderr)
-    return [result.stdout for result in results]
-
-
-def ok(env: dict[str, str], *args: str) -> str:
-    return ok_many(env, list(args))[0]
-
-
-def assert_fails(result: subprocess.CompletedProcess, *fragments: str, status: int = 1) -> None:
-    """One `error: ...` line on stderr, the given exit status, no traceback."""
-    assert result.returncode == status, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def segments_of(fabric_id: str) -> list[str]:
-    return [s for s in fabric_segments() if s.startswith(f"dfab_{fabric_id[:8]}_")]
-
-
-def end(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
-    """Signal a process and wait for it; kill it if it does not exit in time."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(WAIT)
-            raise
-    return proc.returncode
-
-
-@dataclass
-class Start:
-    """A `datafabric start` running in the background, with its own state directory."""
-
-    proc: subprocess.Popen
-    env: dict[str, str]
-    home: Path
-    address: str
-
-    @property
-    def state_file(self) -> Path:
-        return self.home / "datafabric" / "scheduler"
-
-    @property
-    def out(self) -> str:
-        return (self.home / "start.out").read_text()
-
-    @property
-    def err(self) -> str:
-        return (self.home / "start.err").read_text()
-
-
-def launch(home: Path, *args: str, new_session: bool = False) -> Start:
-    env = env_for(home)
-    cmd = [DATAFABRIC, "start", "--dashboard-address", "127.0.0.1:0", *args]
-    with (home / "start.out").open("wb") as out, (home / "start.err").open("wb") as err:
-        proc = subprocess.Popen(cmd, env=env, cwd=home, stdout=out, stderr=err, start_new_session=new_session)
-    start = Start(proc, env, home, "")
-    try:
-        wait_for(lambda: start.state_file.exists() or proc.poll() is not None, "the state file")
-        assert proc.poll() is None, start.err
-    except BaseException:
-        end(proc)
-        raise
-    start.address = start.state_file.read_text().strip()
-    return start
 
 
 @pytest.fixture(scope="module")
@@ -328,12 +221,6 @@ def test_no_fabric_running(tmp_path):
     assert_fails(left_behind[0], "no fabric running")
 
 
-def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
 def test_unreachable_scheduler(tmp_path):
     address = free_address()
     env = env_for(tmp_path) | {"DASK_SCHEDULER_ADDRESS": address}
@@ -479,51 +366,3 @@ def test_stop_ends_an_embedded_start(tmp_path):
         assert "the fabric was shut down" in start.err and "Traceback" not in start.err
     finally:
         end(start.proc)
-
-
-def test_ctrl_c_in_the_terminal_shuts_down_cleanly(tmp_path):
-    """Ctrl-C reaches the whole foreground process group: the workers too."""
-    start = launch(tmp_path, "--mb", "16", "--workers", "2", "--json", new_session=True)
-    try:
-        children = psutil.Process(start.proc.pid).children(recursive=True)
-        os.killpg(start.proc.pid, signal.SIGINT)
-        assert start.proc.wait(WAIT) == 0
-        fabric_id = json.loads(start.out)["fabric_id"]
-        assert segments_of(fabric_id) == []
-        _, alive = psutil.wait_procs(children, timeout=WAIT)
-        assert alive == []
-        assert "got SIGINT" in start.err and "Traceback" not in start.err
-        assert "resource_tracker" not in start.err and "leaked" not in start.err
-    finally:
-        end(start.proc)
-
-
-def test_cleanup_removes_only_segments_nobody_owns(tmp_path):
-    """A crash of every process leaves segments; cleanup removes those no process maps and
-    no running fabric claims, and leaves mapped ones alone."""
-    import uuid
-
-    from datafabric.shm import Segment, new_block_name
-
-    crashed = new_block_name(uuid.uuid4(), "gone-node")
-    Segment.create(crashed, 4096).close()  # created, then its owner "died"
-    in_use_name = new_block_name(uuid.uuid4(), "busy-node")
-    in_use = Segment.create(in_use_name, 4096)  # mapped by this process
-    try:
-        env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
-        env["XDG_RUNTIME_DIR"] = str(tmp_path)  # no embedded start to be found
-        dry = subprocess.run(
-            [DATAFABRIC, "cleanup", "--dry-run", "--json"], capture_output=True, text=True, env=env, timeout=60
-        )
-        assert dry.returncode == 0, dry.stderr
-        report = json.loads(dry.stdout)
-        assert crashed in report["stale"] and in_use_name not in report["stale"] and report["removed"] == []
-        assert os.path.exists(f"/dev/shm/{crashed}")
-        done = subprocess.run([DATAFABRIC, "cleanup"], capture_output=True, text=True, env=env, timeout=60)
-        assert done.returncode == 0 and crashed in done.stdout
-        assert not os.path.exists(f"/dev/shm/{crashed}") and os.path.exists(f"/dev/shm/{in_use_name}")
-    finally:
-        in_use.close()
-        in_use.unlink()
-        if os.path.exists(f"/dev/shm/{crashed}"):
-            Segment.attach(crashed).unlink()

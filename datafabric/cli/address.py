@@ -7,7 +7,6 @@ Which scheduler a command talks to: ``--scheduler``, else ``DASK_SCHEDULER_ADDRE
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import logging
 import os
@@ -17,10 +16,10 @@ from pathlib import Path
 
 import dask
 import distributed
-import distributed.comm
 
 import datafabric
 from datafabric.cli.app import CliError
+from datafabric.cli.probe import require_scheduler
 from datafabric.errors import NoFabricError
 
 
@@ -102,18 +101,10 @@ def resolve_address(given: str | None) -> str:
 
 @contextmanager
 def connected_client(address: str, timeout: float) -> Iterator[distributed.Client]:
-    """A client of the scheduler, or one clear line if it does not answer in time.  The
-    scheduler is reached with a bare comm first: a ``Client`` that fails to connect
-    prints a traceback of its own when it is collected."""
-
-    async def reach() -> None:
-        comm = await distributed.comm.connect(address, timeout=timeout)
-        await comm.close()
-
-    try:
-        asyncio.run(reach())
-    except (OSError, ValueError, TypeError) as exc:
-        raise CliError(f"cannot reach the scheduler at {address}: {exc}") from None
+    """A client of the scheduler, or one clear line if no scheduler answers in time
+    (see ``probe``): a ``Client`` that fails to connect prints a traceback of its own
+    when it is collected."""
+    require_scheduler(address, timeout)
     logging.getLogger("distributed").setLevel(logging.CRITICAL)  # failures surface as exceptions
     client = distributed.Client(address, timeout=timeout, set_as_default=False)
     try:

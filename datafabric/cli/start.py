@@ -13,14 +13,16 @@ from contextlib import ExitStack
 from typing import Any
 
 import click
+import dask.config
 import dask.system
 import distributed
 
 import datafabric
 from datafabric.cli import format as fmt
+from datafabric.cli import shield
 from datafabric.cli.address import StateFile, connected_client
 from datafabric.cli.app import CliError, cli, json_option, timeout_option
-from datafabric.cli.supervise import run_script, serve, sigint_ignored, signals_handled
+from datafabric.cli.supervise import run_script, serve, signals_handled
 from datafabric.errors import FabricRunningError, NoFabricError
 
 _EMBEDDED_ONLY = ("workers", "threads_per_worker", "dashboard_address")
@@ -151,14 +153,14 @@ def _start_embedded(
     with signals_handled() as stop, ExitStack() as cleanup:  # signals stay handled while cleaning up
         if state is not None:
             cleanup.callback(state.remove)
-        with sigint_ignored():  # the workers must not die of the terminal's Ctrl-C: we close them
-            cluster = distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=dashboard_address,
-            )
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=dashboard_address,
+            preload=[*dask.config.get("distributed.worker.preload"), shield.PRELOAD],  # we end the workers
+        )
         cleanup.callback(cluster.close)
         client = distributed.Client(cluster, set_as_default=False)
         cleanup.callback(client.close)

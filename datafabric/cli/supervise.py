@@ -47,17 +47,6 @@ def signals_handled() -> Iterator[Stop]:
             signal.signal(sig, old)
 
 
-@contextmanager
-def sigint_ignored() -> Iterator[None]:
-    """Processes started meanwhile inherit an ignored SIGINT (a handled one would be reset
-    to the default in them)."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def serve(cluster: distributed.LocalCluster, stop: Stop) -> str:
     """Wait for a signal, or for the fabric to be shut down from outside; say which."""
     while not stop.wait(0.5):
