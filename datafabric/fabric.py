@@ -146,7 +146,7 @@ class Fabric:
         (by this call, by ``datafabric stop``, by closing the cluster) is left as it is:
         ending something that has ended is not an error."""
         try:
-            self._ctx().call("shutdown")
+            self._ctx().call("shutdown", fabric_id=self.fabric_id)
         except NoFabricError:
             pass
 

@@ -14,6 +14,7 @@ import pytest
 from distributed import get_worker
 from ndtypes import ndt
 
+import datafabric
 from datafabric import errors
 from datafabric.shm import Segment
 from tests.conftest import fabric_segments
@@ -305,6 +306,18 @@ def test_shutdown_unlinks_every_block_and_later_calls_say_so(client):
         fabric.get_list()
     with pytest.raises(errors.NoFabricError):
         datafabric.connect(client)
+
+
+def test_a_stale_handle_cannot_shut_down_the_fabric_started_after_it(client):
+    old = datafabric.start(client, mb=16)
+    old.shutdown()
+    new = datafabric.start(client, mb=16)
+    try:
+        old.shutdown()  # its fabric is over: nothing happens, to either
+        new.insert("alive", "", np.float64, np.ones(3))
+        assert new.get_list() == ["alive"]
+    finally:
+        new.shutdown()
 
 
 def test_segments_are_private_to_the_user(client, fabric):

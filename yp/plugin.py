@@ -159,8 +159,11 @@ class YellowPages(SchedulerPlugin):
                 if answer.get("status") == "error":
                     raise FabricError(f"{address} could not set up {plugin.name!r}: {answer.get('exception_text')}")
 
-    async def shutdown(self) -> dict:
-        """Unlink every block on every worker; the fabric is stopped for good."""
+    async def shutdown(self, fabric_id: str | None = None) -> dict:
+        """Unlink every block on every worker; the fabric is stopped for good.  A caller
+        naming another fabric (one shut down before this one started) ends nothing."""
+        if fabric_id is not None and fabric_id != self.fabric_id:
+            raise NoFabricError(f"fabric {fabric_id[:8]} was shut down already; {self.fabric_id[:8]} runs here now")
         self.status = Status.STOPPED
         await self.inventory.shutdown()
         self.directory.blocks.clear()
