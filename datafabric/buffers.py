@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from datafabric.errors import InvalidBufferError, TypeMismatchError
+from datafabric.errors import InvalidBufferError, InvalidTypeError, TypeMismatchError
 from datafabric.types import FabricType, parse_type
 
 
@@ -28,6 +28,8 @@ class Source:
 
 
 def prepare(tp: Any, buf: Any) -> Source:
+    if isinstance(buf, np.ndarray) and buf.dtype.hasobject:
+        raise _holds_objects(buf.dtype)
     if _is_numpy_dtype(tp):
         return _from_dtype(np.dtype(tp), buf)
     ftype = parse_type(tp)
@@ -107,6 +109,8 @@ def _as_array(buf: Any) -> np.ndarray:
     if isinstance(buf, np.ndarray):
         return buf
     mv = memoryview(buf)
+    if "O" in mv.format:  # a memoryview of an object array: same pointers, no dtype to say so
+        raise _holds_objects(mv.format)
     if not mv.contiguous:
         return np.asarray(mv)  # strided memoryview: numpy copies it in one pass
     return np.frombuffer(mv.cast("B"), np.uint8) if mv.nbytes else np.empty(0, np.uint8)
@@ -142,6 +146,14 @@ def _remaining(f: Any) -> int:
 
 def _is_numpy_dtype(tp: Any) -> bool:
     return isinstance(tp, np.dtype) or (isinstance(tp, type) and issubclass(tp, np.generic))
+
+
+def _holds_objects(kind: Any) -> InvalidTypeError:
+    """Its bytes are PyObject pointers, meaningless in any other process."""
+    return InvalidTypeError(
+        f"cannot store data of type {kind}: it holds Python objects (pointers into this process), not values; "
+        "convert it to a fixed-size dtype first, e.g. arr.astype('float64') or arr.astype('U10')"
+    )
 
 
 def _not_a_buffer(buf: Any) -> InvalidBufferError:

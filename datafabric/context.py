@@ -8,16 +8,18 @@ worker's own connections and reserves memory in the worker's own blocks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import uuid
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import distributed
 from distributed.utils import sync
 
-from datafabric.errors import FabricError, NoFabricError
+from datafabric.errors import FabricError, NoFabricError, WorkerLostError
 from datafabric.node import configured_node
 from datafabric.protocol import EVENT_TOPIC, WORKER_PLUGIN, raise_if_refused
 from datafabric.views import all_states
@@ -29,7 +31,9 @@ class Context:
     plugin: Any = None  # the FabricWorkerPlugin of the worker running the task
 
     def call(self, op: str, **kwargs: Any) -> Any:
-        result = raise_if_refused(self._call(op, **kwargs))
+        with _connection_lost(op, f"the scheduler at {self.scheduler_address}"):
+            answer = self._call(op, **kwargs)
+        result = raise_if_refused(answer)
         if result is None:
             raise NoFabricError(
                 f"no datafabric on the scheduler at {self.scheduler_address}; "
@@ -50,7 +54,9 @@ class WorkerContext(Context):
         return sync(self.worker.loop, getattr(self.worker.scheduler, f"datafabric_{op}"), **kwargs)
 
     def call_worker(self, address: str, op: str, **kwargs: Any) -> Any:
-        return raise_if_refused(sync(self.worker.loop, getattr(self.worker.rpc(address), f"datafabric_{op}"), **kwargs))
+        with _connection_lost(op, f"worker {address}"):
+            answer = sync(self.worker.loop, getattr(self.worker.rpc(address), f"datafabric_{op}"), **kwargs)
+        return raise_if_refused(answer)
 
     def send(self, msg: dict) -> None:
         """One-way, from any thread (finalizers run wherever the GC runs)."""
@@ -72,13 +78,31 @@ class ClientContext(Context):
         return self.client.sync(getattr(self.client.scheduler, f"datafabric_{op}"), **kwargs)
 
     def call_worker(self, address: str, op: str, **kwargs: Any) -> Any:
-        return raise_if_refused(self.client.sync(getattr(self.client.rpc(address), f"datafabric_{op}"), **kwargs))
+        with _connection_lost(op, f"worker {address}"):
+            answer = self.client.sync(getattr(self.client.rpc(address), f"datafabric_{op}"), **kwargs)
+        return raise_if_refused(answer)
 
     def send(self, msg: dict) -> None:
         try:
             self.client.loop.add_callback(self.client._send_to_scheduler, msg)
         except (RuntimeError, AttributeError):
             pass  # client closed: the scheduler drops its leases with it
+
+
+@contextlib.contextmanager
+def _connection_lost(op: str, peer: str) -> Iterator[None]:
+    """A comm that closes under a call (``CommClosedError``, or any ``OSError`` of
+    Dask's comms, raised here or re-raised from the scheduler, which lost a worker
+    it was asking) means a process serving it died or left: say which call."""
+    try:
+        yield
+    except FabricError:
+        raise
+    except OSError as exc:
+        raise WorkerLostError(
+            f"the fabric's {op!r} call to {peer} failed: a process serving it died or left "
+            f"({type(exc).__name__}: {exc}); a peer of its node adopts what it owned, so retry once it has"
+        ) from exc
 
 
 def current_context(address: str, client: Any = None) -> Context:

@@ -76,8 +76,9 @@ class FabricRunningError(FabricError, RuntimeError):
     """A fabric runs on the cluster already; connect to it instead of starting one."""
 
 
-class InvalidArgumentError(FabricError, ValueError):
-    """An argument other than a name, type or buffer is out of range."""
+class InvalidArgumentError(FabricError, ValueError, TypeError):
+    """An argument other than a name, type or buffer is out of range or of the wrong
+    kind; both builtins, since ``int("x")`` and ``None <= 0`` used to say which."""
 
 
 class WorkerLostError(FabricError, ConnectionError):

@@ -13,11 +13,13 @@ import distributed
 import numpy as np
 from ndtypes import ndt
 
+from datafabric import arguments
 from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
 from datafabric.errors import (
     FabricRunningError,
-    InvalidArgumentError,
+    NameExistsError,
+    NameNotFoundError,
     NoFabricError,
     NotOnThisNodeError,
     OutOfSpaceError,
@@ -30,7 +32,6 @@ from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite, seal_all
 
 Location = tuple[str, str, int]
-MAX_DOC_BYTES = 65536
 
 
 def start(client: Any, mb: float | None = None) -> Fabric:
@@ -126,19 +127,21 @@ class Fabric:
     def allocate(self, num_megabytes: float) -> list[tuple[str, str]]:
         """Add blocks holding ``num_megabytes`` in all, spread evenly over the nodes and
         split among each node's workers; returns ``[(node, shm_id), ...]``."""
-        return [tuple(b) for b in self._ctx().call("allocate", mb=num_megabytes)]
+        mb = arguments.megabytes(num_megabytes, "num_megabytes")
+        return [tuple(b) for b in self._ctx().call("allocate", mb=mb)]
 
     def deallocate(self, node: str, shm_id: str, *, migrate: bool = False) -> None:
         """Unlink a block; refused while it holds live variables, unless ``migrate``,
         which first copies them to other blocks of the same node."""
-        self._ctx().call("deallocate", node=node, shm_id=shm_id, migrate=migrate)
+        node, shm_id = arguments.text(node, "node"), arguments.text(shm_id, "shm_id")
+        self._ctx().call("deallocate", node=node, shm_id=shm_id, migrate=arguments.flag(migrate, "migrate"))
         self._state.detach([shm_id])
 
     def defragment(self, node: str | None = None) -> dict:
         """Compact the blocks (of ``node``), moving only variables no view holds.
         Returns the names moved and, per block, bytes moved and the largest free
         extent before and after."""
-        report = self._ctx().call("defragment", node=node)
+        report = self._ctx().call("defragment", node=None if node is None else arguments.text(node, "node"))
         return {"moved": list(report["moved"]), "blocks": [{**b, "moved": list(b["moved"])} for b in report["blocks"]]}
 
     def shutdown(self) -> None:
@@ -154,7 +157,7 @@ class Fabric:
     def insert(self, name: str, doc: str, tp: Any, buf: Any) -> list[Location]:
         """Copy ``buf`` once into shared memory as the write-once variable ``name``."""
         validate_name(name)
-        _validate_doc(doc)
+        arguments.doc(doc)
         source = prepare(tp, buf)
         write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
         try:
@@ -166,14 +169,13 @@ class Fabric:
 
     def insert_many(self, items: Iterable[tuple[str, str, Any, Any]]) -> list[list[Location]]:
         """``insert`` for many ``(name, doc, tp, buf)`` at once, sealed with one RPC, all
-        or none: the fast path for many small variables written from a task."""
+        or none: the fast path for many small variables written from a task.  Every item
+        is checked before the first is reserved."""
+        prepared = [(validate_name(n), arguments.doc(d), prepare(tp, buf)) for n, d, tp, buf in arguments.items(items)]
         ctx = self._ctx()
         writes: list[PendingWrite] = []
         try:
-            for name, doc, tp, buf in items:
-                validate_name(name)
-                _validate_doc(doc)
-                source = prepare(tp, buf)
+            for name, doc, source in prepared:
                 write = PendingWrite(ctx, self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
                 writes.append(write)
                 _copy(write, source)
@@ -183,13 +185,27 @@ class Fabric:
             raise
         return [_locations(info) for info in seal_all(writes)]
 
-    def create(self, name: str, doc: str, tp: Any) -> Creation:
+    def create(self, name: str, doc: str, tp: Any, fill: Any = 0) -> Creation:
         """Reserve ``name`` and hand out its memory to fill in place (zero-copy
-        producers: ``np.add(a, b, out=...)``, ``f.readinto(...)``); see ``Creation``."""
+        producers: ``np.add(a, b, out=...)``, ``f.readinto(...)``); see ``Creation``.
+
+        The memory reads as ``fill`` (0 by default, as h5py and zarr give) until written,
+        never as a deleted variable's bytes.  ``fill=None`` skips that pass, for
+        producers that write every byte anyway; what they leave unwritten is then
+        undefined.  A name that exists is refused here, before any filling (and again
+        at the seal, where two creators of one name race)."""
         validate_name(name)
-        _validate_doc(doc)
+        arguments.doc(doc)
         ftype = parse_type(tp)  # a bare numpy dtype is refused: create needs the shape too
-        return Creation(PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, ftype))
+        value = arguments.fill_value(fill, ftype.dtype)
+        ctx = self._ctx()
+        try:
+            ctx.call("info", name=name)
+        except NameNotFoundError:
+            pass
+        else:
+            raise NameExistsError(f"a variable named {name!r} exists; variables are write-once, delete it first")
+        return Creation(PendingWrite(ctx, self._state, self.fabric_id, name, doc, ftype), value)
 
     # -- reading -----------------------------------------------------------------------
     def get(self, name: str, *, cache: bool = True) -> np.ndarray:
@@ -201,7 +217,9 @@ class Fabric:
         worker that has one and, with ``cache`` (the default), land in a block of this
         node as a replica, so the next get here is local.  Without ``cache``, or where
         this node has no blocks, the array is a private read-only copy."""
-        if cache:
+        if cache is not True and cache is not False:  # identity first: the warm path costs ~1 µs
+            cache = arguments.flag(cache, "cache")
+        if cache and type(name) is str:
             view = self._state.cached_view(name)  # cached names were validated when first got
             if view is not None:
                 return view
@@ -243,15 +261,13 @@ class Fabric:
     def get_ptr(self, node: str, shm_id: str, offset: int) -> Pointer:
         """The type and address of the variable stored at a location of this node; the
         memory stays valid until the returned object is closed."""
+        node, shm_id = arguments.text(node, "node"), arguments.text(shm_id, "shm_id")
+        offset = arguments.whole(offset, "offset")
         ctx = self._ctx()
         if ctx.node is not None and node != ctx.node:
             raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
-        info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=int(offset), holder=ctx.holder)
-        owner = next(
-            (w for (_, s, o), w in zip(info["locations"], info["workers"], strict=True) if (s, o) == (shm_id, offset)),
-            None,
-        )
-        info["locations"], info["workers"] = [[node, shm_id, int(offset)]], [owner]
+        info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=offset, holder=ctx.holder)
+        info["locations"] = [[node, shm_id, offset]]
         pin = self._local_pin(ctx, info, info["name"])
         if pin is None:
             ctx.send(_release_msg(ctx, info))
@@ -271,8 +287,8 @@ class Fabric:
     def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:
         """Copy ``name`` ahead of time to the given nodes, to ``nodes`` (an int) more
         nodes, or to every node; returns all its locations."""
-        options = {"count": nodes} if isinstance(nodes, int) else {"nodes": None if nodes is None else list(nodes)}
-        return _locations(self._ctx().call("replicate", name=validate_name(name), **options))
+        validate_name(name)
+        return _locations(self._ctx().call("replicate", name=name, **arguments.replica_targets(nodes)))
 
     def where(self, *names: str) -> list[str]:
         """Addresses of the workers on the nodes that hold ``names``: pass them as
@@ -282,11 +298,15 @@ class Fabric:
     def submit(self, func: Any, *names: str, **kwargs: Any) -> Any:
         """``client.submit(func, *views)`` on a worker of a node holding the named
         variables, each passed to ``func`` as its zero-copy view."""
+        if not callable(func):
+            raise arguments.refuse("func", func, "a callable")
+        for name in names:
+            validate_name(name)
         client = self._client or distributed.get_client(self.address)
         return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
 
     def get_list(self, prefix: str = "") -> list[str]:
-        return list(self._ctx().call("names", prefix=prefix))
+        return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix")))
 
     def get_locations(self, name: str) -> list[Location]:
         return _locations(self._ctx().call("info", name=validate_name(name)))
@@ -367,14 +387,3 @@ def _release_msg(ctx: Context, info: dict) -> dict:
 
 def _locations(info: dict) -> list[Location]:
     return [(node, shm_id, int(offset)) for node, shm_id, offset in info["locations"]]
-
-
-def _validate_doc(doc: Any) -> None:
-    if not isinstance(doc, str):
-        raise InvalidArgumentError(f"doc must be a str, not {type(doc).__name__}")
-    try:
-        encoded = doc.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidArgumentError("doc is not valid UTF-8 text (it holds lone surrogates)") from None
-    if len(encoded) > MAX_DOC_BYTES:
-        raise InvalidArgumentError(f"doc is longer than {MAX_DOC_BYTES} bytes; keep documentation short")

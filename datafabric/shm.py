@@ -10,6 +10,8 @@ unregister that drops names of this fabric's prefix and passes every other name 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import mmap
 import os
@@ -18,8 +20,11 @@ import secrets
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 
 import numpy as np
 
@@ -131,8 +136,15 @@ class Segment:
             raise ValueError(f"not a fabric block name: {name!r}")
         shm = None
         try:
-            shm = _SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
-            os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
+            with _tmpfs_lock():  # the check and the pages it allows, one process at a time
+                budget = shm_budget()
+                if size > budget.available:
+                    raise OutOfSpaceError(
+                        f"cannot reserve {size} bytes ({_mib(size)}) of shared memory for block {name}: "
+                        f"{budget.describe()}. Allocate fewer megabytes, or free memory on this machine."
+                    )
+                shm = _SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
+                os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
             _populate(shm)
         except FileExistsError:
             raise
@@ -175,3 +187,148 @@ def _populate(shm: SharedMemory) -> None:
         shm._mmap.madvise(_MADV_POPULATE_WRITE)
     except OSError:  # kernel older than 5.14: touch one byte per page instead
         np.frombuffer(shm.buf, np.uint8)[::_PAGE] = 0
+
+
+MARGIN_MIN = 64 * 2**20  # bytes of RAM never promised to shared memory, at the least
+MARGIN_FRACTION = 32  # and a 32nd of the RAM (or of the cgroup limit) that bounds it
+
+
+@dataclass(frozen=True)
+class ShmBudget:
+    """What this machine can still give to new shared memory, and which limit says so.
+
+    Tmpfs pages are RAM: a tmpfs sized above the free RAM (the default is half of it,
+    and containers often mount more) lets ``posix_fallocate`` take pages the machine
+    does not have, and the kernel's OOM killer then kills processes, unrelated ones
+    included.  So a block must fit under all three limits: the RAM the kernel reports
+    available, the memory cgroup this process is charged to, and the tmpfs itself.
+    The first two are estimates the rest of the machine keeps moving, so a margin of
+    them is never promised; the tmpfs's free space is exact and gets none."""
+
+    mem_available: int  # MemAvailable of /proc/meminfo, less the margin
+    cgroup_free: int | None  # the tightest memory cgroup limit over this process, less the margin
+    tmpfs_free: int  # free bytes of the tmpfs, by statvfs
+
+    @property
+    def available(self) -> int:
+        limits = [self.mem_available, self.tmpfs_free]
+        if self.cgroup_free is not None:
+            limits.append(self.cgroup_free)
+        return max(0, min(limits))
+
+    def describe(self) -> str:
+        parts = [f"free RAM {_mib(self.mem_available)}", f"free space of {SHM_DIR} {_mib(self.tmpfs_free)}"]
+        if self.cgroup_free is not None:
+            parts.append(f"room under the memory cgroup limit {_mib(self.cgroup_free)}")
+        given = f"{self.available} bytes ({_mib(self.available)})"
+        return f"this machine can give {given} more to shared memory ({', '.join(parts)}, after a safety margin)"
+
+
+def shm_budget() -> ShmBudget:
+    """How many bytes this machine can still give to new shared memory, with the
+    figures behind it: what ``Segment.create`` checks before it takes any page, and
+    what a planner can sum a node's blocks against before it asks several workers."""
+    meminfo = _meminfo()
+    total = meminfo.get("MemTotal", 0)
+    available = meminfo.get("MemAvailable", meminfo.get("MemFree", 0))
+    cgroup = _cgroup_headroom()
+    try:
+        st = os.statvfs(SHM_DIR)
+        tmpfs_free = st.f_bavail * st.f_frsize
+    except OSError:
+        tmpfs_free = 0
+    return ShmBudget(
+        mem_available=available - _margin(total),
+        cgroup_free=None if cgroup is None else cgroup[0] - _margin(cgroup[1]),
+        tmpfs_free=tmpfs_free,
+    )
+
+
+def _margin(total: int) -> int:
+    return max(MARGIN_MIN, total // MARGIN_FRACTION)
+
+
+def _meminfo() -> dict[str, int]:
+    figures = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            number, *unit = value.split()
+            figures[key] = int(number) * (1024 if unit == ["kB"] else 1)
+    return figures
+
+
+def _cgroup_headroom() -> tuple[int, int] | None:
+    """(limit - usage, limit) of the tightest memory cgroup this process is charged
+    to, its ancestors included (v2: memory.max, v1: memory.limit_in_bytes); None where
+    no limit applies."""
+    try:
+        memberships = Path("/proc/self/cgroup").read_text().splitlines()
+        mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    except OSError:
+        return None
+    tightest = None
+    for line in memberships:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0":
+            found = _cgroup_mount(mounts, "cgroup2", None)
+            files = ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            found = _cgroup_mount(mounts, "cgroup", "memory")
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        if found is None:
+            continue
+        root, mountpoint = found
+        relative = os.path.relpath(path, root)
+        if relative.startswith(".."):
+            continue  # our cgroup is outside what is mounted here
+        directory = Path(mountpoint, relative).resolve()
+        while True:
+            headroom = _limit_headroom(directory, *files)
+            if headroom is not None and (tightest is None or headroom[0] < tightest[0]):
+                tightest = headroom
+            if directory == Path(mountpoint) or directory.parent == directory:
+                break
+            directory = directory.parent
+    return tightest
+
+
+def _cgroup_mount(mounts: list[list[str]], fstype: str, controller: str | None) -> tuple[str, str] | None:
+    """(root, mount point) of the cgroup hierarchy, from /proc/self/mountinfo fields."""
+    for fields in mounts:
+        if "-" not in fields:
+            continue
+        tail = fields[fields.index("-") + 1 :]
+        if tail[0] == fstype and (controller is None or controller in tail[-1].split(",")):
+            return fields[3], fields[4]
+    return None
+
+
+def _limit_headroom(directory: Path, limit_file: str, usage_file: str) -> tuple[int, int] | None:
+    try:
+        limit_text = (directory / limit_file).read_text().strip()
+        usage = int((directory / usage_file).read_text())
+    except (OSError, ValueError):
+        return None
+    if limit_text == "max" or int(limit_text) >= 2**62:  # v1 spells "no limit" as a huge number
+        return None
+    return int(limit_text) - usage, int(limit_text)
+
+
+@contextlib.contextmanager
+def _tmpfs_lock() -> Iterator[None]:
+    """An advisory lock on the tmpfs directory itself, shared by every process of this
+    machine and freed by the kernel if its holder dies: without it, two workers
+    creating blocks at once would both be told the same free memory is theirs."""
+    fd = os.open(SHM_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f} MiB"

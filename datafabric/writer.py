@@ -8,6 +8,7 @@ a failed write leaves nothing visible and nothing allocated.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import weakref
 from typing import Any
@@ -149,15 +150,17 @@ class Creation:
     ...     np.add(a, b, out=out)
     """
 
-    def __init__(self, write: PendingWrite) -> None:
+    def __init__(self, write: PendingWrite, fill: np.ndarray | None = None) -> None:
         self._write = write
+        self._finalizer = weakref.finalize(self, write.abort)
         raw = (
             np.frombuffer(write.memory(), dtype=write.type.dtype)
             if write.type.nbytes
             else np.empty(0, write.type.dtype)
         )
         self.array: np.ndarray = raw.reshape(write.type.shape)
-        self._finalizer = weakref.finalize(self, write.abort)
+        if fill is not None and self.array.nbytes:
+            _fill(self.array, fill)
         self.locations: list[tuple[str, str, int]] | None = None
 
     @property
@@ -182,3 +185,12 @@ class Creation:
             self.seal()
         else:
             self.abort()
+
+
+def _fill(array: np.ndarray, value: np.ndarray) -> None:
+    """One pass over the reserved memory, so it never shows a deleted variable's bytes:
+    a memset for all-zero bytes (the default), numpy's own fill loop otherwise."""
+    if not value.tobytes().strip(b"\0"):
+        ctypes.memset(array.ctypes.data, 0, array.nbytes)
+    else:
+        array[...] = value
