@@ -37,7 +37,7 @@ def _mem(pid: int) -> tuple[float, float]:
 
 def _create(fabric: datafabric.Fabric, nbytes: int) -> None:
     """In a task on the owner: filled in place, so the owner has no private copy either."""
-    with fabric.create(NAME, "benchmark", f"{nbytes // 8} * float64") as out:
+    with fabric.create(NAME, "benchmark", f"{nbytes // 8} * float64", fill=None) as out:
         out.fill(1.0)
 
 

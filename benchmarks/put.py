@@ -61,11 +61,11 @@ def in_task(fabric: datafabric.Fabric, nbytes: int, reps: int, run_id: uuid.UUID
     placed = []
 
     def create_fill() -> None:
-        with fabric.create(NAME, "benchmark", tp) as out:
+        with fabric.create(NAME, "benchmark", tp, fill=None) as out:  # every byte is written
             np.copyto(out, arr)
 
     def create_seal() -> None:
-        with fabric.create(NAME, "benchmark", tp):
+        with fabric.create(NAME, "benchmark", tp, fill=None):  # the fixed cost alone
             pass
 
     delete = lambda: fabric.delete(NAME)  # noqa: E731
