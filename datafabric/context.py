@@ -29,6 +29,7 @@ class Context:
     holder: str  # whose leases and reservations these are, as the scheduler names it
     node: str | None  # None: a client with no configured node; it maps whatever it can
     plugin: Any = None  # the FabricWorkerPlugin of the worker running the task
+    gone: bool  # its connection to the scheduler is closing or closed
 
     def call(self, op: str, **kwargs: Any) -> Any:
         with _connection_lost(op, f"the scheduler at {self.scheduler_address}"):
@@ -49,6 +50,10 @@ class WorkerContext(Context):
         self.scheduler_address = worker.scheduler.address
         self.plugin = worker.plugins.get(WORKER_PLUGIN)
         self.node = self.plugin.node if self.plugin is not None else configured_node()
+
+    @property
+    def gone(self) -> bool:
+        return self.worker.status.name in ("closing", "closed", "failed")
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         return sync(self.worker.loop, getattr(self.worker.scheduler, f"datafabric_{op}"), **kwargs)
@@ -73,6 +78,10 @@ class ClientContext(Context):
         self.scheduler_address = client.scheduler.address
         self.node = configured_node()
         _subscribe(client)
+
+    @property
+    def gone(self) -> bool:
+        return self.client.status in ("closing", "closed")
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         return self.client.sync(getattr(self.client.scheduler, f"datafabric_{op}"), **kwargs)

@@ -118,7 +118,7 @@ class PendingWrite:
     def _give_back(self) -> None:
         if self.local:
             self.ctx.plugin.free_local(self.res["shm_id"], self.res["extent_offset"], self.res["extent_id"])
-        else:
+        elif not self.ctx.gone:  # else the scheduler gives a departed holder's reservations back itself
             self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
 
 
