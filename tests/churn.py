@@ -191,7 +191,7 @@ def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = N
                         read(name, mine=name in own)
                 elif roll < 0.9 and own:
                     delete_own()
-                elif roll >= 0.95:
+                elif roll >= 0.9:
                     fabric.defragment()
                     tally.ops["defragment"] += 1
             except (FabricError, OSError) as exc:  # a worker died under the request, say
