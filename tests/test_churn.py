@@ -111,6 +111,10 @@ def insert_too_big(fabric) -> str:
     raise AssertionError("an insert larger than any block was accepted")
 
 
+def segments_of(fabric_id: str) -> list[str]:
+    return [s for s in fabric_segments() if s.startswith(f"dfab_{fabric_id[:8]}_")]
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("refused", [False, True], ids=["idle", "after-a-refused-insert"])
 def test_closing_a_local_cluster_leaves_nothing_in_shared_memory(refused):
@@ -118,12 +122,12 @@ def test_closing_a_local_cluster_leaves_nothing_in_shared_memory(refused):
     for cycle in range(CYCLES):
         with local_cluster(n_workers=CYCLE_WORKERS) as cluster, Client(cluster) as client:
             fabric = datafabric.start(client, mb=CYCLE_MB)
-            prefix = f"dfab_{fabric.fabric_id[:8]}_"
-            assert len([s for s in fabric_segments() if s.startswith(prefix)]) == CYCLE_WORKERS
+            assert len(segments_of(fabric.fabric_id)) == CYCLE_WORKERS
             if refused:
                 client.submit(insert_too_big, fabric, pure=False).result()
-        left = [s for s in fabric_segments() if s.startswith(prefix)]
+        left = segments_of(fabric.fabric_id)  # every process of the cluster has exited
         if left:
-            leaks.append((cycle, left))
+            stays = not settles(lambda fid=fabric.fabric_id: not segments_of(fid), timeout=3)
+            leaks.append((cycle, left, "still there 3 s later" if stays else "gone within 3 s"))
             remove(left)  # recorded; the session must still end with /dev/shm clean
-    assert not leaks, f"closing the cluster left blocks in /dev/shm (cycle, blocks): {leaks}"
+    assert not leaks, f"closing the cluster left blocks in /dev/shm (cycle, blocks, fate): {leaks}"
