@@ -196,6 +196,10 @@ def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = N
                     tally.ops["defragment"] += 1
             except (FabricError, OSError) as exc:  # a worker died under the request, say
                 tally.errors[type(exc).__name__] += 1
+            except Exception as exc:  # not a FabricError: a defect of its own, and the churn goes on
+                tally.errors[f"unexpected {type(exc).__name__}"] += 1
+                if len(tally.bad) < MAX_REPORTED:
+                    tally.bad.append(f"unexpected {exc!r}")
         for name, view, _ in held:
             check(name, view, "changed-under-view")
     finally:

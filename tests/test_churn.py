@@ -84,6 +84,8 @@ def test_churn_of_inserts_reads_deletes_and_defragments_returns_only_right_bytes
         problems = []  # every check runs, so that a failure reports all it found
         if tot["bad_reads"]:
             problems.append(f"{tot['bad_reads']} bad reads in {tot['ops']['get']} gets: {tot['bad']}")
+        if tot["errors"]:  # no worker dies here: every call must succeed or be refused as documented
+            problems.append(f"calls that failed: {dict(tot['errors'])}")
         if tot["lost"]:
             problems.append(f"inserts that returned were lost: {tot['lost']}")
         wrong = churn.verify_listed(fabric)  # everything settled: the churn's views are gone
