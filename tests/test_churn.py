@@ -56,6 +56,10 @@ def balanced(status: list[dict]) -> list[str]:
     ]
 
 
+def segments_of(fabric_id: str) -> list[str]:
+    return [s for s in fabric_segments() if s.startswith(f"dfab_{fabric_id[:8]}_")]
+
+
 @pytest.mark.timeout(120)
 def test_churn_of_inserts_reads_deletes_and_defragments_returns_only_right_bytes(client):
     fabric = datafabric.start(client, mb=CHURN_MB)
@@ -98,11 +102,13 @@ def test_churn_of_inserts_reads_deletes_and_defragments_returns_only_right_bytes
         for name in fabric.get_list():
             fabric.delete(name)
         if not settles(lambda: all(b["free"] == b["capacity"] for b in fabric.status())):
-            problems.append(f"space still used after deleting everything: {balanced(fabric.status())}")
+            used = [(b["shm_id"], b["capacity"] - b["free"], b["reserved"]) for b in fabric.status()]
+            problems.append(f"space still used 10 s after deleting everything (block, bytes, reserved): {used}")
         print("\n".join(problems))
         assert not problems, problems
     finally:
         fabric.shutdown()
+    assert not segments_of(fabric.fabric_id), "shutdown left blocks in /dev/shm"
 
 
 def insert_too_big(fabric) -> str:
@@ -111,10 +117,6 @@ def insert_too_big(fabric) -> str:
     except OutOfSpaceError as exc:
         return str(exc)
     raise AssertionError("an insert larger than any block was accepted")
-
-
-def segments_of(fabric_id: str) -> list[str]:
-    return [s for s in fabric_segments() if s.startswith(f"dfab_{fabric_id[:8]}_")]
 
 
 @pytest.mark.timeout(180)
