@@ -108,7 +108,9 @@ def read_journals(paths: list[str]) -> tuple[set[str], set[str]]:
 def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = None) -> dict:
     """Run inserts, verified gets, deletes and defragments for ``seconds``; returns the
     ``Tally`` as a dict.  The actor deletes only its own names, so a get of one of them
-    that finds no such name is a lost insert; other actors' names may vanish at any time."""
+    that finds no such name is a lost insert; other actors' names may vanish at any time.
+    An own name that read wrong is left in place, so a check after the churn sees whether
+    it stays wrong."""
     rng = random.Random(seed)
     tally = Tally(actor)
     log = Journal(journal)
@@ -124,6 +126,8 @@ def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = N
         tally.bytes_checked += view.nbytes
         if bad:
             tally.bad_reads += 1
+            if name in own:  # kept, never deleted: the end shows whether it stays wrong
+                own.remove(name)
             if len(tally.bad) < MAX_REPORTED:
                 listed = name in fabric.get_list(name)
                 tally.bad.append(
