@@ -2,7 +2,7 @@
 long time, while worker processes are SIGKILLed and their nannies start them again.
 
 A LocalCluster of worker processes with nannies runs one churn task per worker thread, in
-rounds of ``--round`` seconds, and the client churns too.  Every 20 to 40 s a killer
+rounds of ``--round`` seconds; the client churns too, and defragments in a loop.  Every 20 to 40 s a killer
 SIGKILLs a random worker process; a peer adopts its blocks, its nanny starts it again,
 and Dask retries the task that ran there (a retry writes fresh names).  Each actor keeps a
 journal file of the inserts that returned and the deletes it set out to make, so that what
@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 from distributed import Client, LocalCluster
@@ -108,6 +109,8 @@ def drive(client: Client, fabric, args: argparse.Namespace, journals: str) -> tu
     mine = threading.Thread(
         target=client_rounds, args=(fabric, seconds, args.round, args.seed, journals, by_client), daemon=True
     )
+    compacting = ThreadPoolExecutor(1)
+    defragmenter = compacting.submit(churn.defragment_loop, fabric, seconds, 0.05)
     started = time.monotonic()
     mine.start()
     tallies: list[dict] = []
@@ -136,6 +139,8 @@ def drive(client: Client, fabric, args: argparse.Namespace, journals: str) -> tu
         if time.monotonic() - started < seconds:
             killer.maybe_kill()
     mine.join()
+    tallies.append(defragmenter.result())
+    compacting.shutdown()
     return tallies + by_client, interrupted, killer.kills
 
 

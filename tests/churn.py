@@ -162,12 +162,12 @@ def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = N
 
     try:
         while time.monotonic() < deadline:
-            count = sum(tally.ops.values())
-            while held and held[0][2] <= count:
-                name, view, _ = held.popleft()
-                check(name, view, "changed-under-view")
             roll = rng.random()
             try:
+                count = sum(tally.ops.values())
+                while held and held[0][2] <= count:
+                    name, view, _ = held.popleft()
+                    check(name, view, "changed-under-view")
                 if roll < 0.35:
                     nbytes = int(MIN_BYTES * (MAX_BYTES / MIN_BYTES) ** rng.random())
                     name = name_for(tag, i, nbytes)
@@ -204,10 +204,27 @@ def churn(fabric, actor: str, seed: int, seconds: float, journal: str | None = N
                 tally.errors[f"unexpected {type(exc).__name__}"] += 1
                 if len(tally.bad) < MAX_REPORTED:
                     tally.bad.append(f"unexpected {exc!r}")
-        for name, view, _ in held:
+        while held:
+            name, view, _ = held.popleft()
             check(name, view, "changed-under-view")
     finally:
         log.close()
+    return tally.as_dict()
+
+
+def defragment_loop(fabric, seconds: float, pause: float = 0.0) -> dict:
+    """Defragment again and again for ``seconds``: the compaction that reads race."""
+    tally = Tally("defragmenter")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            fabric.defragment()
+            tally.ops["defragment"] += 1
+        except (FabricError, OSError) as exc:
+            tally.errors[type(exc).__name__] += 1
+        except Exception as exc:  # not a FabricError: a defect of its own
+            tally.errors[f"unexpected {type(exc).__name__}"] += 1
+        time.sleep(pause)
     return tally.as_dict()
 
 

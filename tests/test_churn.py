@@ -1,10 +1,11 @@
 """Tests that try to break the fabric with real processes racing each other.
 
 The churn: tasks on both workers of the session cluster and the client insert, read
-(checksummed), delete and defragment for ``CHURN_SECONDS``, with sizes from 1 KiB to a
-few MiB so that compaction really moves extents, and views kept alive and checked again
-later.  No read may return wrong bytes; afterwards every listed variable reads exactly,
-every block's accounts balance, and deleting everything frees every block.
+(checksummed), delete and defragment for ``CHURN_SECONDS``, while a thread of the client
+defragments nonstop.  Sizes go from 1 KiB to a few MiB so that compaction really moves
+extents, and views are kept alive and checked again later.  No read may return wrong
+bytes; afterwards every listed variable reads exactly, every block's accounts balance,
+and deleting everything frees every block.
 
 The cluster cycle: a LocalCluster with a fabric, closed, again and again; each close
 must leave nothing of its fabric in /dev/shm.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import numpy as np
@@ -78,7 +80,9 @@ def test_churn_of_inserts_reads_deletes_and_defragments_returns_only_right_bytes
             for w, address in enumerate(workers)
             for t in range(TASKS_PER_WORKER)
         ]
-        tallies = [churn.churn(fabric, "client", CHURN_SEED, CHURN_SECONDS)]
+        with ThreadPoolExecutor(1) as pool:  # the client also compacts without pause, beside its churn
+            defragmenter = pool.submit(churn.defragment_loop, fabric, CHURN_SECONDS)
+            tallies = [churn.churn(fabric, "client", CHURN_SEED, CHURN_SECONDS), defragmenter.result()]
         tallies += client.gather(futures, errors="raise")
         tot = churn.total(tallies)
         print(churn.summary(tot))
