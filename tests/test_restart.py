@@ -49,6 +49,10 @@ def insert_here(fabric, items):
     return fabric.insert_many([(name, f"doc of {name}", np.float64, data) for name, data in items.items()])
 
 
+def insert_ones(fabric, name, nbytes):
+    return fabric.insert(name, "", np.float64, np.ones(nbytes // 8))
+
+
 def hold(fabric, name):
     """A reader that keeps its view: the variable is deleted while read."""
     get_worker()._datafabric_test_held = fabric.get(name)
@@ -197,3 +201,54 @@ def test_views_kept_through_a_restart_get_their_leases_back(processes):
         del view  # the last view goes: its lease ends and the memory is freed
         wait_for(lambda: sum(b["used"] for b in fabric.status()) < used - held_data.nbytes, "memory not freed")
         fabric.shutdown()
+
+
+def test_an_insert_placed_by_compacting_the_writer_s_own_block_survives_a_restart(processes):
+    """A task's insert that does not fit its worker's own block in one piece is placed by
+    the YellowPages, which compacts that block and reserves there.  The insert returned,
+    so its header must say sealed: a restarted scheduler lists it again."""
+    small, big = 1_000_000, 6_000_000
+    rng = np.random.default_rng(3)
+    smalls = {f"a/s{i:02d}": rng.random(small // 8) for i in range(30)}
+    with Client(processes.address) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)  # 32 MiB per node: one block each
+        workers = worker_of(client)
+        a, b = workers[NODES[0]], workers[NODES[1]]
+        client.submit(insert_ones, fabric, "b/fill", 30_000_000, workers=[b]).result()
+        client.submit(insert_here, fabric, smalls, workers=[a]).result()
+        for name in sorted(smalls)[::2]:  # node A: free space in 1 MB pieces and a short tail
+            fabric.delete(name)
+            del smalls[name]
+        blocks = {row["node"]: row for row in fabric.status()}
+        assert blocks[NODES[0]]["largest_free"] < big <= blocks[NODES[0]]["free"], (
+            f"A must need compaction: {fabric.status()}"
+        )
+        assert blocks[NODES[1]]["free"] < big, "B must have no room for 'big'"
+
+        data = rng.random(big // 8)
+        [(node, shm_id, _)] = client.submit(insert_here, fabric, {"big": data}, workers=[a]).result()[0]
+        assert (node, shm_id) == (NODES[0], blocks[NODES[0]]["shm_id"]), "'big' must land in A's compacted block"
+        reserved = {row["node"]: row["reserved"] for row in fabric.status()}
+        expected = {*smalls, "b/fill", "big"}
+
+    processes.crash_scheduler()
+    processes.start()
+
+    with Client(processes.address) as client:
+        client.wait_for_workers(2)
+        again = datafabric.connect(client)
+        wait_for(lambda: set(again.get_list()) >= set(expected) - {"big"}, f"names after restart: {again.get_list()}")
+        time.sleep(1)  # both nodes are back: give a late name the same chance
+        listed_after = again.get_list()
+        got = None
+        if "big" in listed_after:
+            got = client.submit(read_here, again, ["big"], workers=[worker_of(client)[NODES[0]]], pure=False).result()
+        again.shutdown()
+    problems = [f"'big' returned, yet A's block held {reserved[NODES[0]]} RESERVED extent(s)"] * bool(
+        reserved[NODES[0]]
+    )
+    if "big" not in listed_after:
+        problems.append(f"'big' (its insert returned) LOST after the restart; listed: {sorted(listed_after)}")
+    assert not problems, problems
+    np.testing.assert_array_equal(got["big"], data)
