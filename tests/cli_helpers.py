@@ -8,12 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import fabric_segments
+from tests.waiting import wait_for
 
 BIN = Path(sys.executable).parent
 DATAFABRIC = str(BIN / "datafabric")
@@ -69,14 +68,6 @@ def assert_fails(result: subprocess.CompletedProcess, *fragments: str, status: i
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def segments_of(fabric_id: str) -> list[str]:

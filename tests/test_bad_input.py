@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import mmap
-import time
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from datafabric import errors
+from tests.waiting import wait_for
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -140,10 +140,7 @@ def test_odd_buffers(seeded, tmp_path):
         seeded.insert("x", "", "3 * float64", g)
     # the variables deleted above were read: their memory goes back when the views'
     # leases end, in the background
-    deadline = time.monotonic() + 10
-    while snapshot(seeded) != before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert snapshot(seeded) == before
+    wait_for(lambda: snapshot(seeded) == before, "the background frees of views' leases", 10)
     np.testing.assert_array_equal(seeded.get("keep"), np.arange(10.0))
 
 

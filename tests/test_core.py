@@ -6,7 +6,6 @@ import ctypes
 import mmap
 import pickle
 import sys
-import time
 
 import cloudpickle
 import numpy as np
@@ -18,6 +17,7 @@ import datafabric
 from datafabric import errors
 from datafabric.shm import Segment
 from tests.conftest import fabric_segments
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -42,14 +42,6 @@ def root_base(arr):
     while isinstance(arr, np.ndarray):
         arr = arr.base
     return arr
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def test_insert_in_task_on_a_read_zero_copy_on_b_and_in_client(client, fabric):

@@ -17,6 +17,7 @@ from distributed import Client, get_worker
 import datafabric
 from datafabric import errors
 from tests.conftest import fabric_segments, local_cluster
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -79,10 +80,7 @@ def test_writer_killed_at_any_point_of_an_insert(client, fabric, stage):
     def reached() -> bool:
         return "written" in fabric.get_list() if stage == "sealed" else sum(s["reserved"] for s in fabric.status())
 
-    deadline = time.monotonic() + 30
-    while not reached():
-        assert time.monotonic() < deadline, f"the producer never reached {stage}"
-        time.sleep(0.05)
+    wait_for(reached, f"the producer to reach {stage}", 30)
     time.sleep(0.2)  # the fill is under way or done
     pid = client.run(os.getpid, workers=[a])[a]
     os.kill(pid, signal.SIGKILL)
@@ -92,10 +90,7 @@ def test_writer_killed_at_any_point_of_an_insert(client, fabric, stage):
         stats = fabric.status()
         return all(s["worker"] is not None and s["reserved"] == 0 for s in stats)
 
-    deadline = time.monotonic() + 60
-    while not settled():
-        assert time.monotonic() < deadline, "the killed worker's block was not adopted"
-        time.sleep(0.1)
+    wait_for(settled, "the killed worker's block to be adopted")
     for name, data in good.items():
         np.testing.assert_array_equal(fabric.get(name), data)
     stats = fabric.status()
@@ -148,10 +143,10 @@ def test_a_nanny_restarted_worker_rejoins_and_its_data_survives(client, fabric, 
         os.kill(pids[a], signal.SIGKILL)
     else:
         client.restart_workers([a])
-    deadline = time.monotonic() + 60
-    while not restarted(client, pids) or any(s["worker"] is None for s in fabric.status()):
-        assert time.monotonic() < deadline, "the worker did not come back, or its blocks were not adopted"
-        time.sleep(0.1)
+    wait_for(
+        lambda: restarted(client, pids) and all(s["worker"] is not None for s in fabric.status()),
+        "the worker to come back and its blocks to be adopted",
+    )
     for name, array in data.items():
         np.testing.assert_array_equal(fabric.get(name), array)
     stats = fabric.status()
@@ -197,10 +192,10 @@ def test_a_node_whose_only_worker_dask_restarts_keeps_its_data(how):
             client.restart()
         else:
             client.restart_workers([old])
-        deadline = time.monotonic() + 60
-        while not restarted_once(client, old) or any(s["worker"] is None for s in fabric.status()):
-            assert time.monotonic() < deadline, "the new worker did not adopt the blocks"
-            time.sleep(0.1)
+        wait_for(
+            lambda: restarted_once(client, old) and all(s["worker"] is not None for s in fabric.status()),
+            "the new worker to adopt the blocks",
+        )
         assert sorted(s for s in fabric_segments() if s in mine) == mine
         for name, array in data.items():
             np.testing.assert_array_equal(fabric.get(name), array)

@@ -17,6 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from datafabric import errors, layout
 from datafabric.shm import Segment
 from tests.conftest import fabric_segments
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -48,13 +49,6 @@ def block_walk(shm_id: str) -> list[tuple[int, int, int]]:
 def allocator_view(client, worker: str, shm_id: str) -> list[tuple[int, int, int]]:
     rows = client.sync(client.rpc(worker).datafabric_block_extents, shm_id=shm_id)
     return [tuple(r) for r in rows]
-
-
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def total_free(fabric) -> int:

@@ -13,6 +13,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
 
 import datafabric
 from datafabric import errors, layout
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -165,20 +166,6 @@ def kill(client, worker: str) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
-def wait_until(predicate, timeout=60.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if predicate():
-                return
-        except Exception:
-            pass
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-
-
 def keep_unsealed(fabric, name):
     """A producer that reserved memory and then dies before sealing."""
     creation = fabric.create(name, "", "1000 * float64")
@@ -202,7 +189,11 @@ def test_killed_owner_s_blocks_are_adopted_and_its_variables_stay_readable(nodes
     capacity = {b["shm_id"]: b["capacity"] for b in nfabric.status()}[shm_id]
 
     kill(nodes_client, victim)
-    wait_until(lambda: blocks_by_owner(nfabric)[shm_id] not in (None, victim))
+    wait_for(
+        lambda: blocks_by_owner(nfabric)[shm_id] not in (None, victim),
+        "a peer to adopt the block",
+        ignoring=(Exception,),
+    )
     adopter = blocks_by_owner(nfabric)[shm_id]
     assert adopter == peer or adopter in node_workers(nodes_client)["node-a"]
 
@@ -230,7 +221,11 @@ def test_a_node_whose_workers_all_died_comes_back_with_its_data(nodes_client, nf
     nodes_client.submit(insert_here, nfabric, "phoenix", data, workers=[per_node["node-a"][0]]).result()
     for worker in per_node["node-a"]:
         kill(nodes_client, worker)
-    wait_until(lambda: len(node_workers(nodes_client)["node-a"]) == 2 and all(blocks_by_owner(nfabric).values()))
+    wait_for(
+        lambda: len(node_workers(nodes_client)["node-a"]) == 2 and all(blocks_by_owner(nfabric).values()),
+        "node-a's new worker and every block owned",
+        ignoring=(Exception,),
+    )
     assert "phoenix" in nfabric.get_list()
     b0 = node_workers(nodes_client)["node-b"][0]
     assert nodes_client.submit(read_here, nfabric, "phoenix", workers=[b0]).result()[0] == 3000.0

@@ -23,6 +23,7 @@ import datafabric
 from datafabric.cleanup import remove
 from tests.conftest import fabric_segments
 from tests.processes import ProcessCluster
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -66,13 +67,6 @@ def write_without_sealing(fabric, name):
 
 def read_here(fabric, names):
     return {name: np.array(fabric.get(name)) for name in names}
-
-
-def wait_for(predicate, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 @pytest.fixture
