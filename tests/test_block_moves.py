@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from datafabric.errors import WorkerLostError
-from tests.test_directory import directory, insert
+from tests.directories import directory, insert
 from yp.moves import BlockMoves, Compaction
 
 BOUND = 5.0  # seconds any scenario may take; the holds themselves take none

@@ -17,53 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from datafabric.errors import BlockNotFoundError, FabricError, NameExistsError, NameNotFoundError, OutOfSpaceError
 from datafabric.layout import ExtentState
-from datafabric.messages import ExtentInfo, Reservation, SealItem
-from yp.directory import Directory
+from datafabric.messages import Reservation
+from tests.directories import CAPACITY, directory, extent, ids, insert, replica, reservation, seal_item
 from yp.records import Block, Copy, Variable
-
-CAPACITY = 1 << 20
-_ids = itertools.count(1000)
-
-
-def directory(*blocks: tuple[str, str, str | None]) -> Directory:
-    """A directory with empty blocks, each ``(shm_id, node, worker)``."""
-    d = Directory()
-    for shm_id, node, worker in blocks:
-        d.add_block(Block(shm_id, node, worker, CAPACITY + 4096, CAPACITY))
-    return d
-
-
-def reservation(offset: int, size: int = 256, extent_id: int | None = None) -> Reservation:
-    extent_id = next(_ids) if extent_id is None else extent_id
-    return {"extent_offset": offset, "extent_size": size, "data_offset": offset + 64, "extent_id": extent_id}
-
-
-def seal_item(name: str, shm_id: str, offset: int, size: int = 256, extent_id: int | None = None) -> SealItem:
-    r = reservation(offset, size, extent_id)
-    return {"name": name, "doc": "", "type": "8 * uint8", "nbytes": 8, "shm_id": shm_id, **r}
-
-
-def extent(copy: Copy, name: str = "", state: ExtentState = ExtentState.SEALED, **changes) -> ExtentInfo:
-    e: ExtentInfo = {
-        "extent_id": copy.extent_id,
-        "extent_offset": copy.extent_offset,
-        "extent_size": copy.extent_size,
-        "data_offset": copy.data_offset,
-        "state": int(state),
-        "name": name,
-        "type": "8 * uint8",
-        "doc": "",
-        "nbytes": 8,
-    }
-    return {**e, **changes}
-
-
-def insert(d: Directory, name: str, shm_id: str = "A", offset: int = 0, size: int = 256) -> Variable:
-    return d.seal(seal_item(name, shm_id, offset, size))
-
-
-def ids(copies: list[Copy]) -> list[int]:
-    return sorted(c.extent_id for c in copies)
 
 
 # -- names and reservations ----------------------------------------------------------
@@ -117,7 +73,7 @@ def test_a_copy_filled_by_the_fabric_becomes_a_replica():
 def test_memory_of_a_deleted_variable_is_freed_once_when_its_last_lease_ends():
     d = directory(("A", "n1", "w1"), ("B", "n2", "w2"))
     var = insert(d, "x")
-    d.add_copy(var, d.seal_pending_copy("B", d.add_pending("yp", "B", reservation(0)).extent_offset))
+    replica(d, var, "B")
     d.acquire(var, "p1")
     d.acquire(var, "p1")
     d.acquire(var, "p2")
@@ -171,7 +127,7 @@ def test_evictable_replicas_are_unleased_never_a_last_copy_and_least_recently_us
     only = insert(d, "only", "B")
     old, new, leased = (insert(d, n, offset=i * 4096) for i, n in enumerate(["old", "new", "leased"]))
     for i, var in enumerate([old, new, leased]):
-        d.add_copy(var, d.seal_pending_copy("B", d.add_pending("yp", "B", reservation((i + 1) * 4096)).extent_offset))
+        replica(d, var, "B", (i + 1) * 4096)
     d.acquire(new, "p1")
     d.release(new.var_id, "p1")
     d.acquire(leased, "p1")
@@ -199,7 +155,7 @@ def test_movable_leaves_out_leased_and_deleted_copies_and_moved_records_new_offs
 def test_an_adopted_block_finds_its_copies_by_extent_id_and_drops_the_missing():
     d = directory(("A", "n1", "w1"), ("B", "n1", "w1"))
     kept, lost, twice = insert(d, "kept"), insert(d, "lost", offset=4096), insert(d, "twice", offset=8192)
-    d.add_copy(twice, d.seal_pending_copy("B", d.add_pending("yp", "B", reservation(0)).extent_offset))
+    replica(d, twice, "B")
     assert d.orphan_blocks("w1") == ["kept", "lost", "twice"]  # unavailable until adopted
     assert sorted(d.live_ids("A")) == ids([kept.copies[0], lost.copies[0], twice.copies[0]])
     moved = extent(kept.copies[0], "kept", extent_offset=512, data_offset=576)
@@ -215,7 +171,7 @@ def test_an_adopted_block_finds_its_copies_by_extent_id_and_drops_the_missing():
 def test_info_leaves_out_copies_of_an_unsettled_block():
     d = directory(("A", "n1", "w1"), ("B", "n2", "w2"))
     var = insert(d, "x")
-    d.add_copy(var, d.seal_pending_copy("B", d.add_pending("yp", "B", reservation(0)).extent_offset))
+    replica(d, var, "B")
     d.blocks["A"].worker, d.blocks["A"].unsettled = None, True  # its owner died compacting it
     info = d.info(var)
     assert info["locations"] == [("n2", "B", 64)] and info["workers"] == ["w2"]
@@ -226,7 +182,7 @@ def test_a_taken_back_block_rebuilds_variables_replicas_and_frees_conflicts():
     known = insert(d, "known")
     clash = insert(d, "clash", offset=4096)
     block = Block("R", "n2", "w2", CAPACITY + 4096, CAPACITY, used=4 * 256)
-    c = [Copy("R", i * 4096, 256, i * 4096 + 64, next(_ids)) for i in range(5)]
+    c = [Copy("R", **reservation(i * 4096)) for i in range(5)]
     extents = [
         extent(c[0], "new"),
         extent(c[1], "known"),  # same type and size: a replica
@@ -289,11 +245,8 @@ class AccountingMachine(RuleBasedStateMachine):
         offset, self.end[shm_id] = self.end[shm_id], self.end[shm_id] + size
         return reservation(offset, size)
 
-    def count(self, shm_id: str, copy: Reservation | Copy) -> None:
-        extent_id, size = (
-            (copy["extent_id"], copy["extent_size"]) if isinstance(copy, dict) else (copy.extent_id, copy.extent_size)
-        )
-        self.counted[extent_id] = (shm_id, size)
+    def count(self, shm_id: str, r: Reservation) -> None:
+        self.counted[r["extent_id"]] = (shm_id, r["extent_size"])
 
     def freed(self, copies: list[Copy], expected: set[int]) -> None:
         assert ids(copies) == sorted(expected)
@@ -375,6 +328,7 @@ class AccountingMachine(RuleBasedStateMachine):
         ends = held[holder] == 1 and sum(held.values()) == 1 and var.var_id in self.deleted
         if held[holder]:
             held[holder] -= 1
+        self.leases[var.var_id] = +held  # no holder left with a zero count
         self.freed(self.d.release(var.var_id, holder), self.forget(var) if ends else set())
 
     @precondition(lambda self: self.d.variables)
