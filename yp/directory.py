@@ -137,10 +137,23 @@ class Directory:
             what = f"names {listed} exist already or come twice in one batch"
         raise NameExistsError(f"{what}; variables are write-once: delete it first or choose another name")
 
+    def seal_all(self, items: list[SealItem]) -> list[Variable]:
+        """Written extents become visible variables, all or none."""
+        self.check_new_names([item["name"] for item in items])
+        for item in items:
+            block = self.blocks.get(item["shm_id"])
+            if block is None or block.creating:
+                raise BlockNotFoundError(
+                    f"block {item['shm_id']} holding {item['name']!r} is gone (its node lost it); write it again"
+                )
+        return [self._seal(item) for item in items]
+
     def seal(self, item: SealItem) -> Variable:
+        return self.seal_all([item])[0]
+
+    def _seal(self, item: SealItem) -> Variable:
         """A written extent becomes a visible variable (its reservation, if the directory
         handed it out, ends)."""
-        self.check_new_names([item["name"]])
         shm_id = item["shm_id"]
         entry = self.pending.pop((shm_id, item["extent_offset"]), None)
         if entry is None:

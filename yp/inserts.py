@@ -37,8 +37,7 @@ class Inserts:
 
     async def seal(self, items: list[SealItem], holder: str) -> list[VariableInfo]:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
-        self.directory.check_new_names([item["name"] for item in items])
-        sealed = [self.directory.seal(item) for item in items]
+        sealed = self.directory.seal_all(items)
         await self.owners.mark(
             ExtentState.SEALED,
             [(var.name, var.copies[0]) for var in sealed if self.owners.owner_of(var.copies[0].shm_id) != holder],

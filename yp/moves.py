@@ -62,8 +62,11 @@ class BlockMoves:
         try:
             while shm_id in self._exclusive or self._shared[shm_id]:
                 await self._next_change()
-        finally:
+        except BaseException:  # cancelled while waiting: shared holds queued behind it go on
             self._wanted[shm_id] -= 1
+            self._changed()
+            raise
+        self._wanted[shm_id] -= 1
         self._exclusive.add(shm_id)
         try:
             yield
@@ -114,15 +117,16 @@ class Compaction:
             if block.worker is None or self.directory.blocks.get(block.shm_id) is not block:
                 return empty
             movable = self.directory.movable(block.shm_id)
+            owner = block.worker
             try:
-                r: CompactReport = await self.owners.ask(
-                    block.worker, "compact", shm_id=block.shm_id, movable=sorted(movable)
-                )
+                r: CompactReport = await self.owners.ask(owner, "compact", shm_id=block.shm_id, movable=sorted(movable))
             except WorkerLostError:
                 # Some extents may have moved, unreported: nobody reads this block's
-                # offsets until a peer has adopted it and its headers said where they are.
-                logger.warning("%s died compacting block %s; it waits for adoption", block.worker, block.shm_id)
-                self._lost(block)
+                # offsets until a peer has adopted it and its headers said where they are
+                # (unless a peer has done so already).
+                logger.warning("%s died compacting block %s; it waits for adoption", owner, block.shm_id)
+                if block.worker in (owner, None):
+                    self._lost(block)
                 raise
             moved = self.directory.moved(block, movable, r["moved"])
             return {
