@@ -144,3 +144,53 @@ def test_a_variable_deleted_while_its_orphaned_block_is_adopted_is_freed():
                 assert np.array_equal(fabric.get(name), data_of(name, 64 * 1024))
         finally:
             fabric.shutdown()
+
+
+def read_private_copies(fabric, name: str, seconds: float) -> list:
+    """In a task on another node: the bytes over the comms (chunk by chunk, under a
+    lease), again and again for ``seconds``; each read's checksum, or its error."""
+    out, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            out.append(zlib.crc32(fabric.get(name, cache=False).tobytes()))
+        except Exception as exc:  # noqa: BLE001 - the symptom is the point
+            out.append(repr(exc))
+    return out
+
+
+def test_a_remote_read_under_lease_survives_a_migrating_deallocate():
+    """docs/protocols.md: "the bytes at an offset the directory gave it with a lease are
+    the variable's, unchanged, for as long as it holds the lease".  A reader on another
+    node holds a lease and pulls the bytes chunk by chunk from the owner's block; a
+    ``deallocate(migrate=True)`` of that block takes its exclusive hold, which waits for
+    no lease, migrates the variable and unlinks the block under the reader."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {
+        node: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}}}
+        for node in ("attack-a", "attack-b")
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        fabric = start(client, mb=2 * 320)
+        try:
+            fabric.allocate(2 * 320)  # a second block on each node, to migrate into
+            nodes = client.run(lambda: __import__("dask").config.get("datafabric.node-id"))
+            a = next(w for w, n in nodes.items() if n == "attack-a")
+            b = next(w for w, n in nodes.items() if n == "attack-b")
+            name, nbytes = "remote/big", 256 * MiB
+            client.submit(insert_here, fabric, [name], nbytes, workers=[a], pure=False).result()
+            [(node, shm_id, _)] = fabric.get_locations(name)
+            expected = zlib.crc32(data_of(name, nbytes).tobytes())
+            reading = client.submit(read_private_copies, fabric, name, 4.0, workers=[b], pure=False)
+            time.sleep(1.5)  # reads are running
+            fabric.deallocate(node, shm_id, migrate=True)
+            results = reading.result(timeout=60)
+            wrong = [r for r in results if r != expected]
+            assert not wrong, (
+                f"{len(wrong)} of {len(results)} reads holding their lease failed or read wrong bytes when "
+                f"their block was migrated away: {sorted(set(map(str, wrong)))[:3]}"
+            )
+        finally:
+            fabric.shutdown()
