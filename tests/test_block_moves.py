@@ -179,11 +179,6 @@ def test_random_holds_never_overlap_wrongly_and_never_deadlock(seed):
     run(scenario)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BlockMoves.exclusive: an exclusive waiter that is cancelled lowers _wanted without "
-    "signalling a change, so shared holds queued behind it stay blocked until an unrelated hold ends",
-)
 def test_a_cancelled_exclusive_waiter_lets_shared_holds_in_at_once():
     async def scenario():
         moves, log = BlockMoves(), []
@@ -300,11 +295,6 @@ class FakeScheduler:
         self.scheduled.append(call)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Compaction.compact calls lost(block) on WorkerLostError even when a peer adopted the block "
-    "while the owner's answer was awaited: the adopted block is orphaned and unsettled again",
-)
 def test_an_owner_lost_after_its_block_was_adopted_leaves_the_adopter_in_place():
     async def scenario():
         d = directory(("A", "n1", "w1"))
@@ -318,7 +308,7 @@ def test_an_owner_lost_after_its_block_was_adopted_leaves_the_adopter_in_place()
 
         owners = FakeOwners(lambda w, op, kw: None)
         owners.ask = hang
-        membership = Membership(FakeScheduler(), "fabric", d, owners)
+        membership = Membership(FakeScheduler(), "fabric", d, owners, BlockMoves())
         task = asyncio.create_task(Compaction(d, BlockMoves(), owners, membership.lost_block).compact(d.blocks["A"]))
         await asyncio.wait_for(asked.wait(), BOUND)
         d.orphan_blocks("w1")  # Dask removed w1; a peer adopts its block (as Membership.remove does)

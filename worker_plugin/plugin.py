@@ -22,7 +22,14 @@ from distributed.protocol import to_serialize
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
-from datafabric.errors import BlockInUseError, InvalidArgumentError, NotOnThisNodeError, WorkerLostError
+from datafabric.errors import (
+    BlockInUseError,
+    BlockNotFoundError,
+    InvalidArgumentError,
+    NotOnThisNodeError,
+    VariableUnavailableError,
+    WorkerLostError,
+)
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.messages import AdoptedBlock, CreatedBlock
 from datafabric.node import worker_node
@@ -46,6 +53,7 @@ _HANDLERS = [
     "fetch",
     "write",
     "unlink_block",
+    "retire_block",
     "adopt",
     "mark",
     "block_stats",
@@ -58,6 +66,7 @@ _HANDLERS = [
 class OwnedBlock:
     segment: Segment
     allocator: BlockAllocator
+    retiring: bool = False  # being deallocated: it takes no new reservation
 
 
 class FabricWorkerPlugin(WorkerPlugin):
@@ -121,6 +130,8 @@ class FabricWorkerPlugin(WorkerPlugin):
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
         with self.lock:
             for shm_id, block in self.blocks.items():
+                if block.retiring:
+                    continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
                 if r is not None:
                     return _reservation(shm_id, r)
@@ -185,7 +196,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> dict | None:
         with self.lock:
             block = self.blocks.get(shm_id)
-            r = block.allocator.reserve(name, type, doc, nbytes) if block is not None else None
+            r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.retiring else None
         return _reservation(shm_id, r) if r is not None else None
 
     def free(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
@@ -222,7 +233,20 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def read(self, shm_id: str, data_offset: int, nbytes: int) -> dict:
         """Bytes of a block for another node; sent from the mapping, not copied here."""
-        return {"data": to_serialize(self.blocks[shm_id].segment.buf[data_offset : data_offset + nbytes])}
+        block = self.blocks.get(shm_id)
+        if block is None:
+            raise VariableUnavailableError(f"block {shm_id} is no longer on {self.worker.address}; get it again")
+        return {"data": to_serialize(block.segment.buf[data_offset : data_offset + nbytes])}
+
+    def retire_block(self, shm_id: str, retiring: bool = True) -> dict:
+        """Stop (or resume) placing new extents in a block about to be deallocated, and say
+        how many inserts are still writing into it."""
+        with self.lock:
+            block = self.blocks.get(shm_id)
+            if block is None:
+                raise BlockNotFoundError(f"block {shm_id} is not owned by {self.worker.address}")
+            block.retiring = retiring
+            return {"reserved": sum(1 for _, _, st in block.allocator.extents() if st is ExtentState.RESERVED)}
 
     async def fetch(
         self,

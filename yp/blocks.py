@@ -88,10 +88,22 @@ class Inventory:
         if block.worker is None:
             raise BlockInUseError(f"block {shm_id} of node {node} has no live owner; start a worker on {node} first")
         async with self.moves.exclusive(shm_id):  # no reader, placement or move meanwhile
-            if migrate:
-                await self.copies.migrate(block)
-            self.directory.check_removable(block)
-            await self.owners.ask(block.worker, "unlink_block", shm_id=shm_id)  # refused while a local insert runs
+            writing = await self.owners.ask(block.worker, "retire_block", shm_id=shm_id)  # no new local insert
+            try:
+                inserts = writing["reserved"] + len(self.directory.pending_in(shm_id))
+                if inserts:  # refused before anything moved
+                    raise BlockInUseError(
+                        f"block {shm_id} on node {node} has {inserts} inserts in progress; try again when they are sealed"
+                    )
+                if migrate:
+                    await self.copies.migrate(block)
+                self.directory.check_removable(block)
+                await self.owners.ask(block.worker, "unlink_block", shm_id=shm_id)
+            except BaseException:
+                await self.owners.ask_each(
+                    [(block.worker, "retire_block", {"shm_id": shm_id, "retiring": False})], "undo"
+                )
+                raise
             self.directory.remove_block(shm_id)
         self.detach([shm_id])
         return {}

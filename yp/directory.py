@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 
 from datafabric.errors import (
     BlockInUseError,
@@ -25,6 +26,16 @@ from datafabric.errors import (
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
 from yp.records import Block, Copy, Pending, Variable
+
+
+@dataclass
+class Adoption:
+    """What a block's adoption leaves to do: names of copies it no longer holds, extents
+    to free, and headers to mark."""
+
+    lost: list[str] = field(default_factory=list)
+    to_free: list[Copy] = field(default_factory=list)
+    to_mark: dict[ExtentState, list[tuple[str, Copy]]] = field(default_factory=dict)
 
 
 class Directory:
@@ -74,9 +85,12 @@ class Directory:
     def copies_in(self, shm_id: str) -> list[tuple[Variable, Copy]]:
         return [(v, c) for v in self.by_id.values() for c in v.copies if c.shm_id == shm_id]
 
+    def pending_in(self, shm_id: str) -> list[Pending]:
+        return [p for (s, _), p in self.pending.items() if s == shm_id]
+
     def check_removable(self, block: Block) -> None:
         live = sorted(v.name for v, _ in self.copies_in(block.shm_id))
-        pending = [k for k in self.pending if k[0] == block.shm_id]
+        pending = self.pending_in(block.shm_id)
         if live or pending:
             what = f"variables {live[:5]}{'...' if len(live) > 5 else ''}" if live else ""
             what += (" and " if live and pending else "") + (f"{len(pending)} inserts in progress" if pending else "")
@@ -296,29 +310,40 @@ class Directory:
         """Extents of a block that must survive its adoption: copies of variables still
         known (visible or leased) and reservations of writers still alive."""
         live = [c.extent_id for _, c in self.copies_in(shm_id)]
-        return sorted(live + [p.copy.extent_id for (s, _), p in self.pending.items() if s == shm_id])
+        return sorted(live + [p.copy.extent_id for p in self.pending_in(shm_id)])
 
-    def adopt(self, shm_id: str, worker: str, free: int, extents: list[ExtentInfo]) -> list[str]:
+    def adopt(self, shm_id: str, worker: str, free: int, extents: list[ExtentInfo]) -> Adoption:
         """``worker`` owns the block now.  Its headers say where each kept extent is: a
         copy that moved before its move was reported is found again by its extent id.
-        Returns the names of copies the block no longer holds (dropped)."""
+        What changed while the block had no owner is settled too: an extent the
+        directory stopped needing meanwhile (deleted, released, its writer gone) is to
+        free, and a header whose mark its dead owner never wrote is to mark."""
         block = self.blocks[shm_id]
         block.worker, block.unsettled = worker, False
         block.used = block.capacity - free
         found = {e["extent_id"]: e for e in extents}
-        lost = []
+        adoption = Adoption()
+        needed = {p.copy.extent_id for p in self.pending_in(shm_id)}
         for var, copy in self.copies_in(shm_id):
             e = found.get(copy.extent_id)
             if e is None:
                 self._forget_copy(var, copy)
-                lost.append(var.name)
-            else:
-                copy.extent_offset, copy.data_offset, copy.extent_size = (
-                    e["extent_offset"],
-                    e["data_offset"],
-                    e["extent_size"],
-                )
-        return lost
+                adoption.lost.append(var.name)
+                continue
+            needed.add(copy.extent_id)
+            copy.extent_offset, copy.data_offset, copy.extent_size = (
+                e["extent_offset"],
+                e["data_offset"],
+                e["extent_size"],
+            )
+            want = ExtentState.DELETED if var.deleted else ExtentState.SEALED
+            if e["state"] != want:
+                adoption.to_mark.setdefault(want, []).append((var.name, copy))
+        for extent_id, e in found.items():
+            if extent_id not in needed:
+                copy = Copy(shm_id, e["extent_offset"], e["extent_size"], e["data_offset"], extent_id)
+                adoption.to_free.append(self.uncount(copy))
+        return adoption
 
     def recover_block(self, block: Block, extents: list[ExtentInfo]) -> list[Copy]:
         """A block found in shared memory by a restarted YellowPages: its sealed extents

@@ -18,6 +18,7 @@ Block creation, adoption and take-back change who owns which block, one at a tim
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -27,14 +28,16 @@ from datafabric.errors import FabricError
 from datafabric.messages import AdoptedBlock
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
+from yp.moves import BlockMoves
 from yp.records import Block
 
 logger = logging.getLogger("datafabric.yp")
 
 
 class Membership:
-    def __init__(self, scheduler: Any, fabric_id: str, directory: Directory, owners: Any) -> None:
+    def __init__(self, scheduler: Any, fabric_id: str, directory: Directory, owners: Any, moves: BlockMoves) -> None:
         self.scheduler = scheduler
+        self.moves = moves
         self.fabric_id = fabric_id
         self.directory = directory
         self.owners = owners
@@ -163,21 +166,29 @@ class Membership:
             return
 
     async def _adopt(self, peer: str, orphans: list[Block]) -> None:
+        """Offsets change here (an adopter may roll a move forward), so the blocks are held
+        exclusively until the directory has the adopter's answer."""
         ready = sorted(b.shm_id for b in orphans if not b.creating)
         unfinished = sorted(b.shm_id for b in orphans if b.creating)
-        live = {s: self.directory.live_ids(s) for s in ready}
-        adopted: list[AdoptedBlock] = await self.owners.ask(
-            peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
-        )
-        for shm_id in unfinished:
-            self.directory.remove_block(shm_id)
-        adopted = [b for b in adopted if not b.get("unlinked")]
-        for b in adopted:
-            lost = self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"])
-            if lost:
-                logger.error("block %s no longer holds copies of %s", b["shm_id"], lost)
-        missing = set(ready) - {b["shm_id"] for b in adopted}
-        for shm_id in missing:  # gone from shared memory, or not a valid block any more
-            logger.error("block %s of node %s could not be adopted; its copies are lost", shm_id, orphans[0].node)
-            self.directory.drop_block(shm_id)
-        logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], orphans[0].node)
+        node = orphans[0].node
+        async with contextlib.AsyncExitStack() as holds:
+            for shm_id in ready:
+                await holds.enter_async_context(self.moves.exclusive(shm_id))
+            live = {s: self.directory.live_ids(s) for s in ready}
+            answers: list[AdoptedBlock] = await self.owners.ask(
+                peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
+            )
+            for shm_id in unfinished:
+                self.directory.remove_block(shm_id)
+            adopted = [b for b in answers if not b.get("unlinked")]
+            adoptions = [self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"]) for b in adopted]
+            for shm_id in set(ready) - {b["shm_id"] for b in adopted}:  # gone, or not a valid block any more
+                logger.error("block %s of node %s could not be adopted; its copies are lost", shm_id, node)
+                self.directory.drop_block(shm_id)
+        for b, adoption in zip(adopted, adoptions, strict=True):
+            if adoption.lost:
+                logger.error("block %s no longer holds copies of %s", b["shm_id"], adoption.lost)
+            await self.owners.free(adoption.to_free)
+            for state, named in adoption.to_mark.items():
+                await self.owners.mark(state, named)
+        logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], node)

@@ -79,7 +79,7 @@ class YellowPages(SchedulerPlugin):
         d = self.directory
         self.moves = BlockMoves()
         self.owners = Owners(scheduler, d, self.moves)
-        self.members = Membership(scheduler, self.fabric_id, d, self.owners)
+        self.members = Membership(scheduler, self.fabric_id, d, self.owners, self.moves)
         self.compaction = Compaction(d, self.moves, self.owners, self.members.lost_block)
         self.placement = Placement(d, self.moves, self.compaction, self.owners)
         self.inserts = Inserts(d, self.placement, self.owners)
