@@ -32,6 +32,7 @@ from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite, seal_all
 
 Location = tuple[str, str, int]
+_READ_TRIES = 3  # a remote read follows a copy that a deallocate migrated this many times
 
 
 def start(client: Any, mb: float | None = None) -> Fabric:
@@ -236,12 +237,21 @@ class Fabric:
                 pin = self._local_pin(ctx, info, name)
         if pin is not None:
             return pin.view()
+        lease = _release_msg(ctx, info)
         try:
-            if not any(info["workers"]):
-                raise VariableUnavailableError.on_nodes(name, [loc[0] for loc in info["locations"]])
-            return self._fetch(ctx, info)
+            for attempt in range(_READ_TRIES):
+                if not any(info["workers"]):
+                    raise VariableUnavailableError.on_nodes(name, [loc[0] for loc in info["locations"]])
+                try:
+                    return self._fetch(ctx, info)
+                except VariableUnavailableError:  # its copy moved to another block while it was read
+                    if attempt + 1 == _READ_TRIES:
+                        raise
+                    info = ctx.call("info", name=name)
+                    if info["var_id"] != lease["var_id"]:
+                        raise NameNotFoundError(f"{name!r} was deleted while it was being read") from None
         finally:
-            ctx.send(_release_msg(ctx, info))
+            ctx.send(lease)
 
     def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
         """The variable's bytes over Dask's comms into private memory, in chunks."""

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import cloudpickle
 import numpy as np
@@ -22,6 +23,7 @@ from distributed import Client, Event
 
 from datafabric import errors, start
 from tests.conftest import local_cluster
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -54,16 +56,6 @@ def plugin_extents(shm_id: str, dask_worker=None) -> list[tuple[int, int, int]]:
 def block_of(fabric, worker: str) -> dict:
     [row] = [r for r in fabric.status() if r["worker"] == worker]
     return row
-
-
-def wait_for(predicate, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_refused_migrating_deallocate_changes_nothing(client, fabric):
@@ -118,16 +110,19 @@ def test_a_variable_deleted_while_its_orphaned_block_is_adopted_is_freed():
             client.submit(insert_here, fabric, names, 64 * 1024, workers=[owner], pure=False).result()
             shm_id = block_of(fabric, owner)["shm_id"]
             pids = client.run(os.getpid)
+            deleted = names[:10]
             os.kill(pids[peer], signal.SIGSTOP)  # the adoption waits for it
-            try:
-                os.kill(pids[owner], signal.SIGKILL)
-                wait_for(lambda: owner not in client.scheduler_info()["workers"], "the owner's removal")
-                time.sleep(1.0)  # the YellowPages has asked the peer to adopt by now
-                deleted = names[:10]
-                for name in deleted:
-                    fabric.delete(name)
-            finally:
-                os.kill(pids[peer], signal.SIGCONT)
+            with ThreadPoolExecutor(1) as pool:
+                try:
+                    os.kill(pids[owner], signal.SIGKILL)
+                    wait_for(lambda: owner not in client.scheduler_info()["workers"], "the owner's removal")
+                    time.sleep(1.0)  # the YellowPages has asked the peer to adopt by now
+                    # Deletes of the block's variables land now, or wait for the adoption.
+                    deleting = pool.submit(lambda: [fabric.delete(name) for name in deleted])
+                    time.sleep(1.0)
+                finally:
+                    os.kill(pids[peer], signal.SIGCONT)
+                deleting.result(timeout=60)
             row = wait_for(
                 lambda: next((r for r in fabric.status() if r["shm_id"] == shm_id and r["worker"]), None),
                 "the adoption",

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def wait_for(
-    predicate: Callable[[], object],
+    predicate: Callable[[], T],
     what: str = "the condition",
     timeout: float = 60.0,
     *,
     ignoring: tuple[type[BaseException], ...] = (),
     interval: float = 0.05,
-) -> None:
-    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` s.
-    ``ignoring``: errors a predicate may raise while the thing is not ready yet."""
+) -> T:
+    """Poll ``predicate`` until it returns something true, and return that; fail naming
+    ``what`` after ``timeout`` s.  ``ignoring``: errors a predicate may raise while the
+    thing is not ready yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if predicate():
-                return
+            if value := predicate():
+                return value
         except ignoring:
             pass
         if time.monotonic() > deadline:

@@ -24,7 +24,7 @@ class Deletes:
     async def delete(self, name: str) -> dict:
         var = await self.reads.settled(name)
         if var.leases:
-            await self.owners.mark(ExtentState.DELETED, [(var.name, c) for c in var.copies])
+            await self.owners.mark_copies(ExtentState.DELETED, var)
         freed = self.directory.delete(var)
         msg = {"op": "datafabric_invalidate", "var_ids": [var.var_id]}
         for holder in self.directory.holders(var):  # they drop their cached view; a later get asks again

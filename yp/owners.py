@@ -21,7 +21,7 @@ from datafabric.layout import ExtentState
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, raise_if_refused
 from yp.directory import Directory
 from yp.moves import BlockMoves
-from yp.records import Copy
+from yp.records import Copy, Variable
 
 logger = logging.getLogger("datafabric.yp")
 
@@ -73,18 +73,30 @@ class Owners:
 
     async def mark(self, state: ExtentState, named: list[tuple[str, Copy]]) -> None:
         """Have the owners write ``state`` into these copies' headers: one RPC per owner.
-        An owner that died is skipped; its adopter keeps what the directory lists."""
-        if not named:
-            return
-        async with self.moves.shared({c.shm_id for _, c in named}):
-            per_owner: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)
-            for name, c in named:
-                if (worker := self.owner_of(c.shm_id)) is not None:
-                    per_owner[worker].append((c.shm_id, c.extent_offset, c.extent_id, name))
-            await self.ask_each(
-                ((w, "mark", {"state": int(state), "extents": extents}) for w, extents in per_owner.items()),
-                f"mark {state.name}",
-            )
+        An owner that died is skipped; its adopter marks what the directory says."""
+        if named:
+            async with self.moves.shared({c.shm_id for _, c in named}):
+                await self._mark_held(state, named)
+
+    async def mark_copies(self, state: ExtentState, var: Variable) -> None:
+        """``mark`` of every copy of ``var`` as it is once their blocks are held: a
+        migration may replace a copy while the hold is awaited."""
+        while True:
+            held = {c.shm_id for c in var.copies}
+            async with self.moves.shared(held):
+                if {c.shm_id for c in var.copies} <= held:
+                    await self._mark_held(state, [(var.name, c) for c in var.copies])
+                    return
+
+    async def _mark_held(self, state: ExtentState, named: list[tuple[str, Copy]]) -> None:
+        per_owner: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)
+        for name, c in named:
+            if (worker := self.owner_of(c.shm_id)) is not None:
+                per_owner[worker].append((c.shm_id, c.extent_offset, c.extent_id, name))
+        await self.ask_each(
+            ((w, "mark", {"state": int(state), "extents": extents}) for w, extents in per_owner.items()),
+            f"mark {state.name}",
+        )
 
     def owner_of(self, shm_id: str) -> str | None:
         block = self.directory.blocks.get(shm_id)
