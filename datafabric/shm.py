@@ -141,7 +141,7 @@ class Segment:
                 if size > budget.available:
                     raise OutOfSpaceError(
                         f"cannot reserve {size} bytes ({_mib(size)}) of shared memory for block {name}: "
-                        f"{budget.describe()}. Allocate fewer megabytes, or free memory on this machine."
+                        f"{budget.explain()}. Allocate fewer megabytes, or free memory on this machine."
                     )
                 shm = _SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
                 os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
@@ -216,7 +216,7 @@ class ShmBudget:
             limits.append(self.cgroup_free)
         return max(0, min(limits))
 
-    def describe(self) -> str:
+    def explain(self) -> str:
         parts = [f"free RAM {_mib(self.mem_available)}", f"free space of {SHM_DIR} {_mib(self.tmpfs_free)}"]
         if self.cgroup_free is not None:
             parts.append(f"room under the memory cgroup limit {_mib(self.cgroup_free)}")

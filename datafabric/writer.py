@@ -19,6 +19,7 @@ from distributed.protocol import to_serialize
 from datafabric.context import Context
 from datafabric.errors import NotOnThisNodeError
 from datafabric.layout import ExtentState
+from datafabric.messages import Placement, Reservation, SealItem, VariableInfo
 from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
@@ -53,7 +54,7 @@ class PendingWrite:
                 node=ctx.node,
                 holder=ctx.holder,
             )
-        self.res = res
+        self.res: Reservation | Placement = res
         self._lock = threading.Lock()
         self._open = True
         mappable = ctx.node is None or ctx.node == res["node"]
@@ -84,7 +85,7 @@ class PendingWrite:
                 data=to_serialize(chunk.data),
             )
 
-    def seal(self) -> dict:
+    def seal(self) -> VariableInfo:
         """Make the variable visible; if the YellowPages refuses, give the space back."""
         return seal_all([self])[0]
 
@@ -94,7 +95,7 @@ class PendingWrite:
                 raise ValueError(f"the write of {self.name!r} is finished already")
             self._open = False
 
-    def _seal_request(self) -> dict:
+    def _seal_request(self) -> SealItem:
         keys = ("shm_id", "extent_offset", "extent_size", "data_offset", "extent_id")
         return {"name": self.name, "doc": self.doc, "type": self.type.datashape, "nbytes": self.type.nbytes} | {
             k: self.res[k] for k in keys
@@ -122,7 +123,7 @@ class PendingWrite:
             self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
 
 
-def seal_all(writes: list[PendingWrite]) -> list[dict]:
+def seal_all(writes: list[PendingWrite]) -> list[VariableInfo]:
     """Seal several writes of one process with one RPC, all or none: if any name is
     refused, every write gives its space back."""
     if not writes:

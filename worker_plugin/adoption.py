@@ -73,7 +73,7 @@ def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | N
 
 
 def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) -> list[ExtentInfo]:
-    """Free what is not kept; describe what is."""
+    """Free what is not kept; say where what is kept is."""
     wanted = set(live) if live is not None else None
     kept = []
     for offset, _, state in allocator.extents():
@@ -82,13 +82,13 @@ def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) ->
         extent = layout.read_extent(buf, offset)
         keep = state is ExtentState.SEALED if wanted is None else extent.extent_id in wanted
         if keep:
-            kept.append(describe(extent))
+            kept.append(extent_info(extent))
         else:
             allocator.free(offset)
     return kept
 
 
-def describe(extent: layout.Extent) -> ExtentInfo:
+def extent_info(extent: layout.Extent) -> ExtentInfo:
     return ExtentInfo(
         extent_id=extent.extent_id,
         extent_offset=extent.offset,

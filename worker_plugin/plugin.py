@@ -31,7 +31,7 @@ from datafabric.errors import (
     WorkerLostError,
 )
 from datafabric.layout import BlockHeader, ExtentState
-from datafabric.messages import AdoptedBlock, CreatedBlock
+from datafabric.messages import AdoptedBlock, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -127,7 +127,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         return answer if isinstance(answer, dict) else {"decision": "keep"}
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
-    def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> dict | None:
+    def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> Reservation | None:
         with self.lock:
             for shm_id, block in self.blocks.items():
                 if block.retiring:
@@ -193,7 +193,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         logger.info("created block %s of %d bytes on node %s", shm_id, size, node)
         return CreatedBlock(shm_id=shm_id, size=size, capacity=allocator.capacity, block_uuid=str(header.block_uuid))
 
-    def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> dict | None:
+    def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> Reservation | None:
         with self.lock:
             block = self.blocks.get(shm_id)
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.retiring else None
@@ -372,7 +372,7 @@ _MARKED_FROM = {
 }
 
 
-def _reservation(shm_id: str, r: Any) -> dict:
+def _reservation(shm_id: str, r: Any) -> Reservation:
     return {
         "shm_id": shm_id,
         "extent_offset": r.offset,
