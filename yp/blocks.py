@@ -93,7 +93,8 @@ class Inventory:
                 inserts = writing["reserved"] + len(self.directory.pending_in(shm_id))
                 if inserts:  # refused before anything moved
                     raise BlockInUseError(
-                        f"block {shm_id} on node {node} has {inserts} inserts in progress; try again when they are sealed"
+                        f"block {shm_id} on node {node} has {inserts} insert{'s' * (inserts != 1)} in progress; "
+                        "try again when they are sealed"
                     )
                 if migrate:
                     await self.copies.migrate(block)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from datafabric.errors import (
     BlockNotFoundError,
@@ -27,16 +28,19 @@ from yp.placement import Placement
 from yp.reads import Reads
 from yp.records import Block, Copy, Variable
 
+if TYPE_CHECKING:
+    from yp.owners import Owners
+
 SELF = "datafabric-yellowpages"  # the lease holder and writer name of the fabric's own copies
 
 
+@dataclass
 class Copies:
-    def __init__(self, directory: Directory, reads: Reads, placement: Placement, owners: Any) -> None:
-        self.directory = directory
-        self.reads = reads
-        self.placement = placement
-        self.owners = owners
-        self._replicating: dict[tuple[int, str], asyncio.Future] = {}  # (var_id, node) in flight
+    directory: Directory
+    reads: Reads
+    placement: Placement
+    owners: Owners
+    _replicating: dict[tuple[int, str], asyncio.Future] = field(default_factory=dict, init=False)  # (var_id, node)
 
     async def replicate(self, name: str, nodes: list[str] | None = None, count: int | None = None) -> VariableInfo:
         """Copy ``name`` to other nodes ahead of time: the listed ``nodes``, or ``count``

@@ -6,20 +6,24 @@ directory rebuilt from the blocks after a crash frees it rather than listing it 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from datafabric.layout import ExtentState
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
 from yp.reads import Reads
 
+if TYPE_CHECKING:
+    from yp.owners import Owners
 
+
+@dataclass
 class Deletes:
-    def __init__(self, directory: Directory, reads: Reads, owners: Any, fabric_id: str) -> None:
-        self.directory = directory
-        self.reads = reads
-        self.owners = owners
-        self.fabric_id = fabric_id
+    directory: Directory
+    reads: Reads
+    owners: Owners
+    fabric_id: str
 
     async def delete(self, name: str) -> dict:
         var = await self.reads.settled(name)

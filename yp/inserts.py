@@ -8,7 +8,8 @@ it answers.  So an insert that returned survives a scheduler crash, whichever pa
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement as PlacementMsg
@@ -17,12 +18,15 @@ from datafabric.names import validate_name
 from yp.directory import Directory
 from yp.placement import Placement
 
+if TYPE_CHECKING:
+    from yp.owners import Owners
 
+
+@dataclass
 class Inserts:
-    def __init__(self, directory: Directory, placement: Placement, owners: Any) -> None:
-        self.directory = directory
-        self.placement = placement
-        self.owners = owners
+    directory: Directory
+    placement: Placement
+    owners: Owners
 
     async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
         validate_name(name)

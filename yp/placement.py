@@ -9,7 +9,8 @@ variable's last copy).  Only then is the request refused.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from datafabric.errors import WorkerLostError
 from datafabric.messages import Reservation
@@ -17,13 +18,16 @@ from yp.directory import Directory
 from yp.moves import BlockMoves, Compaction
 from yp.records import Block
 
+if TYPE_CHECKING:
+    from yp.owners import Owners
 
+
+@dataclass
 class Placement:
-    def __init__(self, directory: Directory, moves: BlockMoves, compaction: Compaction, owners: Any) -> None:
-        self.directory = directory
-        self.moves = moves
-        self.compaction = compaction
-        self.owners = owners
+    directory: Directory
+    moves: BlockMoves
+    compaction: Compaction
+    owners: Owners
 
     async def reserve(
         self,

@@ -8,20 +8,25 @@ its process no round trip.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from datafabric.messages import VariableInfo
 from yp.directory import Directory
 from yp.moves import BlockMoves
 from yp.records import Variable
 
+if TYPE_CHECKING:
+    from yp.membership import Membership
+    from yp.owners import Owners
 
+
+@dataclass
 class Reads:
-    def __init__(self, directory: Directory, moves: BlockMoves, owners: Any, members: Any) -> None:
-        self.directory = directory
-        self.moves = moves
-        self.owners = owners
-        self.members = members
+    directory: Directory
+    moves: BlockMoves
+    owners: Owners
+    members: Membership
 
     async def settled(self, name: str) -> Variable:
         """The variable named ``name`` once none of its blocks is being moved; use it
