@@ -74,6 +74,18 @@ def client_rounds(fabric, seconds: float, round_s: float, seed: int, journals: s
         k += 1
 
 
+def _extents_left(shm_id: str, dask_worker=None) -> list[tuple]:
+    """The non-free extents of a block, as its owner's headers say: what a leak is made of."""
+    from datafabric import layout
+
+    block = dask_worker.plugins["datafabric"].blocks[shm_id]
+    return [
+        (e.offset, e.state.name, e.size, e.name, e.extent_id)
+        for e in layout.walk(block.segment.buf, block.allocator.size)
+        if e.state is not layout.ExtentState.FREE
+    ]
+
+
 def final_checks(client: Client, fabric, journals: list[str]) -> dict:
     """Everything settled: verify the listing, the journals and the accounts."""
     inserted, deleted = churn.read_journals(journals)
@@ -89,6 +101,9 @@ def final_checks(client: Client, fabric, journals: list[str]) -> dict:
     while not all(b["free"] == b["capacity"] for b in fabric.status()) and time.monotonic() < deadline:
         time.sleep(0.2)
     still_used = [(b["shm_id"], b["capacity"] - b["free"]) for b in fabric.status() if b["free"] != b["capacity"]]
+    for b in fabric.status():
+        if b["free"] != b["capacity"] and b["worker"]:
+            print(f"  left in {b['shm_id']}: {client.run(_extents_left, b['shm_id'], workers=[b['worker']])}")
     return {
         "lost": sorted(inserted - deleted - listed),
         "wrong": sorted(set(wrong)),

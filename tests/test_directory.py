@@ -15,7 +15,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from datafabric.errors import BlockNotFoundError, FabricError, NameExistsError, NameNotFoundError, OutOfSpaceError
+from datafabric.errors import (
+    BlockNotFoundError,
+    FabricError,
+    NameExistsError,
+    NameNotFoundError,
+    OutOfSpaceError,
+    WorkerLostError,
+)
 from datafabric.layout import ExtentState
 from datafabric.messages import Reservation
 from tests.directories import CAPACITY, directory, extent, ids, insert, replica, reservation, seal_item
@@ -359,6 +366,7 @@ class AccountingMachine(RuleBasedStateMachine):
             del self.pending[key]
             expected.add(self.d.pending[key].copy.extent_id)
         self.freed(self.d.drop_holder(holder), expected)
+        self.d.arrived(holder)  # a later process under the same name (test_a_request_of_a_holder_that_left...)
 
     @rule(data=st.data(), shm_id=st.sampled_from("ABC"))
     def compact(self, data, shm_id):
@@ -415,3 +423,19 @@ class AccountingMachine(RuleBasedStateMachine):
 
 AccountingMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_block_accounting_against_a_model = AccountingMachine.TestCase
+
+
+def test_a_request_of_a_holder_that_left_records_nothing():
+    """A reserve or acquire in flight when its process left would otherwise hold memory
+    that nobody ever gives back (the soak found such a RESERVED extent)."""
+    d = directory(("A", "n1", "w1"))
+    x = insert(d, "x")
+    d.drop_holder("gone")
+    with pytest.raises(WorkerLostError):
+        d.add_pending("gone", "A", reservation(4096))
+    with pytest.raises(WorkerLostError):
+        d.acquire(x, "gone")
+    assert not d.pending and not x.leases and d.blocks["A"].used == 256
+    d.arrived("gone")  # the same address (or client id) came back
+    d.acquire(x, "gone")
+    assert x.leases["gone"] == 1

@@ -22,6 +22,7 @@ from datafabric.errors import (
     NotOnThisNodeError,
     OutOfSpaceError,
     VariableUnavailableError,
+    WorkerLostError,
 )
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
@@ -44,6 +45,9 @@ class Directory:
         self.variables: dict[str, Variable] = {}  # visible names only
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
+        # Processes whose leases and reservations ended as they left: a request of theirs
+        # that arrives later (it was in flight) records nothing, or nobody would end it.
+        self.departed: set[str] = set()
         # Ids never repeat across YellowPages incarnations: a release from a process that
         # outlived a scheduler restart cannot end somebody else's lease.
         self.first_id = time.time_ns() // 1000
@@ -123,6 +127,7 @@ class Directory:
 
     # -- inserts --------------------------------------------------------------------
     def add_pending(self, holder: str, shm_id: str, r: Reservation) -> Copy:
+        self.check_present(holder)
         copy = Copy(shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])
         self.pending[(shm_id, copy.extent_offset)] = Pending(holder, copy)
         self.blocks[shm_id].used += copy.extent_size
@@ -219,7 +224,15 @@ class Directory:
     def nodes_of(self, var: Variable) -> set[str]:
         return {self.blocks[c.shm_id].node for c in var.copies}
 
+    def check_present(self, holder: str) -> None:
+        if holder in self.departed:
+            raise WorkerLostError(f"{holder} has left the cluster; its requests are void")
+
+    def arrived(self, holder: str) -> None:
+        self.departed.discard(holder)
+
     def acquire(self, var: Variable, holder: str) -> None:
+        self.check_present(holder)
         var.leases[holder] += 1
         var.last_used = time.monotonic()
 
@@ -285,6 +298,7 @@ class Directory:
 
     def drop_holder(self, holder: str) -> list[Copy]:
         """A process is gone: its leases end and its unfinished inserts are given back."""
+        self.departed.add(holder)
         freed: list[Copy] = []
         for var in list(self.by_id.values()):
             if var.leases.pop(holder, 0):

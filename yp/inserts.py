@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from datafabric.errors import WorkerLostError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement as PlacementMsg
 from datafabric.messages import SealItem, VariableInfo
@@ -19,6 +20,7 @@ from yp.directory import Directory
 from yp.placement import Placement
 
 if TYPE_CHECKING:
+    from yp.membership import Membership
     from yp.owners import Owners
 
 
@@ -27,6 +29,7 @@ class Inserts:
     directory: Directory
     placement: Placement
     owners: Owners
+    members: Membership
 
     async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
         validate_name(name)
@@ -41,6 +44,14 @@ class Inserts:
 
     async def seal(self, items: list[SealItem], holder: str) -> list[VariableInfo]:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
+        local = [
+            item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in self.directory.pending
+        ]
+        self.directory.check_present(holder)
+        if local and holder not in self.members.node_of:
+            # Reserved in the writer's own block, which a peer has adopted (or is adopting)
+            # since the writer left: the reservation went with it.
+            raise WorkerLostError(f"the writer {holder} of {local[:3]} left the fabric before they were sealed")
         sealed = self.directory.seal_all(items)
         await self.owners.mark(
             ExtentState.SEALED,

@@ -66,6 +66,7 @@ class Membership:
         """``segments`` are the fabric's blocks the worker sees on its node; any this
         YellowPages does not know were left by its predecessor, and are taken back."""
         self.node_of[address] = node
+        self.directory.arrived(address)  # a worker restarted at the same address
         if any(s not in self.directory.blocks for s in segments):
             self.scheduler.loop.add_callback(self.recover, address, node, list(segments))
         if self.directory.orphaned(node):

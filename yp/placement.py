@@ -16,7 +16,7 @@ from datafabric.errors import WorkerLostError
 from datafabric.messages import Reservation
 from yp.directory import Directory
 from yp.moves import BlockMoves, Compaction
-from yp.records import Block
+from yp.records import Block, Copy
 
 if TYPE_CHECKING:
     from yp.owners import Owners
@@ -60,7 +60,11 @@ class Placement:
                         continue
                 r = await self._try(block, request)
                 if r is not None:
-                    self.directory.add_pending(holder, block.shm_id, r)
+                    try:
+                        self.directory.add_pending(holder, block.shm_id, r)
+                    except WorkerLostError:  # the writer left while its room was found
+                        await self.owners.free([_copy(block.shm_id, r)])
+                        raise
                     return block, r
         raise self.directory.out_of_space(nbytes, node if only_node else None)
 
@@ -80,3 +84,7 @@ class Placement:
             if not still_evictable or copy.shm_id in exclude or self.moves.busy([copy.shm_id]):
                 continue  # it changed while an earlier replica was being freed
             await self.owners.free([self.directory.drop_copy(var, copy)])
+
+
+def _copy(shm_id: str, r: Reservation) -> Copy:
+    return Copy(shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])

@@ -82,7 +82,7 @@ class YellowPages(SchedulerPlugin):
         self.members = Membership(scheduler, self.fabric_id, d, self.owners, self.moves)
         self.compaction = Compaction(d, self.moves, self.owners, self.members.lost_block)
         self.placement = Placement(d, self.moves, self.compaction, self.owners)
-        self.inserts = Inserts(d, self.placement, self.owners)
+        self.inserts = Inserts(d, self.placement, self.owners, self.members)
         self.reads = Reads(d, self.moves, self.owners, self.members)
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id)
         self.copies = Copies(d, self.reads, self.placement, self.owners)
@@ -189,7 +189,10 @@ class YellowPages(SchedulerPlugin):
         """A client that outlived a scheduler restart reconnects to this YellowPages
         unannounced: it hears the fabric's events again, and, once blocks came back, is
         asked to declare the views it kept."""
-        if not self.durable or not self.running:
+        if not self.running:
+            return
+        self.directory.arrived(client)  # a client that reconnected under its id
+        if not self.durable:
             return
         scheduler.subscribe_topic(EVENT_TOPIC, client)
         if self.members.took_back:
