@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from datafabric.errors import (
     BlockInUseError,
@@ -26,17 +25,7 @@ from datafabric.errors import (
 )
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
-from yp.records import Block, Copy, Pending, Variable
-
-
-@dataclass
-class Adoption:
-    """What a block's adoption leaves to do: names of copies it no longer holds, extents
-    to free, and headers to mark."""
-
-    lost: list[str] = field(default_factory=list)
-    to_free: list[Copy] = field(default_factory=list)
-    to_mark: dict[ExtentState, list[tuple[str, Copy]]] = field(default_factory=dict)
+from yp.records import Adoption, Block, Copy, Pending, Variable
 
 
 class Directory:

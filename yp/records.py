@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from datafabric.layout import ExtentState
+
 
 @dataclass
 class Block:
@@ -59,3 +61,13 @@ class Pending:
 
     holder: str
     copy: Copy
+
+
+@dataclass
+class Adoption:
+    """What a block's adoption leaves to do: names of copies it no longer holds, extents
+    to free, and headers to mark."""
+
+    lost: list[str] = field(default_factory=list)
+    to_free: list[Copy] = field(default_factory=list)
+    to_mark: dict[ExtentState, list[tuple[str, Copy]]] = field(default_factory=dict)
