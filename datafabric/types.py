@@ -6,6 +6,12 @@ the buffer's shape; the YellowPages stores only the canonical datashape string; 
 must rebuild exactly the same (shape, dtype) from that string on any node.  So every
 path goes through the canonical string, and any type whose bytes numpy could not view
 faithfully is refused here rather than guessed at.
+
+The layout comes from ndtypes itself: the parser walks the tree that ``str(t)`` prints
+and takes every field offset, record size and dimension step from ``t``'s own layout, so
+numpy reads the bytes where ndtypes put them.  The canonical string is ``str(t)`` when
+that keeps the layout; ``str`` drops record packing and alignment attributes, so a record
+it would misplace is spelled by ``datafabric.spelling``, which writes them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import functools
 import math
 import operator
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +28,17 @@ import numpy as np
 from ndtypes import ndt
 
 from datafabric.errors import InvalidTypeError
+from datafabric.spelling import NUMERIC, spell, time_dtype
 
-_SCALARS = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16", "float32"}
-_SCALARS |= {"float64", "complex64", "complex128"}
+MAX_TYPE_BYTES = 65536  # the stored string travels in every reply and sits in every extent header
 _STRING_CODES = {"'ascii'": "S", "'utf8'": "S", "'utf32'": "U"}
 _SUPPORTED = (
-    "supported are fixed dimensions 'd1 * d2 * T' over bool, int8..int64, uint8..uint64, float16/32/64, complex64/128,"
+    "supported are fixed dimensions 'd1 * d2 * T' over bool, int8..int64, uint8..uint64, float16/32/64, complex64/128"
+    " (native, or big-endian as '>int32'), Datetime64_ns(int64) and Timedelta64_s(int64) (any numpy unit),"
     " fixed_string(n, 'ascii'|'utf8'|'utf32'), fixed_bytes(size=n), and records {name : T, ...} or tuples (T, ...)"
 )
 _TOKEN = re.compile(r"\d+|[A-Za-z_]\w*|'[^']*'|\S")
+_FACT = re.compile(r"\b(datasize|offset|step)=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -52,16 +61,20 @@ class FabricType:
 
 
 class _Parser:
-    """Recursive descent over exactly the canonical forms ndtypes prints.
+    """Recursive descent over exactly the canonical forms ndtypes prints, reading the
+    layout from ``facts``: the ``datasize``, ``offset`` and ``step`` of every node of the
+    type, in the order ndtypes' ``ast_repr`` lists them (children before their parent).
 
     ndtypes 0.2 has no Python API to walk a type, so its canonical string is the only
-    faithful view of the tree; anything outside the grammar below has no numpy layout.
+    faithful view of the tree, and its ``ast_repr`` the only view of its layout; anything
+    outside the grammar below has no numpy layout.
     """
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, text: str, facts: Iterator[tuple[str, int]], source: str) -> None:
+        self.text = source  # what the user wrote, for messages
         self.tokens = _TOKEN.findall(text)
         self.pos = 0
+        self.facts = facts
 
     def unsupported(self, detail: str) -> InvalidTypeError:
         return InvalidTypeError(f"type {self.text!r} has no fixed numpy layout ({detail}); {_SUPPORTED}")
@@ -76,10 +89,25 @@ class _Parser:
         self.pos += 1
         return token
 
+    def fact(self, key: str) -> int:
+        found = next(self.facts, None)
+        if found is None or found[0] != key:
+            raise _disagree(self.text, f"ndtypes' layout has {found} where the parser expects a {key}")
+        return found[1]
+
+    def sized(self, dtype: np.dtype) -> np.dtype:
+        """dtype, once ndtypes' size for the node just parsed agrees with numpy's."""
+        size = self.fact("datasize")
+        if size != dtype.itemsize:
+            raise _disagree(self.text, f"{dtype} is {dtype.itemsize} bytes, ndtypes says {size}")
+        return dtype
+
     def parse(self) -> tuple[tuple[int, ...], np.dtype]:
         shape, dtype = self.array()
         if self.peek():
             raise self.unsupported(f"unexpected {self.peek()!r}")
+        if next(self.facts, None) is not None:
+            raise _disagree(self.text, "ndtypes' layout has more nodes than the type")
         return shape, dtype
 
     def array(self) -> tuple[tuple[int, ...], np.dtype]:
@@ -87,12 +115,24 @@ class _Parser:
         while self.peek().isdigit():
             dims.append(int(self.take()))
             self.take("*")
-        return tuple(dims), self.element()
+        element = self.element()
+        size = element.itemsize
+        for k in reversed(range(len(dims))):  # ndtypes lists the innermost dimension first
+            step, datasize = self.fact("step"), self.fact("datasize")
+            if step != math.prod(dims[k + 1 :]) or datasize != dims[k] * size:
+                raise InvalidTypeError(
+                    f"type {self.text!r} sets Fortran order or steps; drop them, the fabric stores only C-ordered data"
+                )
+            size = datasize
+        return tuple(dims), element
 
     def element(self) -> np.dtype:
+        order = self.take() if self.peek() in ("<", ">") else ""
         token = self.take()
-        if token in _SCALARS:
-            return np.dtype(token)
+        if token in NUMERIC:
+            return self.sized(np.dtype(token).newbyteorder(order or "="))
+        if order:
+            raise self.unsupported(f"byte order {order!r} before {token!r}")
         if token in ("{", "("):
             return self.fields(named=token == "{")
         if token == "fixed_string":
@@ -105,19 +145,27 @@ class _Parser:
             self.take(")")
             if encoding not in _STRING_CODES or size == 0:
                 raise self.unsupported(f"numpy has no fixed_string({size}, {encoding})")
-            return np.dtype(f"{_STRING_CODES[encoding]}{size}")
+            return self.sized(np.dtype(f"{_STRING_CODES[encoding]}{size}"))
         if token == "fixed_bytes":
             for expected in ("(", "size", "="):
                 self.take(expected)
             size = int(self.take())
             self.take(")")
-            return np.dtype(f"V{size}")
+            return self.sized(np.dtype(f"V{size}"))
+        if self.peek() == "(" and time_dtype(token, "=") is not None:
+            self.take("(")
+            inner = self.element()
+            self.take(")")
+            if inner.name != "int64":
+                raise self.unsupported(f"{token} holds an int64, not {inner}")
+            return self.sized(time_dtype(token, inner.byteorder))
         raise self.unsupported(f"unexpected {token!r}")
 
     def fields(self, named: bool) -> np.dtype:
         close = "}" if named else ")"
         names: list[str] = []
         formats: list[Any] = []
+        offsets: list[int] = []
         while self.peek() != close:
             if names:
                 self.take(",")
@@ -128,10 +176,26 @@ class _Parser:
                 names.append(f"f{len(names)}")
             shape, dtype = self.array()
             formats.append((dtype, shape) if shape else dtype)
+            offsets.append(self.fact("offset"))
         self.take(close)
         if len(set(names)) != len(names):
             raise InvalidTypeError(f"type {self.text!r} repeats a field name, which numpy cannot; make them distinct")
-        return np.dtype({"names": names, "formats": formats}, align=True)
+        exact = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": self.fact("datasize")})
+        for flavour in (False, True):  # numpy's packed default, then align=True: the familiar reprs
+            familiar = np.dtype({"names": names, "formats": formats}, align=flavour)
+            if familiar == exact:
+                return familiar
+        return exact
+
+
+def _disagree(text: str, detail: str) -> InvalidTypeError:
+    return InvalidTypeError(f"internal error: the numpy layout of {text!r} is not ndtypes' ({detail}); please report")
+
+
+def _layout(t: ndt, source: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The numpy (shape, dtype) of a concrete ndt, every byte where ndtypes puts it."""
+    facts = ((key, int(value)) for key, value in _FACT.findall(t.ast_repr()))
+    return _Parser(str(t), facts, source).parse()
 
 
 def parse_type(tp: Any, *, shape: tuple[int, ...] | None = None) -> FabricType:
@@ -169,17 +233,13 @@ def from_dtype(dtype: Any, shape: tuple[int, ...]) -> FabricType:
         raise InvalidTypeError(
             f"{dtype!r} is not a type; give an ndt, a datashape such as '40 * 20 * float64', or a numpy dtype"
         )
-    if not given.isnative:
-        raise InvalidTypeError(
-            f"numpy dtype {given} is not in native byte order; convert with arr.astype(arr.dtype.newbyteorder('='))"
-        )
-    return _from_native_dtype(given, _check_shape(shape))
+    return _from_numpy(given, _check_shape(shape))
 
 
 @functools.lru_cache(maxsize=4096)
-def _from_native_dtype(given: np.dtype, shape: tuple[int, ...]) -> FabricType:
+def _from_numpy(given: np.dtype, shape: tuple[int, ...]) -> FabricType:
     sub, element = _split(given)
-    text = _spell(shape + sub, element)
+    text = spell(shape + sub, element)
     try:
         t = ndt(text)
     except Exception as exc:  # only field names can make our own spelling unparseable
@@ -188,32 +248,32 @@ def _from_native_dtype(given: np.dtype, shape: tuple[int, ...]) -> FabricType:
             " rename fields that are datashape type names such as 'int8', 'bool' or 'string'"
         ) from None
     result = _from_ndt(t, text)
-    if result.dtype != element:
-        raise InvalidTypeError(
-            f"numpy dtype {given} is laid out differently from the aligned C layout of {text!r} ({result.dtype});"
-            " build it with np.dtype(..., align=True) and no explicit offsets or itemsize"
-        )
+    if result.dtype != element or result.dtype.descr != element.descr:
+        raise _disagree(text, f"numpy dtype {given} comes back as {result.dtype}")
     return result
 
 
 def _from_ndt(t: ndt, source: str) -> FabricType:
-    """Check that t has one numpy layout and that its canonical string keeps it."""
+    """The numpy layout of t, and a canonical string that keeps it."""
     if not t.isconcrete():
         raise InvalidTypeError(
             f"type {source!r} is abstract; give every dimension a fixed size and every element a concrete type,"
             " e.g. '40 * 20 * float64'"
         )
-    text = str(t)
-    if ndt(text) != t:
-        raise InvalidTypeError(
-            f"type {source!r} sets alignment, packing, Fortran order or steps, which its canonical string {text!r}"
-            " loses; drop them, the fabric stores only C-ordered, naturally aligned data"
-        )
-    shape, dtype = _Parser(text).parse()
+    shape, dtype = _layout(t, source)
     if math.prod(shape) * dtype.itemsize != t.datasize:
+        raise _disagree(source, f"{shape} x {dtype} is not the {t.datasize} bytes ndtypes computes")
+    text = str(t)
+    if ndt(text) != t:  # str() dropped a record's packing or alignment: spell them out
+        sub, element = _split(dtype)
+        text = spell(shape + sub, element)
+        again_shape, again = _layout(ndt(text), text)
+        if (again_shape, again, again.descr) != (shape, dtype, dtype.descr):
+            raise _disagree(source, f"its spelling {text!r} lays out as {again_shape} x {again}")
+    if len(text.encode()) > MAX_TYPE_BYTES:
         raise InvalidTypeError(
-            f"internal error: numpy layout {shape} x {dtype} of {text!r} is not the {t.datasize} bytes ndtypes"
-            " computes; please report this type"
+            f"type {source[:60]!r}... spells as {len(text.encode())} bytes, over the {MAX_TYPE_BYTES} a type may"
+            " take; use fewer or shorter field names, or store the fields as separate variables"
         )
     return FabricType(text, shape, dtype)
 
@@ -235,35 +295,6 @@ def _split(dtype: np.dtype) -> tuple[tuple[int, ...], np.dtype]:
         dtype, sub = dtype.subdtype
         dims += sub
     return dims, dtype
-
-
-def _spell(dims: tuple[int, ...], element: np.dtype) -> str:
-    return " * ".join([*map(str, dims), _spell_element(element)])
-
-
-def _spell_element(dtype: np.dtype) -> str:
-    if dtype.names is not None:
-        if len(dtype.fields) != len(dtype.names):
-            raise InvalidTypeError(f"numpy dtype {dtype} has field titles, which datashape cannot record; drop them")
-        bad = [n for n in dtype.names if not (n.isascii() and n.isidentifier())]
-        if bad:
-            raise InvalidTypeError(
-                f"numpy field names {bad} cannot be written in a datashape; rename them to ASCII identifiers"
-            )
-        fields = (f"{n} : {_spell(*_split(dtype.fields[n][0]))}" for n in dtype.names)
-        return "{" + ", ".join(fields) + "}"
-    if dtype.name in _SCALARS:
-        return dtype.name
-    if dtype.kind == "S":
-        return f"fixed_string({dtype.itemsize}, 'ascii')"
-    if dtype.kind == "U":
-        return f"fixed_string({dtype.itemsize // 4}, 'utf32')"
-    if dtype.kind == "V":
-        return f"fixed_bytes(size={dtype.itemsize})"
-    raise InvalidTypeError(
-        f"numpy dtype {dtype} has no fixed-layout datashape (object, datetime, timedelta and platform types like"
-        f" float128 are refused); convert the data first, e.g. arr.view('int64') for datetimes; {_SUPPORTED}"
-    )
 
 
 def _is_concrete_datashape(text: str) -> bool:
