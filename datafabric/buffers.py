@@ -80,7 +80,8 @@ def _count(nbytes: int, dtype: np.dtype, what: str) -> int:
 
 def _array_copier(arr: np.ndarray) -> Callable[[memoryview], None]:
     if arr.flags.c_contiguous:
-        raw = memoryview(arr).cast("B") if arr.nbytes else memoryview(b"")
+        # bytes through a uint8 view: the buffer protocol refuses datetime64 and timedelta64
+        raw = memoryview(arr.reshape(-1).view(np.uint8)) if arr.nbytes else memoryview(b"")
 
         def copy(dest: memoryview) -> None:
             dest[:] = raw
@@ -117,6 +118,8 @@ def _as_array(buf: Any) -> np.ndarray:
 
 
 def _has_buffer(buf: Any) -> bool:
+    if isinstance(buf, np.ndarray):  # memoryview() refuses datetime64 arrays, numpy holds their bytes
+        return True
     try:
         memoryview(buf).release()
     except (TypeError, ValueError):  # ValueError: a closed mmap or released memoryview
