@@ -8,12 +8,14 @@ table, the JSON or the data.
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -57,7 +59,20 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=_json_default, ensure_ascii=False)
 
 
+def values(part: np.ndarray) -> Any:
+    """``part.tolist()`` for JSON, with datetime64 and timedelta64 as numpy prints them
+    (``tolist`` gives bare ints for units finer than microseconds; ``astype(str)``, unlike
+    ``np.datetime_as_string``, reads big-endian ones right)."""
+    if part.dtype.kind in "Mm":
+        return part.astype(str).tolist()
+    return part.tolist()
+
+
 def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):  # a sub-array field of a record
+        return values(value)
+    if isinstance(value, datetime.date | datetime.timedelta):  # from records holding datetime64 fields
+        return str(value)
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     if isinstance(value, complex):

@@ -94,7 +94,7 @@ def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -
             raise CliError(f"bad slice [{text}] for {name!r} of shape {view.shape}: {exc}") from None
         if as_json:
             header = {"name": name, "slice": text, "shape": list(part.shape), "dtype": str(part.dtype)}
-            click.echo(fmt.to_json(header | {"data": part.tolist()}))
+            click.echo(fmt.to_json(header | {"data": fmt.values(part)}))
         else:
             with np.printoptions(linewidth=shutil.get_terminal_size().columns):
                 click.echo(str(part))
