@@ -92,9 +92,10 @@ def _element(dtype: np.dtype) -> tuple[str, int]:
         return f"fixed_string({dtype.itemsize // 4}, 'utf32')", 4
     if dtype.kind == "V":
         return f"fixed_bytes(size={dtype.itemsize})", 1
+    instead = {"f": "arr.astype('float64')", "c": "arr.astype('complex128')"}.get(dtype.kind, "arr.astype('U20')")
     raise InvalidTypeError(
-        f"numpy dtype {dtype} has no fixed-layout datashape (object and platform types like float128 are refused);"
-        " convert the data first, e.g. arr.astype('float64')"
+        f"numpy dtype {dtype} has no fixed-layout datashape (object, variable-width string and platform types like"
+        f" float128 are refused); convert the data first, e.g. {instead}"
     )
 
 

@@ -391,6 +391,33 @@ REFUSED_DTYPES = [
 ]
 
 
+REFUSED_CODES = {"g": "arr.astype\\('float64'\\)", "G": "arr.astype\\('complex128'\\)", "O": "arr.astype\\('U20'\\)"}
+
+
+@pytest.mark.parametrize("code", np.typecodes["All"])
+@pytest.mark.parametrize("order", "<>")
+def test_every_numpy_type_code_is_stored_or_refused_with_what_to_use(code, order):
+    """numpy's whole range: all but float128, complex256, object and big-endian UTF-32."""
+    dtype = np.dtype(code + "3" if code in "SUV" else code).newbyteorder(order)
+    if code in REFUSED_CODES:
+        with pytest.raises(InvalidTypeError, match="no fixed-layout datashape.*convert the data first, e.g. "):
+            from_dtype(dtype, (2,))
+        with pytest.raises(InvalidTypeError, match=REFUSED_CODES[code]):
+            from_dtype(dtype, (2,))
+    elif code == "U" and order == ">":
+        with pytest.raises(InvalidTypeError, match="big-endian UTF-32.*arr.astype\\('<U3'\\)"):
+            from_dtype(dtype, (2,))
+    else:
+        ft = from_dtype(dtype, (2,))
+        assert (ft.dtype, ft.dtype.descr, ft.shape) == (dtype, dtype.descr, (2,))
+        assert from_datashape(ft.datashape) == ft
+
+
+def test_variable_width_strings_are_refused_with_what_to_use():
+    with pytest.raises(InvalidTypeError, match="variable-width string.*arr.astype\\('U20'\\)"):
+        from_dtype(np.dtypes.StringDType(), (2,))
+
+
 @pytest.mark.parametrize(("dtype", "message"), REFUSED_DTYPES)
 def test_refused_dtypes(dtype, message):
     with pytest.raises(InvalidTypeError, match=message):
