@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,3 +462,29 @@ def test_layout_disagreement_never_passes(monkeypatch):
     from_datashape.cache_clear()  # parse afresh, with the broken parser
     with pytest.raises(InvalidTypeError, match="internal error: .* not the 16 bytes ndtypes computes"):
         from_datashape("2 * float64")
+
+
+README_SPELLINGS = [
+    (np.dtype(">f8"), ">float64"),
+    (np.dtype("M8[ns]"), "Datetime64_ns(int64)"),
+    (np.dtype(">m8[10s]"), "Timedelta64_10s(>int64)"),
+    (np.dtype("M8"), "Datetime64(int64)"),
+    (np.dtype("U5"), "fixed_string(5, 'utf32')"),
+    (np.dtype([("a", "i1"), ("b", "f4", (4,))]), "{a : int8, b : 4 * float32, pack=1}"),
+    (aligned([("a", "i1"), ("b", "f4", (4,))]), "{a : int8, b : 4 * float32}"),
+    (
+        np.dtype({"names": ["a", "b"], "formats": ["i1", "i4"], "offsets": [0, 2], "itemsize": 8}),
+        "{a : int8, b : int32 \\|pack=2\\|, align=4}",
+    ),
+    (
+        np.dtype([("n", "i1"), ("t", "M8[ms]"), ("pos", [("x", ">f4"), ("y", "f4")], (2,))]),
+        "{n : int8, t : Datetime64_ms(int64), pos : 2 * {x : >float32, y : float32}, pack=1}",
+    ),
+]
+
+
+@pytest.mark.parametrize(("dtype", "shown"), README_SPELLINGS)
+def test_the_readme_shows_the_stored_type_strings(dtype, shown):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"`{shown}`" in readme  # as the README's table writes it (| escaped)
+    assert from_dtype(dtype, ()).datashape == shown.replace("\\|", "|")
