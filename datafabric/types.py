@@ -92,7 +92,7 @@ class _Parser:
     def fact(self, key: str) -> int:
         found = next(self.facts, None)
         if found is None or found[0] != key:
-            raise _disagree(self.text, f"ndtypes' layout has {found} where the parser expects a {key}")
+            raise _disagree(self.text, f"ndtypes' layout has {found} where the parser expects its {key}")
         return found[1]
 
     def sized(self, dtype: np.dtype) -> np.dtype:

@@ -296,7 +296,7 @@ def test_subarray_dims_fold_into_shape(dtype, sub, shape):
 
 
 TOKENS = "3 0 * { } ( ) , : a b int8 float64 ? var N ! ... fixed_string fixed_bytes size = 'utf32' 'ascii' pack"
-TOKENS = [*TOKENS.split(), "align", "|", "ref", "Foo", "string"]
+TOKENS = [*TOKENS.split(), "align", "|", "ref", "Foo", "string", ">", "<", "Datetime64_ns", "int64", "Timedelta64"]
 
 
 @given(st.lists(st.sampled_from(TOKENS), max_size=12).map(" ".join))
@@ -488,3 +488,13 @@ def test_the_readme_shows_the_stored_type_strings(dtype, shown):
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert f"`{shown}`" in readme  # as the README's table writes it (| escaped)
     assert from_dtype(dtype, ()).datashape == shown.replace("\\|", "|")
+
+
+def test_a_layout_fact_missing_is_an_internal_error_never_a_guess(monkeypatch):
+    monkeypatch.setattr(types_module, "_FACT", re.compile(r"\b(datasize|step)=(\d+)"))  # no field offsets
+    from_datashape.cache_clear()
+    with pytest.raises(
+        InvalidTypeError, match="internal error: .*where the parser expects its offset\\); please report"
+    ):
+        from_datashape("{a : int8, b : int64, pack=1}")
+    from_datashape.cache_clear()
