@@ -218,7 +218,8 @@ def parse_type(tp: Any, *, shape: tuple[int, ...] | None = None) -> FabricType:
 @functools.lru_cache(maxsize=4096)
 def from_datashape(text: str) -> FabricType:
     """Rebuild the layout from a datashape, as ``get`` does from the stored string.
-    Cached: a process sees few distinct types, and parsing one costs about 15 µs."""
+    Cached: a process sees few distinct types, and parsing one costs tens of µs, a few
+    hundred for a packed record (``python -m benchmarks.dtypes``)."""
     try:
         t = ndt(text)
     except Exception as exc:  # ndtypes raises ValueError, TypeError, ... for bad text
@@ -248,7 +249,7 @@ def _from_numpy(given: np.dtype, shape: tuple[int, ...]) -> FabricType:
             " rename fields that are datashape type names such as 'int8', 'bool' or 'string'"
         ) from None
     result = _from_ndt(t, text)
-    if result.dtype != element or result.dtype.descr != element.descr:
+    if (result.shape, result.dtype, result.dtype.descr) != (shape + sub, element, element.descr):
         raise _disagree(text, f"numpy dtype {given} comes back as {result.dtype}")
     return result
 
@@ -265,8 +266,7 @@ def _from_ndt(t: ndt, source: str) -> FabricType:
         raise _disagree(source, f"{shape} x {dtype} is not the {t.datasize} bytes ndtypes computes")
     text = str(t)
     if ndt(text) != t:  # str() dropped a record's packing or alignment: spell them out
-        sub, element = _split(dtype)
-        text = spell(shape + sub, element)
+        text = spell(shape, dtype)
         again_shape, again = _layout(ndt(text), text)
         if (again_shape, again, again.descr) != (shape, dtype, dtype.descr):
             raise _disagree(source, f"its spelling {text!r} lays out as {again_shape} x {again}")
