@@ -12,12 +12,15 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
+from distributed import Client, Nanny, Scheduler, SpecCluster
 from hypothesis import HealthCheck, given, settings
 
+import datafabric
 from datafabric import layout
 from datafabric.errors import InvalidTypeError
 from datafabric.shm import Segment
 from datafabric.types import MAX_TYPE_BYTES, from_dtype
+from tests.test_nodes import NODES, node_workers
 from tests.test_types import dtypes, shapes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -65,10 +68,10 @@ def same(view: np.ndarray, data: np.ndarray) -> bool:
     )
 
 
-def described(fabric, name):
+def described(fabric, name, cache=True):
     """What a task sees, in plain values: pickle turns a non-native array (not a dtype)
     into a native one, so the test ships no arrays between processes."""
-    view = fabric.get(name)
+    view = fabric.get(name, cache=cache)
     return view.dtype, view.dtype.descr, view.shape, hashlib.sha256(view.tobytes()).hexdigest()
 
 
@@ -154,3 +157,37 @@ def test_a_type_string_too_long_is_refused_before_anything_is_stored(fabric):
         fabric.create("too-wide", "", text)
     assert fabric.get_list() == []
     assert all(row["used"] == 0 for row in fabric.status())
+
+
+@pytest.fixture(scope="module")
+def nodes_client():
+    """One worker on each of two simulated nodes, as in tests/test_nodes.py."""
+    env = {node: {"DASK_DATAFABRIC__NODE_ID": node} for node in NODES}
+    options = {node: {"nthreads": 1, "host": "127.0.0.1", "env": env[node]} for node in NODES}
+    workers = {node: {"cls": Nanny, "options": options[node]} for node in NODES}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        yield client
+
+
+@pytest.fixture
+def two_node_fabric(nodes_client):
+    fabric = datafabric.start(nodes_client, mb=2 * 32)
+    yield fabric
+    fabric.shutdown()
+
+
+def test_records_cross_nodes_with_their_dtype(nodes_client, two_node_fabric):
+    """The bytes travel on Dask's comms as bytes; the dtype is rebuilt on node B from the
+    stored string, as a replica (cache=True) and as a private copy."""
+    fabric, per_node = two_node_fabric, node_workers(nodes_client)
+    a, b = per_node["node-a"][0], per_node["node-b"][0]
+    for k, dtype in enumerate([NESTED, EXPLICIT, np.dtype(">M8[us]")]):
+        name = f"crossing/{k}"
+        nodes_client.submit(insert_in_task, fabric, name, dtype, (40, 3), workers=[a]).result()
+        expected = (dtype, dtype.descr, (40, 3), hashlib.sha256(sample(dtype, (40, 3)).tobytes()).hexdigest())
+        private = nodes_client.submit(described, fabric, name, False, workers=[b], pure=False).result()
+        replica = nodes_client.submit(described, fabric, name, True, workers=[b], pure=False).result()
+        assert private == replica == expected
+        assert len(fabric.get_locations(name)) == 2
