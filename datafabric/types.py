@@ -39,6 +39,7 @@ _SUPPORTED = (
 )
 _TOKEN = re.compile(r"\d+|[A-Za-z_]\w*|'[^']*'|\S")
 _FACT = re.compile(r"\b(datasize|offset|step)=(\d+)")
+_COMPOUND = re.compile(r"\{|(?<!\w)\(")  # a record, or a tuple: a parenthesis that follows no name
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class _Parser:
     outside the grammar below has no numpy layout.
     """
 
-    def __init__(self, text: str, facts: Iterator[tuple[str, int]], source: str) -> None:
+    def __init__(self, text: str, facts: Iterator[tuple[str, int]] | None, source: str) -> None:
         self.text = source  # what the user wrote, for messages
         self.tokens = _TOKEN.findall(text)
         self.pos = 0
@@ -97,6 +98,8 @@ class _Parser:
 
     def sized(self, dtype: np.dtype) -> np.dtype:
         """dtype, once ndtypes' size for the node just parsed agrees with numpy's."""
+        if self.facts is None:
+            return dtype
         size = self.fact("datasize")
         if size != dtype.itemsize:
             raise _disagree(self.text, f"{dtype} is {dtype.itemsize} bytes, ndtypes says {size}")
@@ -106,7 +109,7 @@ class _Parser:
         shape, dtype = self.array()
         if self.peek():
             raise self.unsupported(f"unexpected {self.peek()!r}")
-        if next(self.facts, None) is not None:
+        if self.facts is not None and next(self.facts, None) is not None:
             raise _disagree(self.text, "ndtypes' layout has more nodes than the type")
         return shape, dtype
 
@@ -117,7 +120,9 @@ class _Parser:
             self.take("*")
         element = self.element()
         size = element.itemsize
-        for k in reversed(range(len(dims))):  # ndtypes lists the innermost dimension first
+        for k in reversed(
+            range(len(dims) if self.facts is not None else 0)
+        ):  # ndtypes lists the innermost dimension first
             step, datasize = self.fact("step"), self.fact("datasize")
             if step != math.prod(dims[k + 1 :]) or datasize != dims[k] * size:
                 raise InvalidTypeError(
@@ -193,9 +198,15 @@ def _disagree(text: str, detail: str) -> InvalidTypeError:
 
 
 def _layout(t: ndt, source: str) -> tuple[tuple[int, ...], np.dtype]:
-    """The numpy (shape, dtype) of a concrete ndt, every byte where ndtypes puts it."""
+    """The numpy (shape, dtype) of a concrete ndt, every byte where ndtypes puts it.
+
+    Reading ``ast_repr`` costs more than the rest of the parse, and says nothing new for
+    a C-ordered array of scalars whose string keeps its layout: that one is parsed alone."""
+    text = str(t)
+    if not _COMPOUND.search(text) and ndt(text) == t:
+        return _Parser(text, None, source).parse()
     facts = ((key, int(value)) for key, value in _FACT.findall(t.ast_repr()))
-    return _Parser(str(t), facts, source).parse()
+    return _Parser(text, facts, source).parse()
 
 
 def parse_type(tp: Any, *, shape: tuple[int, ...] | None = None) -> FabricType:

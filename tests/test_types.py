@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from ndtypes import ndt
 
@@ -263,6 +263,7 @@ def stored_or_unlaid(dtype: np.dtype, shape: tuple) -> FabricType | None:
         return None
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct parse
 @given(dtypes, shapes)
 def test_round_trip(dtype, shape):
     ft = stored_or_unlaid(dtype, shape)
@@ -275,6 +276,7 @@ def test_round_trip(dtype, shape):
     assert numpy_offsets(dtype) == ndt_offsets(ft.datashape)
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct parse
 @given(st.lists(st.tuples(field_names, leaves), min_size=1, max_size=5, unique_by=lambda f: f[0]))
 def test_packed_and_aligned_records_are_always_stored(fields):
     for dtype in (np.dtype(fields), aligned(fields)):
@@ -283,6 +285,7 @@ def test_packed_and_aligned_records_are_always_stored(fields):
         assert from_datashape(ft.datashape) == ft
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct parse
 @given(dtypes, st.lists(st.integers(0, 3), min_size=1, max_size=2).map(tuple), shapes)
 def test_subarray_dims_fold_into_shape(dtype, sub, shape):
     ft = stored_or_unlaid(np.dtype((dtype, sub)), shape)
@@ -299,6 +302,7 @@ TOKENS = "3 0 * { } ( ) , : a b int8 float64 ? var N ! ... fixed_string fixed_by
 TOKENS = [*TOKENS.split(), "align", "|", "ref", "Foo", "string", ">", "<", "Datetime64_ns", "int64", "Timedelta64"]
 
 
+@settings(deadline=None)  # a loaded machine must not fail a correct parse
 @given(st.lists(st.sampled_from(TOKENS), max_size=12).map(" ".join))
 def test_any_text_gives_a_consistent_layout_or_invalid_type_error(text):
     try:
