@@ -197,13 +197,13 @@ def _disagree(text: str, detail: str) -> InvalidTypeError:
     return InvalidTypeError(f"internal error: the numpy layout of {text!r} is not ndtypes' ({detail}); please report")
 
 
-def _layout(t: ndt, source: str) -> tuple[tuple[int, ...], np.dtype]:
+def _layout(t: ndt, source: str, keeps: bool) -> tuple[tuple[int, ...], np.dtype]:
     """The numpy (shape, dtype) of a concrete ndt, every byte where ndtypes puts it.
 
     Reading ``ast_repr`` costs more than the rest of the parse, and says nothing new for
-    a C-ordered array of scalars whose string keeps its layout: that one is parsed alone."""
+    a C-ordered array of scalars whose string ``keeps`` its layout: that one is parsed alone."""
     text = str(t)
-    if not _COMPOUND.search(text) and ndt(text) == t:
+    if keeps and not _COMPOUND.search(text):
         return _Parser(text, None, source).parse()
     facts = ((key, int(value)) for key, value in _FACT.findall(t.ast_repr()))
     return _Parser(text, facts, source).parse()
@@ -272,13 +272,14 @@ def _from_ndt(t: ndt, source: str) -> FabricType:
             f"type {source!r} is abstract; give every dimension a fixed size and every element a concrete type,"
             " e.g. '40 * 20 * float64'"
         )
-    shape, dtype = _layout(t, source)
+    text = str(t)
+    keeps = ndt(text) == t  # else str() dropped a record's packing or alignment
+    shape, dtype = _layout(t, source, keeps)
     if math.prod(shape) * dtype.itemsize != t.datasize:
         raise _disagree(source, f"{shape} x {dtype} is not the {t.datasize} bytes ndtypes computes")
-    text = str(t)
-    if ndt(text) != t:  # str() dropped a record's packing or alignment: spell them out
+    if not keeps:  # spell them out
         text = spell(shape, dtype)
-        again_shape, again = _layout(ndt(text), text)
+        again_shape, again = _layout(ndt(text), text, keeps=False)
         if (again_shape, again, again.descr) != (shape, dtype, dtype.descr):
             raise _disagree(source, f"its spelling {text!r} lays out as {again_shape} x {again}")
     if len(text.encode()) > MAX_TYPE_BYTES:
