@@ -9,7 +9,8 @@ faithfully is refused here rather than guessed at.
 
 The layout comes from ndtypes itself: the parser walks the tree that ``str(t)`` prints
 and takes every field offset, record size and dimension step from ``t``'s own layout, so
-numpy reads the bytes where ndtypes put them.  The canonical string is ``str(t)`` when
+numpy reads the bytes where ndtypes put them (an array of scalars whose string parses
+back to the same ndt needs no such reading).  The canonical string is ``str(t)`` when
 that keeps the layout; ``str`` drops record packing and alignment attributes, so a record
 it would misplace is spelled by ``datafabric.spelling``, which writes them.
 """
