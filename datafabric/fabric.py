@@ -341,6 +341,7 @@ class Fabric:
     def _state(self) -> LocalState:
         if self._local is None:
             self._local = local_state(self.fabric_id)
+            self._local.address = self._local.address or self.address
         return self._local
 
     def _ctx(self) -> Context:
