@@ -25,6 +25,7 @@ from datafabric.errors import (
     OutOfSpaceError,
     VariableUnavailableError,
 )
+from datafabric.locality import submit_near
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.types import from_datashape, parse_type
@@ -306,14 +307,14 @@ class Fabric:
         return list(self._ctx().call("where", names=[validate_name(n) for n in names]))
 
     def submit(self, func: Any, *names: str, **kwargs: Any) -> Any:
-        """``client.submit(func, *views)`` on a worker of a node holding the named
-        variables, each passed to ``func`` as its zero-copy view."""
+        """``client.submit(func, *views)`` on a worker of the node holding the named variables
+        (any of its workers alive then: ``datafabric.locality``), each its zero-copy view."""
         if not callable(func):
             raise arguments.refuse("func", func, "a callable")
         for name in names:
             validate_name(name)
         client = self._client or distributed.get_client(self.address)
-        return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
+        return submit_near(self, client, _call_on_views, func, names, kwargs)
 
     def get_list(self, prefix: str = "") -> list[str]:
         return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix")))
@@ -340,8 +341,7 @@ class Fabric:
     @property
     def _state(self) -> LocalState:
         if self._local is None:
-            self._local = local_state(self.fabric_id)
-            self._local.address = self._local.address or self.address
+            self._local = local_state(self.fabric_id, self.address)
         return self._local
 
     def _ctx(self) -> Context:

@@ -129,8 +129,7 @@ def materialise(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
-    state = local_state(ref.fabric_id)
-    state.address = state.address or ref.address
+    state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
     info = grant["info"]

@@ -170,11 +170,13 @@ _states: dict[str, LocalState] = {}
 _states_lock = threading.Lock()
 
 
-def local_state(fabric_id: str) -> LocalState:
+def local_state(fabric_id: str, address: str | None = None) -> LocalState:
+    """``address``: the scheduler's, which references to this process's views name."""
     with _states_lock:
         state = _states.get(fabric_id)
         if state is None:
             state = _states[fabric_id] = LocalState(fabric_id)
+        state.address = state.address or address
         return state
 
 
