@@ -14,6 +14,7 @@ import numpy as np
 from ndtypes import ndt
 
 from datafabric import arguments
+from datafabric.accounting import MemoryReport
 from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
 from datafabric.errors import (
@@ -109,7 +110,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric:
+class Fabric(MemoryReport):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 

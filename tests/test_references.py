@@ -12,6 +12,7 @@ import dask
 import numpy as np
 import pytest
 from dask.sizeof import sizeof
+from distributed import get_worker
 
 import datafabric
 from datafabric.errors import ReferenceGoneError
@@ -158,3 +159,25 @@ def test_a_reference_to_a_variable_deleted_while_spilled(client, rfabric):
     wait_for(lambda: sum(row["used"] for row in rfabric.status()) < used, "the deleted variable's memory to be freed")
     with pytest.raises(ReferenceGoneError, match="deleted"):
         client.submit(use, held, workers=[a]).result()
+
+
+def test_memory_says_which_pages_are_the_fabrics(client, rfabric):
+    a, b = sorted(client.scheduler_info()["workers"])
+    touching = client.submit(touched, rfabric, workers=[b], pure=False)
+    assert touching.result() > 0
+    rows = {row["worker"]: row for row in rfabric.memory()}
+    assert set(rows) == {a, b}
+    assert all(row["fabric_mapped"] >= BIG for row in rows.values())  # each maps its own block, pre-faulted
+    # a block that no other process touched is private to its owner: in its USS, not in its own memory
+    assert max(row["uss"] - row["private"] for row in rows.values()) >= BIG
+    assert rows[b]["fabric_mapped"] >= 64 * MiB  # the slice b's task read, and keeps
+    for row in rows.values():
+        assert 0 < row["private"] < row["rss"] and row["fabric_pss"] <= row["fabric_mapped"]
+    client.run(lambda dask_worker: delattr(dask_worker, "fabric_test_keep"), workers=[b])
+
+
+def touched(fabric):
+    view = fabric.get("big")[: 64 * MiB // 8 // 1024]
+    view.sum()
+    get_worker().fabric_test_keep = view  # keeps its pages mapped for the check
+    return view.nbytes
