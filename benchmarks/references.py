@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import time
 
 import numpy as np
@@ -36,6 +37,18 @@ def touch(x: np.ndarray) -> float:
 
 def nothing() -> float:
     return 2.0
+
+
+def unpickle_times(blob: bytes, calls: int) -> list[float]:
+    """On B, run by ``client.run`` on its event loop as a Dask transfer would: a reference
+    turned back into a view (the lease by id, over this process's private connection)."""
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        view = pickle.loads(blob)
+        times.append(time.perf_counter() - t0)
+        del view
+    return times
 
 
 def timed(client: Client, fn, *args, worker: str) -> float:
@@ -66,6 +79,9 @@ def run(nbytes: int, repeat: int) -> dict:
                     samples["fabric"].append(fabric_s)
                     samples["dask"].append(dask_s)
                     samples["floor"].append(floor_s)
+            blob = pickle.dumps(fabric.get("bench/refs"))
+            samples["reference_on_loop"] = client.run(unpickle_times, blob, 50, workers=[b])[b][1:]
+            samples["reference_bytes"] = [len(blob)]
         finally:
             fabric.shutdown()
     result = {k: summary(v) for k, v in samples.items()}
@@ -86,6 +102,12 @@ def table(result: dict) -> str:
         rows.append(
             f"| {label} | {s['median'] * 1e3:.2f} | {s['min'] * 1e3:.2f} | {s['max'] * 1e3:.2f} | ms | {dask / s['median']:.1f}x |"
         )
+    s = result["reference_on_loop"]
+    rows.append(
+        f"| B's event loop turning a reference back into a view (lease by id) | {s['median'] * 1e3:.2f} "
+        f"| {s['min'] * 1e3:.2f} | {s['max'] * 1e3:.2f} | ms | |"
+    )
+    rows.append(f"| the reference, pickled | {result['reference_bytes']['median']} | | | bytes | |")
     return "\n".join(rows)
 
 

@@ -18,6 +18,8 @@ Off an event loop (a task, the user's thread) the ordinary context serves.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import functools
 import threading
 from typing import Any
@@ -129,12 +131,13 @@ class BlockingContext(Context):
 
 
 class _PrivateLoop:
-    """One event loop in a daemon thread, started on first use; a connection per call
-    (about a millisecond on a node), so that none is left open when the process ends."""
+    """One event loop in a daemon thread, started on first use, with a kept connection
+    per address (closed when the process exits)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._rpcs: dict[str, Any] = {}
 
     def call(self, address: str, connection_args: dict, op: str, kwargs: dict) -> Any:
         future = asyncio.run_coroutine_threadsafe(self._call(address, connection_args, op, kwargs), self._started())
@@ -147,15 +150,27 @@ class _PrivateLoop:
             ) from None
 
     async def _call(self, address: str, connection_args: dict, op: str, kwargs: dict) -> Any:
-        async with rpc(address, connection_args=connection_args) as r:
-            return await getattr(r, f"datafabric_{op}")(**kwargs)
+        r = self._rpcs.get(address)
+        if r is None:
+            r = self._rpcs[address] = rpc(address, connection_args=connection_args)
+        return await getattr(r, f"datafabric_{op}")(**kwargs)
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="datafabric-loopcalls", daemon=True).start()
+                atexit.register(self._close)
             return self._loop
+
+    def _close(self) -> None:
+        async def close_all() -> None:
+            for r in self._rpcs.values():
+                await r.close_rpc()
+
+        if self._loop is not None and self._loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(close_all(), self._loop).result(2)
 
 
 _private = _PrivateLoop()
