@@ -12,7 +12,7 @@ import dask
 import numpy as np
 import pytest
 from dask.sizeof import sizeof
-from distributed import get_worker
+from distributed import get_worker, wait
 
 import datafabric
 from datafabric.errors import ReferenceGoneError
@@ -181,3 +181,32 @@ def touched(fabric):
     view.sum()
     get_worker().fabric_test_keep = view  # keeps its pages mapped for the check
     return view.nbytes
+
+
+def filled(fabric, name):
+    view = fabric.get(name)
+    return view[1:-1]
+
+
+def checks(view, value):
+    """In a task on the other worker: every byte of the slice is what was written."""
+    return bool((view == value).all()) and pin_of(view) is not None
+
+
+def test_references_moved_while_their_variables_are_deleted_and_blocks_compacted(client, rfabric):
+    """The sender's result holds a lease until the receiver has its own: a delete and a
+    compaction racing every transfer never free or move the bytes under a reader."""
+    a, b = sorted(client.scheduler_info()["workers"])
+    results = []
+    for i in range(24):
+        name = f"churn/{i}"
+        rfabric.insert(name, "", np.float64, np.full(128 * 1024, float(i)))
+        produced = client.submit(filled, rfabric, name, workers=[a], pure=False)
+        wait([produced])  # a holds the view as its result
+        checked = client.submit(checks, produced, float(i), workers=[b], pure=False)
+        rfabric.delete(name)  # while its reference is on its way to b
+        if i % 4 == 0:
+            rfabric.defragment()
+        results.append(checked)
+        del produced
+    assert client.gather(results) == [True] * 24
