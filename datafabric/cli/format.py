@@ -137,10 +137,10 @@ def status_table(rows: list[dict], title: str | None = None) -> Table:
 
 def memory_table(rows: list[dict]) -> Table:
     """``status``: what ``top`` shows per worker process, and what it is made of."""
-    table = _table("memory per worker process (top's RES = own + fabric pages touched)")
+    table = _table("memory per worker process: own (USS less the fabric's pages) and fabric pages mapped")
     for name in ("node", "worker", "pid"):
         table.add_column(name)
-    for name in ("RES (rss)", "USS", "own (USS less fabric)", "fabric pages mapped", "fabric PSS"):
+    for name in ("RES", "USS", "own", "fabric mapped", "fabric PSS"):
         table.add_column(name, justify="right")
     for row in rows:
         sizes = (row[k] for k in ("rss", "uss", "private", "fabric_mapped", "fabric_pss"))
