@@ -56,6 +56,11 @@ class VariableUnavailableError(FabricError, LookupError):
         )
 
 
+class ReferenceGoneError(FabricError, LookupError):
+    """A view that travelled as a reference (through Dask or pickle) names a variable whose
+    memory is gone: it was deleted and no process held a view of it any more."""
+
+
 class NotOnThisNodeError(FabricError, LookupError):
     """The memory asked for is not mapped on this process's node."""
 

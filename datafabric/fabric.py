@@ -14,6 +14,7 @@ import numpy as np
 from ndtypes import ndt
 
 from datafabric import arguments
+from datafabric.accounting import MemoryReport
 from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
 from datafabric.errors import (
@@ -25,6 +26,7 @@ from datafabric.errors import (
     OutOfSpaceError,
     VariableUnavailableError,
 )
+from datafabric.locality import submit_near
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.types import from_datashape, parse_type
@@ -108,7 +110,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric:
+class Fabric(MemoryReport):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -306,14 +308,14 @@ class Fabric:
         return list(self._ctx().call("where", names=[validate_name(n) for n in names]))
 
     def submit(self, func: Any, *names: str, **kwargs: Any) -> Any:
-        """``client.submit(func, *views)`` on a worker of a node holding the named
-        variables, each passed to ``func`` as its zero-copy view."""
+        """``client.submit(func, *views)`` on a worker of the node holding the named variables
+        (any of its workers alive then: ``datafabric.locality``), each its zero-copy view."""
         if not callable(func):
             raise arguments.refuse("func", func, "a callable")
         for name in names:
             validate_name(name)
         client = self._client or distributed.get_client(self.address)
-        return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
+        return submit_near(self, client, _call_on_views, func, names, kwargs)
 
     def get_list(self, prefix: str = "") -> list[str]:
         return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix")))
@@ -340,7 +342,7 @@ class Fabric:
     @property
     def _state(self) -> LocalState:
         if self._local is None:
-            self._local = local_state(self.fabric_id)
+            self._local = local_state(self.fabric_id, self.address)
         return self._local
 
     def _ctx(self) -> Context:

@@ -55,6 +55,13 @@ class VariableInfo(TypedDict):
     workers: list[str | None]  # each location's owner; None while its block is orphaned
 
 
+class ReferenceGrant(TypedDict):
+    """A lease taken by variable id for a view that travelled as a reference."""
+
+    info: VariableInfo
+    deleted: bool  # its name is gone: the view must not be cached under it
+
+
 class ExtentInfo(TypedDict):
     """An extent as its header describes it (block owner -> YellowPages)."""
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from datafabric import layout
+from datafabric.references import FabricView
 from datafabric.shm import Segment
 from datafabric.types import FabricType
 
@@ -64,7 +65,7 @@ class _Pin:
         cost of going through ``__array_interface__`` again)."""
         last = self._last() if self._last is not None else None
         if last is None:
-            last = np.asarray(self).view(self.ftype.dtype)
+            last = np.asarray(self).view(self.ftype.dtype, FabricView)
             self._last = weakref.ref(last)
         return last.view()
 
@@ -74,6 +75,7 @@ class LocalState:
 
     def __init__(self, fabric_id: str) -> None:
         self.fabric_id = uuid.UUID(fabric_id)
+        self.address: str | None = None  # the scheduler's, that references to its views name
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
@@ -111,13 +113,24 @@ class LocalState:
         return None if pin is None else pin.view()
 
     def pin(
-        self, name: str, node: str, segment: Segment, data_offset: int, ftype: FabricType, lease: dict, send: Callable
+        self,
+        name: str,
+        node: str,
+        segment: Segment,
+        data_offset: int,
+        ftype: FabricType,
+        lease: dict,
+        send: Callable,
+        *,
+        cache: bool = True,
     ) -> _Pin:
-        """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies."""
+        """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies.
+        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
         pin = _Pin(segment, node, data_offset, ftype, lease)
         weakref.finalize(pin, send, lease)
         with self.lock:
-            self._pins[name] = weakref.ref(pin)
+            if cache:
+                self._pins[name] = weakref.ref(pin)
             self._live.add(pin)
         return pin
 
@@ -157,12 +170,22 @@ _states: dict[str, LocalState] = {}
 _states_lock = threading.Lock()
 
 
-def local_state(fabric_id: str) -> LocalState:
+def local_state(fabric_id: str, address: str | None = None) -> LocalState:
+    """``address``: the scheduler's, which references to this process's views name."""
     with _states_lock:
         state = _states.get(fabric_id)
         if state is None:
             state = _states[fabric_id] = LocalState(fabric_id)
+        state.address = state.address or address
         return state
+
+
+def state_of(pin: _Pin) -> LocalState | None:
+    """The state whose pin this is: it knows the fabric and the scheduler."""
+    for state in all_states():
+        if pin in state._live:
+            return state
+    return None
 
 
 def all_states() -> list[LocalState]:

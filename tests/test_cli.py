@@ -145,6 +145,7 @@ def test_status_shows_blocks_per_node(embedded):
         assert b["used"] + b["free"] == b["capacity"] and b["largest_free"] <= b["free"]
     assert sorted(n for b in blocks for n in b["variables"]) == ["raw", "run1/small", "temps"]
     assert "total of 2 blocks" in table and "64.0 MiB" in table and blocks[0]["shm_id"] in table
+    assert "memory per worker process" in table  # each worker's own memory beside the fabric's pages
 
 
 def test_rm_deletes_and_reports_unknown_names(embedded, files):

@@ -64,3 +64,55 @@ def test_fabric_larger_than_memory_limit_pauses_and_kills_no_worker(tmp_path):
             assert client.submit(lambda: 1, workers=[a]).result() == 1  # not paused
         finally:
             fabric.shutdown()
+
+
+VIEW_LIMIT = 128 * 2**20
+VIEWS = 8  # slices of 52.5 MiB: 420 MiB of views held by one worker, over 3x its limit
+
+
+def touched_slice(fabric, i, rows):
+    view = fabric.get("big")[i * rows : (i + 1) * rows]
+    assert float(view.sum()) == view.size  # every page of the slice is touched in this process
+    return view
+
+
+def held_by(dask_worker):
+    data = dask_worker.data
+    return {
+        "kinds": sorted({type(v).__name__ for v in data.fast.values()}),
+        "managed": data.fast.total_weight,
+        "spilled": len(data.slow),
+        "rss": psutil.Process().memory_info().rss,
+        "paused": dask_worker.status.name,
+    }
+
+
+def test_a_worker_holding_views_over_three_times_its_limit_is_not_paused_spilled_or_restarted(tmp_path):
+    nbytes = 420 * 2**20
+    path = tmp_path / "ones.f8"
+    np.ones(nbytes // 8).tofile(path)
+    rows = nbytes // 8 // VIEWS
+    config = {"distributed.worker.memory.monitor-interval": "20ms"}
+    with (
+        dask.config.set(config),
+        local_cluster(memory_limit=VIEW_LIMIT) as cluster,
+        Client(cluster) as client,
+    ):
+        a, b = sorted(client.scheduler_info()["workers"])
+        pids = client.run(os.getpid)
+        fabric = datafabric.start(client, mb=2 * 450)
+        try:
+            client.submit(insert_big, fabric, str(path), workers=[a]).result()
+            held = [client.submit(touched_slice, fabric, i, rows, workers=[b], pure=False) for i in range(VIEWS)]
+            client.gather(held)
+            time.sleep(1.5)  # the memory monitors run many times meanwhile
+            seen = client.run(held_by, workers=[b])[b]
+            assert seen["rss"] > 3 * VIEW_LIMIT  # the test means something: plain RSS is over 3x the limit
+            assert seen["kinds"] == ["FabricView"] and seen["managed"] < 64 * 1024
+            assert seen["spilled"] == 0 and seen["paused"] == "running"
+            assert client.run(os.getpid) == pids, "a worker was restarted"
+            assert client.submit(lambda: 1, workers=[b]).result() == 1  # not paused
+            assert sum(float(v.sum()) for v in client.gather(held)) == nbytes // 8
+            del held
+        finally:
+            fabric.shutdown()

@@ -229,3 +229,27 @@ def test_a_node_whose_workers_all_died_comes_back_with_its_data(nodes_client, nf
     assert "phoenix" in nfabric.get_list()
     b0 = node_workers(nodes_client)["node-b"][0]
     assert nodes_client.submit(read_here, nfabric, "phoenix", workers=[b0]).result()[0] == 3000.0
+
+
+def a_slice(fabric, name):
+    return fabric.get(name)[5::3]
+
+
+def what_arrived(x):
+    from datafabric.references import pin_of
+
+    return float(x.sum()), x.shape, pin_of(x) is not None, x.flags.writeable
+
+
+def test_a_view_moved_by_dask_to_another_node_arrives_as_a_private_copy(nodes_client, nfabric):
+    per_node = node_workers(nodes_client)
+    a0, a1, b0 = per_node["node-a"][0], per_node["node-a"][1], per_node["node-b"][0]
+    data = np.arange(30_000, dtype=np.float64)
+    nodes_client.submit(insert_here, nfabric, "moved", data, workers=[a0]).result()
+    on_a = nodes_client.submit(a_slice, nfabric, "moved", workers=[a0], pure=False)
+    expected = (float(data[5::3].sum()), data[5::3].shape)
+    same_node = nodes_client.submit(what_arrived, on_a, workers=[a1], pure=False).result()
+    assert same_node == (*expected, True, False)  # mapped
+    other_node = nodes_client.submit(what_arrived, on_a, workers=[b0], pure=False).result()
+    assert other_node == (*expected, False, False)  # the bytes, read from a0 into private memory
+    assert [loc[0] for loc in nfabric.get_locations("moved")] == ["node-a"]  # no replica from a transfer

@@ -31,6 +31,7 @@ from datafabric.errors import (
     WorkerLostError,
 )
 from datafabric.layout import BlockHeader, ExtentState
+from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
@@ -92,6 +93,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         # Blocks of this node already in /dev/shm: the YellowPages takes those it does not
         # know (its scheduler restarted) back into the fabric through this worker.
         found = node_segments(uuid.UUID(self.fabric_id), self.node)
+        await worker.set_resources(**{node_resource(self.node): NODE_SLOTS})  # fabric.submit finds the node by it
         await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node, segments=found)
 
     async def teardown(self, worker: Any) -> None:

@@ -67,11 +67,22 @@ class Membership:
         YellowPages does not know were left by its predecessor, and are taken back."""
         self.node_of[address] = node
         self.directory.arrived(address)  # a worker restarted at the same address
+        self._schedule_waiting_for(address)
         if any(s not in self.directory.blocks for s in segments):
             self.scheduler.loop.add_callback(self.recover, address, node, list(segments))
         if self.directory.orphaned(node):
             self.scheduler.loop.add_callback(self.adopt_orphans, node)
         return {}
+
+    def _schedule_waiting_for(self, address: str) -> None:
+        """The worker set its node's resource (``datafabric.locality``) just before it
+        registered, after Dask had added it: tasks of ``fabric.submit`` that wait for a
+        worker of that node, in Dask's ``no-worker`` state, are scheduled now, as Dask
+        does for any worker it adds."""
+        ws = self.scheduler.workers.get(address)
+        if ws is not None and self.scheduler.unrunnable:
+            recommendations = self.scheduler.bulk_schedule_unrunnable_after_adding_worker(ws)
+            self.scheduler.transitions(recommendations, stimulus_id=f"datafabric-node-resource-{time.time()}")
 
     async def recover(self, worker: str, node: str, segments: list[str]) -> None:
         async with self.changing:  # a block being created is not a found one

@@ -107,6 +107,7 @@ class YellowPages(SchedulerPlugin):
             "seal": self.inserts.seal,
             "acquire": self.reads.acquire,
             "acquire_at": self.reads.acquire_at,
+            "acquire_ref": self.reads.acquire_ref,
             "names": self.reads.names,
             "info": self.reads.info,
             "where": self.reads.where,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from datafabric.messages import VariableInfo
+from datafabric.errors import ReferenceGoneError
+from datafabric.messages import ReferenceGrant, VariableInfo
 from yp.directory import Directory
 from yp.moves import BlockMoves
 from yp.records import Variable
@@ -47,6 +48,33 @@ class Reads:
         var = self.directory.at_location(node, shm_id, offset)
         self.directory.acquire(var, holder)
         return self.directory.info(var)
+
+    def lease_ref_now(self, var_id: int, holder: str) -> ReferenceGrant | None:
+        """A lease on the variable with id ``var_id``, visible or deleted-but-leased, for a
+        view that travelled as a reference; None if it has to wait for a move to end.
+
+        It is granted at once while anyone holds a lease on the variable, even if one of
+        its blocks is being compacted: no lease is granted during an exclusive hold except
+        here, and here only while another lease exists, so a variable leased now was leased
+        when the compaction took its snapshot and is not in it; its offsets stay put."""
+        var = self.directory.by_id.get(var_id)
+        if var is None:
+            raise ReferenceGoneError(
+                f"variable id {var_id} is gone: it was deleted and no view of it was left "
+                "(a reference holds no lease; keep a view alive, or do not delete, while references travel)"
+            )
+        if not var.leases and self.moves.busy(c.shm_id for c in var.copies):
+            return None
+        self.directory.acquire(var, holder)
+        return {"info": self.directory.info(var), "deleted": var.deleted}
+
+    async def acquire_ref(self, var_id: int, holder: str) -> ReferenceGrant:
+        while True:
+            grant = self.lease_ref_now(var_id, holder)
+            if grant is not None:
+                return grant
+            var = self.directory.by_id[var_id]
+            await self.moves.settled(lambda v=var: [c.shm_id for c in v.copies])
 
     def release(self, var_id: int, holder: str, **_stream_extra: Any) -> None:
         self.owners.free_later(self.directory.release(var_id, holder))

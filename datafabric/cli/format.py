@@ -150,6 +150,19 @@ def status_table(rows: list[dict], title: str | None = None) -> Table:
     return table
 
 
+def memory_table(rows: list[dict]) -> Table:
+    """``status``: what ``top`` shows per worker process, and what it is made of."""
+    table = _table("memory per worker process: own (USS less the fabric's pages) and fabric pages mapped")
+    for name in ("node", "worker", "pid"):
+        table.add_column(name)
+    for name in ("RES", "USS", "own", "fabric mapped", "fabric PSS"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        sizes = (row[k] for k in ("rss", "uss", "private", "fabric_mapped", "fabric_pss"))
+        table.add_row(row["node"], row["worker"], str(row["pid"]), *(human_size(n) for n in sizes))
+    return table
+
+
 def _usage(row: dict) -> tuple[str, str, str]:
     if "error" in row:
         return ("?", "?", "?")

@@ -104,7 +104,8 @@ def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -
 @connection_options
 @json_option
 def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
-    """Show every block per node: size, used, free, largest free extent, variables.
+    """Show every block per node: size, used, free, largest free extent, variables; and
+    per worker process, its own memory beside the fabric's shared pages it maps.
 
     \b
     Example:
@@ -112,9 +113,11 @@ def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
     """
     with connected_fabric(scheduler, timeout) as fabric:
         blocks = fabric.status()
+        memory = [] if as_json else fabric.memory()
     if as_json:
         click.echo(fmt.to_json(blocks))
     elif blocks:
         fmt.console().print(fmt.status_table(blocks, title=f"fabric {fabric.fabric_id[:8]} on {fabric.address}"))
+        fmt.console().print(fmt.memory_table(memory))
     else:
         click.echo(f"fabric {fabric.fabric_id[:8]} on {fabric.address} has no blocks")

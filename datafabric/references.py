@@ -1,0 +1,223 @@
+"""Views that travel as references: what Dask and pickle carry instead of the bytes.
+
+``fabric.get`` returns a ``FabricView``, an ``np.ndarray`` subclass that only marks the
+array as the fabric's.  When one is pickled, serialised by Dask (task arguments and
+results, ``scatter``, transfers between workers, spilling) or sized by ``dask.sizeof``,
+what counts is whether its memory is a fabric block's: the chain of ``.base`` ends at a
+``_Pin``.  If so it becomes a ``ViewReference`` (the fabric, the variable's id, the copy it
+was read from, the byte offset, shape, strides and dtype of the slice: about 400 bytes),
+and is sized as that; otherwise (a copy, ``view + 1``) it is an ordinary array.
+
+A reference holds no lease.  Turning it back into a view takes a lease by variable id
+(``acquire_ref``), which the YellowPages grants for a visible variable and for a deleted
+one that some process still holds: a view kept anywhere keeps its references valid.  A
+reference whose variable was deleted and let go by every process raises
+``ReferenceGoneError``.  Offsets are not trusted from the reference: the lease's answer
+says where the copies are now (a variable no lease held may have been compacted).
+
+Dask deserialises small messages on its event loop, where no blocking call of the
+worker's or client's own may run; ``datafabric.loopcalls`` serves those.  On the
+scheduler's loop, the YellowPages of this process grants the lease directly; a
+scheduler that cannot map the block keeps the reference as it is (it only passes task
+arguments on), and it pickles again as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from dask.sizeof import sizeof
+from distributed.protocol import dask_deserialize, dask_serialize
+from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
+
+REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
+
+
+class FabricView(np.ndarray):
+    """A numpy array; the arrays ``fabric.get`` returns, and their slices, are of this
+    class so that pickle, Dask's serialisation and ``dask.sizeof`` can recognise them.
+    Results of arithmetic on them (``view + 1``, ``view.sum()``) are plain arrays."""
+
+    def __array_wrap__(self, array: np.ndarray, context: Any = None, return_scalar: bool = False) -> Any:
+        plain = array.view(np.ndarray) if isinstance(array, FabricView) else array
+        return plain[()] if return_scalar else plain
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        ref = reference_of(self)
+        if ref is None:
+            return self.view(np.ndarray).__reduce_ex__(protocol)
+        return ref.__reduce__()
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(2)
+
+
+@dataclass(frozen=True)
+class ViewReference:
+    """Names a slice of a variable's memory: ``offset`` bytes from the start of the
+    variable's data, with numpy's ``shape``, ``strides`` and ``dtype``.  ``location``
+    (node, shm_id, data offset) is the copy it was read from, for messages; ``var_id``
+    is what identifies the variable, visible or deleted."""
+
+    address: str
+    fabric_id: str
+    var_id: int
+    location: tuple[str, str, int]
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: np.dtype
+
+    def __reduce__(self) -> tuple:
+        """Unpickled, a reference becomes a view again (where it can be mapped)."""
+        fields = (self.address, self.fabric_id, self.var_id, self.location, self.offset, self.shape, self.strides)
+        return (_materialise_fields, (*fields, self.dtype))
+
+    def __repr__(self) -> str:
+        node, shm_id, data_offset = self.location
+        return (
+            f"<ViewReference var {self.var_id} at {node}:{shm_id}+{data_offset}, "
+            f"offset {self.offset}, shape {self.shape}, {self.dtype}>"
+        )
+
+
+def pin_of(array: np.ndarray) -> Any:
+    """The ``_Pin`` at the end of ``array``'s chain of bases, or None."""
+    from datafabric.views import _Pin
+
+    base = array.base
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base if isinstance(base, _Pin) else None
+
+
+def reference_of(array: np.ndarray) -> ViewReference | None:
+    """The reference ``array`` travels as, or None if it is not (wholly) fabric memory."""
+    from datafabric.views import state_of
+
+    pin = pin_of(array)
+    if pin is None or array.size == 0:
+        return None
+    state = state_of(pin)
+    if state is None or state.address is None:
+        return None
+    start = pin.__array_interface__["data"][0]
+    offset = array.__array_interface__["data"][0] - start
+    low = offset + sum((n - 1) * s for n, s in zip(array.shape, array.strides, strict=True) if s < 0)
+    high = offset + sum((n - 1) * s for n, s in zip(array.shape, array.strides, strict=True) if s > 0)
+    if low < 0 or high + array.itemsize > pin.ftype.nbytes:
+        return None  # as_strided and the like can reach outside the variable: send the bytes
+    return ViewReference(
+        address=state.address,
+        fabric_id=str(state.fabric_id.hex),
+        var_id=pin.var_id,
+        location=(pin.node, pin.segment.name.lstrip("/"), pin.data_offset),
+        offset=offset,
+        shape=tuple(array.shape),
+        strides=tuple(array.strides),
+        dtype=array.dtype,
+    )
+
+
+def materialise(ref: ViewReference) -> Any:
+    """The view ``ref`` names, zero-copy on a process of a node holding a copy; off the
+    node a private read-only copy (as ``fabric.get(name, cache=False)``).  On a scheduler
+    that cannot map the block, ``ref`` itself."""
+    from datafabric import loopcalls
+    from datafabric.views import local_state
+
+    state = local_state(ref.fabric_id, ref.address)
+    ctx = loopcalls.context_for(ref.address)
+    grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
+    info = grant["info"]
+    lease = {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
+    pin = _local_pin(ctx, state, info, lease, cache=not grant["deleted"])
+    if pin is not None:
+        return _slice(pin.view(), ref).view(FabricView)
+    try:
+        if not ctx.can_fetch:
+            return ref
+        return _slice(_fetch(ctx, info), ref)
+    finally:
+        ctx.send(lease)
+
+
+def _materialise_fields(*fields: Any) -> Any:
+    return materialise(ViewReference(*fields))
+
+
+def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool) -> Any:
+    from datafabric.types import from_datashape
+
+    ftype = from_datashape(info["type"])
+    for node, shm_id, offset in info["locations"]:
+        if ctx.node is not None and node != ctx.node:
+            continue
+        segment = state.segment(node, shm_id)
+        if segment is not None:
+            return state.pin(info["name"], node, segment, offset, ftype, lease, ctx.send, cache=cache)
+    return None
+
+
+def _fetch(ctx: Any, info: dict) -> np.ndarray:
+    from datafabric.errors import VariableUnavailableError
+    from datafabric.fabric import Fabric
+
+    if not any(info["workers"]):
+        raise VariableUnavailableError.on_nodes(info["name"], [loc[0] for loc in info["locations"]])
+    return Fabric._fetch(None, ctx, info)  # it uses nothing of the Fabric: the copy comes through ctx
+
+
+def _slice(whole: np.ndarray, ref: ViewReference) -> np.ndarray:
+    flat = whole.reshape(-1).view(np.uint8)
+    return np.ndarray(ref.shape, ref.dtype, buffer=flat, offset=ref.offset, strides=ref.strides)
+
+
+def on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+# -- Dask ------------------------------------------------------------------------------
+@dask_serialize.register(FabricView)
+def _serialize(array: FabricView) -> tuple[dict, list]:
+    ref = reference_of(array)
+    if ref is None:
+        return serialize_numpy_ndarray(array.view(np.ndarray))
+    from distributed.protocol.pickle import dumps
+
+    return {"datafabric-reference": True}, [dumps(ref)]
+
+
+@dask_deserialize.register(FabricView)
+def _deserialize(header: dict, frames: list) -> Any:
+    if not header.get("datafabric-reference"):
+        return deserialize_numpy_ndarray(header, frames)
+    from distributed.protocol.pickle import loads
+
+    return loads(frames[0])  # a reference unpickles as its view
+
+
+@dask_serialize.register(ViewReference)
+def _serialize_reference(ref: ViewReference) -> tuple[dict, list]:
+    from distributed.protocol.pickle import dumps
+
+    return {}, [dumps(ref)]
+
+
+@dask_deserialize.register(ViewReference)
+def _deserialize_reference(header: dict, frames: list) -> Any:
+    from distributed.protocol.pickle import loads
+
+    return loads(frames[0])
+
+
+@sizeof.register(FabricView)
+def _sizeof(array: FabricView) -> int:
+    return REFERENCE_SIZE if pin_of(array) is not None else int(array.nbytes)
