@@ -27,6 +27,7 @@ from datafabric.errors import (
 )
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
+from datafabric.reads import ManyReads, local_pin
 from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite, seal_all
@@ -108,7 +109,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric:
+class Fabric(ManyReads):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -211,8 +212,8 @@ class Fabric:
     # -- reading -----------------------------------------------------------------------
     def get(self, name: str, *, cache: bool = True) -> np.ndarray:
         """A read-only numpy view of the variable's shared memory, no copy.  The view
-        (and every slice of it) holds the memory; the first get in a process asks the
-        YellowPages once, later ones are answered here while a view is alive.
+        (and every slice of it) holds the memory.  In a task on a node holding it, the
+        lease is taken in process; elsewhere the first get asks the YellowPages once.
 
         When no copy is on this process's node, the bytes come over the network from a
         worker that has one and, with ``cache`` (the default), land in a block of this
@@ -226,6 +227,8 @@ class Fabric:
                 return view
         validate_name(name)
         ctx = self._ctx()
+        if (pin := local_pin(ctx, self.fabric_id, name)) is not None:  # a task on a node holding it: no RPC
+            return pin.view()
         info = ctx.call("acquire", name=name, holder=ctx.holder)
         pin = self._local_pin(ctx, info, name)
         if pin is None and cache and ctx.node is not None:

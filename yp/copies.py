@@ -29,6 +29,7 @@ from yp.reads import Reads
 from yp.records import Block, Copy, Variable
 
 if TYPE_CHECKING:
+    from yp.local_leases import LocalLeases
     from yp.owners import Owners
 
 SELF = "datafabric-yellowpages"  # the lease holder and writer name of the fabric's own copies
@@ -40,6 +41,7 @@ class Copies:
     reads: Reads
     placement: Placement
     owners: Owners
+    local: LocalLeases
     _replicating: dict[tuple[int, str], asyncio.Future] = field(default_factory=dict, init=False)  # (var_id, node)
 
     async def replicate(self, name: str, nodes: list[str] | None = None, count: int | None = None) -> VariableInfo:
@@ -110,6 +112,7 @@ class Copies:
             raise NameNotFoundError(f"{var.name!r} was deleted while it was being replicated")
         self.directory.add_copy(var, copy)
         await self.owners.mark(ExtentState.SEALED, [(var.name, copy)])
+        self.local.publish([var])
 
     async def migrate(self, block: Block) -> None:
         """Copy every live variable of ``block`` (held exclusively by the caller) to other
