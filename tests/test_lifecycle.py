@@ -10,9 +10,9 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
+from distributed import get_worker
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from distributed import get_worker
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from datafabric import errors, layout

@@ -181,7 +181,9 @@ def test_a_worker_killed_holding_local_leases_frees_its_pins():
             free = total_free(fabric)
             names = ["k/unreported", "k/reported"]
             for name in names:
-                client.submit(lambda f, n: f.insert(n, "", np.uint8, pattern(n, MiB)), fabric, name, workers=[a]).result()
+                client.submit(
+                    lambda f, n: f.insert(n, "", np.uint8, pattern(n, MiB)), fabric, name, workers=[a]
+                ).result()
             wait_published(client, b, names)
             pid = client.submit(pid_and_hold, fabric, names, workers=[b], pure=False).result()
             fabric.defragment()  # recalls both: b's two local leases become leases the YellowPages holds

@@ -52,7 +52,10 @@ class LocalReads:
         self.node = node
         self.holder = holder
         self.send = send
-        self.lock = threading.Lock()
+        # Re-entrant: a pin's finalizer may run in the middle of any step of this thread
+        # (a garbage collection), and takes the lock itself.  Each step is written so that
+        # such a finalizer, run at any point of it, leaves the counts right.
+        self.lock = threading.RLock()
         self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
         self._by_id: dict[int, Grant] = {}
         self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
@@ -75,11 +78,12 @@ class LocalReads:
                 grant = self._by_id.pop(var_id, None)
                 if grant is None:
                     continue
-                grant.recalled = True
+                grant.recalled = True  # first: a pin ending from here on sends its release
+                count = grant.count  # then: so every pin counted sends one, or was not counted
                 if self._grants.get(grant.name) is grant:
                     del self._grants[grant.name]
-                if grant.count:
-                    leases.append([var_id, grant.count])
+                if count:
+                    leases.append([var_id, count])
             reply({"op": "datafabric_recalled", "token": token, "leases": leases})
 
     # -- from tasks, any thread ---------------------------------------------------------

@@ -109,7 +109,8 @@ class Inventory:
                 if migrate:
                     held[:] = [v for v, _ in self.directory.copies_in(shm_id)]  # as the hold found them
                     async with self.copies.local.withheld(held, node):  # local leases are known now
-                        await self.copies.migrate(block)
+                        for var, copy in await self.copies.migrate(block):
+                            self.directory.drop_copy(var, copy)  # its pages go with the block
                 self.directory.check_removable(block)
                 await self.owners.ask(block.worker, "unlink_block", shm_id=shm_id)
             except BaseException:

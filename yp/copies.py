@@ -114,13 +114,16 @@ class Copies:
         await self.owners.mark(ExtentState.SEALED, [(var.name, copy)])
         self.local.publish([var])
 
-    async def migrate(self, block: Block) -> None:
+    async def migrate(self, block: Block) -> list[tuple[Variable, Copy]]:
         """Copy every live variable of ``block`` (held exclusively by the caller) to other
-        blocks of its node, so that the block can go.  Views taken before keep the old
-        pages until they are dropped."""
+        blocks of its node, so that the block can go; returns the copies in the block,
+        which the caller drops once it unlinks it (views taken before keep the old pages
+        until they are dropped).  Until then each variable keeps its old copy beside the
+        new one: a migration refused half-way leaves both, and nothing to free."""
+        old = []
         for var, copy in self.directory.copies_in(block.shm_id):
+            old.append((var, copy))
             if var.deleted:  # its pages die with the block; nothing to free later
-                var.copies.remove(copy)
                 continue
             try:
                 moved = await self._new_copy(var, block.node, self._copier(block, var, copy), {block.shm_id})
@@ -129,9 +132,9 @@ class Copies:
                     f"no other block on node {block.node} has room for {var.name!r} "
                     f"({var.nbytes / 2**20:.1f} MiB); allocate more memory before deallocating this block"
                 ) from None
-            self.directory.uncount(copy)  # its pages go with the block
-            var.copies[var.copies.index(copy)] = moved
+            self.directory.add_copy(var, moved)
             await self.owners.mark(ExtentState.SEALED, [(var.name, moved)])
+        return old
 
     def _copier(self, block: Block, var: Variable, copy: Copy) -> Callable:
         def copy_within_node(dest: Block, data_offset: int) -> Any:
