@@ -211,11 +211,9 @@ class Fabric(ManyReads):
 
     # -- reading -----------------------------------------------------------------------
     def get(self, name: str, *, cache: bool = True) -> np.ndarray:
-        """A read-only numpy view of the variable's shared memory, no copy.  The view
-        (and every slice of it) holds the memory.  In a task on a node holding it, the
-        lease is taken in process; elsewhere the first get asks the YellowPages once.
-
-        When no copy is on this process's node, the bytes come over the network from a
+        """A read-only numpy view of the variable's shared memory, no copy; the view (and
+        every slice) holds the memory.  In a task on a node holding it, the lease is
+        taken in process; elsewhere the first get asks the YellowPages once.  When no copy is on this process's node, the bytes come over the network from a
         worker that has one and, with ``cache`` (the default), land in a block of this
         node as a replica, so the next get here is local.  Without ``cache``, or where
         this node has no blocks, the array is a private read-only copy."""
@@ -259,9 +257,8 @@ class Fabric(ManyReads):
     def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
         """The variable's bytes over Dask's comms into private memory, in chunks."""
         ftype = from_datashape(info["type"])
-        (_, shm_id, offset), worker = next(
-            (loc, w) for loc, w in zip(info["locations"], info["workers"], strict=True) if w
-        )
+        pairs = zip(info["locations"], info["workers"], strict=True)
+        (_, shm_id, offset), worker = next((loc, w) for loc, w in pairs if w)
         out = np.empty(ftype.nbytes, np.uint8)
         for start in range(0, ftype.nbytes, TRANSFER_CHUNK):
             n = min(TRANSFER_CHUNK, ftype.nbytes - start)
@@ -391,7 +388,7 @@ def _copy(write: PendingWrite, source: Source) -> None:
 
 
 def _call_on_views(fabric: Fabric, func: Any, names: tuple[str, ...]) -> Any:
-    return func(*(fabric.get(name) for name in names))
+    return func(*fabric.get_many(names))
 
 
 def _release_msg(ctx: Context, info: dict) -> dict:

@@ -77,7 +77,9 @@ class LocalState:
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
-        self._live: weakref.WeakSet[_Pin] = weakref.WeakSet()  # every pin alive, each holding a lease
+        # Every pin alive, each holding a lease: a weak reference whose callback releases it
+        # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
+        self._live: set[weakref.ref[_Pin]] = set()
 
     def segment(self, node: str, shm_id: str) -> Segment | None:
         """The mapping of a block of this fabric on ``node``, or None if this process
@@ -115,16 +117,22 @@ class LocalState:
     ) -> _Pin:
         """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies."""
         pin = _Pin(segment, node, data_offset, ftype, lease)
-        weakref.finalize(pin, send, lease)
+        live = self._live
+
+        def ended(ref: weakref.ref) -> None:  # wherever the last view died; set.discard is atomic
+            live.discard(ref)
+            send(lease)
+
+        ref = weakref.ref(pin, ended)
         with self.lock:
-            self._pins[name] = weakref.ref(pin)
-            self._live.add(pin)
+            self._pins[name] = ref
+            live.add(ref)
         return pin
 
     def pins_leased_before(self, var_id: int) -> list[_Pin]:
         """Live pins whose lease a YellowPages older than ids from ``var_id`` granted."""
         with self.lock:
-            return [pin for pin in self._live if pin.var_id < var_id]
+            return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
 
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)
