@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+import uuid
 from typing import Any
 
 import dask
@@ -24,6 +25,11 @@ from distributed import Client
 import datafabric
 from benchmarks import peers
 from benchmarks.cluster import local_cluster, workers
+from datafabric import layout
+from datafabric.layout import BlockHeader
+from datafabric.shm import Segment, new_block_name
+from datafabric.views import LocalState
+from worker_plugin.local_reads import LocalReads
 
 KiB = 2**10
 SMALL = 8 * KiB  # the object of a first get: small, so the get's own cost shows
@@ -116,6 +122,38 @@ def _measure(client: Client, fabric: datafabric.Fabric, a: str, b: str, rounds: 
     return out
 
 
+def in_process_rows(rounds: int) -> dict:
+    """The local lease's own cost, with no cluster and no task around it: 1,000 names of a
+    block published to a ``LocalReads`` and leased one after the other, against numpy
+    views of the same bytes (the same-run baseline that shows how loaded the machine is)."""
+    fabric_id = uuid.uuid4()
+    segment = Segment.create(new_block_name(fabric_id, "bench"), 4 * 2**20)
+    try:
+        layout.write_block_header(segment.buf, BlockHeader(uuid.uuid4(), fabric_id, "bench", segment.size))
+        reads = LocalReads(LocalState(fabric_id.hex), "bench", "bench-worker", lambda msg: None)
+        shm_id = segment.name.lstrip("/")
+        reads.publish(
+            [{"var_id": i, "name": f"n/{i}", "type": "1024 * uint8", "shm_id": shm_id, "data_offset": 4096 + KiB * i}
+             for i in range(MANY)]
+        )  # fmt: skip
+        leased, raw = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            views = [reads.pin(f"n/{i}").view() for i in range(MANY)]
+            leased.append((time.perf_counter() - t0) / MANY * 1e6)
+            t0 = time.perf_counter()
+            views = [np.frombuffer(segment.buf, np.uint8, count=KiB, offset=4096 + KiB * i) for i in range(MANY)]
+            raw.append((time.perf_counter() - t0) / MANY * 1e6)
+            del views
+        return {
+            "in process: local lease + view, per name (µs)": leased,
+            "in process: np.frombuffer, per name (µs)": raw,
+        }
+    finally:
+        segment.unlink()
+        segment.close()
+
+
 def ray_rows(rounds: int, strays: list[str]) -> dict:
     with peers.ray_session(strays) as ray:
         writer = ray.remote(num_cpus=0)(_RayWriter).remote()
@@ -172,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     requested = None if args.peers is None else [p for p in args.peers.split(",") if p and p != "none"]
     results = {
-        "fabric, local leases": fabric_rows(True, args.rounds, args.seconds),
+        "fabric, local leases": fabric_rows(True, args.rounds, args.seconds) | in_process_rows(args.rounds),
         "fabric, every get asks the YellowPages (before)": fabric_rows(False, args.rounds, args.seconds),
     }
     strays: list[str] = []
