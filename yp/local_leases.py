@@ -29,29 +29,37 @@ from typing import TYPE_CHECKING, Any
 import dask.config
 
 from datafabric.messages import LocalEntry
-from yp.directory import Directory
-from yp.moves import BlockMoves
-from yp.records import Variable
 
 if TYPE_CHECKING:
+    from yp.directory import Directory
     from yp.membership import Membership
+    from yp.moves import BlockMoves
     from yp.owners import Owners
+    from yp.records import Variable
 
 logger = logging.getLogger("datafabric.yp")
 
 
 class LocalLeases:
-    def __init__(self, directory: Directory, moves: BlockMoves, owners: Owners, members: Membership) -> None:
+    def __init__(
+        self, directory: Directory, moves: BlockMoves, owners: Owners | None, members: Membership | None
+    ) -> None:
         self.directory = directory
         self.moves = moves
         self.owners = owners
         self.members = members
-        self.enabled = bool(dask.config.get("datafabric.local-reads", True))
+        self.enabled = members is not None and bool(dask.config.get("datafabric.local-reads", True))
         self.published: dict[int, set[str]] = defaultdict(set)  # var id -> workers that may lease it locally
         self._withheld: Counter[int] = Counter()  # var id -> recalls whose free or move is not over
         self._asked: dict[int, tuple[str, asyncio.Future]] = {}  # recall token -> (worker, its answer)
         self._in_flight: dict[int, set[asyncio.Future]] = defaultdict(set)  # var id -> answers awaited
         self._tokens = itertools.count()
+
+    @classmethod
+    def none(cls, directory: Directory, moves: BlockMoves) -> LocalLeases:
+        """Publishing nothing, so recalling nothing: for components driven without the
+        YellowPages (the unit tests of compaction and membership)."""
+        return cls(directory, moves, None, None)
 
     # -- publishing ---------------------------------------------------------------------
     def publish(self, variables: Iterable[Variable], only: Iterable[str] | None = None) -> None:

@@ -45,7 +45,7 @@ class Membership:
         self.node_of: dict[str, str] = {}  # workers that registered the fabric's plugin -> node
         self.changing = asyncio.Lock()
         self.took_back = False  # blocks found in shared memory were taken back
-        self.local: LocalLeases  # set by the YellowPages: it needs the members too
+        self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
 
     # -- who is there ----------------------------------------------------------------
     def live(self) -> dict[str, list[str]]:

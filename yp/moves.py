@@ -32,6 +32,7 @@ from typing import Any
 from datafabric.errors import BlockNotFoundError, WorkerLostError
 from datafabric.messages import BlockCompaction, CompactReport
 from yp.directory import Directory
+from yp.local_leases import LocalLeases
 from yp.records import Block, Variable
 
 logger = logging.getLogger("datafabric.yp")
@@ -99,13 +100,19 @@ class Compaction:
     directory records the new offsets before any reader of the block resumes."""
 
     def __init__(
-        self, directory: Directory, moves: BlockMoves, owners: Any, lost: Callable[[Block], None], local: Any
+        self,
+        directory: Directory,
+        moves: BlockMoves,
+        owners: Any,
+        lost: Callable[[Block], None],
+        local: LocalLeases | None = None,
     ) -> None:
         self.directory = directory
         self.moves = moves
         self.owners = owners
         self._lost = lost  # an owner died mid-compaction: its block must be adopted anew
-        self.local = local  # yp.local_leases: recalled before the snapshot, published again after
+        # Recalled from the node's workers before the snapshot, published again after.
+        self.local = local if local is not None else LocalLeases.none(directory, moves)
 
     async def compact(self, block: Block) -> BlockCompaction:
         held: list[Variable] = []
