@@ -116,8 +116,8 @@ class LocalLeases:
         finally:
             self._withheld.subtract(v.var_id for v in variables)
             for var in variables:
-                if self._withheld[var.var_id] <= 0:
-                    del self._withheld[var.var_id]
+                if self._withheld.get(var.var_id, 0) <= 0:
+                    self._withheld.pop(var.var_id, None)
             self.publish(variables)
 
     async def _recall(self, var_ids: list[int], node: str | None, workers: set[str] | None = None) -> None:
@@ -127,9 +127,10 @@ class LocalLeases:
         for var_id in var_ids:
             awaited |= self._in_flight.get(var_id, set())  # an earlier recall's answers count too
             for worker in list(self.published.get(var_id, ())):
-                if (node is None or self.members.node_of.get(worker) == node) and (
-                    workers is None or worker in workers
-                ):
+                # A worker whose node is no longer known is recalled too: a recall too many costs
+                # a message, one too few a view whose bytes could change.
+                on_node = node is None or self.members.node_of.get(worker, node) == node
+                if on_node and (workers is None or worker in workers):
                     per_worker[worker].append(var_id)
                     self.published[var_id].discard(worker)
             if not self.published.get(var_id, True):
