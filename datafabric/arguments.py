@@ -98,6 +98,19 @@ def items(value: Any) -> list[tuple[Any, Any, Any, Any]]:
     return [tuple(item) for item in listed]
 
 
+def names(value: Any) -> list[str]:
+    """``get_many``'s names: an iterable of str, all read first (a lone str is refused, not
+    read as its characters)."""
+    accepted = "an iterable of variable names (str)"
+    if isinstance(value, str | bytes | dict) or not isinstance(value, Iterable):
+        raise refuse("names", value, accepted)
+    listed = list(value)
+    for i, name in enumerate(listed):
+        if type(name) is not str:
+            raise refuse(f"names[{i}]", name, "a str")
+    return listed
+
+
 ZERO = np.zeros((), np.uint8)  # the default fill: every byte 0, so 0, 0.0, b"" and "" alike
 
 

@@ -29,6 +29,7 @@ from datafabric.errors import (
 from datafabric.locality import submit_near
 from datafabric.names import validate_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
+from datafabric.reads import ManyReads, local_pin
 from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
 from datafabric.writer import Creation, PendingWrite, seal_all
@@ -110,7 +111,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric(MemoryReport):
+class Fabric(MemoryReport, ManyReads):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -212,11 +213,9 @@ class Fabric(MemoryReport):
 
     # -- reading -----------------------------------------------------------------------
     def get(self, name: str, *, cache: bool = True) -> np.ndarray:
-        """A read-only numpy view of the variable's shared memory, no copy.  The view
-        (and every slice of it) holds the memory; the first get in a process asks the
-        YellowPages once, later ones are answered here while a view is alive.
-
-        When no copy is on this process's node, the bytes come over the network from a
+        """A read-only numpy view of the variable's shared memory, no copy; the view (and
+        every slice) holds the memory.  In a task on a node holding it, the lease is
+        taken in process; elsewhere the first get asks the YellowPages once.  When no copy is on this process's node, the bytes come over the network from a
         worker that has one and, with ``cache`` (the default), land in a block of this
         node as a replica, so the next get here is local.  Without ``cache``, or where
         this node has no blocks, the array is a private read-only copy."""
@@ -228,6 +227,8 @@ class Fabric(MemoryReport):
                 return view
         validate_name(name)
         ctx = self._ctx()
+        if (pin := local_pin(ctx, self.fabric_id, name)) is not None:  # a task on a node holding it: no RPC
+            return pin.view()
         info = ctx.call("acquire", name=name, holder=ctx.holder)
         pin = self._local_pin(ctx, info, name)
         if pin is None and cache and ctx.node is not None:
@@ -258,9 +259,8 @@ class Fabric(MemoryReport):
     def _fetch(self, ctx: Context, info: dict) -> np.ndarray:
         """The variable's bytes over Dask's comms into private memory, in chunks."""
         ftype = from_datashape(info["type"])
-        (_, shm_id, offset), worker = next(
-            (loc, w) for loc, w in zip(info["locations"], info["workers"], strict=True) if w
-        )
+        pairs = zip(info["locations"], info["workers"], strict=True)
+        (_, shm_id, offset), worker = next((loc, w) for loc, w in pairs if w)
         out = np.empty(ftype.nbytes, np.uint8)
         for start in range(0, ftype.nbytes, TRANSFER_CHUNK):
             n = min(TRANSFER_CHUNK, ftype.nbytes - start)
@@ -390,7 +390,7 @@ def _copy(write: PendingWrite, source: Source) -> None:
 
 
 def _call_on_views(fabric: Fabric, func: Any, names: tuple[str, ...]) -> Any:
-    return func(*(fabric.get(name) for name in names))
+    return func(*fabric.get_many(names))
 
 
 def _release_msg(ctx: Context, info: dict) -> dict:

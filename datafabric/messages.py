@@ -60,6 +60,23 @@ class ReferenceGrant(TypedDict):
 
     info: VariableInfo
     deleted: bool  # its name is gone: the view must not be cached under it
+class LocalEntry(TypedDict):
+    """A variable a worker may lease locally, at its copy on the worker's node
+    (YellowPages -> the node's workers, on their streams)."""
+
+    var_id: int
+    name: str
+    type: str
+    shm_id: str
+    data_offset: int
+
+
+class Recalled(TypedDict):
+    """A worker's answer to a recall (on its stream): it answers those names locally no
+    more, and these local leases (``[var_id, count]``) are alive in it."""
+
+    token: int
+    leases: list[tuple[int, int]]
 
 
 class ExtentInfo(TypedDict):

@@ -22,7 +22,7 @@ def validate_name(name: object) -> str:
         raise InvalidNameError(f"variable name {name!r} is not valid UTF-8 (lone surrogates)") from None
     if len(encoded) > MAX_NAME_BYTES:
         raise InvalidNameError(f"variable name is {len(encoded)} bytes of UTF-8; the limit is {MAX_NAME_BYTES}")
-    bad = [c for c in name if unicodedata.category(c) == "Cc"]
+    bad = [] if name.isprintable() else [c for c in name if unicodedata.category(c) == "Cc"]  # fast path: no Cc
     if bad:
         raise InvalidNameError(f"variable name {name!r} contains control characters {bad!r}; use printable text")
     return name

@@ -79,7 +79,9 @@ class LocalState:
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
-        self._live: weakref.WeakSet[_Pin] = weakref.WeakSet()  # every pin alive, each holding a lease
+        # Every pin alive, each holding a lease: a weak reference whose callback releases it
+        # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
+        self._live: set[weakref.ref[_Pin]] = set()
 
     def segment(self, node: str, shm_id: str) -> Segment | None:
         """The mapping of a block of this fabric on ``node``, or None if this process
@@ -127,17 +129,23 @@ class LocalState:
         """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies.
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
         pin = _Pin(segment, node, data_offset, ftype, lease)
-        weakref.finalize(pin, send, lease)
+        live = self._live
+
+        def ended(ref: weakref.ref) -> None:  # wherever the last view died; set.discard is atomic
+            live.discard(ref)
+            send(lease)
+
+        ref = weakref.ref(pin, ended)
         with self.lock:
             if cache:
-                self._pins[name] = weakref.ref(pin)
-            self._live.add(pin)
+                self._pins[name] = ref
+            live.add(ref)
         return pin
 
     def pins_leased_before(self, var_id: int) -> list[_Pin]:
         """Live pins whose lease a YellowPages older than ids from ``var_id`` granted."""
         with self.lock:
-            return [pin for pin in self._live if pin.var_id < var_id]
+            return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
 
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)
@@ -182,8 +190,9 @@ def local_state(fabric_id: str, address: str | None = None) -> LocalState:
 
 def state_of(pin: _Pin) -> LocalState | None:
     """The state whose pin this is: it knows the fabric and the scheduler."""
+    ref = weakref.ref(pin)  # equal to the state's own ref of it: weak references compare by referent
     for state in all_states():
-        if pin in state._live:
+        if ref in state._live:
             return state
     return None
 

@@ -10,6 +10,7 @@ import time
 import cloudpickle
 import numpy as np
 import pytest
+from distributed import get_worker
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -177,9 +178,32 @@ def test_deallocate_with_migrate_moves_variables_to_the_node_s_other_blocks(clie
 
 
 # -- a model-checked sequence of operations ---------------------------------------------
+def task_views() -> dict:
+    """Views a task took and left alive in its worker, with the bytes they showed."""
+    return get_worker().__dict__.setdefault("_dfab_model_views", {})
+
+
+def hold_in_task(fabric, name: str, key: int) -> None:
+    view = fabric.get(name)  # leased in the worker's process, locally once the name is published
+    task_views()[key] = (view, view.copy())
+
+
+def drop_in_task(key: int) -> None:
+    task_views().pop(key)
+
+
+def drop_all_in_worker(dask_worker) -> None:
+    dask_worker.__dict__.pop("_dfab_model_views", None)
+
+
+def changed_in_task() -> list[int]:
+    return [key for key, (view, seen) in task_views().items() if not np.array_equal(view, seen)]
+
+
 class FabricMachine(RuleBasedStateMachine):
-    """Random sequences of insert / create+seal / get-and-hold / release / delete /
-    defragment on a real fabric, checked against a dict of what should be there."""
+    """Random sequences of insert / create+seal / get-and-hold (in the client and in
+    tasks, whose gets lease locally) / release / delete / defragment on a real fabric,
+    checked against a dict of what should be there."""
 
     client = None
     fabric = None
@@ -188,6 +212,7 @@ class FabricMachine(RuleBasedStateMachine):
         super().__init__()
         self.model: dict[str, int] = {}  # visible name -> size
         self.held: list[tuple[str, np.ndarray, np.ndarray]] = []  # name, view, bytes it showed
+        self.task_held: list[tuple[str, int]] = []  # (worker, key) of views tasks keep
         self.counter = 0
 
     @initialize()
@@ -233,6 +258,21 @@ class FabricMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.model)
     @rule(data=st.data())
+    def get_and_hold_in_a_task(self, data):
+        name = data.draw(st.sampled_from(sorted(self.model)))
+        worker = data.draw(st.sampled_from(workers(self.client)))
+        self.counter += 1
+        self.client.submit(hold_in_task, self.fabric, name, self.counter, workers=[worker], pure=False).result()
+        self.task_held.append((worker, self.counter))
+
+    @precondition(lambda self: self.task_held)
+    @rule(data=st.data())
+    def release_in_a_task(self, data):
+        worker, key = self.task_held.pop(data.draw(st.integers(0, len(self.task_held) - 1)))
+        self.client.submit(drop_in_task, key, workers=[worker], pure=False).result()
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
     def delete(self, data):
         name = data.draw(st.sampled_from(sorted(self.model)))
         self.fabric.delete(name)
@@ -253,6 +293,8 @@ class FabricMachine(RuleBasedStateMachine):
     def held_views_never_change(self):
         for _, view, seen in self.held:
             assert np.array_equal(view, seen)
+        for worker in {w for w, _ in self.task_held}:
+            assert self.client.submit(changed_in_task, workers=[worker], pure=False).result() == []
 
     @invariant()
     def blocks_add_up_and_agree_with_their_headers(self):
@@ -272,6 +314,7 @@ class FabricMachine(RuleBasedStateMachine):
 
     def teardown(self):
         self.held.clear()
+        self.client.run(drop_all_in_worker)
 
 
 def test_random_operation_sequences_against_a_model(client, fabric):

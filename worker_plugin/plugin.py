@@ -39,6 +39,7 @@ from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_se
 from datafabric.views import local_state
 from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
+from worker_plugin.local_reads import LocalReads
 from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
 
@@ -83,10 +84,13 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
         self.state = local_state(self.fabric_id)
+        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
             datafabric_detach=self.state.detach,
+            datafabric_publish=self.local_reads.publish,
+            datafabric_recall=self._recall,
         )
         exclude_shared_memory_in_worker(worker)
         atexit.register(self._unlink_all)  # a worker that exits without teardown
@@ -358,6 +362,16 @@ class FabricWorkerPlugin(WorkerPlugin):
     # -- stream handlers -------------------------------------------------------------
     def _invalidate(self, var_ids: list[int]) -> None:
         self.state.invalidate(var_ids)
+
+    def _recall(self, token: int, var_ids: list[int]) -> None:
+        self.local_reads.recall(token, var_ids, self.worker.batched_stream.send)
+
+    def _send(self, msg: dict) -> None:
+        """One-way to the scheduler from any thread, after what the event loop runs now."""
+        try:
+            self.worker.loop.add_callback(self.worker.batched_stream.send, msg)
+        except (RuntimeError, AttributeError):
+            pass  # worker closing: the scheduler drops its leases when it leaves
 
     def _unlink_all(self) -> None:
         with self.lock:

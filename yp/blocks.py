@@ -87,6 +87,16 @@ class Inventory:
         block = self.directory.block(node, shm_id)
         if block.worker is None:
             raise BlockInUseError(f"block {shm_id} of node {node} has no live owner; start a worker on {node} first")
+        held = [v for v, _ in self.directory.copies_in(shm_id)]
+        try:
+            await self._deallocate_held(block, migrate, held)
+        finally:
+            self.copies.local.publish(held)  # where they are now, the block being settled or gone
+        self.detach([shm_id])
+        return {}
+
+    async def _deallocate_held(self, block: Block, migrate: bool, held: list) -> None:
+        node, shm_id = block.node, block.shm_id
         async with self.moves.exclusive(shm_id):  # no reader, placement or move meanwhile
             writing = await self.owners.ask(block.worker, "retire_block", shm_id=shm_id)  # no new local insert
             try:
@@ -97,7 +107,10 @@ class Inventory:
                         "try again when they are sealed"
                     )
                 if migrate:
-                    await self.copies.migrate(block)
+                    held[:] = [v for v, _ in self.directory.copies_in(shm_id)]  # as the hold found them
+                    async with self.copies.local.withheld(held, node):  # local leases are known now
+                        for var, copy in await self.copies.migrate(block):
+                            self.directory.drop_copy(var, copy)  # its pages go with the block
                 self.directory.check_removable(block)
                 await self.owners.ask(block.worker, "unlink_block", shm_id=shm_id)
             except BaseException:
@@ -106,8 +119,6 @@ class Inventory:
                 )
                 raise
             self.directory.remove_block(shm_id)
-        self.detach([shm_id])
-        return {}
 
     async def status(self) -> list[dict]:
         blocks = self.directory.ready()

@@ -29,6 +29,7 @@ from yp.reads import Reads
 from yp.records import Block, Copy, Variable
 
 if TYPE_CHECKING:
+    from yp.local_leases import LocalLeases
     from yp.owners import Owners
 
 SELF = "datafabric-yellowpages"  # the lease holder and writer name of the fabric's own copies
@@ -40,6 +41,7 @@ class Copies:
     reads: Reads
     placement: Placement
     owners: Owners
+    local: LocalLeases
     _replicating: dict[tuple[int, str], asyncio.Future] = field(default_factory=dict, init=False)  # (var_id, node)
 
     async def replicate(self, name: str, nodes: list[str] | None = None, count: int | None = None) -> VariableInfo:
@@ -110,14 +112,18 @@ class Copies:
             raise NameNotFoundError(f"{var.name!r} was deleted while it was being replicated")
         self.directory.add_copy(var, copy)
         await self.owners.mark(ExtentState.SEALED, [(var.name, copy)])
+        self.local.publish([var])
 
-    async def migrate(self, block: Block) -> None:
+    async def migrate(self, block: Block) -> list[tuple[Variable, Copy]]:
         """Copy every live variable of ``block`` (held exclusively by the caller) to other
-        blocks of its node, so that the block can go.  Views taken before keep the old
-        pages until they are dropped."""
+        blocks of its node, so that the block can go; returns the copies in the block,
+        which the caller drops once it unlinks it (views taken before keep the old pages
+        until they are dropped).  Until then each variable keeps its old copy beside the
+        new one: a migration refused half-way leaves both, and nothing to free."""
+        old = []
         for var, copy in self.directory.copies_in(block.shm_id):
+            old.append((var, copy))
             if var.deleted:  # its pages die with the block; nothing to free later
-                var.copies.remove(copy)
                 continue
             try:
                 moved = await self._new_copy(var, block.node, self._copier(block, var, copy), {block.shm_id})
@@ -126,9 +132,9 @@ class Copies:
                     f"no other block on node {block.node} has room for {var.name!r} "
                     f"({var.nbytes / 2**20:.1f} MiB); allocate more memory before deallocating this block"
                 ) from None
-            self.directory.uncount(copy)  # its pages go with the block
-            var.copies[var.copies.index(copy)] = moved
+            self.directory.add_copy(var, moved)
             await self.owners.mark(ExtentState.SEALED, [(var.name, moved)])
+        return old
 
     def _copier(self, block: Block, var: Variable, copy: Copy) -> Callable:
         def copy_within_node(dest: Block, data_offset: int) -> Any:

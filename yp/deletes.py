@@ -13,8 +13,10 @@ from datafabric.layout import ExtentState
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
 from yp.reads import Reads
+from yp.records import Variable
 
 if TYPE_CHECKING:
+    from yp.local_leases import LocalLeases
     from yp.owners import Owners
 
 
@@ -24,9 +26,17 @@ class Deletes:
     reads: Reads
     owners: Owners
     fabric_id: str
+    local: LocalLeases
 
     async def delete(self, name: str) -> dict:
-        var = await self.reads.settled(name)
+        while True:  # the name may be bound anew while its variable is recalled
+            var = await self.reads.settled(name)
+            async with self.local.withheld([var]):  # never published again: it is deleted below
+                if self.directory.variables.get(name) is var:
+                    return await self._delete(var)
+
+    async def _delete(self, var: Variable) -> dict:
+        """Every local lease of ``var`` is a lease here now."""
         if var.leases:
             await self.owners.mark_copies(ExtentState.DELETED, var)
         freed = self.directory.delete(var)

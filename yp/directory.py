@@ -225,6 +225,10 @@ class Directory:
         var.leases[holder] += 1
         var.last_used = time.monotonic()
 
+    def add_leases(self, var: Variable, holder: str, count: int) -> None:
+        """Leases ``holder`` took on its own (local leases, reported when recalled)."""
+        var.leases[holder] += count
+
     def release(self, var_id: int, holder: str) -> list[Copy]:
         var = self.by_id.get(var_id)
         if var is None or var.leases[holder] <= 0:

@@ -20,6 +20,7 @@ from yp.directory import Directory
 from yp.placement import Placement
 
 if TYPE_CHECKING:
+    from yp.local_leases import LocalLeases
     from yp.membership import Membership
     from yp.owners import Owners
 
@@ -30,6 +31,7 @@ class Inserts:
     placement: Placement
     owners: Owners
     members: Membership
+    local: LocalLeases
 
     async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
         validate_name(name)
@@ -57,4 +59,5 @@ class Inserts:
             ExtentState.SEALED,
             [(var.name, var.copies[0]) for var in sealed if self.owners.owner_of(var.copies[0].shm_id) != holder],
         )
+        self.local.publish(sealed)
         return [self.directory.info(var) for var in sealed]

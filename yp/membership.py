@@ -28,6 +28,7 @@ from datafabric.errors import FabricError
 from datafabric.messages import AdoptedBlock
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
+from yp.local_leases import LocalLeases
 from yp.moves import BlockMoves
 from yp.records import Block
 
@@ -44,6 +45,7 @@ class Membership:
         self.node_of: dict[str, str] = {}  # workers that registered the fabric's plugin -> node
         self.changing = asyncio.Lock()
         self.took_back = False  # blocks found in shared memory were taken back
+        self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
 
     # -- who is there ----------------------------------------------------------------
     def live(self) -> dict[str, list[str]]:
@@ -72,6 +74,7 @@ class Membership:
             self.scheduler.loop.add_callback(self.recover, address, node, list(segments))
         if self.directory.orphaned(node):
             self.scheduler.loop.add_callback(self.adopt_orphans, node)
+        self.local.publish_node(node, only=[address])
         return {}
 
     def _schedule_waiting_for(self, address: str) -> None:
@@ -101,6 +104,7 @@ class Membership:
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
                 conflicting += self.directory.recover_block(block, b["extents"])
         await self.owners.free(conflicting)
+        self.local.publish_node(node)
         self.took_back = True
         self.scheduler.log_event(EVENT_TOPIC, self.took_back_msg())  # clients declare the views they kept
         logger.info(
@@ -118,6 +122,7 @@ class Membership:
     def remove(self, worker: str) -> None:
         """Its leases end and its unfinished inserts go; its blocks wait for adoption."""
         node = self.node_of.pop(worker, None)
+        self.local.forget(worker)
         unavailable = self.directory.orphan_blocks(worker)
         if unavailable:
             logger.warning(
@@ -142,9 +147,10 @@ class Membership:
         they wait for its successor.  A worker this YellowPages does not know (it outlived
         a scheduler restart, or was removed already) keeps them for adoption."""
         async with self.changing:  # no adoption is half-recorded while this one decides
-            node = self.node_of.pop(address, None)
+            node = self.node_of.pop(address, None)  # from now on it is published nothing
             if node is None:
                 return {"decision": "keep"}
+            await self.local.recall_worker(address)  # its tasks may still read until it leaves
             self.directory.orphan_blocks(address)
             if not self.peers(node):
                 if restarting:
@@ -186,21 +192,24 @@ class Membership:
         async with contextlib.AsyncExitStack() as holds:
             for shm_id in ready:
                 await holds.enter_async_context(self.moves.exclusive(shm_id))
-            live = {s: self.directory.live_ids(s) for s in ready}
-            answers: list[AdoptedBlock] = await self.owners.ask(
-                peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
-            )
-            for shm_id in unfinished:
-                self.directory.remove_block(shm_id)
-            adopted = [b for b in answers if not b.get("unlinked")]
-            adoptions = [self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"]) for b in adopted]
-            for shm_id in set(ready) - {b["shm_id"] for b in adopted}:  # gone, or not a valid block any more
-                logger.error("block %s of node %s could not be adopted; its copies are lost", shm_id, node)
-                self.directory.drop_block(shm_id)
+            held = {v.var_id: v for s in ready for v, _ in self.directory.copies_in(s)}
+            async with self.local.withheld(held.values(), node):  # the adopter may free and move
+                live = {s: self.directory.live_ids(s) for s in ready}
+                answers: list[AdoptedBlock] = await self.owners.ask(
+                    peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
+                )
+                for shm_id in unfinished:
+                    self.directory.remove_block(shm_id)
+                adopted = [b for b in answers if not b.get("unlinked")]
+                adoptions = [self.directory.adopt(b["shm_id"], peer, b["free"], b["extents"]) for b in adopted]
+                for shm_id in set(ready) - {b["shm_id"] for b in adopted}:  # gone, or not a valid block any more
+                    logger.error("block %s of node %s could not be adopted; its copies are lost", shm_id, node)
+                    self.directory.drop_block(shm_id)
         for b, adoption in zip(adopted, adoptions, strict=True):
             if adoption.lost:
                 logger.error("block %s no longer holds copies of %s", b["shm_id"], adoption.lost)
             await self.owners.free(adoption.to_free)
             for state, named in adoption.to_mark.items():
                 await self.owners.mark(state, named)
+        self.local.publish_node(node)
         logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], node)

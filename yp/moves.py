@@ -32,7 +32,8 @@ from typing import Any
 from datafabric.errors import BlockNotFoundError, WorkerLostError
 from datafabric.messages import BlockCompaction, CompactReport
 from yp.directory import Directory
-from yp.records import Block
+from yp.local_leases import LocalLeases
+from yp.records import Block, Variable
 
 logger = logging.getLogger("datafabric.yp")
 
@@ -98,44 +99,64 @@ class Compaction:
     """Defragmentation: the owner slides a block's movable extents together; the
     directory records the new offsets before any reader of the block resumes."""
 
-    def __init__(self, directory: Directory, moves: BlockMoves, owners: Any, lost: Callable[[Block], None]) -> None:
+    def __init__(
+        self,
+        directory: Directory,
+        moves: BlockMoves,
+        owners: Any,
+        lost: Callable[[Block], None],
+        local: LocalLeases | None = None,
+    ) -> None:
         self.directory = directory
         self.moves = moves
         self.owners = owners
         self._lost = lost  # an owner died mid-compaction: its block must be adopted anew
+        # Recalled from the node's workers before the snapshot, published again after.
+        self.local = local if local is not None else LocalLeases.none(directory, moves)
 
     async def compact(self, block: Block) -> BlockCompaction:
-        async with self.moves.exclusive(block.shm_id):
-            empty: BlockCompaction = {
-                "node": block.node,
-                "shm_id": block.shm_id,
-                "moved": [],
-                "bytes_moved": 0,
-                "largest_free_before": 0,
-                "largest_free_after": 0,
-            }
-            if block.worker is None or self.directory.blocks.get(block.shm_id) is not block:
-                return empty
-            movable = self.directory.movable(block.shm_id)
-            owner = block.worker
-            try:
-                r: CompactReport = await self.owners.ask(owner, "compact", shm_id=block.shm_id, movable=sorted(movable))
-            except WorkerLostError:
-                # Some extents may have moved, unreported: nobody reads this block's
-                # offsets until a peer has adopted it and its headers said where they are
-                # (unless a peer has done so already).
-                logger.warning("%s died compacting block %s; it waits for adoption", owner, block.shm_id)
-                if block.worker in (owner, None):
-                    self._lost(block)
-                raise
-            moved = self.directory.moved(block, movable, r["moved"])
-            return {
-                **empty,
-                "moved": moved,
-                "bytes_moved": r["bytes_moved"],
-                "largest_free_before": r["largest_free_before"],
-                "largest_free_after": r["largest_free_after"],
-            }
+        held: list[Variable] = []
+        try:
+            async with self.moves.exclusive(block.shm_id):
+                held = [v for v, _ in self.directory.copies_in(block.shm_id)]
+                async with self.local.withheld(held, block.node):
+                    return await self._compact_held(block)
+        finally:
+            self.local.publish(held)  # at their new offsets, now that the block is settled
+
+    async def _compact_held(self, block: Block) -> BlockCompaction:
+        """The compaction proper, under the block's exclusive hold, with its variables
+        recalled from the node's workers: every local lease of them is a lease here."""
+        empty: BlockCompaction = {
+            "node": block.node,
+            "shm_id": block.shm_id,
+            "moved": [],
+            "bytes_moved": 0,
+            "largest_free_before": 0,
+            "largest_free_after": 0,
+        }
+        if block.worker is None or self.directory.blocks.get(block.shm_id) is not block:
+            return empty
+        movable = self.directory.movable(block.shm_id)
+        owner = block.worker
+        try:
+            r: CompactReport = await self.owners.ask(owner, "compact", shm_id=block.shm_id, movable=sorted(movable))
+        except WorkerLostError:
+            # Some extents may have moved, unreported: nobody reads this block's
+            # offsets until a peer has adopted it and its headers said where they are
+            # (unless a peer has done so already).
+            logger.warning("%s died compacting block %s; it waits for adoption", owner, block.shm_id)
+            if block.worker in (owner, None):
+                self._lost(block)
+            raise
+        moved = self.directory.moved(block, movable, r["moved"])
+        return {
+            **empty,
+            "moved": moved,
+            "bytes_moved": r["bytes_moved"],
+            "largest_free_before": r["largest_free_before"],
+            "largest_free_after": r["largest_free_after"],
+        }
 
     async def defragment(self, node: str | None = None) -> dict:
         """Compact every block (of ``node``) at once, moving only extents no lease holds.

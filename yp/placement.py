@@ -19,6 +19,7 @@ from yp.moves import BlockMoves, Compaction
 from yp.records import Block, Copy
 
 if TYPE_CHECKING:
+    from yp.local_leases import LocalLeases
     from yp.owners import Owners
 
 
@@ -28,6 +29,7 @@ class Placement:
     moves: BlockMoves
     compaction: Compaction
     owners: Owners
+    local: LocalLeases
 
     async def reserve(
         self,
@@ -80,10 +82,12 @@ class Placement:
         for var, copy in self.directory.evictable(node):
             if any(b.free >= nbytes for b in self.directory.owned() if b.node == node):
                 return
-            still_evictable = not var.leases and not var.deleted and len(var.copies) > 1 and copy in var.copies
-            if not still_evictable or copy.shm_id in exclude or self.moves.busy([copy.shm_id]):
-                continue  # it changed while an earlier replica was being freed
-            await self.owners.free([self.directory.drop_copy(var, copy)])
+            async with self.local.withheld([var], node):  # its local leases on the node are known now
+                still_evictable = not var.leases and not var.deleted and len(var.copies) > 1 and copy in var.copies
+                if not still_evictable or copy.shm_id in exclude or self.moves.busy([copy.shm_id]):
+                    continue  # it changed while an earlier replica was being freed, or is read
+                freed = self.directory.drop_copy(var, copy)
+            await self.owners.free([freed])
 
 
 def _copy(shm_id: str, r: Reservation) -> Copy:

@@ -10,6 +10,7 @@ the component that owns its protocol::
     placement.py   free -> compact -> evict, for every new extent
     inserts.py     reserve, abort, seal
     reads.py       acquire, release, info, names, where
+    local_leases.py  what each node's workers lease without asking; recalling it
     deletes.py     delete
     copies.py      replicas and migration
     membership.py  registration, removal, handoff, adoption, take-back after a restart
@@ -42,6 +43,7 @@ from yp.copies import Copies
 from yp.deletes import Deletes
 from yp.directory import Directory
 from yp.inserts import Inserts
+from yp.local_leases import LocalLeases
 from yp.membership import Membership
 from yp.moves import BlockMoves, Compaction
 from yp.owners import Owners
@@ -80,12 +82,13 @@ class YellowPages(SchedulerPlugin):
         self.moves = BlockMoves()
         self.owners = Owners(scheduler, d, self.moves)
         self.members = Membership(scheduler, self.fabric_id, d, self.owners, self.moves)
-        self.compaction = Compaction(d, self.moves, self.owners, self.members.lost_block)
-        self.placement = Placement(d, self.moves, self.compaction, self.owners)
-        self.inserts = Inserts(d, self.placement, self.owners, self.members)
+        self.local = self.members.local = LocalLeases(d, self.moves, self.owners, self.members)
+        self.compaction = Compaction(d, self.moves, self.owners, self.members.lost_block, self.local)
+        self.placement = Placement(d, self.moves, self.compaction, self.owners, self.local)
+        self.inserts = Inserts(d, self.placement, self.owners, self.members, self.local)
         self.reads = Reads(d, self.moves, self.owners, self.members)
-        self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id)
-        self.copies = Copies(d, self.reads, self.placement, self.owners)
+        self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
+        self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
         self.status = Status.RUNNING
         scheduler.handlers.update(
@@ -93,6 +96,7 @@ class YellowPages(SchedulerPlugin):
         )
         scheduler.handlers[f"{HANDLER_PREFIX}handoff"] = self.handoff  # answered even when stopped
         scheduler.stream_handlers["datafabric_release"] = self.reads.release
+        scheduler.stream_handlers["datafabric_recalled"] = self.local.recalled
         await self._install_on_workers()
 
     def _handlers(self) -> dict[str, Callable]:
@@ -108,6 +112,7 @@ class YellowPages(SchedulerPlugin):
             "acquire": self.reads.acquire,
             "acquire_at": self.reads.acquire_at,
             "acquire_ref": self.reads.acquire_ref,
+            "acquire_many": self.reads.acquire_many,
             "names": self.reads.names,
             "info": self.reads.info,
             "where": self.reads.where,

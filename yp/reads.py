@@ -43,6 +43,19 @@ class Reads:
         self.directory.acquire(var, holder)
         return self.directory.info(var)
 
+    async def acquire_many(self, names: list[str], holder: str) -> list[VariableInfo]:
+        """``acquire`` of every name, all or none: the leases and offsets are taken in one
+        step once no block of any of them is being moved.  A missing name refuses all."""
+        while True:
+            variables = [self.directory.lookup(n) for n in names]
+            shm_ids = [c.shm_id for v in variables for c in v.copies]
+            if not self.moves.busy(shm_ids):
+                break
+            await self.moves.settled(lambda vs=variables: [c.shm_id for v in vs for c in v.copies])
+        for var in variables:
+            self.directory.acquire(var, holder)
+        return [self.directory.info(var) for var in variables]
+
     async def acquire_at(self, node: str, shm_id: str, offset: int, holder: str) -> VariableInfo:
         await self.moves.settled(lambda: [shm_id])
         var = self.directory.at_location(node, shm_id, offset)

@@ -1,0 +1,77 @@
+"""Reads with no round trip: local leases in a task, and ``get_many``.
+
+In a task, a name its worker's node holds is leased in process from what the YellowPages
+pushed to that worker (``worker_plugin.local_reads``), with no RPC even the first time.
+``get_many`` takes every view it can that way (or from this process's cache) and the rest
+with one ``acquire_many`` RPC; only a name with no copy on this node costs more (the
+bytes come from another node, as with ``get``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from datafabric import arguments
+from datafabric.context import Context
+from datafabric.names import validate_name
+from datafabric.views import _Pin
+
+if TYPE_CHECKING:
+    from datafabric.views import LocalState
+
+
+def local_pin(ctx: Context, fabric_id: str, name: str) -> _Pin | None:
+    """A pin of ``name`` under a local lease of the worker running this task, if that
+    worker's node holds it and the YellowPages has told the worker so."""
+    plugin = ctx.plugin
+    if plugin is None or plugin.fabric_id != fabric_id:
+        return None
+    return plugin.local_reads.pin(name)
+
+
+class ManyReads:
+    """``Fabric.get_many``; a mixin of ``Fabric``."""
+
+    fabric_id: str
+    _state: LocalState
+
+    def get_many(self, names: Iterable[str]) -> list[np.ndarray]:
+        """``[get(n) for n in names]`` with at most one round trip to the YellowPages in
+        all, none when every name is held on this node and this is a task (or every view
+        is alive in this process already).  A name not found refuses the whole call
+        before any lease is kept."""
+        names = arguments.names(names)
+        out: list[np.ndarray | None] = [self._state.cached_view(n) for n in names]
+        ask = [i for i, view in enumerate(out) if view is None]
+        if not ask:
+            return out  # type: ignore[return-value]
+        for i in ask:
+            validate_name(names[i])
+        ctx = self._ctx()  # type: ignore[attr-defined]
+        remaining = []
+        for i in ask:
+            pin = local_pin(ctx, self.fabric_id, names[i])
+            if pin is None:
+                remaining.append(i)
+            else:
+                out[i] = pin.view()
+        if remaining:
+            infos = ctx.call("acquire_many", names=[names[i] for i in remaining], holder=ctx.holder)
+            leases = [{"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder} for info in infos]
+            try:
+                for k, (i, info) in enumerate(zip(remaining, infos, strict=True)):
+                    pin = self._local_pin(ctx, info, names[i])  # type: ignore[attr-defined]
+                    leases[k] = None  # the pin holds it now, or it is released below
+                    if pin is None:  # no copy here: fetched like get (a replica, or a private copy)
+                        ctx.send({"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder})
+                        out[i] = self.get(names[i])  # type: ignore[attr-defined]
+                    else:
+                        out[i] = pin.view()
+            finally:
+                for lease in leases:
+                    if lease is not None:
+                        ctx.send(lease)
+        return out  # type: ignore[return-value]

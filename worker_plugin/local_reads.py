@@ -1,0 +1,125 @@
+"""Reads that stay on the node: this worker's part of the directory, and the leases it grants.
+
+The YellowPages pushes to every worker of a node the variables that node holds (name, var
+id, type, block, offset) on the worker's stream, with no request on the read path.  A task
+on this worker that gets such a name takes a **local lease** here, in process, with no RPC:
+a count on the name's ``Grant``.  The YellowPages does not know these leases one by one.
+
+Before it frees or moves a copy on this node, the YellowPages **recalls** the variable: on
+this worker's event loop, under ``lock``, the grant is withdrawn (later gets of the name ask
+the YellowPages) and its count of live local leases is sent back, on the same stream, as
+leases the YellowPages now holds for this worker.  Each of those pins releases its lease
+with the one-way message of any other lease when it dies; a pin whose grant was never
+recalled only takes its count down.  Publications and recalls travel on one ordered stream,
+so a publication sent before a recall never lands after it (``docs/protocols.md``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from datafabric.messages import LocalEntry
+from datafabric.types import FabricType, from_datashape
+from datafabric.views import LocalState, _Pin
+
+
+class Grant:
+    """One publication of one variable to this worker: the location, and how many live
+    pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
+
+    __slots__ = ("var_id", "name", "type", "shm_id", "data_offset", "count", "recalled")
+
+    def __init__(self, entry: LocalEntry) -> None:
+        self.var_id = entry["var_id"]
+        self.name = entry["name"]
+        self.type = entry["type"]
+        self.shm_id = entry["shm_id"]
+        self.data_offset = entry["data_offset"]
+        self.count = 0
+        self.recalled = False
+
+
+class LocalReads:
+    """Per worker process.  ``send`` puts a message on the worker's stream from any thread
+    (after whatever the event loop is doing now, so a release never overtakes the recall
+    that reported its lease)."""
+
+    def __init__(self, state: LocalState, node: str, holder: str, send: Callable[[dict], None]) -> None:
+        self.state = state
+        self.node = node
+        self.holder = holder
+        self.send = send
+        # Re-entrant: a pin's finalizer may run in the middle of any step of this thread
+        # (a garbage collection), and takes the lock itself.  Each step is written so that
+        # such a finalizer, run at any point of it, leaves the counts right.
+        self.lock = threading.RLock()
+        self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
+        self._by_id: dict[int, Grant] = {}
+        self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
+
+    # -- from the YellowPages, on the event loop ---------------------------------------
+    def publish(self, entries: list[LocalEntry]) -> None:
+        with self.lock:
+            for entry in entries:
+                if entry["var_id"] in self._by_id:
+                    continue
+                grant = Grant(entry)  # a name bound anew replaces its old grant, which a recall still finds
+                self._grants[grant.name] = self._by_id[grant.var_id] = grant
+
+    def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
+        """Stop answering these names here, and report the local leases still alive; the
+        reply is sent before the lock is let go, so before any release of those leases."""
+        leases = []
+        with self.lock:
+            for var_id in var_ids:
+                grant = self._by_id.pop(var_id, None)
+                if grant is None:
+                    continue
+                grant.recalled = True  # first: a pin ending from here on sends its release
+                count = grant.count  # then: so every pin counted sends one, or was not counted
+                if self._grants.get(grant.name) is grant:
+                    del self._grants[grant.name]
+                if count:
+                    leases.append([var_id, count])
+            reply({"op": "datafabric_recalled", "token": token, "leases": leases})
+
+    # -- from tasks, any thread ---------------------------------------------------------
+    def pin(self, name: str) -> _Pin | None:
+        """A pin of ``name`` under a local lease, or None: not published here (ask the
+        YellowPages), or recalled while this ran."""
+        grant = self._grants.get(name)  # one dict read: atomic, and the hot path
+        if grant is None:
+            return None
+        segment = self.state.segment(self.node, grant.shm_id)
+        if segment is None:
+            return None
+        ftype = self._types.get(grant.type)
+        if ftype is None:
+            ftype = self._types[grant.type] = from_datashape(grant.type)
+        with self.lock:
+            if grant.recalled:
+                return None
+            grant.count += 1
+        lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
+        try:
+            return self.state.pin(
+                name, self.node, segment, grant.data_offset, ftype, lease, functools.partial(self._end, grant)
+            )
+        except BaseException:
+            self._end(grant, lease)
+            raise
+
+    def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
+        """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran)."""
+        with self.lock:
+            if not grant.recalled:
+                grant.count -= 1
+                return
+        self.send(lease)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return sorted(self._grants)

@@ -1,0 +1,195 @@
+"""Local leases: what each node's workers may lease without asking, and taking it back.
+
+The YellowPages **publishes** a variable to every fabric worker of each node holding a copy
+of it (``worker_plugin.local_reads``), one-way on the worker's stream; a task there then
+leases it in process.  ``published`` records, per variable, which workers may be doing so.
+
+Before any copy on a node is freed or moved, the variable is **recalled** from that node's
+workers: each is asked, on the same stream, to stop answering it locally and to report its
+live local leases, which from then on count as that worker's leases here (released one-way,
+as any other).  Only once every answer is in does the caller look at the leases.  Between the
+recall and the end of the free or move, the variable is **withheld**: it is published to
+nobody, so no local lease can start on the copy in question.  A worker that leaves answers
+nothing: its leases, local or not, died with it.
+
+``datafabric.local-reads: false`` (Dask config, read when the YellowPages starts) publishes
+nothing: every get asks the YellowPages, as before local leases (a benchmark's baseline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+
+from datafabric.messages import LocalEntry
+
+if TYPE_CHECKING:
+    from yp.directory import Directory
+    from yp.membership import Membership
+    from yp.moves import BlockMoves
+    from yp.owners import Owners
+    from yp.records import Variable
+
+logger = logging.getLogger("datafabric.yp")
+
+
+class LocalLeases:
+    def __init__(
+        self, directory: Directory, moves: BlockMoves, owners: Owners | None, members: Membership | None
+    ) -> None:
+        self.directory = directory
+        self.moves = moves
+        self.owners = owners
+        self.members = members
+        self.enabled = members is not None and bool(dask.config.get("datafabric.local-reads", True))
+        self.published: dict[int, set[str]] = defaultdict(set)  # var id -> workers that may lease it locally
+        self._withheld: Counter[int] = Counter()  # var id -> recalls whose free or move is not over
+        self._asked: dict[int, tuple[str, asyncio.Future]] = {}  # recall token -> (worker, its answer)
+        self._in_flight: dict[int, set[asyncio.Future]] = defaultdict(set)  # var id -> answers awaited
+        self._tokens = itertools.count()
+
+    @classmethod
+    def none(cls, directory: Directory, moves: BlockMoves) -> LocalLeases:
+        """Publishing nothing, so recalling nothing: for components driven without the
+        YellowPages (the unit tests of compaction and membership)."""
+        return cls(directory, moves, None, None)
+
+    # -- publishing ---------------------------------------------------------------------
+    def publish(self, variables: Iterable[Variable], only: Iterable[str] | None = None) -> None:
+        """Tell the workers of each node holding a settled copy of a visible, unwithheld
+        variable (``only`` those workers) where to find it."""
+        if not self.enabled:
+            return
+        live = self.members.live()
+        allowed = None if only is None else set(only)
+        batches: dict[str, list[LocalEntry]] = defaultdict(list)
+        for var in variables:
+            if var.deleted or self._withheld[var.var_id] or self.directory.variables.get(var.name) is not var:
+                continue
+            told = self.published[var.var_id]
+            for copy in var.copies:
+                block = self.directory.blocks.get(copy.shm_id)
+                if block is None or block.creating or block.unsettled or self.moves.busy([copy.shm_id]):
+                    continue
+                entry: LocalEntry = {
+                    "var_id": var.var_id,
+                    "name": var.name,
+                    "type": var.type,
+                    "shm_id": copy.shm_id,
+                    "data_offset": copy.data_offset,
+                }
+                for worker in live.get(block.node, ()):
+                    if worker not in told and (allowed is None or worker in allowed):
+                        told.add(worker)
+                        batches[worker].append(entry)
+            if not told:
+                del self.published[var.var_id]
+        for worker, entries in batches.items():
+            self.owners.send(worker, {"op": "datafabric_publish", "entries": entries})
+
+    def publish_node(self, node: str, only: Iterable[str] | None = None) -> None:
+        """Every variable with a copy on ``node`` (a worker joined it, a block was adopted)."""
+        shm_ids = {b.shm_id for b in self.directory.blocks.values() if b.node == node}
+        self.publish(
+            (v for v in list(self.directory.variables.values()) if any(c.shm_id in shm_ids for c in v.copies)), only
+        )
+
+    # -- recalling ----------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def withheld(self, variables: Iterable[Variable], node: str | None = None) -> AsyncIterator[None]:
+        """Recall ``variables`` (from ``node``'s workers, or every node's) and keep them
+        unpublished for the block: on entry no local lease of them on that node is
+        unknown here, and none starts until the block ends; then they are published
+        again where they still are."""
+        variables = list(variables)
+        self._withheld.update(v.var_id for v in variables)
+        try:
+            await self._recall([v.var_id for v in variables], node)
+            yield
+        finally:
+            self._withheld.subtract(v.var_id for v in variables)
+            for var in variables:
+                if self._withheld.get(var.var_id, 0) <= 0:
+                    self._withheld.pop(var.var_id, None)
+            self.publish(variables)
+
+    async def _recall(self, var_ids: list[int], node: str | None, workers: set[str] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        awaited: set[asyncio.Future] = set()
+        per_worker: dict[str, list[int]] = defaultdict(list)
+        for var_id in var_ids:
+            awaited |= self._in_flight.get(var_id, set())  # an earlier recall's answers count too
+            for worker in list(self.published.get(var_id, ())):
+                # A worker whose node is no longer known is recalled too: a recall too many costs
+                # a message, one too few a view whose bytes could change.
+                on_node = node is None or self.members.node_of.get(worker, node) == node
+                if on_node and (workers is None or worker in workers):
+                    per_worker[worker].append(var_id)
+                    self.published[var_id].discard(worker)
+            if not self.published.get(var_id, True):
+                del self.published[var_id]
+        for worker, ids in per_worker.items():
+            token = next(self._tokens)
+            answer = loop.create_future()
+            self._asked[token] = (worker, answer)
+            for var_id in ids:
+                self._in_flight[var_id].add(answer)
+            answer.add_done_callback(_discarder(self._in_flight, ids))
+            awaited.add(answer)
+            if worker in self.owners.scheduler.stream_comms:
+                self.owners.send(worker, {"op": "datafabric_recall", "token": token, "var_ids": ids})
+            else:  # it has left: its leases went with it
+                self._answered(token, [])
+        if awaited:
+            await asyncio.shield(asyncio.gather(*awaited))
+
+    def recalled(self, token: int, leases: list[tuple[int, int]], worker: str | None = None, **_: Any) -> None:
+        """A worker's answer (on its stream): its live local leases become leases here."""
+        asked = self._asked.get(token)
+        if asked is None or asked[0] != worker:
+            return
+        for var_id, count in leases:
+            var = self.directory.by_id.get(var_id)
+            if var is None:
+                logger.error("%s reported %d local leases of variable %d, which is gone", worker, count, var_id)
+                continue
+            self.directory.add_leases(var, worker, count)
+        self._answered(token, leases)
+
+    def _answered(self, token: int, leases: list) -> None:
+        _, answer = self._asked.pop(token)
+        if not answer.done():
+            answer.set_result(leases)
+
+    async def recall_worker(self, worker: str) -> None:
+        """``worker`` is closing: whatever it leased locally becomes its leases here,
+        which end when it leaves, and it is published nothing more."""
+        await self._recall([v for v, ws in self.published.items() if worker in ws], None, {worker})
+
+    def forget(self, worker: str) -> None:
+        """``worker`` left: it leases nothing locally any more, and answers no recall."""
+        for var_id in [v for v, ws in self.published.items() if worker in ws]:
+            self.published[var_id].discard(worker)
+            if not self.published[var_id]:
+                del self.published[var_id]
+        for token in [t for t, (w, _) in self._asked.items() if w == worker]:
+            self._answered(token, [])
+
+
+def _discarder(in_flight: dict[int, set[asyncio.Future]], var_ids: list[int]) -> Any:
+    def discard(answer: asyncio.Future) -> None:
+        for var_id in var_ids:
+            waiting = in_flight.get(var_id)
+            if waiting is not None:
+                waiting.discard(answer)
+                if not waiting:
+                    del in_flight[var_id]
+
+    return discard
