@@ -36,6 +36,7 @@ from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
+from worker_plugin import regions
 from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.memory import exclude_shared_memory_in_worker
@@ -52,6 +53,8 @@ _HANDLERS = [
     "read",
     "fetch",
     "write",
+    "fill_extent",
+    "write_region",
     "unlink_block",
     "retire_block",
     "adopt",
@@ -280,6 +283,12 @@ class FabricWorkerPlugin(WorkerPlugin):
         view = memoryview(data).cast("B")
         self.blocks[shm_id].segment.buf[data_offset : data_offset + len(view)] = view
         return {}
+
+    def fill_extent(self, **kwargs: Any) -> dict:
+        return regions.fill_extent(self, **kwargs)
+
+    def write_region(self, **kwargs: Any) -> dict:
+        return regions.write_region(self, **kwargs)
 
     def unlink_block(self, shm_id: str) -> dict:
         with self.lock:
