@@ -9,7 +9,6 @@ import sys
 import cloudpickle
 import dask
 import numpy as np
-from distributed import get_worker
 
 from tests.test_nodes import nfabric, node_workers, nodes_client  # noqa: F401  (fixtures)
 
