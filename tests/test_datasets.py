@@ -193,6 +193,11 @@ def test_bad_input_is_refused_clearly(fabric):
         fabric.create_dataset("bad2", (5,), np.int8, chunks=(0,))
     with pytest.raises(errors.InvalidArgumentError):
         fabric.create_dataset("bad2", (5,), np.int8, fillvalue=300)
+    with pytest.raises(errors.InvalidArgumentError, match="attrs"):
+        fabric.create_dataset("bad2", (5,), np.int8, attrs={"when": object()})
+    with pytest.raises(errors.InvalidTypeError):
+        fabric.create_dataset("bad2", (5,), np.dtype((np.int8, 3)))
+    assert "bad2" not in fabric
     ds.seal()
     with pytest.raises(errors.DatasetSealedError, match="read-only"):
         ds[0, 0] = 1

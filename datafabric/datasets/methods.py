@@ -48,8 +48,7 @@ class DatasetMethods:
             raise InvalidTypeError(f"dtype {dtype} has a subarray shape; give its dimensions to the dataset's shape")
         fill = arguments.fill_value(0 if fillvalue is None else fillvalue, element.dtype)
         fill_bytes = bytes(element.dtype.itemsize) if fill.dtype != element.dtype else fill.tobytes()
-        if attrs is not None and not isinstance(attrs, dict):
-            raise arguments.refuse("attrs", attrs, "a dict or None")
+        attrs = _attrs(attrs)
         ctx = self._ctx()
         info = ctx.call(
             "dataset_create",
@@ -59,7 +58,7 @@ class DatasetMethods:
             chunks=list(normalize_chunks(chunks, shape, element.dtype.itemsize)),
             fillvalue=fill_bytes,
             doc=doc,
-            attrs=dict(attrs or {}),
+            attrs=attrs,
             holder=ctx.holder,
         )
         ds = Dataset(self, info)
@@ -106,3 +105,21 @@ class DatasetMethods:
 
     def __delitem__(self, name: str) -> None:
         self.delete(name)
+
+
+_ATTR_VALUES = (str, int, float, bool, type(None))
+
+
+def _attrs(attrs: Any) -> dict:
+    """h5py's attrs as the YellowPages keeps them: str keys, and values that are str,
+    int, float, bool, None or lists of those (they travel in Dask's messages)."""
+    if attrs is None:
+        return {}
+    ok = isinstance(attrs, dict) and all(
+        isinstance(k, str)
+        and (isinstance(v, _ATTR_VALUES) or (isinstance(v, list) and all(isinstance(x, _ATTR_VALUES) for x in v)))
+        for k, v in attrs.items()
+    )
+    if not ok:
+        raise arguments.refuse("attrs", attrs, "a dict of str keys to str, int, float, bool, None or lists of them")
+    return dict(attrs)

@@ -76,8 +76,6 @@ def _write_piece(fabric: Any, ctx: Any, home: ChunkHome, local: tuple, part: np.
         shm_id=home["shm_id"],
         extent_offset=home["extent_offset"],
         extent_id=home["extent_id"],
-        data_offset=home["data_offset"],
-        type=home["type"],
         region=region,
         data=to_serialize(np.ascontiguousarray(part)),
     )
