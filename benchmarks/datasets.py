@@ -52,7 +52,7 @@ def bench_sum(client, fabric, gib: float, rounds: int) -> dict:
     try:
         import zarr
 
-        z = zarr.open_array(store, mode="w", shape=x.shape, chunks=x.chunksize, dtype=x.dtype, compressors=None)
+        z = zarr.create_array(store, shape=x.shape, chunks=x.chunksize, dtype=x.dtype, compressors=None)
         da.store(persisted, z, lock=False)
         timings = {"fabric": [], "persisted": [], "zarr": []}
         uss_growth = []

@@ -243,3 +243,38 @@ def test_a_writer_killed_before_the_seal_leaves_nothing(client, fabric, tmp_path
     finally:
         proc.kill()
         proc.wait()
+
+
+def write_until_sealed(ds, seed):
+    """Writes random row blocks with its own value until the dataset refuses: then
+    says how many writes landed."""
+    rng = np.random.default_rng(seed)
+    landed = 0
+    while True:
+        start = int(rng.integers(0, ds.shape[0] - 8))
+        try:
+            ds[start : start + 8] = float(seed)
+        except errors.DatasetSealedError:
+            return landed
+        landed += 1
+
+
+def test_no_write_lands_after_the_seal_while_writers_churn(client, fabric):
+    """Writers in tasks keep writing while the client seals: the seal waits for the
+    writes in flight and refuses the rest, so what a reader sees right after the seal
+    never changes afterwards."""
+    ds = fabric.create_dataset("churn", (96, 2000), np.float64, chunks=(16, 700), fillvalue=-1)
+    futures = [client.submit(write_until_sealed, ds, seed, pure=False) for seed in range(1, 7)]
+    wait_for(lambda: any(f.status != "pending" for f in futures) or ds_has_homes(fabric), "writers to start")
+    ds.seal()
+    first = ds[...].copy()
+    landed = client.gather(futures)
+    assert sum(landed) > 0
+    again = ds[...]
+    np.testing.assert_array_equal(again, first)
+    assert set(np.unique(first)) <= {-1.0, *map(float, range(1, 7))}
+    fabric.delete("churn")
+
+
+def ds_has_homes(fabric) -> bool:
+    return any(b["used"] for b in fabric.status())
