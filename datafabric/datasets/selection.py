@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from numbers import Integral
+from typing import NamedTuple
 
 from datafabric.errors import InvalidSelectionError
 
 
-@dataclass(frozen=True)
-class Range:
+class Range(NamedTuple):
     """Elements ``start, start + step, ...`` (``count`` of them) of one dimension;
     ``dropped``: an int selected it, so the result has no such dimension."""
 
@@ -29,8 +28,7 @@ class Range:
     reversed: bool = False
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """Part of a selection inside one chunk: the chunk's grid index, what to take of the
     chunk, and where it goes in the (unreversed) result."""
 
@@ -43,14 +41,13 @@ class Selection:
     def __init__(self, key: object, shape: tuple[int, ...]) -> None:
         self.ranges = _ranges(key, shape)
         self.shape = tuple(r.count for r in self.ranges if not r.dropped)  # the result's shape
+        self.reversed = any(r.reversed for r in self.ranges)
 
     def pieces(self, chunks: tuple[int, ...]) -> Iterator[Piece]:
         per_dim = [list(_split(r, c)) for r, c in zip(self.ranges, chunks, strict=True)]
         for parts in itertools.product(*per_dim):
             yield Piece(
-                tuple(p[0] for p in parts),
-                tuple(p[1] for p in parts),
-                tuple(p[2] for p, r in zip(parts, self.ranges, strict=True) if not r.dropped),
+                tuple(p[0] for p in parts), tuple(p[1] for p in parts), tuple(p[2] for p in parts if p[2] is not None)
             )
 
     def orient(self, array: object) -> object:
@@ -73,7 +70,7 @@ def _split(r: Range, c: int) -> Iterator[tuple[int, int | slice, slice]]:
             continue  # a step longer than a chunk skips it
         first = r.start + i0 * r.step - lo
         if r.dropped:
-            yield k, first, slice(0, 1)
+            yield k, first, None
         else:
             yield k, slice(first, first + (i1 - i0 - 1) * r.step + 1, r.step), slice(i0, i1)
 
@@ -94,22 +91,25 @@ def _ranges(key: object, shape: tuple[int, ...]) -> list[Range]:
 
 
 def _range(k: object, n: int, axis: int) -> Range:
-    if isinstance(k, Integral) and not isinstance(k, bool):
+    if type(k) is slice:  # exact type checks first: this is every read's hot path
+        if not all(part is None or type(part) is int or _is_int(part) for part in (k.start, k.stop, k.step)):
+            raise InvalidSelectionError(f"slice {k} on axis {axis}: its parts must be ints or None")
+        if k.step == 0:
+            raise InvalidSelectionError(f"slice {k} on axis {axis} has step 0")
+        start, stop, step = k.indices(n)
+        count = len(range(start, stop, step))
+        if step > 0 or count == 0:
+            return Range(start if count else 0, abs(step), count)
+        return Range(start + (count - 1) * step, -step, count, reversed=True)
+    if type(k) is int or _is_int(k):
         i = int(k) + n if k < 0 else int(k)
         if not 0 <= i < n:
             raise InvalidSelectionError(f"index {k} is out of range for axis {axis} of length {n}")
         return Range(i, 1, 1, dropped=True)
-    if isinstance(k, slice):
-        for part in (k.start, k.stop, k.step):
-            if part is not None and (not isinstance(part, Integral) or isinstance(part, bool)):
-                raise InvalidSelectionError(f"slice {k} on axis {axis}: its parts must be ints or None")
-        if k.step == 0:
-            raise InvalidSelectionError(f"slice {k} on axis {axis} has step 0")
-        start, _, step = k.indices(n)
-        count = len(range(*k.indices(n)))
-        if step > 0 or count == 0:
-            return Range(start if count else 0, abs(step), count)
-        return Range(start + (count - 1) * step, -step, count, reversed=True)
     raise InvalidSelectionError(
         f"{k!r} on axis {axis} is not a selection datasets take: use ints, slices (with steps), '...' or ()"
     )
+
+
+def _is_int(k: object) -> bool:
+    return isinstance(k, Integral) and not isinstance(k, bool)
