@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import cloudpickle
 import dask.array as da
@@ -278,3 +279,30 @@ def test_no_write_lands_after_the_seal_while_writers_churn(client, fabric):
 
 def ds_has_homes(fabric) -> bool:
     return any(b["used"] for b in fabric.status())
+
+
+def write_and_keep_a_ticket(ds):
+    """Writes rows 0-3, then takes a write ticket it never ends: a writer stopped in the
+    middle of a write."""
+    ds[0:4] = 5.0
+    ctx = ds._fabric._ctx()
+    ctx.call("dataset_begin_write", name=ds.name, dataset_id=ds.id, flats=[0], node=ctx.node, holder=ctx.holder)
+
+
+def test_a_seal_waits_for_a_write_in_flight_and_a_killed_writers_ticket_ends_with_it(client, fabric):
+    a = sorted(client.scheduler_info()["workers"])[0]
+    ds = fabric.create_dataset("ticket", (16, 16), np.float64, chunks=(8, 16), fillvalue=-1)
+    client.submit(write_and_keep_a_ticket, ds, workers=[a], pure=False).result()
+    sealing = threading.Thread(target=ds.seal)
+    sealing.start()
+    sealing.join(1.0)
+    assert sealing.is_alive() and "ticket" not in fabric  # waiting for the write in flight
+    os.kill(client.run(os.getpid, workers=[a])[a], signal.SIGKILL)
+    sealing.join(60)
+    assert not sealing.is_alive() and "ticket" in fabric
+    wait_for(lambda: all(s["worker"] is not None for s in fabric.status()), "the dead writer's block to be adopted")
+    expected = np.full((16, 16), -1.0)
+    expected[0:4] = 5.0
+    np.testing.assert_array_equal(fabric.dataset("ticket")[...], expected)
+    fabric.delete("ticket")
+    client.wait_for_workers(2)  # the nanny restarted the worker for the next tests
