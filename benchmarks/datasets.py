@@ -7,7 +7,9 @@
 - ``fabric.from_dask`` of a computed array against ``array.persist()`` of the same.
 - a warm ``ds[sel]`` inside one chunk in the client; the first read of a chunk in a task,
   beside the fabric's cold get of a variable of the same size.
-- the scheduler's memory per chunk of a dataset of ``--chunks`` chunks (tracemalloc).
+- the scheduler's memory per chunk of a dataset of ``--chunks`` chunks (tracemalloc on the
+  scheduler, everything its write and seal leave behind), and the YellowPages' own
+  records per chunk of a sealed 100,000-chunk dataset, measured in this process.
 
     python -m benchmarks.datasets [--gib 2] [--rounds 3] [--chunks 20000]
 """
@@ -147,13 +149,48 @@ def bench_scheduler_memory(client, fabric, chunks: int) -> dict:
     return {"chunks": chunks, "bytes_per_chunk": grown / chunks, "write_and_seal_seconds": seconds_taken}
 
 
+def directory_bytes_per_chunk(chunks: int = 100_000) -> dict:
+    """The YellowPages' records of a sealed dataset's chunks (variables, copies, names,
+    the chunk table), built in this process as the seal builds them."""
+    from datafabric.names import chunk_name
+    from yp.directory import Directory
+    from yp.records import Block
+
+    d = Directory()
+    d.add_block(Block("b", "node", "worker", 2**50, 2**50))
+    gc.collect()
+    tracemalloc.start()  # the names too: in the YellowPages they arrive in messages
+    items = [
+        {
+            "name": chunk_name(d.first_id, f),
+            "doc": "",
+            "type": "16 * 16 * float64",
+            "nbytes": 2048,
+            "shm_id": "b",
+            "extent_offset": 4096 * f,
+            "extent_size": 4096,
+            "data_offset": 4096 * f + 512,
+            "extent_id": 2**60 + f,
+        }
+        for f in range(chunks)
+    ]
+    sealed = d.seal_all(items)
+    table = np.array([v.var_id for v in sealed], np.int64)
+    del sealed, items
+    gc.collect()
+    grown, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {"chunks": chunks, "bytes_per_chunk": grown / chunks, "table_bytes_per_chunk": table.nbytes / chunks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20000)
     args = parser.parse_args()
-    results = {}
+    results = {"directory": directory_bytes_per_chunk()}
+    print(json.dumps({"directory": results["directory"]}), flush=True)
     with local_cluster(2) as (_, client), fabric_on(client, mb=int(args.gib * 1024 * 1.25) + 512) as fabric:
         results["sum"] = bench_sum(client, fabric, args.gib, args.rounds)
         print(json.dumps({"sum": {k: v for k, v in results["sum"].items() if k != "samples"}}), flush=True)

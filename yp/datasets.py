@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -298,4 +299,4 @@ def _written(record: DatasetRecord) -> int:
 
 def _chunk_type(record: DatasetRecord, flat: int) -> str:
     shape = chunk_shape(unravel(flat, grid_shape(record.shape, record.chunks)), record.shape, record.chunks)
-    return chunk_type(record.element, shape)
+    return sys.intern(chunk_type(record.element, shape))  # one string for every full-size chunk
