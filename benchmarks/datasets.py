@@ -11,7 +11,7 @@
   scheduler, everything its write and seal leave behind), and the YellowPages' own
   records per chunk of a sealed 100,000-chunk dataset, measured in this process.
 
-    python -m benchmarks.datasets [--gib 2] [--rounds 3] [--chunks 20000]
+    python -m benchmarks.datasets [--gib 2] [--rounds 3] [--chunks 20000] [--parts sum,from_dask,reads,scheduler]
 """
 
 from __future__ import annotations
@@ -188,18 +188,22 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunks", type=int, default=20000)
+    parser.add_argument("--parts", default="sum,from_dask,reads,scheduler", help="which measurements, comma-separated")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     results = {"directory": directory_bytes_per_chunk()}
     print(json.dumps({"directory": results["directory"]}), flush=True)
     with local_cluster(2) as (_, client), fabric_on(client, mb=int(args.gib * 1024 * 1.25) + 512) as fabric:
-        results["sum"] = bench_sum(client, fabric, args.gib, args.rounds)
-        print(json.dumps({"sum": {k: v for k, v in results["sum"].items() if k != "samples"}}), flush=True)
-        results["from_dask"] = bench_from_dask(client, fabric, args.gib, args.rounds)
-        print(json.dumps({"from_dask": {k: v for k, v in results["from_dask"].items() if k != "samples"}}), flush=True)
-        results["reads"] = bench_reads(client, fabric)
-        print(json.dumps({"reads": results["reads"]}), flush=True)
-        results["scheduler"] = bench_scheduler_memory(client, fabric, args.chunks)
-        print(json.dumps({"scheduler": results["scheduler"]}), flush=True)
+        runs = {
+            "sum": lambda: bench_sum(client, fabric, args.gib, args.rounds),
+            "from_dask": lambda: bench_from_dask(client, fabric, args.gib, args.rounds),
+            "reads": lambda: bench_reads(client, fabric),
+            "scheduler": lambda: bench_scheduler_memory(client, fabric, args.chunks),
+        }
+        for part, run in runs.items():
+            if part in parts:
+                results[part] = run()
+                print(json.dumps({part: {k: v for k, v in results[part].items() if k != "samples"}}), flush=True)
 
 
 if __name__ == "__main__":
