@@ -124,13 +124,13 @@ class Datasets:
         if any(not 0 <= f < count for f in flats):
             raise InvalidArgumentError(f"chunk indices {flats[:5]} are outside dataset {name!r}'s {count} chunks")
         record.writes[holder] += 1  # in the step that checked the state: a seal started later waits for it
-        # Every placement ends before the ticket does, failed or not: a seal never misses a home.
-        homes = await asyncio.gather(*(self._home(record, f, node) for f in flats), return_exceptions=True)
-        failed = next((h for h in homes if isinstance(h, BaseException)), None)
-        if failed is not None:
+        # One placement at a time (thousands at once would swamp the owners' connections),
+        # each ended before the ticket is, failed or not: a seal never misses a home.
+        try:
+            return [self._home_message(record, f, await self._home(record, f, node)) for f in flats]
+        except BaseException:
             await self.end_write(dataset_id, holder)
-            raise failed
-        return [self._home_message(record, f, h) for f, h in zip(flats, homes, strict=True)]
+            raise
 
     async def end_write(self, dataset_id: int, holder: str) -> dict:
         record = self.table.unsealed.get(dataset_id)
