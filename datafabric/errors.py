@@ -89,3 +89,16 @@ class InvalidArgumentError(FabricError, ValueError, TypeError):
 class WorkerLostError(FabricError, ConnectionError):
     """A worker that a request needed (a block's owner, or the one running the task) died
     or left while serving it; what it owned is adopted by a peer of its node."""
+
+
+class InvalidSelectionError(FabricError, IndexError):
+    """A dataset selection is out of range or of a kind datasets do not take (ints,
+    slices with steps, ``...`` and ``()`` are taken)."""
+
+
+class DatasetWritingError(FabricError, RuntimeError):
+    """The dataset is still being written: it is read once sealed."""
+
+
+class DatasetSealedError(FabricError, PermissionError):
+    """The dataset is sealed, and read-only from then on, like a variable."""

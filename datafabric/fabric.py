@@ -17,6 +17,7 @@ from datafabric import arguments
 from datafabric.accounting import MemoryReport
 from datafabric.buffers import Source, prepare
 from datafabric.context import Context, current_context
+from datafabric.datasets.methods import DatasetMethods
 from datafabric.errors import (
     FabricRunningError,
     NameExistsError,
@@ -27,7 +28,7 @@ from datafabric.errors import (
     VariableUnavailableError,
 )
 from datafabric.locality import submit_near
-from datafabric.names import validate_name
+from datafabric.names import validate_name, validate_new_name
 from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.reads import ManyReads, local_pin
 from datafabric.types import from_datashape, parse_type
@@ -111,7 +112,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric(MemoryReport, ManyReads):
+class Fabric(MemoryReport, ManyReads, DatasetMethods):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -160,7 +161,7 @@ class Fabric(MemoryReport, ManyReads):
     # -- writing -----------------------------------------------------------------------
     def insert(self, name: str, doc: str, tp: Any, buf: Any) -> list[Location]:
         """Copy ``buf`` once into shared memory as the write-once variable ``name``."""
-        validate_name(name)
+        validate_new_name(name)
         arguments.doc(doc)
         source = prepare(tp, buf)
         write = PendingWrite(self._ctx(), self._state, self.fabric_id, name, doc, source.type, remote_ok=True)
@@ -175,7 +176,9 @@ class Fabric(MemoryReport, ManyReads):
         """``insert`` for many ``(name, doc, tp, buf)`` at once, sealed with one RPC, all
         or none: the fast path for many small variables written from a task.  Every item
         is checked before the first is reserved."""
-        prepared = [(validate_name(n), arguments.doc(d), prepare(tp, buf)) for n, d, tp, buf in arguments.items(items)]
+        prepared = [
+            (validate_new_name(n), arguments.doc(d), prepare(tp, buf)) for n, d, tp, buf in arguments.items(items)
+        ]
         ctx = self._ctx()
         writes: list[PendingWrite] = []
         try:
@@ -198,7 +201,7 @@ class Fabric(MemoryReport, ManyReads):
         producers that write every byte anyway; what they leave unwritten is then
         undefined.  A name that exists is refused here, before any filling (and again
         at the seal, where two creators of one name race)."""
-        validate_name(name)
+        validate_new_name(name)
         arguments.doc(doc)
         ftype = parse_type(tp)  # a bare numpy dtype is refused: create needs the shape too
         value = arguments.fill_value(fill, ftype.dtype)
@@ -325,7 +328,8 @@ class Fabric(MemoryReport, ManyReads):
 
     def info(self, name: str) -> dict:
         info = self._ctx().call("info", name=validate_name(name))
-        return {k: info[k] for k in ("name", "doc", "type", "nbytes")} | {"locations": _locations(info)}
+        keys = ("name", "doc", "type", "nbytes", "dataset")  # a dataset's has "dataset": shape, chunks, written
+        return {k: info[k] for k in keys if k in info} | {"locations": _locations(info)}
 
     def status(self) -> list[dict]:
         """Per block: node, worker, size, used, free, largest free extent, variables."""

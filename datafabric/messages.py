@@ -60,6 +60,8 @@ class ReferenceGrant(TypedDict):
 
     info: VariableInfo
     deleted: bool  # its name is gone: the view must not be cached under it
+
+
 class LocalEntry(TypedDict):
     """A variable a worker may lease locally, at its copy on the worker's node
     (YellowPages -> the node's workers, on their streams)."""
@@ -139,3 +141,32 @@ class BlockStats(TypedDict):
     largest_free: int | None  # None: the owner did not answer; the directory's own figures
     extents: int | None
     reserved: int | None
+
+
+class DatasetInfo(TypedDict):
+    """A dataset as its handle needs it (YellowPages -> client and tasks)."""
+
+    dataset_id: int  # names its chunks' variables: names.chunk_name(dataset_id, flat)
+    name: str
+    shape: list[int]
+    element: str  # the datashape of one element: "float64", "{x: int32, y: float64}"
+    chunks: list[int]
+    fillvalue: bytes  # one element's bytes
+    doc: str
+    attrs: dict
+    sealed: bool
+    written: bytes  # sealed: np.packbits of "chunk holds a variable", C order; writing: b""
+
+
+class ChunkHome(TypedDict):
+    """Where a chunk being written lives (YellowPages -> writer): a RESERVED extent,
+    filled with the fill value before anyone is told of it."""
+
+    flat: int
+    type: str  # the chunk variable's datashape
+    node: str
+    worker: str | None  # the block's owner, who takes writes from other nodes
+    shm_id: str
+    extent_offset: int
+    extent_id: int
+    data_offset: int

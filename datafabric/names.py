@@ -7,6 +7,9 @@ import unicodedata
 from datafabric.errors import InvalidNameError
 
 MAX_NAME_BYTES = 255
+# Names of the variables holding datasets' chunks: the fabric's own, refused for anything
+# a user writes, so no user name collides with one.  ``.dfab/<dataset id>/<chunk>``.
+CHUNK_PREFIX = ".dfab/"
 
 
 def validate_name(name: object) -> str:
@@ -26,3 +29,20 @@ def validate_name(name: object) -> str:
     if bad:
         raise InvalidNameError(f"variable name {name!r} contains control characters {bad!r}; use printable text")
     return name
+
+
+def validate_new_name(name: object) -> str:
+    """A name for something a user writes (a variable, a dataset): ``validate_name``'s
+    rules, and not in the fabric's own namespace of chunk variables."""
+    validate_name(name)
+    if name.startswith(CHUNK_PREFIX):
+        raise InvalidNameError(f"names beginning with {CHUNK_PREFIX!r} are the fabric's own (dataset chunks)")
+    return name
+
+
+def chunk_name(dataset_id: int, flat: int) -> str:
+    return f"{CHUNK_PREFIX}{dataset_id}/{flat}"
+
+
+def is_chunk_name(name: str) -> bool:
+    return name.startswith(CHUNK_PREFIX)

@@ -15,3 +15,15 @@ def test_workflow_example_runs_and_reads_zero_copy():
     assert "names: ['run1/temps/0', 'run1/temps/1', 'run1/temps/2']" in out.stdout
     assert "zero-copy True" in out.stdout
     assert "Traceback" not in out.stderr
+
+
+DATASETS = Path(__file__).parent.parent / "examples" / "datasets.py"
+
+
+def test_datasets_example_runs_as_the_readme_shows():
+    out = subprocess.run([sys.executable, str(DATASETS)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "same sum True" in out.stdout
+    assert "row 150 [150. 150. 150.] row 250 [-1. -1. -1.]" in out.stdout
+    assert "names ['run1/field', 'run1/grid'] True (2000, 1000)" in out.stdout
+    assert "zero-copy True strided [[0.0, 0.0], [100.0, 100.0], [-1.0, -1.0], [300.0, 300.0]]" in out.stdout

@@ -37,6 +37,7 @@ from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
+from worker_plugin import regions
 from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.local_reads import LocalReads
@@ -54,6 +55,8 @@ _HANDLERS = [
     "read",
     "fetch",
     "write",
+    "fill_extent",
+    "write_region",
     "unlink_block",
     "retire_block",
     "adopt",
@@ -286,6 +289,12 @@ class FabricWorkerPlugin(WorkerPlugin):
         view = memoryview(data).cast("B")
         self.blocks[shm_id].segment.buf[data_offset : data_offset + len(view)] = view
         return {}
+
+    def fill_extent(self, **kwargs: Any) -> dict:
+        return regions.fill_extent(self, **kwargs)
+
+    def write_region(self, **kwargs: Any) -> dict:
+        return regions.write_region(self, **kwargs)
 
     def unlink_block(self, shm_id: str) -> dict:
         with self.lock:

@@ -34,6 +34,7 @@ class Directory:
         self.variables: dict[str, Variable] = {}  # visible names only
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
+        self.datasets: dict = {}  # name -> yp.dataset_table.DatasetRecord; names shared with variables
         # Processes whose leases and reservations ended as they left: a request of theirs
         # that arrives later (it was in flight) records nothing, or nobody would end it.
         self.departed: set[str] = set()
@@ -132,7 +133,7 @@ class Directory:
         return entry.copy
 
     def check_new_names(self, names: list[str]) -> None:
-        existing = sorted({n for n in names if n in self.variables})
+        existing = sorted({n for n in names if n in self.variables or n in self.datasets})
         twice = sorted({n for n, k in Counter(names).items() if k > 1} - set(existing))
         if not existing and not twice:
             return

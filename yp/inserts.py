@@ -15,7 +15,7 @@ from datafabric.errors import WorkerLostError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement as PlacementMsg
 from datafabric.messages import SealItem, VariableInfo
-from datafabric.names import validate_name
+from datafabric.names import validate_new_name
 from yp.directory import Directory
 from yp.placement import Placement
 
@@ -34,7 +34,7 @@ class Inserts:
     local: LocalLeases
 
     async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
-        validate_name(name)
+        validate_new_name(name)
         block, r = await self.placement.reserve(name, type, doc, nbytes, node, holder)
         return {**r, "worker": block.worker, "node": block.node}
 
@@ -46,6 +46,8 @@ class Inserts:
 
     async def seal(self, items: list[SealItem], holder: str) -> list[VariableInfo]:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
+        for item in items:  # a task's own reservations reach the YellowPages first here
+            validate_new_name(item["name"])
         local = [
             item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in self.directory.pending
         ]

@@ -15,6 +15,8 @@ the component that owns its protocol::
     copies.py      replicas and migration
     membership.py  registration, removal, handoff, adoption, take-back after a restart
     blocks.py      allocate, deallocate, status, shutdown
+    datasets.py    chunked datasets: create, chunk homes, write tickets, seal, end
+    locality.py    tasks reading a dataset's chunks run on a node holding them
 
 Lease releases arrive one-way on the scheduler's batched streams (``datafabric_release``),
 so that dropping a view costs its process no round trip.
@@ -40,10 +42,12 @@ from worker_plugin.plugin import FabricWorkerPlugin
 from worker_plugin.restarts import RestartIntent
 from yp.blocks import Inventory
 from yp.copies import Copies
+from yp.datasets import Datasets
 from yp.deletes import Deletes
 from yp.directory import Directory
 from yp.inserts import Inserts
 from yp.local_leases import LocalLeases
+from yp.locality import restrict_chunk_tasks
 from yp.membership import Membership
 from yp.moves import BlockMoves, Compaction
 from yp.owners import Owners
@@ -89,6 +93,7 @@ class YellowPages(SchedulerPlugin):
         self.reads = Reads(d, self.moves, self.owners, self.members)
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
+        self.datasets = Datasets(d, self.placement, self.owners, self.reads, self.deletes, self.members, self.local)
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
         self.status = Status.RUNNING
         scheduler.handlers.update(
@@ -113,10 +118,17 @@ class YellowPages(SchedulerPlugin):
             "acquire_at": self.reads.acquire_at,
             "acquire_ref": self.reads.acquire_ref,
             "acquire_many": self.reads.acquire_many,
-            "names": self.reads.names,
-            "info": self.reads.info,
+            "names": self.datasets.names,
+            "info": self.datasets.info,
             "where": self.reads.where,
-            "delete": self.deletes.delete,
+            "delete": self.datasets.delete,
+            "dataset_create": self.datasets.create,
+            "dataset_open": self.datasets.open,
+            "dataset_list": self.datasets.list,
+            "dataset_begin_write": self.datasets.begin_write,
+            "dataset_end_write": self.datasets.end_write,
+            "dataset_seal": self.datasets.seal,
+            "dataset_abort": self.datasets.abort,
             "defragment": self.compaction.defragment,
             "replicate": self.copies.replicate,
             "replicate_to": self.copies.replicate_to,
@@ -190,6 +202,11 @@ class YellowPages(SchedulerPlugin):
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         if self.running:
             self.members.remove(worker)
+            self.datasets.left(worker, self.scheduler.loop.add_callback)
+
+    def update_graph(self, scheduler: Any, *, tasks: list, **kwargs: Any) -> None:
+        if self.running:
+            restrict_chunk_tasks(scheduler, tasks, self.datasets.workers_for)
 
     def add_client(self, scheduler: Any, client: str) -> None:
         """A client that outlived a scheduler restart reconnects to this YellowPages
@@ -213,3 +230,4 @@ class YellowPages(SchedulerPlugin):
     def remove_client(self, scheduler: Any, client: str) -> None:
         if self.running:
             self.owners.free_later(self.directory.drop_holder(client))
+            self.datasets.left(client, self.scheduler.loop.add_callback)

@@ -107,6 +107,8 @@ def info_table(info: dict) -> Table:
     table.add_row("numpy", f"shape {tuple(info['shape'])}, dtype {info['dtype']}")
     table.add_row("size", f"{info['nbytes']} bytes ({human_size(info['nbytes'])})")
     table.add_row("doc", info["doc"])
+    if "dataset" in info:  # a dataset: its chunk shape and how many chunks hold data
+        table.add_row("chunks", f"{tuple(info['dataset']['chunks'])}, {info['dataset']['written']} written")
     locations = "\n".join(f"{node}  {shm_id}  offset {offset}" for node, shm_id, offset in info["locations"])
     table.add_row("locations", locations)
     return table

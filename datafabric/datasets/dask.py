@@ -1,0 +1,73 @@
+"""dask.array in and out of datasets.
+
+``to_dask``: one task per chunk, ``read_chunk(fabric, chunk variable, ...)``, which the
+YellowPages recognises in every graph entering the scheduler, fused or not, and
+restricts to the workers of a node holding that chunk (``yp/locality.py``): locality
+that graph optimisation cannot drop, as it drops annotations (dask/dask#7036).
+
+``from_dask``: the array is stored with ``da.store`` into a new dataset with its chunk
+shape, so each chunk is written by the task that computed it, into a home on that
+worker's node; then sealed.  Irregular chunks are rechunked to the largest first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from datafabric.datasets.dataset import Dataset
+from datafabric.datasets.grid import chunk_shape, ravel
+from datafabric.names import chunk_name
+from datafabric.types import from_datashape
+
+
+def read_chunk(fabric: Any, variable: str, shape: tuple[int, ...], element: str, fillvalue: bytes) -> np.ndarray:
+    """A chunk's zero-copy view, or (``variable`` "") its fill value broadcast."""
+    if variable:
+        return fabric.get(variable)
+    fill = np.frombuffer(fillvalue, from_datashape(element).dtype).reshape(())
+    return np.broadcast_to(fill, shape)
+
+
+def to_dask(ds: Dataset) -> da.Array:
+    ds._check_readable()
+    key = f"datafabric-{ds.id}-{tokenize(ds.name, ds.id)}"
+    element, fill = ds._info["element"], ds._info["fillvalue"]
+    graph = {}
+    for index in np.ndindex(*ds._grid):
+        flat = ravel(index, ds._grid)
+        variable = chunk_name(ds.id, flat) if ds._written[flat] else ""
+        shape = chunk_shape(index, ds.shape, ds.chunks)
+        graph[(key, *index)] = (read_chunk, ds._fabric, variable, shape, element, fill)
+    chunks = tuple(
+        tuple(min(c, n - k * c) for k in range(g)) for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
+    )
+    return da.Array(HighLevelGraph.from_collections(key, graph, dependencies=()), key, chunks, dtype=ds.dtype)
+
+
+def from_dask(fabric: Any, name: str, array: Any, doc: str, attrs: dict | None) -> Dataset:
+    array = da.asarray(array)
+    chunksize = tuple(max(c) if c else 1 for c in array.chunks)
+    regular = all(
+        all(x == c for x in dims[:-1]) and dims[-1] <= c for dims, c in zip(array.chunks, chunksize, strict=True)
+    )
+    if not regular:
+        array = array.rechunk(chunksize)
+    ds = fabric.create_dataset(name, array.shape, array.dtype, chunks=chunksize, doc=doc, attrs=attrs)
+    client = fabric._client or _client(fabric)
+    try:
+        client.compute(da.store(array, ds, lock=False, compute=False)).result()
+    except BaseException:
+        ds.abort()
+        raise
+    return ds.seal()
+
+
+def _client(fabric: Any) -> Any:
+    import distributed
+
+    return distributed.get_client(fabric.address)

@@ -1,0 +1,81 @@
+"""The writer's side of the dataset write protocol (``yp/datasets.py`` has the rest).
+
+One ``ds[sel] = values`` is one write ticket: ``dataset_begin_write`` names the chunks it
+touches and gets their homes (made on this node for chunks nobody began before), the
+bytes go into each home, then ``dataset_end_write``.  A home on this process's node is
+written through its mapping with one copy; a home on another node gets its part from
+the home's owner (``write_region``), worker to worker, never through the scheduler.
+
+Overlapping writes resolve as in h5py: per element, the last write to land wins.  Two
+writes in flight at once to the same elements leave one of the two values per element,
+not a mix of bytes within an element of a numpy scalar type (each is stored by one copy
+loop).  Writes from one process are in its program order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from distributed.protocol import to_serialize
+
+from datafabric.datasets.grid import ravel
+from datafabric.datasets.selection import Selection
+from datafabric.errors import InvalidArgumentError, VariableUnavailableError
+from datafabric.messages import ChunkHome
+from datafabric.types import from_datashape
+
+if TYPE_CHECKING:
+    from datafabric.datasets.dataset import Dataset
+
+
+def write(ds: Dataset, sel: Selection, values: Any) -> None:
+    try:
+        data = np.broadcast_to(np.asarray(values, dtype=ds.dtype), sel.shape)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(
+            f"values for {ds.name!r}{list(sel.shape)} of {ds.dtype} do not fit the selection: {exc}"
+        ) from None
+    data = sel.orient(data)  # its own inverse: values in the dataset's order
+    pieces = list(sel.pieces(ds.chunks))
+    if not pieces:
+        return
+    flats = [ravel(p.index, ds._grid) for p in pieces]
+    fabric = ds._fabric
+    ctx = fabric._ctx()
+    homes = ctx.call(
+        "dataset_begin_write",
+        name=ds.name,
+        dataset_id=ds.id,
+        flats=sorted(set(flats)),
+        node=ctx.node,
+        holder=ctx.holder,
+    )
+    try:
+        by_flat = {h["flat"]: h for h in homes}
+        for piece, flat in zip(pieces, flats, strict=True):
+            _write_piece(fabric, ctx, by_flat[flat], piece.local, data[piece.out])
+    finally:
+        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder)
+
+
+def _write_piece(fabric: Any, ctx: Any, home: ChunkHome, local: tuple, part: np.ndarray) -> None:
+    ftype = from_datashape(home["type"])
+    mappable = ctx.node is None or ctx.node == home["node"]
+    segment = fabric._state.segment(home["node"], home["shm_id"]) if mappable else None
+    if segment is not None:
+        chunk = np.ndarray(ftype.shape, ftype.dtype, buffer=segment.buf, offset=home["data_offset"])
+        chunk[local] = part
+        return
+    if home["worker"] is None:
+        raise VariableUnavailableError(f"the chunk's node {home['node']} has no live worker now; write it again later")
+    region = [(s.start, s.stop, s.step) if isinstance(s, slice) else (s, s + 1, 1) for s in local]
+    ctx.call_worker(
+        home["worker"],
+        "write_region",
+        shm_id=home["shm_id"],
+        extent_offset=home["extent_offset"],
+        extent_id=home["extent_id"],
+        region=region,
+        data=to_serialize(np.ascontiguousarray(part)),
+    )

@@ -1,0 +1,305 @@
+"""Datasets: create, chunk homes for writers, write tickets, seal, end.
+
+The write protocol (``docs/protocols.md``, "Datasets"):
+
+- ``begin_write`` takes a **write ticket** for the calling process, in the same step that
+  checks the dataset is writing, then finds each chunk's **home**.  A chunk's first writer
+  makes it: a RESERVED extent reserved on the writer's node (placement as for inserts),
+  which its owner fills with the fill value before the home is recorded.  One placement
+  per chunk is in flight at a time (``_placing``); a second writer of the chunk waits for
+  it and is given the same home, so a chunk never has two.
+- The writer then writes its bytes: through its own mapping on the home's node, or to the
+  home's owner (``write_region``, worker to worker) from elsewhere; then ``end_write``.
+- ``seal`` refuses new tickets, waits until none is in flight, turns every home into a
+  chunk variable and has the owners mark each header SEALED, and only then makes the
+  dataset visible (one step): readers never see a chunk change.
+- ``end`` (delete or abort of an unsealed dataset, or its creator leaving) hides the name
+  at once, refuses new tickets, waits until none is in flight, then frees the homes.  A
+  ticket of a process that left ends with it: a dead writer writes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from datafabric.datasets.grid import chunk_shape, chunk_type, grid_shape, unravel
+from datafabric.errors import FabricError, InvalidArgumentError
+from datafabric.layout import ExtentState
+from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
+from datafabric.names import chunk_name, is_chunk_name, validate_new_name
+from datafabric.types import from_datashape
+from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
+from yp.directory import Directory
+from yp.placement import Placement
+from yp.records import Copy
+
+if TYPE_CHECKING:
+    from yp.deletes import Deletes
+    from yp.local_leases import LocalLeases
+    from yp.membership import Membership
+    from yp.owners import Owners
+    from yp.reads import Reads
+
+logger = logging.getLogger("datafabric.yp")
+
+
+@dataclass
+class Datasets:
+    directory: Directory
+    placement: Placement
+    owners: Owners
+    reads: Reads
+    deletes: Deletes
+    members: Membership
+    local: LocalLeases
+    table: DatasetTable = field(init=False)
+    _placing: dict[tuple[int, int], asyncio.Event] = field(default_factory=dict)
+    _idle: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _ended: dict[int, asyncio.Event] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.table = DatasetTable(self.directory.datasets, self.directory.variables)
+
+    # -- create and open -----------------------------------------------------------------
+    def create(
+        self,
+        name: str,
+        shape: list[int],
+        element: str,
+        chunks: list[int],
+        fillvalue: bytes,
+        doc: str,
+        attrs: dict,
+        holder: str,
+    ) -> DatasetInfo:
+        validate_new_name(name)
+        self.directory.check_present(holder)
+        itemsize = from_datashape(element).dtype.itemsize
+        if len(fillvalue) != itemsize or len(shape) != len(chunks) or any(c < 1 for c in chunks):
+            raise InvalidArgumentError(f"dataset {name!r}: shape {shape}, chunks {chunks} or fill value do not agree")
+        record = DatasetRecord(
+            next(self.directory._ids), name, tuple(shape), element, tuple(chunks), fillvalue, doc, attrs, holder
+        )
+        self.table.add(record)
+        return record.message()
+
+    def open(self, name: str) -> DatasetInfo:
+        return self.table.lookup(name).message()
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.table.names(prefix))
+
+    # -- the directory's listing, with datasets as one entry each ----------------------------
+    def names(self, prefix: str = "") -> list[str]:
+        variables = [n for n in self.reads.names(prefix) if not is_chunk_name(n)]
+        return sorted(variables + self.table.names(prefix))
+
+    async def info(self, name: str) -> VariableInfo | dict:
+        record = self.table.sealed(name)
+        if record is None:
+            return await self.reads.info(name)
+        itemsize = from_datashape(record.element).dtype.itemsize
+        nbytes = int(np.prod(record.shape, dtype=np.int64)) * itemsize
+        return {
+            "name": name,
+            "doc": record.doc,
+            "type": chunk_type(record.element, record.shape),
+            "nbytes": nbytes,
+            "locations": [],
+            "dataset": {"shape": list(record.shape), "chunks": list(record.chunks), "written": _written(record)},
+        }
+
+    # -- writing -------------------------------------------------------------------------
+    async def begin_write(
+        self, name: str, dataset_id: int, flats: list[int], node: str | None, holder: str
+    ) -> list[ChunkHome]:
+        record = self.table.writable(name, dataset_id)
+        self.directory.check_present(holder)
+        count = record.nchunks
+        if any(not 0 <= f < count for f in flats):
+            raise InvalidArgumentError(f"chunk indices {flats[:5]} are outside dataset {name!r}'s {count} chunks")
+        record.writes[holder] += 1  # in the step that checked the state: a seal started later waits for it
+        # One placement at a time (thousands at once would swamp the owners' connections),
+        # each ended before the ticket is, failed or not: a seal never misses a home.
+        try:
+            return [self._home_message(record, f, await self._home(record, f, node)) for f in flats]
+        except BaseException:
+            await self.end_write(dataset_id, holder)
+            raise
+
+    async def end_write(self, dataset_id: int, holder: str) -> dict:
+        record = self.table.unsealed.get(dataset_id)
+        if record is not None and record.writes[holder] > 0:
+            record.writes[holder] -= 1
+            if not record.writes[holder]:
+                del record.writes[holder]
+            await self._notify()
+        return {}
+
+    async def _home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
+        key = (record.dataset_id, flat)
+        while True:
+            if flat in record.homes:
+                return record.homes[flat]
+            placing = self._placing.get(key)
+            if placing is None:
+                break
+            await placing.wait()  # the same home for every writer, or (if that failed) a try of our own
+        placing = self._placing[key] = asyncio.Event()
+        try:
+            return await self._make_home(record, flat, node)
+        finally:
+            del self._placing[key]
+            placing.set()
+
+    async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
+        ftype = from_datashape(_chunk_type(record, flat))
+        name = chunk_name(record.dataset_id, flat)
+        block, r = await self.placement.reserve(
+            name, ftype.datashape, "", ftype.nbytes, node, holder_of(record.dataset_id)
+        )
+        copy = Copy(block.shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])
+        try:
+            await self.owners.ask(
+                block.worker,
+                "fill_extent",
+                shm_id=block.shm_id,
+                extent_offset=copy.extent_offset,
+                extent_id=copy.extent_id,
+                value=record.fillvalue,
+            )
+            if record.state not in (WRITING, SEALING):
+                raise FabricError(f"dataset {record.name!r} ended while its chunk {flat} was being placed")
+        except BaseException:
+            dropped = self.directory.drop_pending(copy.shm_id, copy.extent_offset)
+            await self.owners.free([dropped] if dropped is not None else [])
+            raise
+        record.homes[flat] = copy
+        return copy
+
+    def _home_message(self, record: DatasetRecord, flat: int, copy: Copy) -> ChunkHome:
+        block = self.directory.blocks[copy.shm_id]
+        return {
+            "flat": flat,
+            "type": _chunk_type(record, flat),
+            "node": block.node,
+            "worker": block.worker,
+            "shm_id": copy.shm_id,
+            "extent_offset": copy.extent_offset,
+            "extent_id": copy.extent_id,
+            "data_offset": copy.data_offset,
+        }
+
+    async def _notify(self) -> None:
+        async with self._idle:
+            self._idle.notify_all()
+
+    async def _until_no_writes(self, record: DatasetRecord) -> None:
+        async with self._idle:
+            await self._idle.wait_for(lambda: not record.writes)
+
+    # -- seal and end --------------------------------------------------------------------
+    async def seal(self, name: str, dataset_id: int, holder: str) -> DatasetInfo:
+        record = self.table.writable(name, dataset_id)
+        record.state = SEALING  # no new ticket from here
+        await self._until_no_writes(record)
+        if record.state != SEALING:  # ended while it waited
+            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
+        flats = sorted(record.homes)
+        items: list[SealItem] = []
+        for flat in flats:
+            copy, type_ = record.homes[flat], _chunk_type(record, flat)
+            items.append(
+                {
+                    "name": chunk_name(dataset_id, flat),
+                    "doc": "",
+                    "type": type_,
+                    "nbytes": from_datashape(type_).nbytes,
+                    "shm_id": copy.shm_id,
+                    "extent_offset": copy.extent_offset,
+                    "extent_size": copy.extent_size,
+                    "data_offset": copy.data_offset,
+                    "extent_id": copy.extent_id,
+                }
+            )
+        try:
+            sealed = self.directory.seal_all(items)
+        except FabricError:
+            await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
+            raise
+        record.homes = {}
+        await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
+        self.local.publish(sealed)
+        table = np.full(record.nchunks, -1, np.int64)
+        table[flats] = [v.var_id for v in sealed]
+        record.table, record.state = table, SEALED  # visible from this step on
+        self.table.unsealed.pop(dataset_id, None)
+        return record.message()
+
+    async def abort(self, name: str, dataset_id: int) -> dict:
+        record = self.table.lookup(name, dataset_id)
+        if record.state == SEALED:
+            return {}
+        await self._end(record)
+        return {}
+
+    async def delete(self, name: str) -> dict:
+        """A dataset's name disappears at once: a sealed one's chunks are deleted as
+        variables are (freed when their last lease ends), an unsealed one's homes are
+        freed once no write is in flight.  Other names are variables."""
+        record = self.directory.datasets.get(name)
+        if record is None:
+            return await self.deletes.delete(name)
+        if record.state != SEALED:
+            await self._end(record)
+            return {"freed": True}
+        self.table.remove(record)
+        freed = False
+        for var_id in record.table[record.table >= 0].tolist():
+            var = self.directory.by_id.get(var_id)
+            if var is not None and self.directory.variables.get(var.name) is var:
+                freed = bool((await self.deletes.delete(var.name))["freed"]) or freed
+        return {"freed": freed}
+
+    async def _end(self, record: DatasetRecord) -> None:
+        if record.state == ENDING:
+            return
+        self.table.remove(record)
+        await self._notify()  # a seal waiting on it gives up
+        await self._until_no_writes(record)
+        copies = [self.directory.drop_pending(c.shm_id, c.extent_offset) for c in record.homes.values()]
+        record.homes = {}
+        self.table.unsealed.pop(record.dataset_id, None)
+        await self.owners.free([c for c in copies if c is not None])
+
+    # -- processes leaving -----------------------------------------------------------------
+    def left(self, holder: str, later: Callable[[Callable[[], Awaitable[Any]]], None]) -> None:
+        """A process left: its write tickets end (it writes nothing more), and the
+        datasets it created and never sealed end with it."""
+        for record in self.table.writing_to(holder):
+            del record.writes[holder]
+        later(self._notify)
+        for record in self.table.created_by(holder):
+            later(lambda r=record: self._end(r))
+
+    # -- locality for dask graphs ----------------------------------------------------------
+    def workers_for(self, name: str) -> list[str]:
+        """Workers on the nodes holding chunk variable ``name`` (none if it is unknown)."""
+        var = self.directory.variables.get(name)
+        return [] if var is None else self.members.workers_on(self.directory.nodes_of(var))
+
+
+def _written(record: DatasetRecord) -> int:
+    return 0 if record.table is None else int((record.table >= 0).sum())
+
+
+def _chunk_type(record: DatasetRecord, flat: int) -> str:
+    shape = chunk_shape(unravel(flat, grid_shape(record.shape, record.chunks)), record.shape, record.chunks)
+    return sys.intern(chunk_type(record.element, shape))  # one string for every full-size chunk
