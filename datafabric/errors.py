@@ -84,3 +84,11 @@ class InvalidArgumentError(FabricError, ValueError, TypeError):
 class WorkerLostError(FabricError, ConnectionError):
     """A worker that a request needed (a block's owner, or the one running the task) died
     or left while serving it; what it owned is adopted by a peer of its node."""
+
+
+class WritesDisabledError(FabricError, PermissionError):
+    """The HTTP API's write routes are off (the Dask config key ``datafabric.http.writable``)."""
+
+
+class LeaseNotFoundError(FabricError, KeyError):
+    """No HTTP lease of that id is held: it was released, or it lapsed."""

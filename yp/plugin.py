@@ -14,6 +14,7 @@ the component that owns its protocol::
     copies.py      replicas and migration
     membership.py  registration, removal, handoff, adoption, take-back after a restart
     blocks.py      allocate, deallocate, status, shutdown
+    http/          the HTTP/JSON API, its leases with a time to live, and the web page
 
 Lease releases arrive one-way on the scheduler's batched streams (``datafabric_release``),
 so that dropping a view costs its process no round trip.
@@ -41,6 +42,8 @@ from yp.blocks import Inventory
 from yp.copies import Copies
 from yp.deletes import Deletes
 from yp.directory import Directory
+from yp.http import install as install_http
+from yp.http.leases import Leases
 from yp.inserts import Inserts
 from yp.membership import Membership
 from yp.moves import BlockMoves, Compaction
@@ -87,6 +90,8 @@ class YellowPages(SchedulerPlugin):
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id)
         self.copies = Copies(d, self.reads, self.placement, self.owners)
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
+        self.http_leases = Leases(self)
+        self.page = install_http(scheduler)
         self.status = Status.RUNNING
         scheduler.handlers.update(
             {f"{HANDLER_PREFIX}{op}": answering_refusals(self._guarded(h)) for op, h in self._handlers().items()}
@@ -114,6 +119,7 @@ class YellowPages(SchedulerPlugin):
             "defragment": self.compaction.defragment,
             "replicate": self.copies.replicate,
             "replicate_to": self.copies.replicate_to,
+            "page": lambda: {"address": self.page},
         }
 
     @property
@@ -165,6 +171,7 @@ class YellowPages(SchedulerPlugin):
         if fabric_id is not None and fabric_id != self.fabric_id:
             raise NoFabricError(f"fabric {fabric_id[:8]} was shut down already; {self.fabric_id[:8]} runs here now")
         self.status = Status.STOPPED
+        self.http_leases.release_all()
         await self.inventory.shutdown()
         self.directory.blocks.clear()
         return {}
