@@ -17,6 +17,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from distributed.protocol.serialize import Serialized, deserialize
+
 from datafabric import layout
 from datafabric.errors import VariableUnavailableError
 from datafabric.messages import VariableInfo
@@ -80,7 +82,10 @@ async def read_pieces(
 
     async def fetch(p: Piece) -> bytes:
         answer = await yp.owners.ask(worker, "read", shm_id=shm_id, data_offset=data_offset + p.start, nbytes=p.nbytes)
-        return answer["data"]
+        data = answer["data"]
+        if isinstance(data, Serialized):  # the scheduler's comms leave payloads serialized
+            data = deserialize(data.header, data.frames)
+        return data
 
     ahead: asyncio.Task | None = None
     try:
