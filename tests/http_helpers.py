@@ -9,6 +9,10 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
+from distributed import Client
+
+import datafabric
 from tests.conftest import local_cluster
 
 API = "/fabric/api/v1/"
@@ -46,3 +50,27 @@ def request(port: int, method: str, path: str, body: bytes | None = None, **para
 
 def api(port: int, method: str, route: str, body: bytes | None = None, **params: Any) -> Answer:
     return request(port, method, API + urllib.parse.quote(route), body, **params)
+
+
+@pytest.fixture(scope="module")
+def hcluster():
+    with http_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def hclient(hcluster):
+    with Client(hcluster) as client:
+        yield client
+
+
+@pytest.fixture
+def hfabric(hclient):
+    fabric = datafabric.start(hclient, mb=128)
+    yield fabric
+    fabric.shutdown()
+
+
+@pytest.fixture
+def port(hcluster, hfabric):
+    return http_port(hcluster)

@@ -14,34 +14,12 @@ import pytest
 from distributed import Client
 
 import datafabric
-from tests.http_helpers import api, http_cluster, http_port, request
+from tests.http_helpers import api, http_port, request
 from tests.waiting import wait_for
 
+pytest_plugins = ("tests.http_helpers",)  # the cluster and fabric fixtures with HTTP
+
 MiB = 2**20
-
-
-@pytest.fixture(scope="module")
-def hcluster():
-    with http_cluster() as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def hclient(hcluster):
-    with Client(hcluster) as client:
-        yield client
-
-
-@pytest.fixture
-def hfabric(hclient):
-    fabric = datafabric.start(hclient, mb=128)
-    yield fabric
-    fabric.shutdown()
-
-
-@pytest.fixture
-def port(hcluster, hfabric):
-    return http_port(hcluster)
 
 
 def yellowpages(hcluster):
