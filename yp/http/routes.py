@@ -180,7 +180,13 @@ class DataHandler(FabricHandler):
             return self.fail(exc)
         self.answer(entries.describe(self.yp, info), status=201)
 
-    def on_connection_close(self) -> None:
+    def on_connection_close(self) -> None:  # a client that hangs up mid-body
+        self._give_back()
+
+    def on_finish(self) -> None:  # any answer but the seal's
+        self._give_back()
+
+    def _give_back(self) -> None:
         if self.upload is not None and not self.upload.done:
             self.scheduler.loop.add_callback(self.upload.abort)
 
