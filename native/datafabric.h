@@ -11,7 +11,8 @@
  * A lease lapses at `expires` (seconds since the epoch) unless renewed with df_renew.  After
  * it lapses (or after df_close) the memory may be freed and reused by another variable AT
  * ONCE, and the mapping then shows other bytes: do not read `data` after that.  Check
- * df_lease_valid() before each read of a long-running reader, and renew well before expiry.
+ * df_lease_valid() before each read of a long-running reader, and renew well before expiry:
+ * `expires` is the scheduler's clock, so leave a margin for clocks that differ.
  *
  * Only this machine's copies can be mapped: a variable stored only on other machines is
  * refused (read it with GET /fabric/api/v1/data/NAME instead).  Plain HTTP only: for a

@@ -81,6 +81,8 @@ def test_info_and_status(hfabric, port):
         r = api(port, "POST" if route.startswith("lease") else "GET", route)
         assert r.status == code, (route, r.body)
         assert set(r.json) == {"error", "message"}
+    not_utf8 = request(port, "GET", "/fabric/api/v1/info/%ff")  # refused by tornado itself, in JSON too
+    assert not_utf8.status == 400 and not_utf8.json["error"] == "HTTPError"
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def type_of(var_type: str) -> FabricType:
     return parse_type(var_type)
 
 
-def describe(yp: YellowPages, info: VariableInfo) -> dict[str, Any]:
+def describe(info: VariableInfo) -> dict[str, Any]:
     ftype = type_of(info["type"])
     return {
         "name": info["name"],

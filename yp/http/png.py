@@ -10,7 +10,7 @@ import numpy as np
 
 from datafabric.errors import InvalidArgumentError
 
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = 2048 * 2048  # 32 MiB of float64 at most in the scheduler
 
 
 def png_of(values: np.ndarray) -> bytes:

@@ -9,6 +9,7 @@ Reads of data hold a lease for the whole response (``yp.http.leases``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -76,6 +77,11 @@ class FabricHandler(web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": type(exc).__name__, "message": str(exc)}))
 
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's own refusals (a path that is not UTF-8, a body over its size) in JSON too."""
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": "HTTPError", "message": self._reason}))
+
     def answer(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
@@ -117,7 +123,7 @@ class InfoHandler(FabricHandler):
         try:
             yp = self.yp
             info = await yp.reads.info(entries.checked_name(name))
-            self.answer(entries.describe(yp, info))
+            self.answer(entries.describe(info))
         except FabricError as exc:
             self.fail(exc)
 
@@ -178,7 +184,7 @@ class DataHandler(FabricHandler):
         except FabricError as exc:
             await self.upload.abort()
             return self.fail(exc)
-        self.answer(entries.describe(self.yp, info), status=201)
+        self.answer(entries.describe(info), status=201)
 
     def on_connection_close(self) -> None:  # a client that hangs up mid-body
         self._give_back()
@@ -234,8 +240,9 @@ class DataHandler(FabricHandler):
         connection = self.request.connection
         if head:
             await connection.write(head)
-        async for piece, raw in read_pieces(yp, info, sel.pieces):
-            await connection.write(piece.take(raw, _base_dtype(info)))
+        async with contextlib.aclosing(read_pieces(yp, info, sel.pieces)) as pieces:
+            async for piece, raw in pieces:
+                await connection.write(piece.take(raw, _base_dtype(info)))
         self.finish()
 
     async def _small(self, yp: Any, info: dict, chosen: entries.Opened, fmt: str) -> None:
@@ -246,7 +253,8 @@ class DataHandler(FabricHandler):
             raise InvalidArgumentError(
                 f"{count} values is more than {limit} for format={fmt}; narrow it with slice=, or use format=npy"
             )
-        parts = [bytes(p.take(raw, _base_dtype(info))) async for p, raw in read_pieces(yp, info, sel.pieces)]
+        async with contextlib.aclosing(read_pieces(yp, info, sel.pieces)) as pieces:
+            parts = [bytes(p.take(raw, _base_dtype(info))) async for p, raw in pieces]
         values = np.frombuffer(b"".join(parts), ftype.dtype).reshape(sel.shape)
         if fmt == "png":
             body = png_of(values)
@@ -285,7 +293,7 @@ class LeaseHandler(FabricHandler):
                 return self.answer(lease_answer(lease, ttl=ttl))
             lease, info = await yp.http_leases.take(entries.checked_name(name), ttl)
             copies = yp.directory.by_id[info["var_id"]].copies  # read in the step the lease was granted
-            located = entries.describe(yp, info)
+            located = entries.describe(info)
             extents = {(c.shm_id, c.data_offset): c for c in copies}
             for loc in located["locations"]:
                 c = extents[loc["shm_id"], loc["data_offset"]]
