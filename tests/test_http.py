@@ -31,7 +31,7 @@ def writable(on: bool = True):
 
 
 def test_the_routes_need_no_new_port(hcluster, hfabric):
-    page = hfabric._ctx().call("page")["address"]
+    page = hfabric.web_page()
     assert page == f"http://127.0.0.1:{http_port(hcluster)}/fabric/"
     r = request(http_port(hcluster), "GET", "/fabric/")
     assert r.status == 200 and b"datafabric" in r.body and r.headers["content-type"].startswith("text/html")

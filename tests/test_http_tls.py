@@ -53,7 +53,7 @@ def test_the_routes_use_the_dashboards_tls(tmp_path):
         fabric = datafabric.start(client, mb=16)
         try:
             port = cluster.scheduler.http_server.port
-            assert fabric._ctx().call("page")["address"] == f"https://127.0.0.1:{port}/fabric/"
+            assert fabric.web_page() == f"https://127.0.0.1:{port}/fabric/"
             context = ssl.create_default_context(cafile=cert)
             conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
             conn.request("GET", "/fabric/api/v1/status")

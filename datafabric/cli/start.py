@@ -24,7 +24,6 @@ from datafabric.cli.address import StateFile, connected_client
 from datafabric.cli.app import CliError, cli, json_option, timeout_option
 from datafabric.cli.supervise import run_script, serve, signals_handled
 from datafabric.errors import FabricRunningError, NoFabricError
-from datafabric.protocol import SCHEDULER_PLUGIN
 
 _EMBEDDED_ONLY = ("workers", "threads_per_worker", "dashboard_address")
 
@@ -125,12 +124,13 @@ def _start_on(
 ) -> int:
     with connected_client(address, timeout) as client:
         fabric = _start_fabric(client, mb)
-        _report_start(out, fabric, as_json, {"scheduler": address})
+        page = fabric.web_page()
+        _report_start(out, fabric, as_json, {"scheduler": address, "page": page})
         if script is None:
             if not as_json:
                 out.print(
                     f"The fabric lives on in the cluster.  Connect with --scheduler {address}; "
-                    f"`datafabric stop --scheduler {address}` shuts it down."
+                    f"`datafabric stop --scheduler {address}` shuts it down.  Web page: {page or 'none'}"
                 )
             return 0
         with signals_handled() as stop:
@@ -169,7 +169,7 @@ def _start_embedded(
         cleanup.callback(_shutdown, fabric)
         address = cluster.scheduler_address
         dashboard = cluster.dashboard_link if importlib.util.find_spec("bokeh") else None
-        page = cluster.scheduler.plugins[SCHEDULER_PLUGIN].page  # the fabric's own page, bokeh or not
+        page = fabric.web_page()  # the fabric's own page, bokeh or not
         extra = {
             "scheduler": address,
             "dashboard": dashboard,
