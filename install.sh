@@ -31,4 +31,9 @@ if ! "$PY" -c "import ndtypes" 2>/dev/null; then
 fi
 
 pip_install -e ".[test]"
+
+# The C reader (native/): dfcat and libdatafabric.so, with the C compiler the ndtypes build needs.
+CC=${CC:-cc}
+"$CC" -O2 -Wall -Wextra -std=c11 -o .venv/bin/dfcat native/dfcat.c native/datafabric.c -lrt
+"$CC" -O2 -Wall -Wextra -std=c11 -fPIC -shared -o .venv/lib/libdatafabric.so native/datafabric.c -lrt
 echo "datafabric is installed in .venv ($("$PY" --version))"

@@ -102,3 +102,11 @@ class DatasetWritingError(FabricError, RuntimeError):
 
 class DatasetSealedError(FabricError, PermissionError):
     """The dataset is sealed, and read-only from then on, like a variable."""
+
+
+class WritesDisabledError(FabricError, PermissionError):
+    """The HTTP API's write routes are off (the Dask config key ``datafabric.http.writable``)."""
+
+
+class LeaseNotFoundError(FabricError, KeyError):
+    """No HTTP lease of that id is held: it was released, or it lapsed."""

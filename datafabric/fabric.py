@@ -33,6 +33,7 @@ from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
 from datafabric.reads import ManyReads, local_pin
 from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
+from datafabric.web import WebMixin
 from datafabric.writer import Creation, PendingWrite, seal_all
 
 Location = tuple[str, str, int]
@@ -112,7 +113,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric(MemoryReport, ManyReads, DatasetMethods):
+class Fabric(MemoryReport, ManyReads, DatasetMethods, WebMixin):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 

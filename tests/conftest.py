@@ -25,14 +25,18 @@ def no_segments_left():
     assert not left, f"the test session left fabric segments in {SHM_DIR}: {left}"
 
 
-def local_cluster(n_workers: int = 2, threads_per_worker: int = 1, **options) -> LocalCluster:
-    """Worker processes on loopback, no dashboard: the session's cluster, and the own
-    cluster of a test that changes the cluster itself (limits, TLS, restarts)."""
+def local_cluster(
+    n_workers: int = 2, threads_per_worker: int = 1, dashboard_address: str | None = None, **options
+) -> LocalCluster:
+    """Worker processes on loopback, no bokeh dashboard: the session's cluster, and the own
+    cluster of a test that changes the cluster itself (limits, TLS, restarts).  The
+    scheduler's HTTP server runs even so (on port 8787, or any free one if that is taken):
+    ``dashboard_address="127.0.0.1:0"`` puts it on a free loopback port of the test's own."""
     return LocalCluster(
         n_workers=n_workers,
         threads_per_worker=threads_per_worker,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=dashboard_address,
         host="127.0.0.1",
         **options,
     )

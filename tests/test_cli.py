@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,11 @@ def test_stop_ends_an_embedded_start(tmp_path):
     start = launch(tmp_path, "--mb", "16", "--workers", "1")
     try:
         assert f"export DASK_SCHEDULER_ADDRESS={start.address}" in start.out
+        [page] = [
+            line.split()[-1] for line in start.out.splitlines() if line.startswith("web page    http://127.0.0.1:")
+        ]
+        with urllib.request.urlopen(page + "api/v1/status", timeout=30) as r:  # the address it printed serves
+            assert json.load(r)["fabric_id"].startswith(start.out.split()[1].rstrip(":"))
         assert start.state_file.stat().st_mode & 0o777 == 0o600
         assert start.state_file.parent.stat().st_mode & 0o777 == 0o700
         fabric_prefix = start.out.split()[1].rstrip(":")  # the title of its table: "fabric 1a2b3c4d: 16.0 MiB..."

@@ -17,6 +17,7 @@ the component that owns its protocol::
     blocks.py      allocate, deallocate, status, shutdown
     datasets.py    chunked datasets: create, chunk homes, write tickets, seal, end
     locality.py    tasks reading a dataset's chunks run on a node holding them
+    http/          the HTTP/JSON API, its leases with a time to live, and the web page
 
 Lease releases arrive one-way on the scheduler's batched streams (``datafabric_release``),
 so that dropping a view costs its process no round trip.
@@ -45,6 +46,8 @@ from yp.copies import Copies
 from yp.datasets import Datasets
 from yp.deletes import Deletes
 from yp.directory import Directory
+from yp.http import install as install_http
+from yp.http.leases import Leases
 from yp.inserts import Inserts
 from yp.local_leases import LocalLeases
 from yp.locality import restrict_chunk_tasks
@@ -95,6 +98,8 @@ class YellowPages(SchedulerPlugin):
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
         self.datasets = Datasets(d, self.placement, self.owners, self.reads, self.deletes, self.members, self.local)
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
+        self.http_leases = Leases(self)
+        self.page = install_http(scheduler)
         self.status = Status.RUNNING
         scheduler.handlers.update(
             {f"{HANDLER_PREFIX}{op}": answering_refusals(self._guarded(h)) for op, h in self._handlers().items()}
@@ -132,6 +137,7 @@ class YellowPages(SchedulerPlugin):
             "defragment": self.compaction.defragment,
             "replicate": self.copies.replicate,
             "replicate_to": self.copies.replicate_to,
+            "page": lambda: {"address": self.page},
         }
 
     @property
@@ -183,6 +189,7 @@ class YellowPages(SchedulerPlugin):
         if fabric_id is not None and fabric_id != self.fabric_id:
             raise NoFabricError(f"fabric {fabric_id[:8]} was shut down already; {self.fabric_id[:8]} runs here now")
         self.status = Status.STOPPED
+        self.http_leases.release_all()
         await self.inventory.shutdown()
         self.directory.blocks.clear()
         return {}

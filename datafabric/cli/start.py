@@ -124,12 +124,13 @@ def _start_on(
 ) -> int:
     with connected_client(address, timeout) as client:
         fabric = _start_fabric(client, mb)
-        _report_start(out, fabric, as_json, {"scheduler": address})
+        page = fabric.web_page()
+        _report_start(out, fabric, as_json, {"scheduler": address, "page": page})
         if script is None:
             if not as_json:
                 out.print(
                     f"The fabric lives on in the cluster.  Connect with --scheduler {address}; "
-                    f"`datafabric stop --scheduler {address}` shuts it down."
+                    f"`datafabric stop --scheduler {address}` shuts it down.  Web page: {page or 'none'}"
                 )
             return 0
         with signals_handled() as stop:
@@ -168,12 +169,18 @@ def _start_embedded(
         cleanup.callback(_shutdown, fabric)
         address = cluster.scheduler_address
         dashboard = cluster.dashboard_link if importlib.util.find_spec("bokeh") else None
-        extra = {"scheduler": address, "dashboard": dashboard, "state_file": str(state.path) if state else None}
+        page = fabric.web_page()  # the fabric's own page, bokeh or not
+        extra = {
+            "scheduler": address,
+            "dashboard": dashboard,
+            "page": page,
+            "state_file": str(state.path) if state else None,
+        }
         _report_start(out, fabric, as_json, extra)
         if script is not None:
             return run_script(script, script_args, address, stop)  # the cleanup shuts down
         if not as_json:
-            _print_connect_help(out, address, dashboard, state)
+            _print_connect_help(out, address, dashboard, page, state)
         state.publish(address)  # last: once the file is there, the fabric is ready and announced
         click.echo(f"datafabric: {serve(cluster, stop)}", err=True)
     return 0
@@ -216,9 +223,11 @@ def _report_start(out: Any, fabric: datafabric.Fabric, as_json: bool, extra: dic
     out.file.flush()
 
 
-def _print_connect_help(out: Any, address: str, dashboard: str | None, state: StateFile) -> None:
+def _print_connect_help(out: Any, address: str, dashboard: str | None, page: str | None, state: StateFile) -> None:
     lines = [
         f"scheduler   {address}",
+        f"web page    {page or 'none (the scheduler serves no HTTP)'}",
+        *([f"HTTP API    {page}api/v1/ (docs: README, 'The HTTP API')"] if page else []),
         f"dashboard   {dashboard or 'none (install bokeh for the Dask dashboard)'}",
         f"connect     export DASK_SCHEDULER_ADDRESS={address}",
         f"            or: datafabric ls --scheduler {address}",
