@@ -315,8 +315,13 @@ class Fabric:
         client = self._client or distributed.get_client(self.address)
         return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
 
-    def get_list(self, prefix: str = "") -> list[str]:
-        return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix")))
+    def get_list(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
+        """Sorted names starting with ``prefix``: at most ``limit`` of them, and only those
+        after ``after``, so ``get_list(p, 1000, after=page[-1])`` is the next page.  A page
+        costs the scheduler O(log n + limit), however many names it holds."""
+        limit = None if limit is None else arguments.whole(limit, "limit")
+        after = None if after is None else arguments.text(after, "after")
+        return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix"), limit=limit, after=after))
 
     def get_locations(self, name: str) -> list[Location]:
         return _locations(self._ctx().call("info", name=validate_name(name)))

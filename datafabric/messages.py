@@ -115,3 +115,4 @@ class BlockStats(TypedDict):
     largest_free: int | None  # None: the owner did not answer; the directory's own figures
     extents: int | None
     reserved: int | None
+    variables: int | None  # sealed extents: copies of visible variables

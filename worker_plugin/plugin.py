@@ -31,7 +31,7 @@ from datafabric.errors import (
     WorkerLostError,
 )
 from datafabric.layout import BlockHeader, ExtentState
-from datafabric.messages import AdoptedBlock, CreatedBlock, Reservation
+from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -128,8 +128,8 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> Reservation | None:
-        with self.lock:
-            for shm_id, block in self.blocks.items():
+        with self.lock:  # best fit, as the YellowPages places: the large block stays whole longest
+            for shm_id, block in sorted(self.blocks.items(), key=lambda item: item[1].allocator.free_bytes):
                 if block.retiring:
                     continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
@@ -246,7 +246,7 @@ class FabricWorkerPlugin(WorkerPlugin):
             if block is None:
                 raise BlockNotFoundError(f"block {shm_id} is not owned by {self.worker.address}")
             block.retiring = retiring
-            return {"reserved": sum(1 for _, _, st in block.allocator.extents() if st is ExtentState.RESERVED)}
+            return {"reserved": block.allocator.count(ExtentState.RESERVED)}
 
     async def fetch(
         self,
@@ -284,7 +284,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def unlink_block(self, shm_id: str) -> dict:
         with self.lock:
             block = self.blocks.get(shm_id)
-            if block is not None and any(st is ExtentState.RESERVED for _, _, st in block.allocator.extents()):
+            if block is not None and block.allocator.count(ExtentState.RESERVED):
                 raise BlockInUseError(f"block {shm_id} has an insert in progress; try again when it is sealed")
             block = self.blocks.pop(shm_id, None)
         if block is not None:
@@ -330,17 +330,18 @@ class FabricWorkerPlugin(WorkerPlugin):
             answers.append(adopted.answer)
         return answers
 
-    def block_stats(self, shm_id: str) -> dict:
+    def block_stats(self, shm_id: str) -> BlockStats:
+        """The allocator's running figures: O(1) however many extents the block holds."""
         with self.lock:
             alloc = self.blocks[shm_id].allocator
-            extents = alloc.extents()
             return {
                 "capacity": alloc.capacity,
                 "free": alloc.free_bytes,
                 "used": alloc.capacity - alloc.free_bytes,
                 "largest_free": alloc.largest_free,
-                "extents": len(extents),
-                "reserved": sum(1 for _, _, st in extents if st is ExtentState.RESERVED),
+                "extents": len(alloc),
+                "reserved": alloc.count(ExtentState.RESERVED),
+                "variables": alloc.count(ExtentState.SEALED),
             }
 
     def block_extents(self, shm_id: str) -> list[tuple[int, int, int]]:

@@ -13,6 +13,8 @@ import itertools
 import time
 from collections import Counter
 
+from sortedcontainers import SortedDict
+
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
@@ -25,13 +27,15 @@ from datafabric.errors import (
 )
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
+from yp import sizing
 from yp.records import Adoption, Block, Copy, Pending, Variable
 
 
 class Directory:
     def __init__(self) -> None:
         self.blocks: dict[str, Block] = {}
-        self.variables: dict[str, Variable] = {}  # visible names only
+        # Visible names only, kept sorted: a page of a listing costs O(log n + page).
+        self.variables: SortedDict[str, Variable] = SortedDict()
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
         # Processes whose leases and reservations ended as they left: a request of theirs
@@ -93,26 +97,14 @@ class Directory:
             )
 
     def placement(self, nbytes: int, node: str | None, exclude: set[str] = frozenset()) -> list[Block]:
-        """Owned blocks that may fit ``nbytes``: the caller's node first, then the emptiest."""
+        """Owned blocks that may fit ``nbytes``: the caller's node first, then best fit (the
+        least free first), so small variables fill small blocks before they cut into a
+        node's large one (``yp.sizing``)."""
         fits = [b for b in self.owned() if b.free >= nbytes and b.shm_id not in exclude]
-        return sorted(fits, key=lambda b: (b.node != node, -b.free))
+        return sorted(fits, key=lambda b: (b.node != node, b.free))
 
     def out_of_space(self, nbytes: int, node: str | None = None) -> OutOfSpaceError:
-        blocks = [b for b in self.ready() if node is None or b.node == node]
-        where = f" on node {node}" if node is not None else ""
-        if blocks and not any(b.worker for b in blocks):
-            return OutOfSpaceError(
-                f"no block{where} has a live owner now ({len(blocks)} wait for a worker of their node "
-                "to adopt them); start a worker there, or call fabric.allocate(mb) to add memory"
-            )
-        free: dict[str, int] = {}
-        for b in blocks:
-            free[b.node] = free.get(b.node, 0) + b.free
-        per_node = ", ".join(f"{n}: {f / 2**20:.1f} MiB" for n, f in sorted(free.items())) or "no blocks"
-        return OutOfSpaceError(
-            f"no block{where} has {_size(nbytes)} free in one piece (free per node: {per_node}); "
-            "delete variables or call fabric.allocate(mb) to add memory"
-        )
+        return sizing.out_of_space(self.ready(), nbytes, node)
 
     # -- inserts --------------------------------------------------------------------
     def add_pending(self, holder: str, shm_id: str, r: Reservation) -> Copy:
@@ -194,6 +186,15 @@ class Directory:
             f"no variable starts at offset {offset} of block {shm_id} on node {node}; "
             "use a location returned by fabric.get_locations(name)"
         )
+
+    def names(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
+        """Up to ``limit`` visible names starting with ``prefix``, in order, those after
+        ``after`` only: a listing's next page starts after the last name of the one before.
+        O(log n + the page), from the sorted index."""
+        start = prefix if after is None or after < prefix else after
+        found = self.variables.irange(start, inclusive=(after is None or after < prefix, True))
+        matching = itertools.takewhile(lambda n: n.startswith(prefix), found)
+        return list(itertools.islice(matching, limit))
 
     def info(self, var: Variable) -> VariableInfo:
         """Where a reader finds ``var``: read it only while the copies' blocks are settled.
@@ -388,7 +389,3 @@ class Directory:
             return []
         self.by_id.pop(var.var_id, None)
         return [self.uncount(c) for c in var.copies if c.shm_id in self.blocks]
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
