@@ -15,6 +15,7 @@ from ndtypes import ndt
 
 from datafabric import arguments
 from datafabric.buffers import Source, prepare
+from datafabric.catalog import Catalog
 from datafabric.context import Context, current_context
 from datafabric.errors import (
     FabricRunningError,
@@ -108,7 +109,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric:
+class Fabric(Catalog):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -314,14 +315,6 @@ class Fabric:
             validate_name(name)
         client = self._client or distributed.get_client(self.address)
         return client.submit(_call_on_views, self, func, names, workers=self.where(*names), **kwargs)
-
-    def get_list(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
-        """Sorted names starting with ``prefix``: at most ``limit`` of them, and only those
-        after ``after``, so ``get_list(p, 1000, after=page[-1])`` is the next page.  A page
-        costs the scheduler O(log n + limit), however many names it holds."""
-        limit = None if limit is None else arguments.whole(limit, "limit")
-        after = None if after is None else arguments.text(after, "after")
-        return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix"), limit=limit, after=after))
 
     def get_locations(self, name: str) -> list[Location]:
         return _locations(self._ctx().call("info", name=validate_name(name)))

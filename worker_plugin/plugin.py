@@ -199,8 +199,13 @@ class FabricWorkerPlugin(WorkerPlugin):
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.retiring else None
         return _reservation(shm_id, r) if r is not None else None
 
-    def free(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
-        self.free_local(shm_id, extent_offset, extent_id)
+    def free(self, extents: list[tuple[str, int, int]]) -> dict:
+        """Give back ``(shm_id, extent offset, extent id)`` extents: a whole delete's worth
+        of one owner in one message, each freed only if it is still the one named."""
+        with self.lock:
+            for shm_id, extent_offset, extent_id in extents:
+                if self._holds(shm_id, extent_offset, extent_id, _FREEABLE):
+                    self.blocks[shm_id].allocator.free(extent_offset)
         return {}
 
     async def compact(self, shm_id: str, movable: list[int]) -> dict:

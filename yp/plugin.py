@@ -111,6 +111,7 @@ class YellowPages(SchedulerPlugin):
             "info": self.reads.info,
             "where": self.reads.where,
             "delete": self.deletes.delete,
+            "delete_many": self.deletes.delete_many,
             "defragment": self.compaction.defragment,
             "replicate": self.copies.replicate,
             "replicate_to": self.copies.replicate_to,
