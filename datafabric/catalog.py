@@ -37,7 +37,7 @@ class Catalog:
     def delete_many(self, names: Iterable[str]) -> int:
         """``delete`` of every one of ``names`` in one round trip; all of them must exist,
         or nothing is deleted.  Returns how many were deleted."""
-        if isinstance(names, str | bytes):
+        if isinstance(names, str | bytes) or not isinstance(names, Iterable):
             raise arguments.refuse("names", names, "an iterable of names (a list, not one str)")
         names = [validate_name(n) for n in names]
         deleted = self._ctx().call("delete_many", names=names)["deleted"]
