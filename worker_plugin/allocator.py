@@ -114,9 +114,11 @@ class BlockAllocator:
         if i > 0:
             prev = self._offsets[i - 1]
             psize, pstate = self._extents[prev]
-            if pstate is ExtentState.FREE:
+            if pstate is ExtentState.FREE:  # the free extent before grows over it: one store
                 self._drop(i)
-                offset, size = prev, psize + size
+                layout.grow_free(self._buf, prev, psize + size)
+                self._record(prev, psize + size, ExtentState.FREE)
+                return freed
         layout.write_extent(self._buf, offset, ExtentState.FREE, size)
         self._record(offset, size, ExtentState.FREE)
         return freed

@@ -10,6 +10,7 @@ offsets only when its block is settled.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import Counter
 
@@ -159,7 +160,8 @@ class Directory:
         if entry is None:
             self.blocks[shm_id].used += item["extent_size"]
         copy = Copy(shm_id, item["extent_offset"], item["extent_size"], item["data_offset"], item["extent_id"])
-        var = Variable(next(self._ids), item["name"], item["doc"], item["type"], item["nbytes"], [copy])
+        type_ = sys.intern(item["type"])  # types repeat across variables: one string each, not one per variable
+        var = Variable(next(self._ids), item["name"], item["doc"], type_, item["nbytes"], [copy])
         self.variables[var.name] = self.by_id[var.var_id] = var
         return var
 
@@ -223,12 +225,12 @@ class Directory:
 
     def acquire(self, var: Variable, holder: str) -> None:
         self.check_present(holder)
-        var.leases[holder] += 1
+        var.leases[holder] = var.leases.get(holder, 0) + 1
         var.last_used = time.monotonic()
 
     def release(self, var_id: int, holder: str) -> list[Copy]:
         var = self.by_id.get(var_id)
-        if var is None or var.leases[holder] <= 0:
+        if var is None or var.leases.get(holder, 0) <= 0:
             return []
         var.leases[holder] -= 1
         if var.leases[holder] == 0:
