@@ -110,7 +110,9 @@ def main() -> None:
         f"one directory, {args.names:,} names: {one['seals_per_s']:,.0f} seals/s, "
         f"{one['bytes_per_name']:.0f} bytes per name (traced), a page of 1,000 by prefix in {one['page_s'] * 1e3:.2f} ms"
     )
-    print(f"| shard key ({args.shards} shards) | busiest shard / mean | shards a group listing asks | shards a run's delete asks |")
+    print(
+        f"| shard key ({args.shards} shards) | busiest shard / mean | shards a group listing asks | shards a run's delete asks |"
+    )
     print("|---|---:|---:|---:|")
     rows = simulate(names, args.shards)
     for r in rows:

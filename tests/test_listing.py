@@ -82,3 +82,24 @@ def test_the_allocate_an_out_of_space_error_advises_holds_the_variable(workers, 
     mb = sizing.mb_for(nbytes, nodes, workers)
     plan = sizing.split(mb * 2**20 // nodes, [f"w{i}" for i in range(workers)], {})
     assert plan[0][1] >= nbytes + 2**20  # the variable, its header and page alignment
+
+
+class ListingOnly:
+    """A fabric of which ``ls`` uses only ``get_list``, counting its requests."""
+
+    def __init__(self, d) -> None:
+        self.d, self.requests = d, 0
+
+    def get_list(self, prefix: str, limit: int | None = None, after: str | None = None) -> list[str]:
+        self.requests += 1
+        return self.d.names(prefix, limit, after)
+
+
+def test_ls_reads_the_listing_a_page_a_request():
+    from datafabric.cli.read import pages
+
+    names = [f"x/{i:05d}" for i in range(2500)] + ["y/0"]
+    fabric = ListingOnly(filled(names))
+    assert list(pages(fabric, "x/", 1000)) == names[:2500] and fabric.requests == 3
+    fabric.requests = 0
+    assert list(pages(fabric, "x/", 500)) == names[:2500] and fabric.requests == 6  # the last page is empty
