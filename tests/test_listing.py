@@ -103,3 +103,11 @@ def test_ls_reads_the_listing_a_page_a_request():
     assert list(pages(fabric, "x/", 1000)) == names[:2500] and fabric.requests == 3
     fabric.requests = 0
     assert list(pages(fabric, "x/", 500)) == names[:2500] and fabric.requests == 6  # the last page is empty
+
+
+def test_a_prefix_ending_in_the_last_code_point_is_bounded_right():
+    top = chr(0x10FFFF)
+    names = ["a", f"a{top}", f"a{top}{top}x", "b", top, f"{top}z"]
+    d = filled(sorted(names))
+    assert d.names(f"a{top}") == [f"a{top}", f"a{top}{top}x"]
+    assert d.names(top) == [top, f"{top}z"] and d.names("a", 2) == ["a", f"a{top}"]

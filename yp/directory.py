@@ -192,11 +192,14 @@ class Directory:
     def names(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
         """Up to ``limit`` visible names starting with ``prefix``, in order, those after
         ``after`` only: a listing's next page starts after the last name of the one before.
-        O(log n + the page), from the sorted index."""
-        start = prefix if after is None or after < prefix else after
-        found = self.variables.irange(start, inclusive=(after is None or after < prefix, True))
-        matching = itertools.takewhile(lambda n: n.startswith(prefix), found)
-        return list(itertools.islice(matching, limit))
+        O(log n + the page): two bisections of the sorted index and a slice of it."""
+        index = self.variables
+        lo = index.bisect_left(prefix) if after is None or after < prefix else index.bisect_right(after)
+        end = _past(prefix)
+        hi = len(index) if end is None else index.bisect_left(end)
+        if limit is not None:
+            hi = min(hi, lo + limit)
+        return list(index.islice(lo, hi)) if lo < hi else []
 
     def info(self, var: Variable) -> VariableInfo:
         """Where a reader finds ``var``: read it only while the copies' blocks are settled.
@@ -391,3 +394,9 @@ class Directory:
             return []
         self.by_id.pop(var.var_id, None)
         return [self.uncount(c) for c in var.copies if c.shm_id in self.blocks]
+
+
+def _past(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound)."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    return stem[:-1] + chr(ord(stem[-1]) + 1) if stem else None
