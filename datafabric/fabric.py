@@ -16,6 +16,7 @@ from ndtypes import ndt
 from datafabric import arguments
 from datafabric.accounting import MemoryReport
 from datafabric.buffers import Source, prepare
+from datafabric.catalog import Catalog
 from datafabric.context import Context, current_context
 from datafabric.datasets.methods import DatasetMethods
 from datafabric.errors import (
@@ -113,7 +114,7 @@ def _yellowpages_state(dask_scheduler: Any) -> str:
     return "idle" if yp.durable and empty else "running"
 
 
-class Fabric(MemoryReport, ManyReads, DatasetMethods, WebMixin):
+class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
     """Small and picklable: it holds the scheduler's address and the fabric id, and
     finds the calling process's way to the fabric on every call."""
 
@@ -320,9 +321,6 @@ class Fabric(MemoryReport, ManyReads, DatasetMethods, WebMixin):
             validate_name(name)
         client = self._client or distributed.get_client(self.address)
         return submit_near(self, client, _call_on_views, func, names, kwargs)
-
-    def get_list(self, prefix: str = "") -> list[str]:
-        return list(self._ctx().call("names", prefix=arguments.text(prefix, "prefix")))
 
     def get_locations(self, name: str) -> list[Location]:
         return _locations(self._ctx().call("info", name=validate_name(name)))

@@ -72,6 +72,7 @@ BLOCK_HEADER_SIZE = 512
 
 _BLOCK_FIXED = struct.Struct("<8sIIQ16s16sH")
 _EXTENT_FIXED = struct.Struct("<4sIQQQIIII")
+_EXTENT_ID = struct.Struct("<Q")  # at byte 24 of _EXTENT_FIXED
 JOURNAL_OFFSET = 448
 _JOURNAL = struct.Struct("<IIQQQQQ")
 _JOURNAL_DONE = JOURNAL_OFFSET + 40
@@ -204,6 +205,17 @@ def write_extent(
 
 def set_state(buf: memoryview, offset: int, state: ExtentState) -> None:
     _store(buf, offset + 4, "I", state)
+
+
+def grow_free(buf: memoryview, offset: int, size: int) -> None:
+    """A FREE extent takes in the extents after it, up to ``size`` bytes: one store of its
+    size, so a walk sees either the old tiling or the new one."""
+    _store(buf, offset + 8, "Q", size)
+
+
+def extent_id_at(buf: memoryview, offset: int) -> int:
+    """The ``extent_id`` in the header at ``offset``, without decoding the rest."""
+    return _EXTENT_ID.unpack_from(buf, offset + 24)[0]
 
 
 def read_extent(buf: memoryview, offset: int) -> Extent:

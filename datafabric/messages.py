@@ -141,6 +141,7 @@ class BlockStats(TypedDict):
     largest_free: int | None  # None: the owner did not answer; the directory's own figures
     extents: int | None
     reserved: int | None
+    variables: int | None  # sealed extents: copies of visible variables
 
 
 class DatasetInfo(TypedDict):

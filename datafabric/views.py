@@ -159,6 +159,11 @@ class LocalState:
         with self.lock:
             self._pins.pop(name, None)
 
+    def forget_prefix(self, prefix: str) -> None:
+        with self.lock:
+            for name in [n for n in self._pins if n.startswith(prefix)]:
+                del self._pins[name]
+
     def detach(self, shm_ids: list[str]) -> None:
         """Blocks were unlinked: unmap them (views still alive keep their pages until
         they die) and forget views on them."""

@@ -61,6 +61,16 @@ def test_random_reserve_free_compact_keep_the_invariants(seed):
                         where[extent_id] = new_offset
             found = check_block(seg, alloc, model)
             assert {i: e.offset for i, e in found.items()} == where
+            assert_running_figures(alloc)
+
+
+def assert_running_figures(alloc: BlockAllocator) -> None:
+    """The figures ``status`` reads in O(1) equal a count over every extent."""
+    extents = alloc.extents()
+    free = [s for _, s, st in extents if st is ExtentState.FREE]
+    assert (alloc.free_bytes, alloc.largest_free, len(alloc)) == (sum(free), max(free, default=0), len(extents))
+    for state in ExtentState:
+        assert alloc.count(state) == sum(1 for _, _, st in extents if st is state), state
 
 
 def test_freeing_twice_is_refused():
@@ -194,6 +204,7 @@ def test_sigkill_at_every_step_of_compaction_leaves_every_extent_whole():
             adopted = BlockAllocator(seg.buf, CRASH_SIZE, fresh=False)
             assert layout.read_journal(seg.buf) is None
             check_block(seg, adopted, ids)
+            assert_running_figures(adopted)  # a rebuild's merges of free neighbours counted too
         assert interrupted > len(stages) // 2  # most stops were inside a journaled move
 
 

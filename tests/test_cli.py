@@ -144,7 +144,7 @@ def test_status_shows_blocks_per_node(embedded):
     assert sum(b["size"] for b in blocks) == 64 * 2**20
     for b in blocks:
         assert b["used"] + b["free"] == b["capacity"] and b["largest_free"] <= b["free"]
-    assert sorted(n for b in blocks for n in b["variables"]) == ["raw", "run1/small", "temps"]
+    assert sum(b["variables"] for b in blocks) == 3  # raw, run1/small, temps
     assert "total of 2 blocks" in table and "64.0 MiB" in table and blocks[0]["shm_id"] in table
     assert "memory per worker process" in table  # each worker's own memory beside the fabric's pages
 

@@ -2,12 +2,15 @@
 
 Every extent, free ones included, has its header in shared memory, so the allocator's
 state can always be rebuilt by walking the block (after a crash, or by another worker that
-adopts the block).  The in-process index is a sorted list of extent offsets with their
-sizes and states, and a sorted list of the free ones; ``reserve`` scans the free ones for
-the first that fits and splits off the rest, ``free`` coalesces a freed extent with free
-neighbours, so no two free extents are ever adjacent once a call returns.  Worst case per call: O(free extents) for the scan plus O(extents) for a
-list insertion (a memmove); filling a block with small variables keeps one free extent,
-so that case stays flat however many variables the block holds.
+adopts the block).  The in-process index is a sorted list (``sortedcontainers``) of extent
+offsets with their sizes and states, and a sorted list of the free ones; ``reserve`` scans
+the free ones for the first that fits and splits off the rest, ``free`` coalesces a freed
+extent with free neighbours, so no two free extents are ever adjacent once a call returns.
+Cost per call: O(free extents) for the scan plus O(log extents) to change the index;
+filling a block with small variables keeps one free extent, and freeing many of a block's
+extents costs O(log n) each, so neither grows with the variables the block holds.  The
+figures ``status`` reports (free bytes, largest free extent, extents per state) are kept
+up to date with the index, O(1) to read.
 
 Crash safety: every change of the block's headers leaves a block that a walk reads as a
 valid tiling, except a move, whose state is the block's move journal (``layout.py``).
@@ -20,10 +23,12 @@ bytes its writer sealed, at whichever offset the last finished move left it, and
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import secrets
+from collections import Counter
 from dataclasses import dataclass
+
+from sortedcontainers import SortedList
 
 from datafabric import layout
 from datafabric.layout import ExtentState
@@ -42,9 +47,10 @@ class BlockAllocator:
     def __init__(self, buf: memoryview, size: int, *, fresh: bool) -> None:
         self._buf = buf
         self.size = size
-        self._offsets: list[int] = []
+        self._offsets = SortedList()  # every extent's offset: O(log n) to add or drop one
         self._extents: dict[int, tuple[int, ExtentState]] = {}
-        self._free: list[int] = []  # offsets of the FREE extents, sorted
+        self._free = SortedList()  # offsets of the FREE extents
+        self._tally()
         if fresh:
             first = layout.BLOCK_HEADER_SIZE
             self._put(first, size - first, ExtentState.FREE)
@@ -56,15 +62,16 @@ class BlockAllocator:
         a dead owner left unfinished is finished first, and adjacent free extents (a
         killed owner had not merged them yet) become one."""
         moves.roll_forward(self._buf, ctypes.addressof(ctypes.c_char.from_buffer(self._buf)))
-        self._offsets, self._extents, self._free = [], {}, []
+        self._offsets, self._extents, self._free = SortedList(), {}, SortedList()
+        self._tally()
         for extent in layout.walk(self._buf, self.size):
             last = self._offsets[-1] if self._offsets else None
             if extent.state is ExtentState.FREE and last is not None and self._extents[last][1] is ExtentState.FREE:
                 size = self._extents[last][0] + extent.size
                 layout.write_extent(self._buf, last, ExtentState.FREE, size)
-                self._extents[last] = (size, ExtentState.FREE)
+                self._record(last, size, ExtentState.FREE)
                 continue
-            self._offsets.append(extent.offset)
+            self._offsets.add(extent.offset)
             self._record(extent.offset, extent.size, extent.state)
 
     def reserve(self, name: str, type_: str, doc: str, data_size: int) -> Reservation | None:
@@ -97,7 +104,7 @@ class BlockAllocator:
         if state is ExtentState.FREE:
             raise ValueError(f"extent at {offset} is free already")
         freed = size
-        i = bisect.bisect_left(self._offsets, offset)
+        i = self._offsets.bisect_left(offset)
         if i + 1 < len(self._offsets):
             nxt = self._offsets[i + 1]
             nsize, nstate = self._extents[nxt]
@@ -107,9 +114,11 @@ class BlockAllocator:
         if i > 0:
             prev = self._offsets[i - 1]
             psize, pstate = self._extents[prev]
-            if pstate is ExtentState.FREE:
+            if pstate is ExtentState.FREE:  # the free extent before grows over it: one store
                 self._drop(i)
-                offset, size = prev, psize + size
+                layout.grow_free(self._buf, prev, psize + size)
+                self._record(prev, psize + size, ExtentState.FREE)
+                return freed
         layout.write_extent(self._buf, offset, ExtentState.FREE, size)
         self._record(offset, size, ExtentState.FREE)
         return freed
@@ -155,11 +164,18 @@ class BlockAllocator:
 
     @property
     def free_bytes(self) -> int:
-        return sum(self._extents[o][0] for o in self._free)
+        return self._free_bytes
 
     @property
     def largest_free(self) -> int:
-        return max((self._extents[o][0] for o in self._free), default=0)
+        return self._free_sizes[-1] if self._free_sizes else 0
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def count(self, state: ExtentState) -> int:
+        """Extents in ``state`` now; O(1)."""
+        return self._states[state]
 
     @property
     def capacity(self) -> int:
@@ -167,19 +183,41 @@ class BlockAllocator:
 
     def _put(self, offset: int, size: int, state: ExtentState) -> None:
         layout.write_extent(self._buf, offset, state, size)
-        bisect.insort(self._offsets, offset)
+        self._offsets.add(offset)
         self._record(offset, size, state)
+
+    def _tally(self) -> None:
+        """The figures ``status`` reports, kept up to date by every change of the index
+        (``_record``, ``_drop``) so reading them costs O(1), not a walk of the extents."""
+        self._free_sizes = SortedList()  # sizes of the FREE extents
+        self._free_bytes = 0
+        self._states: Counter[ExtentState] = Counter()
+
+    def _count(self, size: int, state: ExtentState, sign: int) -> None:
+        self._states[state] += sign
+        if state is ExtentState.FREE:
+            self._free_bytes += sign * size
+            if sign > 0:
+                self._free_sizes.add(size)
+            else:
+                self._free_sizes.remove(size)
 
     def _record(self, offset: int, size: int, state: ExtentState) -> None:
         """The one place the index changes: the extent and whether it is free."""
-        was_free = offset in self._extents and self._extents[offset][1] is ExtentState.FREE
+        old = self._extents.get(offset)
+        if old is not None:
+            self._count(*old, -1)
+        was_free = old is not None and old[1] is ExtentState.FREE
         self._extents[offset] = (size, state)
+        self._count(size, state, +1)
         if state is ExtentState.FREE and not was_free:
-            bisect.insort(self._free, offset)
+            self._free.add(offset)
         elif was_free and state is not ExtentState.FREE:
-            del self._free[bisect.bisect_left(self._free, offset)]
+            self._free.remove(offset)
 
     def _drop(self, index: int) -> None:
         offset = self._offsets.pop(index)
-        if self._extents.pop(offset)[1] is ExtentState.FREE:
-            del self._free[bisect.bisect_left(self._free, offset)]
+        size, state = self._extents.pop(offset)
+        self._count(size, state, -1)
+        if state is ExtentState.FREE:
+            self._free.remove(offset)

@@ -32,7 +32,7 @@ from datafabric.errors import (
 )
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
-from datafabric.messages import AdoptedBlock, CreatedBlock, Reservation
+from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -137,8 +137,8 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> Reservation | None:
-        with self.lock:
-            for shm_id, block in self.blocks.items():
+        with self.lock:  # best fit, as the YellowPages places: the large block stays whole longest
+            for shm_id, block in sorted(self.blocks.items(), key=lambda item: item[1].allocator.free_bytes):
                 if block.retiring:
                     continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
@@ -208,8 +208,19 @@ class FabricWorkerPlugin(WorkerPlugin):
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.retiring else None
         return _reservation(shm_id, r) if r is not None else None
 
-    def free(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
-        self.free_local(shm_id, extent_offset, extent_id)
+    def free(self, extents: list[tuple[str, int, int]]) -> dict:
+        """Give back ``(shm_id, extent offset, extent id)`` extents: a whole delete's worth
+        of one owner in one message, each freed only if it is still the one named.  In
+        address order, so that each one freed after its neighbour costs one store."""
+        with self.lock:
+            for shm_id, extent_offset, extent_id in sorted(extents):
+                block = self.blocks.get(shm_id)
+                if (
+                    block is not None
+                    and block.allocator.state_of(extent_offset) in _FREEABLE
+                    and layout.extent_id_at(block.segment.buf, extent_offset) == extent_id
+                ):
+                    block.allocator.free(extent_offset)
         return {}
 
     async def compact(self, shm_id: str, movable: list[int]) -> dict:
@@ -255,7 +266,7 @@ class FabricWorkerPlugin(WorkerPlugin):
             if block is None:
                 raise BlockNotFoundError(f"block {shm_id} is not owned by {self.worker.address}")
             block.retiring = retiring
-            return {"reserved": sum(1 for _, _, st in block.allocator.extents() if st is ExtentState.RESERVED)}
+            return {"reserved": block.allocator.count(ExtentState.RESERVED)}
 
     async def fetch(
         self,
@@ -299,7 +310,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def unlink_block(self, shm_id: str) -> dict:
         with self.lock:
             block = self.blocks.get(shm_id)
-            if block is not None and any(st is ExtentState.RESERVED for _, _, st in block.allocator.extents()):
+            if block is not None and block.allocator.count(ExtentState.RESERVED):
                 raise BlockInUseError(f"block {shm_id} has an insert in progress; try again when it is sealed")
             block = self.blocks.pop(shm_id, None)
         if block is not None:
@@ -345,17 +356,18 @@ class FabricWorkerPlugin(WorkerPlugin):
             answers.append(adopted.answer)
         return answers
 
-    def block_stats(self, shm_id: str) -> dict:
+    def block_stats(self, shm_id: str) -> BlockStats:
+        """The allocator's running figures: O(1) however many extents the block holds."""
         with self.lock:
             alloc = self.blocks[shm_id].allocator
-            extents = alloc.extents()
             return {
                 "capacity": alloc.capacity,
                 "free": alloc.free_bytes,
                 "used": alloc.capacity - alloc.free_bytes,
                 "largest_free": alloc.largest_free,
-                "extents": len(extents),
-                "reserved": sum(1 for _, _, st in extents if st is ExtentState.RESERVED),
+                "extents": len(alloc),
+                "reserved": alloc.count(ExtentState.RESERVED),
+                "variables": alloc.count(ExtentState.SEALED),
             }
 
     def block_extents(self, shm_id: str) -> list[tuple[int, int, int]]:

@@ -14,7 +14,8 @@ from typing import Any
 
 from datafabric.errors import BlockInUseError, InvalidArgumentError, NoFabricError, WorkerLostError
 from datafabric.messages import BlockStats, CreatedBlock
-from datafabric.shm import new_block_name, round_to_pages
+from datafabric.shm import new_block_name
+from yp import sizing
 from yp.copies import Copies
 from yp.directory import Directory
 from yp.membership import Membership
@@ -46,16 +47,15 @@ class Inventory:
         if not nodes:
             raise NoFabricError("no worker runs the fabric's worker plugin yet; start workers first")
         per_node = int(mb * 2**20) // len(nodes)
+        held: dict[str, int] = {}
+        for b in self.directory.ready():
+            if b.worker is not None:
+                held[b.worker] = held.get(b.worker, 0) + b.size
         async with self.members.changing:
             plan = [
-                (
-                    worker,
-                    node,
-                    round_to_pages(per_node // len(workers)),
-                    new_block_name(uuid.UUID(self.fabric_id), node),
-                )
+                (worker, node, size, new_block_name(uuid.UUID(self.fabric_id), node))
                 for node, workers in sorted(nodes.items())
-                for worker in workers
+                for worker, size in sizing.split(per_node, workers, held)
             ]
             for worker, node, _, shm_id in plan:
                 self.directory.begin_block(shm_id, node, worker)
@@ -121,12 +121,13 @@ class Inventory:
             self.directory.remove_block(shm_id)
 
     async def status(self) -> list[dict]:
+        """Per block, the owner's running figures (one RPC per block, all at once): the
+        cost grows with the blocks, not with the variables they hold."""
         blocks = self.directory.ready()
         stats = await asyncio.gather(*(self._stats(b) for b in blocks), return_exceptions=True)
         out = []
         for b, s in zip(blocks, stats, strict=True):
-            names = sorted(v.name for v, _ in self.directory.copies_in(b.shm_id) if not v.deleted)
-            row = {"node": b.node, "worker": b.worker, "shm_id": b.shm_id, "size": b.size, "variables": names}
+            row = {"node": b.node, "worker": b.worker, "shm_id": b.shm_id, "size": b.size}
             if isinstance(s, dict):
                 row.update(s)
             else:  # the owner did not answer: the directory's own accounts, and why
@@ -143,7 +144,7 @@ class Inventory:
     def _known_stats(block: Block) -> BlockStats:
         """What the YellowPages knows of a block without asking its owner; the
         allocator's own figures (largest free extent, reservations) are unknown."""
-        unknown = dict.fromkeys(("largest_free", "extents", "reserved"))
+        unknown = dict.fromkeys(("largest_free", "extents", "reserved", "variables"))
         return {"capacity": block.capacity, "used": block.used, "free": block.free} | unknown
 
     async def shutdown(self) -> None:

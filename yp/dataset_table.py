@@ -117,8 +117,15 @@ class DatasetTable:
             del self.by_name[record.name]
         record.state = ENDING
 
-    def names(self, prefix: str) -> list[str]:
-        return [n for n, r in self.by_name.items() if r.state == SEALED and n.startswith(prefix)]
+    def names(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
+        """A page of the sealed datasets' names, as ``Directory.names`` pages variables'
+        (a scan of the datasets: they are few beside their chunks)."""
+        found = sorted(
+            n
+            for n, r in self.by_name.items()
+            if r.state == SEALED and n.startswith(prefix) and (after is None or n > after)
+        )
+        return found if limit is None else found[:limit]
 
     def created_by(self, holder: str) -> list[DatasetRecord]:
         return [r for r in self.unsealed.values() if r.creator == holder and r.state in (WRITING, SEALING)]

@@ -21,6 +21,8 @@ The write protocol (``docs/protocols.md``, "Datasets"):
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import sys
 from collections.abc import Awaitable, Callable
@@ -33,7 +35,7 @@ from datafabric.datasets.grid import chunk_shape, chunk_type, grid_shape, unrave
 from datafabric.errors import FabricError, InvalidArgumentError
 from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
-from datafabric.names import chunk_name, is_chunk_name, validate_new_name
+from datafabric.names import CHUNK_PREFIX, chunk_name, validate_new_name
 from datafabric.types import from_datashape
 from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
 from yp.directory import Directory
@@ -97,9 +99,29 @@ class Datasets:
         return sorted(self.table.names(prefix))
 
     # -- the directory's listing, with datasets as one entry each ----------------------------
-    def names(self, prefix: str = "") -> list[str]:
-        variables = [n for n in self.reads.names(prefix) if not is_chunk_name(n)]
-        return sorted(variables + self.table.names(prefix))
+    def names(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
+        """A page of the listing: variables (chunks hidden) and sealed datasets, merged in order."""
+        variables = self.directory.names(prefix, limit, after, hidden=CHUNK_PREFIX)
+        merged = heapq.merge(variables, self.table.names(prefix, limit, after))
+        return list(itertools.islice(merged, limit))
+
+    async def delete_many(self, names: list[str] | None = None, prefix: str | None = None) -> dict:
+        """``Deletes.delete_many`` for variables, and every dataset named or under ``prefix``
+        deleted as ``delete`` does.  All named must exist, or nothing is deleted."""
+        if names is not None:
+            datasets = [n for n in dict.fromkeys(names) if n in self.directory.datasets]
+            variables = [n for n in names if n not in self.directory.datasets]
+        else:
+            datasets = [n for n in list(self.directory.datasets) if n.startswith(prefix or "")]
+            variables = None
+        deleted = 0
+        if variables is None or variables:
+            deleted = (await self.deletes.delete_many(variables, prefix if names is None else None))["deleted"]
+        for name in datasets:
+            if name in self.directory.datasets:
+                await self.delete(name)
+                deleted += 1
+        return {"deleted": deleted}
 
     async def info(self, name: str) -> VariableInfo | dict:
         record = self.table.sealed(name)

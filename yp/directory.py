@@ -10,8 +10,11 @@ offsets only when its block is settled.
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from collections import Counter
+
+from sortedcontainers import SortedDict
 
 from datafabric.errors import (
     BlockInUseError,
@@ -25,13 +28,15 @@ from datafabric.errors import (
 )
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
+from yp import sizing
 from yp.records import Adoption, Block, Copy, Pending, Variable
 
 
 class Directory:
     def __init__(self) -> None:
         self.blocks: dict[str, Block] = {}
-        self.variables: dict[str, Variable] = {}  # visible names only
+        # Visible names only, kept sorted: a page of a listing costs O(log n + page).
+        self.variables: SortedDict[str, Variable] = SortedDict()
         self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
         self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
         self.datasets: dict = {}  # name -> yp.dataset_table.DatasetRecord; names shared with variables
@@ -94,26 +99,14 @@ class Directory:
             )
 
     def placement(self, nbytes: int, node: str | None, exclude: set[str] = frozenset()) -> list[Block]:
-        """Owned blocks that may fit ``nbytes``: the caller's node first, then the emptiest."""
+        """Owned blocks that may fit ``nbytes``: the caller's node first, then best fit (the
+        least free first), so small variables fill small blocks before they cut into a
+        node's large one (``yp.sizing``)."""
         fits = [b for b in self.owned() if b.free >= nbytes and b.shm_id not in exclude]
-        return sorted(fits, key=lambda b: (b.node != node, -b.free))
+        return sorted(fits, key=lambda b: (b.node != node, b.free))
 
     def out_of_space(self, nbytes: int, node: str | None = None) -> OutOfSpaceError:
-        blocks = [b for b in self.ready() if node is None or b.node == node]
-        where = f" on node {node}" if node is not None else ""
-        if blocks and not any(b.worker for b in blocks):
-            return OutOfSpaceError(
-                f"no block{where} has a live owner now ({len(blocks)} wait for a worker of their node "
-                "to adopt them); start a worker there, or call fabric.allocate(mb) to add memory"
-            )
-        free: dict[str, int] = {}
-        for b in blocks:
-            free[b.node] = free.get(b.node, 0) + b.free
-        per_node = ", ".join(f"{n}: {f / 2**20:.1f} MiB" for n, f in sorted(free.items())) or "no blocks"
-        return OutOfSpaceError(
-            f"no block{where} has {_size(nbytes)} free in one piece (free per node: {per_node}); "
-            "delete variables or call fabric.allocate(mb) to add memory"
-        )
+        return sizing.out_of_space(self.ready(), nbytes, node)
 
     # -- inserts --------------------------------------------------------------------
     def add_pending(self, holder: str, shm_id: str, r: Reservation) -> Copy:
@@ -168,7 +161,8 @@ class Directory:
         if entry is None:
             self.blocks[shm_id].used += item["extent_size"]
         copy = Copy(shm_id, item["extent_offset"], item["extent_size"], item["data_offset"], item["extent_id"])
-        var = Variable(next(self._ids), item["name"], item["doc"], item["type"], item["nbytes"], [copy])
+        type_ = sys.intern(item["type"])  # types repeat across variables: one string each, not one per variable
+        var = Variable(next(self._ids), item["name"], item["doc"], type_, item["nbytes"], [copy])
         self.variables[var.name] = self.by_id[var.var_id] = var
         return var
 
@@ -195,6 +189,28 @@ class Directory:
             f"no variable starts at offset {offset} of block {shm_id} on node {node}; "
             "use a location returned by fabric.get_locations(name)"
         )
+
+    def names(
+        self, prefix: str = "", limit: int | None = None, after: str | None = None, hidden: str | None = None
+    ) -> list[str]:
+        """Up to ``limit`` visible names starting with ``prefix``, in order, those after
+        ``after`` only: a listing's next page starts after the last name of the one before.
+        Names starting with ``hidden`` are skipped (dataset chunks). O(log n + the page):
+        bisections of the sorted index and slices of it."""
+        index = self.variables
+        lo = index.bisect_left(prefix) if after is None or after < prefix else index.bisect_right(after)
+        hi = _end_of(index, prefix)
+        ranges = [(lo, hi)]
+        if hidden is not None:
+            start = index.bisect_left(hidden)
+            ranges = [(lo, min(hi, start)), (max(lo, _end_of(index, hidden)), hi)]
+        out: list[str] = []
+        for a, b in ranges:
+            if limit is not None:
+                b = min(b, a + limit - len(out))
+            if a < b:
+                out.extend(index.islice(a, b))
+        return out
 
     def info(self, var: Variable) -> VariableInfo:
         """Where a reader finds ``var``: read it only while the copies' blocks are settled.
@@ -223,7 +239,7 @@ class Directory:
 
     def acquire(self, var: Variable, holder: str) -> None:
         self.check_present(holder)
-        var.leases[holder] += 1
+        var.leases[holder] = var.leases.get(holder, 0) + 1
         var.last_used = time.monotonic()
 
     def add_leases(self, var: Variable, holder: str, count: int) -> None:
@@ -232,7 +248,7 @@ class Directory:
 
     def release(self, var_id: int, holder: str) -> list[Copy]:
         var = self.by_id.get(var_id)
-        if var is None or var.leases[holder] <= 0:
+        if var is None or var.leases.get(holder, 0) <= 0:
             return []
         var.leases[holder] -= 1
         if var.leases[holder] == 0:
@@ -395,5 +411,13 @@ class Directory:
         return [self.uncount(c) for c in var.copies if c.shm_id in self.blocks]
 
 
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+def _end_of(index: SortedDict, prefix: str) -> int:
+    """The position in the sorted ``index`` past every name starting with ``prefix``."""
+    end = _past(prefix)
+    return len(index) if end is None else index.bisect_left(end)
+
+
+def _past(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound)."""
+    stem = prefix.rstrip(chr(sys.maxunicode))
+    return stem[:-1] + chr(ord(stem[-1]) + 1) if stem else None

@@ -52,19 +52,17 @@ class Owners:
         return results
 
     async def free(self, copies: list[Copy]) -> None:
-        """Give extents back to their owners.  An orphaned block's extents are left to its
-        adopter, which frees whatever the directory no longer lists."""
+        """Give extents back to their owners, one RPC per owner however many.  An orphaned
+        block's extents are left to its adopter, which frees whatever the directory no
+        longer lists."""
         if not copies:
             return
         async with self.moves.shared({c.shm_id for c in copies}):
-            await self.ask_each(
-                (
-                    (worker, "free", {"shm_id": c.shm_id, "extent_offset": c.extent_offset, "extent_id": c.extent_id})
-                    for c in copies
-                    if (worker := self.owner_of(c.shm_id)) is not None
-                ),
-                "free",
-            )
+            per_owner: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+            for c in copies:
+                if (worker := self.owner_of(c.shm_id)) is not None:
+                    per_owner[worker].append((c.shm_id, c.extent_offset, c.extent_id))
+            await self.ask_each(((w, "free", {"extents": e}) for w, e in per_owner.items()), "free")
 
     def free_later(self, copies: list[Copy]) -> None:
         """From code that cannot wait (stream handlers, Dask's membership hooks)."""
@@ -78,14 +76,14 @@ class Owners:
             async with self.moves.shared({c.shm_id for _, c in named}):
                 await self._mark_held(state, named)
 
-    async def mark_copies(self, state: ExtentState, var: Variable) -> None:
-        """``mark`` of every copy of ``var`` as it is once their blocks are held: a
+    async def mark_copies(self, state: ExtentState, variables: list[Variable]) -> None:
+        """``mark`` of every copy of ``variables`` as it is once their blocks are held: a
         migration may replace a copy while the hold is awaited."""
         while True:
-            held = {c.shm_id for c in var.copies}
+            held = {c.shm_id for v in variables for c in v.copies}
             async with self.moves.shared(held):
-                if {c.shm_id for c in var.copies} <= held:
-                    await self._mark_held(state, [(var.name, c) for c in var.copies])
+                if {c.shm_id for v in variables for c in v.copies} <= held:
+                    await self._mark_held(state, [(v.name, c) for v in variables for c in v.copies])
                     return
 
     async def _mark_held(self, state: ExtentState, named: list[tuple[str, Copy]]) -> None:

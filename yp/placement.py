@@ -4,7 +4,8 @@ a migrated copy.
 One sequence serves them all: a block with that much free in one piece (the caller's
 node first); then compacting a block whose free space is enough but in pieces; then, on
 the target node, dropping unleased replicas, least recently used first (never a
-variable's last copy).  Only then is the request refused.
+variable's last copy), and compacting the block they left room in.  Only then is the
+request refused.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Placement:
             for block in self.directory.placement(nbytes, node, skip):
                 if (only_node or step == "evict") and block.node != node:
                     continue
-                if step == "compact":
+                if step != "free":  # an eviction may leave the room it made in pieces too
                     try:
                         await self.compaction.compact(block)
                     except WorkerLostError:

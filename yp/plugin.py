@@ -127,6 +127,7 @@ class YellowPages(SchedulerPlugin):
             "info": self.datasets.info,
             "where": self.reads.where,
             "delete": self.datasets.delete,
+            "delete_many": self.datasets.delete_many,
             "dataset_create": self.datasets.create,
             "dataset_open": self.datasets.open,
             "dataset_list": self.datasets.list,

@@ -92,8 +92,8 @@ class Reads:
     def release(self, var_id: int, holder: str, **_stream_extra: Any) -> None:
         self.owners.free_later(self.directory.release(var_id, holder))
 
-    def names(self, prefix: str = "") -> list[str]:
-        return sorted(n for n in self.directory.variables if n.startswith(prefix))
+    def names(self, prefix: str = "", limit: int | None = None, after: str | None = None) -> list[str]:
+        return self.directory.names(prefix, limit, after)
 
     async def info(self, name: str) -> VariableInfo:
         var = await self.settled(name)

@@ -8,7 +8,6 @@ block is settled, in the same step, or under the block's shared hold.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 from datafabric.layout import ExtentState
@@ -30,7 +29,7 @@ class Block:
         return self.capacity - self.used
 
 
-@dataclass
+@dataclass(slots=True)  # a million of them: no __dict__ each
 class Copy:
     """One extent of a block holding a variable's bytes (or reserved for them)."""
 
@@ -41,7 +40,7 @@ class Copy:
     extent_id: int  # written in the extent's header; it follows the extent when it moves
 
 
-@dataclass
+@dataclass(slots=True)  # a million of them: no __dict__ each
 class Variable:
     var_id: int
     name: str
@@ -49,12 +48,12 @@ class Variable:
     type: str
     nbytes: int
     copies: list[Copy]
-    leases: Counter = field(default_factory=Counter)  # holder -> count
+    leases: dict[str, int] = field(default_factory=dict)  # holder -> count
     deleted: bool = False
     last_used: float = 0.0  # monotonic time of the last acquire: replicas are evicted LRU
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """A reservation the directory handed out (to a writer off its own blocks, or to the
     fabric itself for a copy); a writer's reservations in its own blocks are its own."""

@@ -30,7 +30,6 @@ from rich.table import Table
 
 PROGRESS_MIN_BYTES = 32 * 2**20  # smaller transfers finish before a bar is worth drawing
 _PIPE_WIDTH = 240  # tables written to a pipe or file are not squeezed into 80 columns
-_SHOWN_NAMES = 3
 
 
 def human_size(nbytes: float | None) -> str:
@@ -145,7 +144,7 @@ def status_table(rows: list[dict], title: str | None = None) -> Table:
                 human_size(sum(b["used"] for b in ok)),
                 human_size(sum(b["free"] for b in ok)),
                 human_size(max((b["largest_free"] or 0 for b in ok), default=0)),
-                str(sum(len(b["variables"]) for b in blocks)),
+                str(sum(b["variables"] or 0 for b in ok)),
                 style="bold",
                 end_section=True,
             )
@@ -174,9 +173,7 @@ def _usage(row: dict) -> tuple[str, str, str]:
 def _variables(row: dict) -> str:
     if "error" in row:
         return f"cannot read the block's statistics: {row['error']}"
-    names = list(row["variables"])
-    shown = ", ".join(names[:_SHOWN_NAMES]) + (", ..." if len(names) > _SHOWN_NAMES else "")
-    return f"{len(names)}: {shown}" if names else "0"
+    return "?" if row["variables"] is None else str(row["variables"])
 
 
 @contextmanager

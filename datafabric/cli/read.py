@@ -5,6 +5,8 @@ and ``status``.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import click
 import numpy as np
@@ -15,6 +17,8 @@ from datafabric.cli.app import CliError, cli, connection_options, json_option, k
 from datafabric.cli.slices import parse_selection
 from datafabric.errors import NameNotFoundError
 from datafabric.types import from_datashape
+
+LS_PAGE = 1000  # names per request of `ls`
 
 
 @cli.command(name="ls", short_help="List variables.")
@@ -30,7 +34,7 @@ def ls(prefix: str, scheduler: str | None, timeout: float, as_json: bool) -> Non
     """
     with connected_fabric(scheduler, timeout) as fabric:
         rows = []
-        for name in fabric.get_list(prefix):
+        for name in pages(fabric, prefix):
             try:
                 rows.append(fabric.info(name))
             except NameNotFoundError:
@@ -121,3 +125,14 @@ def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
         fmt.console().print(fmt.memory_table(memory))
     else:
         click.echo(f"fabric {fabric.fabric_id[:8]} on {fabric.address} has no blocks")
+
+
+def pages(fabric: Any, prefix: str, size: int = LS_PAGE) -> Iterator[str]:
+    """The names under ``prefix``, a page of ``size`` per request: each request costs the
+    scheduler the page, however many names it holds."""
+    after = None
+    while page := fabric.get_list(prefix, limit=size, after=after):
+        yield from page
+        if len(page) < size:
+            return
+        after = page[-1]

@@ -1,0 +1,242 @@
+"""The directory at scale: a million names, through the public API.
+
+Two tasks (one per worker of a 2-worker LocalCluster) insert 1,000,000 variables of 8
+bytes with ``insert_many`` in batches of 10,000, named ``scale/<group>/<i>`` (1,000 groups
+of 1,000).  Then, with every name in, medians of: ``get_list(prefix)`` of one group,
+a page of 1,000 names after a random name, ``status()``, and ``delete_many`` of 100,000
+names.  Same-run baselines: a bare scheduler round trip (what any call costs at least),
+the scan of every name that ``get_list(prefix)`` was before the index (timed inside the
+scheduler), and ``delete`` one name at a time.  The insert rate of the last tenth of the
+names is compared with the first tenth's, and the scheduler's memory per variable is its
+RSS growth over the names.  A profile of the scheduler during the last tenth of the
+inserts (``--profile``) shows where an insert's time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import numpy as np
+from distributed import Client, LocalCluster
+
+import datafabric
+from benchmarks.timing import summary
+from datafabric import layout
+from datafabric.protocol import SCHEDULER_PLUGIN
+
+GROUP = 1000  # names per group: get_list(prefix) of one group lists this many
+BATCH = 10_000
+PAGE = 1000
+DELETE_MANY = 100_000
+VALUE = np.arange(8, dtype=np.uint8)
+
+
+def name(group: int, i: int) -> str:
+    return f"scale/{group:04d}/{i:03d}"
+
+
+def fill(fabric: datafabric.Fabric, groups: list[int]) -> list[tuple[float, float, int, float]]:
+    """Runs in a task: the groups' names in batches; returns (start, end, names, CPU
+    seconds of the task's thread) per batch."""
+    names = [name(g, i) for g in groups for i in range(GROUP)]
+    batches = []
+    for start in range(0, len(names), BATCH):
+        t0, cpu0 = time.time(), time.thread_time()
+        fabric.insert_many([(n, "", np.uint8, VALUE) for n in names[start : start + BATCH]])
+        batches.append((t0, time.time(), len(names[start : start + BATCH]), time.thread_time() - cpu0))
+    return batches
+
+
+def meter_seals(dask_scheduler) -> None:
+    """The scheduler's CPU time for each seal request, with the directory's size then: CPU
+    time, unlike wall time, does not count the other processes of a loaded machine.  (A
+    seal of inserts placed in the writer's own block handles the request with no await.)"""
+    handler = dask_scheduler.handlers["datafabric_seal"]
+    log = dask_scheduler._datafabric_seal_cpu = []
+    directory = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
+
+    async def metered(**kwargs):
+        t0 = time.thread_time()
+        answer = await handler(**kwargs)
+        log.append((len(directory.variables), len(kwargs["items"]), time.thread_time() - t0))
+        return answer
+
+    dask_scheduler.handlers["datafabric_seal"] = metered
+
+
+def seal_cpu(dask_scheduler) -> list[tuple[int, int, float]]:
+    return dask_scheduler._datafabric_seal_cpu
+
+
+def scheduler_rss(dask_scheduler) -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def scan(prefix: str, dask_scheduler=None) -> float:
+    """The listing as it was before the index: every name tested, then sorted."""
+    names = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory.variables
+    t0 = time.perf_counter()
+    sorted(n for n in names if n.startswith(prefix))
+    return time.perf_counter() - t0
+
+
+def profile_start(dask_scheduler) -> None:
+    import cProfile
+
+    dask_scheduler._datafabric_profile = cProfile.Profile()
+    dask_scheduler._datafabric_profile.enable()
+
+
+def profile_stop(dask_scheduler) -> str:
+    import io
+    import pstats
+
+    profile = dask_scheduler._datafabric_profile
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(15)
+    return out.getvalue()
+
+
+def timed(fn, n: int) -> list[float]:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def run(names: int, reps: int, profile: bool) -> dict:
+    groups = names // GROUP
+    extent = layout.extent_size_for(1 << 20, name(groups, 0), "8 * uint8", "", 8)
+    mb = 8 * names * extent / 2**20 + 64  # each worker's own block holds its task's half
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None, host="127.0.0.1") as cluster,
+        Client(cluster) as client,
+    ):
+        fabric = datafabric.start(client, mb=mb)
+        try:
+            rss0 = client.run_on_scheduler(scheduler_rss)
+            client.run_on_scheduler(meter_seals)
+            workers = sorted(client.scheduler_info()["workers"])
+            mine = {w: [g for g in range(groups) if g % len(workers) == k] for k, w in enumerate(workers)}
+            futures = [client.submit(fill, fabric, mine[w], workers=[w], pure=False) for w in workers]
+            report = None
+            if profile:  # the last tenth: started once nine tenths are in
+                while len(fabric.get_list("", limit=names)) < 0.9 * names:
+                    time.sleep(1)
+                client.run_on_scheduler(profile_start)
+            batches = sorted(b for f in client.gather(futures) for b in f)
+            if profile:
+                report = client.run_on_scheduler(profile_stop)
+            rss1 = client.run_on_scheduler(scheduler_rss)
+            assert len(fabric.get_list()) == names
+
+            tenth = max(1, len(batches) // 10)
+            rates = [n / (end - start) for start, end, n, _ in batches]
+            first, last = statistics.median(rates[:tenth]), statistics.median(rates[-tenth:])
+            task_cpu = [cpu / n for _, _, n, cpu in batches]  # seconds per name, the writer's thread
+            seals = sorted(client.run_on_scheduler(seal_cpu))
+            sealed = [cpu / n for _, n, cpu in seals]  # seconds per name, the scheduler
+            tenth_s = max(1, len(sealed) // 10)
+
+            rng = random.Random(1)
+            round_trip = timed(lambda: client.sync(client.scheduler.identity), reps)
+            prefixes = [f"scale/{rng.randrange(groups):04d}/" for _ in range(reps)]
+            prefix = timed(lambda: fabric.get_list(prefixes.pop()), reps)
+            prefixes = [f"scale/{rng.randrange(groups):04d}/" for _ in range(5)]
+            scans = [client.run_on_scheduler(scan, p) for p in prefixes]
+            afters = [name(rng.randrange(groups), rng.randrange(GROUP)) for _ in range(reps)]
+            page = timed(lambda: fabric.get_list("", limit=PAGE, after=afters.pop()), reps)
+            status = timed(fabric.status, reps)
+
+            doomed = [name(g, i) for g in range(DELETE_MANY // GROUP) for i in range(GROUP)]
+            t0 = time.perf_counter()
+            assert fabric.delete_many(doomed) == len(doomed)
+            bulk = time.perf_counter() - t0
+            singles = [name(g, i) for g in range(DELETE_MANY // GROUP, DELETE_MANY // GROUP + 1) for i in range(GROUP)]
+            t0 = time.perf_counter()
+            for n in singles:
+                fabric.delete(n)
+            one_by_one = time.perf_counter() - t0
+        finally:
+            fabric.shutdown()
+    return {
+        "names": names,
+        "insert_rate_first_tenth": first,
+        "insert_rate_last_tenth": last,
+        "insert_ratio_last_to_first": last / first,
+        "task_cpu_per_name_first_tenth": statistics.median(task_cpu[:tenth]),
+        "task_cpu_per_name_last_tenth": statistics.median(task_cpu[-tenth:]),
+        "seal_cpu_per_name_first_tenth": statistics.median(sealed[:tenth_s]),
+        "seal_cpu_per_name_last_tenth": statistics.median(sealed[-tenth_s:]),
+        "scheduler_bytes_per_variable": (rss1 - rss0) / names,
+        "round_trip": summary(round_trip),
+        "get_list_prefix": summary(prefix),
+        "scan_prefix_in_scheduler": summary(scans),
+        "page_after": summary(page),
+        "status": summary(status),
+        "status_blocks": 2,
+        "delete_many_rate": len(doomed) / bulk,
+        "delete_one_by_one_rate": len(singles) / one_by_one,
+        "profile": report,
+    }
+
+
+def table(r: dict) -> str:
+    rt = r["round_trip"]["median"]
+
+    def ms(key: str) -> str:
+        s = r[key]
+        return f"{s['median'] * 1e3:.2f} ms | {s['min'] * 1e3:.2f} | {s['max'] * 1e3:.2f} | {s['median'] / rt:.1f}x"
+
+    rows = [
+        "| measurement | median | min | max | vs a bare round trip |",
+        "|---|---:|---:|---:|---:|",
+        f"| bare scheduler round trip | {ms('round_trip')} |",
+        f"| get_list(prefix) of {GROUP:,} names | {ms('get_list_prefix')} |",
+        f"| the scan it replaced, inside the scheduler | {ms('scan_prefix_in_scheduler')} |",
+        f"| get_list('', limit={PAGE}, after=a random name) | {ms('page_after')} |",
+        f"| status(), {r['status_blocks']} blocks | {ms('status')} |",
+        "",
+        "| rate | value |",
+        "|---|---:|",
+        f"| insert_many, first tenth (names/s, median of batches) | {r['insert_rate_first_tenth']:,.0f} |",
+        f"| insert_many, last tenth | {r['insert_rate_last_tenth']:,.0f} ({r['insert_ratio_last_to_first']:.2f}x) |",
+        f"| writer's CPU per name, first tenth / last tenth (µs) | {r['task_cpu_per_name_first_tenth'] * 1e6:.1f} / "
+        f"{r['task_cpu_per_name_last_tenth'] * 1e6:.1f} "
+        f"({r['task_cpu_per_name_first_tenth'] / r['task_cpu_per_name_last_tenth']:.2f}x the rate) |",
+        f"| scheduler's CPU per sealed name, first tenth / last tenth (µs) | "
+        f"{r['seal_cpu_per_name_first_tenth'] * 1e6:.1f} / {r['seal_cpu_per_name_last_tenth'] * 1e6:.1f} "
+        f"({r['seal_cpu_per_name_first_tenth'] / r['seal_cpu_per_name_last_tenth']:.2f}x the rate) |",
+        f"| delete_many of {DELETE_MANY:,} names (names/s) | {r['delete_many_rate']:,.0f} |",
+        f"| delete, one name a call (names/s) | {r['delete_one_by_one_rate']:,.0f} "
+        f"({r['delete_many_rate'] / r['delete_one_by_one_rate']:.0f}x slower than delete_many) |",
+        f"| scheduler memory per variable | {r['scheduler_bytes_per_variable']:,.0f} bytes |",
+    ]
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--names", type=int, default=1_000_000, help="a multiple of 200,000 (default 1,000,000)")
+    parser.add_argument("--reps", type=int, default=50, help="samples per latency median")
+    parser.add_argument("--profile", action="store_true", help="cProfile the scheduler over the last tenth")
+    args = parser.parse_args()
+    result = run(args.names, args.reps, args.profile)
+    print(f"directory at scale: {result['names']:,} names of 8 bytes on a 2-worker LocalCluster")
+    print(table(result))
+    if result["profile"]:
+        print(result["profile"])
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}))
+
+
+if __name__ == "__main__":
+    main()
