@@ -40,10 +40,14 @@ def megabytes(value: Any, what: str) -> float:
     return float(value)
 
 
+MAX_WHOLE = 2**63 - 1  # what every message between the parts can carry (msgpack's int64)
+
+
 def whole(value: Any, what: str) -> int:
-    """A non-negative int (numpy integers too), never a bool or a float."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) or value < 0:
-        raise refuse(what, value, "an int of 0 or more")
+    """A non-negative int (numpy integers too) that a message can carry, never a bool or
+    a float."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_WHOLE:
+        raise refuse(what, value, "an int of 0 or more, below 2**63")
     return int(value)
 
 
