@@ -9,15 +9,20 @@ refused where a user names something to change.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import sys
 import threading
+import time
+import zlib
 
 import cloudpickle
 import numpy as np
 import pytest
 
+import datafabric
 from datafabric import errors
 from datafabric.names import chunk_name
 from tests.waiting import wait_for
@@ -100,3 +105,125 @@ def test_a_dataset_deleted_while_its_seal_marks_the_chunks_leaves_nothing(client
     with pytest.raises(errors.NameNotFoundError):
         fabric.dataset("race/sealdel")
     wait_for(lambda: variables(fabric) == 0 and used(fabric) == before, "the deleted dataset's chunks to be freed")
+
+
+def base_of(name: str) -> int:
+    return zlib.crc32(name.encode()) << 20
+
+
+def dataset_churn(fabric, actor: str, seed: int, seconds: float) -> dict:
+    """Create, write (several writes per dataset), seal, read and hold zero-copy chunk
+    views of others' datasets, delete own old rounds (``delete`` or ``delete_prefix``,
+    datasets and plain variables under one prefix), defragment now and then.  Element i
+    of dataset NAME holds ``base_of(NAME) + i``, so a view of wrong bytes shows."""
+    rng = random.Random(seed)
+    held: list[tuple[str, int, np.ndarray]] = []
+    counts = {"sealed": 0, "deleted": 0, "reads": 0, "bad": 0, "gone": 0, "full": 0}
+    rounds: list[str] = []
+    deadline = time.monotonic() + seconds
+    r = 0
+    while time.monotonic() < deadline:
+        prefix = f"dsc/{actor}/{r}/"
+        r += 1
+        rounds.append(prefix)
+        for k in range(rng.randint(1, 3)):
+            name, n = f"{prefix}{k}", rng.choice((50, 3000, 40_000))
+            chunk = max(1, n // rng.choice((1, 3, 7)))
+            values = base_of(name) + np.arange(n, dtype=np.int64)
+            try:
+                with fabric.create_dataset(name, (n,), np.int64, chunks=(chunk,), fillvalue=-1) as ds:
+                    cut = rng.randrange(n)
+                    ds[cut:] = values[cut:]
+                    ds[:cut] = values[:cut]
+                counts["sealed"] += 1
+            except errors.OutOfSpaceError:
+                counts["full"] += 1
+        with contextlib.suppress(errors.OutOfSpaceError):
+            fabric.insert(f"{prefix}plain", "", np.int64, np.arange(100, dtype=np.int64))
+        for name in fabric.get_list("dsc/", limit=20, after=f"dsc/{rng.random()}")[:6]:
+            if name.endswith("plain"):
+                continue
+            try:
+                ds = fabric.dataset(name)
+                start = rng.randrange(ds.shape[0])
+                c = ds.chunks[0]
+                stop = min(ds.shape[0], (start // c + 1) * c)  # inside one chunk: a view
+                view = ds[start:stop]
+                whole = ds[...]
+            except errors.NameNotFoundError:
+                counts["gone"] += 1
+                continue
+            counts["reads"] += 1
+            counts["bad"] += not np.array_equal(whole, base_of(name) + np.arange(len(whole)))
+            held.append((name, start, view))
+        rng.shuffle(held)
+        for name, start, view in held[10:]:
+            counts["bad"] += not np.array_equal(view, base_of(name) + np.arange(start, start + len(view)))
+        del held[10:]
+        if len(rounds) > 2:
+            old = rounds.pop(0)
+            if rng.random() < 0.5:
+                counts["deleted"] += fabric.delete_prefix(old)
+            else:
+                for name in fabric.get_list(old):
+                    fabric.delete(name)
+                    counts["deleted"] += 1
+        if rng.random() < 0.2:
+            fabric.defragment()
+    for name, start, view in held:
+        counts["bad"] += not np.array_equal(view, base_of(name) + np.arange(start, start + len(view)))
+    return counts
+
+
+@pytest.mark.timeout(240)
+def test_churn_of_datasets_with_chunk_views_held_reads_only_right_bytes(client):
+    """Actors in tasks on both workers (local leases, ``get_many`` of chunks) and the
+    client churn datasets through create, seal, read, delete, ``delete_prefix`` and
+    defragment: every view held reads its own bytes to the end, and all memory returns."""
+    fabric = datafabric.start(client, mb=96)
+    try:
+        workers = sorted(client.scheduler_info()["workers"])
+        futures = [
+            client.submit(dataset_churn, fabric, f"w{w}t{t}", 300 + 10 * w + t, 12, workers=[address], pure=False)
+            for w, address in enumerate(workers)
+            for t in range(2)
+        ]
+        tallies = [dataset_churn(fabric, "client", 9, 12), *client.gather(futures)]
+        total = {k: sum(t[k] for t in tallies) for k in tallies[0]}
+        print(total)
+        assert total["bad"] == 0, f"bad reads: {total}"
+        assert total["sealed"] > 30 and total["reads"] > 30, f"the churn did too little: {total}"
+        fabric.delete_prefix("dsc/")
+        assert fabric.get_list("dsc/") == [] and fabric.datasets("dsc/") == []
+        wait_for(lambda: all(b["free"] == b["capacity"] for b in fabric.status()), "all memory to return")
+    finally:
+        fabric.shutdown()
+
+
+def hold_a_local_view(fabric, name: str, event: str) -> int:
+    """In a task: a view of ``name`` (a local lease, no RPC), held while the client
+    deletes the name; then the bytes differing from what ``name`` held."""
+    from distributed import Event
+
+    view = fabric.get(name)
+    Event(f"{event}/held").set()
+    Event(f"{event}/deleted").wait(60)
+    return int((view != np.arange(len(view), dtype=np.int64) * 3).sum())
+
+
+def test_a_local_view_held_through_a_delete_keeps_its_bytes_and_its_worker(client, fabric):
+    """The recall before the free reports the task's local lease; the YellowPages counts
+    it as the worker's, which holds no lease there yet.  The view reads its bytes to the
+    end, the worker stays connected, and the memory is freed once the view is gone."""
+    from distributed import Event
+
+    a = sorted(client.scheduler_info()["workers"])[0]
+    before = used(fabric)
+    fabric.insert("local/held", "", np.int64, np.arange(100_000, dtype=np.int64) * 3)
+    task = client.submit(hold_a_local_view, fabric, "local/held", "attack-local", workers=[a], pure=False)
+    assert Event("attack-local/held", client=client).wait(60)
+    fabric.delete("local/held")
+    Event("attack-local/deleted", client=client).set()
+    assert task.result(timeout=60) == 0
+    assert a in client.scheduler_info()["workers"]
+    wait_for(lambda: used(fabric) == before, "the deleted variable's memory to be freed")

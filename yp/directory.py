@@ -244,7 +244,7 @@ class Directory:
 
     def add_leases(self, var: Variable, holder: str, count: int) -> None:
         """Leases ``holder`` took on its own (local leases, reported when recalled)."""
-        var.leases[holder] += count
+        var.leases[holder] = var.leases.get(holder, 0) + count  # a plain dict: it may have none yet
 
     def release(self, var_id: int, holder: str) -> list[Copy]:
         var = self.by_id.get(var_id)
