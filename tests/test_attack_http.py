@@ -31,3 +31,17 @@ def test_http_delete_refuses_a_chunk_and_deletes_a_dataset(hfabric, port):
         assert "web/ds" not in hfabric
         assert api(port, "DELETE", "data/web/ds").status == 404
     wait_for(lambda: used(hfabric) == before, "the dataset's chunks to be freed")
+
+
+def test_http_names_list_a_dataset_once_and_never_its_chunks(hfabric, port):
+    """``GET names`` lists what ``get_list`` lists: a sealed dataset as one entry, its
+    ``.dfab/`` chunk variables nowhere, whatever the prefix."""
+    hfabric.insert("listed/var", "", np.int8, np.zeros(3, np.int8))
+    with hfabric.create_dataset("listed/ds", (10,), np.float32, chunks=(3,), fillvalue=0) as ds:
+        ds[...] = 1.0
+    page = api(port, "GET", "names").json
+    assert [e["name"] for e in page["entries"]] == hfabric.get_list() == ["listed/ds", "listed/var"]
+    assert page["total"] == 2 and page["entries"][0]["kind"] == "dataset" and page["entries"][0]["nbytes"] == 40
+    assert api(port, "GET", "names", prefix=".dfab/").json == {"entries": [], "total": 0, "next": None}
+    hfabric.delete_prefix("listed/")
+    assert api(port, "GET", "names").json["total"] == 0
