@@ -13,6 +13,7 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -25,6 +26,7 @@ import pytest
 import datafabric
 from datafabric import errors
 from datafabric.names import chunk_name
+from datafabric.protocol import SCHEDULER_PLUGIN
 from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -227,3 +229,62 @@ def test_a_local_view_held_through_a_delete_keeps_its_bytes_and_its_worker(clien
     assert task.result(timeout=60) == 0
     assert a in client.scheduler_info()["workers"]
     wait_for(lambda: used(fabric) == before, "the deleted variable's memory to be freed")
+
+
+LATE_WRITER = """
+import sys, numpy as np
+from distributed import Client
+import datafabric
+client = Client(sys.argv[1])
+fabric = datafabric.connect(client)
+ds = fabric.dataset(sys.argv[2])
+print("writing", flush=True)
+ds[32:48] = 9.0  # its chunk's home is placed while the owners are stopped; killed meanwhile
+"""
+
+
+def placing(dask_scheduler=None) -> int:
+    """Chunk homes being placed (reserved, then filled) at the YellowPages."""
+    return len(dask_scheduler.plugins[SCHEDULER_PLUGIN].datasets._placing)
+
+
+def test_a_home_placed_for_a_killed_writer_during_the_seal_is_freed(client, fabric, tmp_path):
+    """A writer killed while its chunk's home is being placed loses its ticket at once, so
+    the seal goes on while the placement is still in flight: the home is nobody's and
+    must be freed, the dataset read as written before, and every byte returned.  (The
+    order in which the owners answer after SIGCONT decides whether the placement ends
+    before or after the seal's marks; this run cannot force the former.)"""
+    before = used(fabric)
+    ds = fabric.create_dataset("race/late", (64,), np.float64, chunks=(16,), fillvalue=-1)
+    ds[0:16] = 1.0
+    pids = list(client.run(os.getpid).values())
+    script = tmp_path / "late.py"
+    script.write_text(LATE_WRITER)
+    writer = subprocess.Popen(
+        [sys.executable, str(script), client.scheduler.address, ds.name], stdout=subprocess.PIPE, text=True
+    )
+    outcome: dict = {}
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        for pid in pids:  # the owners: the late home's fill and the seal's mark wait for them
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: client.run_on_scheduler(placing) == 1, "the late writer's home placement")
+            writer.kill()
+            writer.wait(30)
+            sealing = threading.Thread(target=lambda: outcome.setdefault("info", ds.seal()))
+            sealing.start()
+            wait_for(lambda: known(fabric, chunk_name(ds.id, 0)), "the seal to make the homes chunk variables")
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+        sealing.join(60)
+        assert not sealing.is_alive() and "info" in outcome
+        expected = np.full(64, -1.0)
+        expected[0:16] = 1.0
+        np.testing.assert_array_equal(fabric.dataset("race/late")[...], expected)
+        fabric.delete("race/late")
+        wait_for(lambda: used(fabric) == before, "every home, the late one too, to be freed")
+    finally:
+        writer.kill()
+        writer.wait()
