@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from datafabric.datasets.grid import chunk_shape, chunk_type, grid_shape, unravel
-from datafabric.errors import FabricError, InvalidArgumentError
+from datafabric.errors import FabricError, InvalidArgumentError, InvalidNameError
 from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
-from datafabric.names import CHUNK_PREFIX, chunk_name, validate_new_name
+from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
 from datafabric.types import from_datashape
 from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
 from yp.directory import Directory
@@ -258,6 +258,11 @@ class Datasets:
             raise
         record.homes = {}
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
+        if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
+            for var in sealed:
+                if self.directory.variables.get(var.name) is var:
+                    await self.deletes.delete(var.name)
+            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         self.local.publish(sealed)
         table = np.full(record.nchunks, -1, np.int64)
         table[flats] = [v.var_id for v in sealed]
@@ -278,6 +283,10 @@ class Datasets:
         freed once no write is in flight.  Other names are variables."""
         record = self.directory.datasets.get(name)
         if record is None:
+            if is_chunk_name(name):  # its dataset would point at a variable that is gone
+                raise InvalidNameError(
+                    f"{name!r} is a dataset's chunk, one of the fabric's own variables: delete its dataset"
+                )
             return await self.deletes.delete(name)
         if record.state != SEALED:
             await self._end(record)

@@ -1,23 +1,25 @@
 """What the HTTP API lists, describes and reads: the one place that knows what an entry is.
 
-Today every entry is a variable.  Datasets (chunked, many variables under one name) plug in
-here: ``page`` lists one entry per dataset, ``describe`` gives its chunks, and ``opened``
-gives a selection of it as pieces of its chunks; the routes and the web page call only
-these functions.
+``page`` lists variables and sealed datasets (one entry each, kind ``dataset``), never
+the chunk variables that hold a dataset's chunks, as ``fabric.get_list`` does.
+``describe`` and ``opened`` serve variables only so far: a dataset's chunks plug in there.
+The routes and the web page call only these functions.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from datafabric.datasets.grid import chunk_type
 from datafabric.errors import InvalidArgumentError
 from datafabric.messages import VariableInfo
 from datafabric.names import validate_name
-from datafabric.types import FabricType, from_dtype, parse_type
+from datafabric.types import FabricType, from_datashape, from_dtype, parse_type
 from yp.http.slices import Selection, parse_slice, select
 
 if TYPE_CHECKING:
@@ -31,6 +33,17 @@ PIECE = 8 * 2**20  # bytes a response reads at a time
 def summary(yp: YellowPages, name: str) -> dict[str, Any]:
     """One line of the listing: no owner is asked anything."""
     d = yp.directory
+    record = d.datasets.get(name)
+    if record is not None:  # a sealed dataset (the listing has no other): one entry for its chunks
+        itemsize = from_datashape(record.element).dtype.itemsize
+        return {
+            "name": name,
+            "kind": "dataset",
+            "doc": record.doc,
+            "type": chunk_type(record.element, record.shape),
+            "nbytes": math.prod(record.shape) * itemsize,
+            "nodes": sorted({n for v in _chunk_variables(d, record) for n in d.nodes_of(v)}),
+        }
     var = d.lookup(name)
     return {
         "name": var.name,
@@ -46,7 +59,7 @@ def page(yp: YellowPages, prefix: str, after: str | None, limit: int) -> dict[st
     """Names from ``prefix`` sorted, those after ``after``; ``next`` continues the listing."""
     if not 1 <= limit <= MAX_PAGE:
         raise InvalidArgumentError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-    names = yp.reads.names(prefix)
+    names = yp.datasets.names(prefix)  # chunk variables hidden, each sealed dataset one entry
     start = bisect.bisect_right(names, after) if after is not None else 0
     chosen = names[start : start + limit]
     more = start + limit < len(names)
@@ -55,6 +68,11 @@ def page(yp: YellowPages, prefix: str, after: str | None, limit: int) -> dict[st
         "total": len(names),
         "next": chosen[-1] if more and chosen else None,
     }
+
+
+def _chunk_variables(d: Any, record: Any) -> list[Any]:
+    found = (d.by_id.get(i) for i in record.table[record.table >= 0].tolist())
+    return [v for v in found if v is not None]
 
 
 def type_of(var_type: str) -> FabricType:

@@ -199,7 +199,7 @@ class DataHandler(FabricHandler):
     async def delete(self, name: str) -> None:
         try:
             self.check_writable()
-            await self.yp.deletes.delete(entries.checked_name(name))
+            await self.yp.datasets.delete(entries.checked_name(name))  # a dataset, or a variable
         except FabricError as exc:
             return self.fail(exc)
         self.answer({"deleted": name})
