@@ -204,7 +204,6 @@ def test_a_dataset_deleted_mid_response_is_read_whole_then_freed(hcluster, hfabr
     yp = yellowpages(hcluster)
     sock = socket.create_connection(("127.0.0.1", port))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(f"GET {API}data/mid/ds HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         first = sock.recv(4096)
         assert first.startswith(b"HTTP/1.1 200")
