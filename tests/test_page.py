@@ -89,3 +89,34 @@ def test_the_page_shows_blocks_names_and_an_image(browser, hcluster, hfabric, tm
     rows = browser.find_element(By.ID, "values").text.split("\n")[1:]
     assert [json.loads(row) for row in rows] == field[:8, :8].tolist()
     shot(browser, tmp_path, "variable.png")
+
+
+def test_the_page_lists_a_dataset_and_shows_its_image(browser, hcluster, hfabric, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    y, x = np.mgrid[0:200, 0:300]
+    field = np.cos(x / 25.0) * np.sin(y / 15.0)
+    with hfabric.create_dataset("ds/field", shape=field.shape, dtype=np.float64, chunks=(64, 64), doc="chunked") as ds:
+        ds[:, :150] = field[:, :150]  # the right half is never written: the fill value
+    truth = field.copy()
+    truth[:, 150:] = 0.0
+    browser.get(f"http://127.0.0.1:{http_port(hcluster)}/fabric/")
+    rows = wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#names tr"))
+    cells = [c.text for c in rows[0].find_elements(By.TAG_NAME, "td")]
+    assert cells[:3] == ["ds/field", "dataset", "chunked"] and cells[5] == "chunks [64,64]"
+    assert not any(".dfab/" in r.text for r in rows)  # its chunks are not listed
+
+    browser.get(browser.current_url.split("?")[0] + "?name=ds%2Ffield")
+    image = wait(
+        browser,
+        lambda b: b.execute_script(
+            "const i = document.getElementById('image'); return i.complete && i.naturalWidth && i;"
+        ),
+    )
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image) == [300, 200]
+    wait(browser, lambda b: b.find_element(By.ID, "values").text.startswith("shape [8,8]"))
+    values = browser.find_element(By.ID, "values").text.split("\n")[1:]
+    assert [json.loads(row) for row in values] == truth[:8, :8].tolist()
+    assert "20 of 20 chunks" not in browser.find_element(By.ID, "vinfo").text
+    assert "12 of 20 chunks" in browser.find_element(By.ID, "vinfo").text  # 4 rows of chunks, 3 of 5 columns
+    shot(browser, tmp_path, "dataset.png")

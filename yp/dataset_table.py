@@ -127,6 +127,9 @@ class DatasetTable:
         )
         return found if limit is None else found[:limit]
 
+    def count(self, prefix: str = "") -> int:
+        return sum(1 for n, r in self.by_name.items() if r.state == SEALED and n.startswith(prefix))
+
     def created_by(self, holder: str) -> list[DatasetRecord]:
         return [r for r in self.unsealed.values() if r.creator == holder and r.state in (WRITING, SEALING)]
 

@@ -105,6 +105,10 @@ class Datasets:
         merged = heapq.merge(variables, self.table.names(prefix, limit, after))
         return list(itertools.islice(merged, limit))
 
+    def count(self, prefix: str = "") -> int:
+        """How many entries ``names`` lists under ``prefix``, without listing them."""
+        return self.directory.count(prefix, hidden=CHUNK_PREFIX) + self.table.count(prefix)
+
     async def delete_many(self, names: list[str] | None = None, prefix: str | None = None) -> dict:
         """``Deletes.delete_many`` for variables, and every dataset named or under ``prefix``
         deleted as ``delete`` does.  All named must exist, or nothing is deleted."""

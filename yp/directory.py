@@ -212,6 +212,15 @@ class Directory:
                 out.extend(index.islice(a, b))
         return out
 
+    def count(self, prefix: str = "", hidden: str | None = None) -> int:
+        """How many visible names start with ``prefix``: bisections, no scan."""
+        index = self.variables
+        lo, hi = index.bisect_left(prefix), _end_of(index, prefix)
+        if hidden is None:
+            return hi - lo
+        start, end = index.bisect_left(hidden), _end_of(index, hidden)
+        return max(0, min(hi, start) - lo) + max(0, hi - max(lo, end))
+
     def info(self, var: Variable) -> VariableInfo:
         """Where a reader finds ``var``: read it only while the copies' blocks are settled.
         A copy in a block whose owner died moving extents is left out until its adopter

@@ -22,7 +22,8 @@ from tornado import iostream, web
 from datafabric import errors
 from datafabric.errors import FabricError, InvalidArgumentError, NoFabricError, WritesDisabledError
 from datafabric.protocol import SCHEDULER_PLUGIN
-from yp.http import entries
+from datafabric.types import from_dtype
+from yp.http import dataset_reads, entries
 from yp.http.leases import lease_answer, parse_ttl
 from yp.http.png import MAX_PIXELS, png_of
 from yp.http.source import read_pieces
@@ -43,7 +44,9 @@ STATUS = {
     errors.LeaseNotFoundError: 404,
     errors.BlockNotFoundError: 404,
     errors.NoFabricError: 404,
+    errors.InvalidSelectionError: 400,
     errors.NameExistsError: 409,
+    errors.DatasetWritingError: 409,
     errors.OutOfSpaceError: 413,
     errors.VariableUnavailableError: 503,
     errors.WorkerLostError: 503,
@@ -122,7 +125,10 @@ class InfoHandler(FabricHandler):
     async def get(self, name: str) -> None:
         try:
             yp = self.yp
-            info = await yp.reads.info(entries.checked_name(name))
+            record = entries.sealed_dataset(yp, entries.checked_name(name))
+            if record is not None:
+                return self.answer(entries.describe_dataset(yp, record))
+            info = await yp.reads.info(name)
             self.answer(entries.describe(info))
         except FabricError as exc:
             self.fail(exc)
@@ -135,7 +141,7 @@ class StatusHandler(FabricHandler):
             rows = await yp.inventory.status()
         except FabricError as exc:
             return self.fail(exc)
-        blocks = [{k: v for k, v in r.items() if k != "variables"} | {"variables": len(r["variables"])} for r in rows]
+        blocks = [dict(r) for r in rows]  # "variables": each block's count of sealed extents
         nodes: dict[str, dict[str, int]] = {}
         for b in blocks:
             n = nodes.setdefault(b["node"], {"blocks": 0, "capacity": 0, "used": 0, "free": 0})
@@ -199,7 +205,7 @@ class DataHandler(FabricHandler):
     async def delete(self, name: str) -> None:
         try:
             self.check_writable()
-            await self.yp.datasets.delete(entries.checked_name(name))  # a dataset, or a variable
+            await self.yp.datasets.delete(entries.checked_name(name))  # a dataset's, or a variable's
         except FabricError as exc:
             return self.fail(exc)
         self.answer({"deleted": name})
@@ -210,7 +216,10 @@ class DataHandler(FabricHandler):
             if fmt not in ("raw", "npy", "json", "png"):
                 raise InvalidArgumentError(f"format must be raw, npy, json or png, got {fmt!r}")
             yp = self.yp
-            async with yp.http_leases.hold(entries.checked_name(name)) as info:
+            record = entries.sealed_dataset(yp, entries.checked_name(name))
+            if record is not None:
+                return await self._dataset(yp, record, fmt)
+            async with yp.http_leases.hold(name) as info:
                 chosen = entries.opened(info, self.get_query_argument("slice", None))
                 if fmt in ("json", "png"):
                     return await self._small(yp, info, chosen, fmt)
@@ -223,45 +232,79 @@ class DataHandler(FabricHandler):
         except iostream.StreamClosedError:
             pass  # the client hung up; the lease ended with the block above
 
-    async def _stream(self, yp: Any, info: dict, chosen: entries.Opened, fmt: str) -> None:
-        sel, ftype = chosen.selection, chosen.ftype
+    async def _dataset(self, yp: Any, record: Any, fmt: str) -> None:
+        """A dataset's selection, run by run, under leases on the chunks it touches."""
+        chosen = entries.opened_dataset(record, self.get_query_argument("slice", None))
+        ftype = from_dtype(chosen.dtype, chosen.shape)
+        if fmt in ("json", "png"):
+            _check_small(chosen.shape, fmt)
+        async with dataset_reads.leased_chunks(yp, chosen) as chunks:
+            runs = dataset_reads.read_runs(yp, chosen, chunks)
+            async with contextlib.aclosing(runs):
+                if fmt in ("json", "png"):
+                    parts = [_bytes_of(run) async for run in runs]
+                    return self._answer_small(np.frombuffer(b"".join(parts), ftype.dtype).reshape(chosen.shape), fmt)
+                await self._send_head(ftype, chosen.shape, chosen.nbytes, fmt)
+                async for run in runs:
+                    await self.request.connection.write(_bytes_of(run))
+        self.finish()
+
+    async def _send_head(self, ftype: Any, shape: tuple[int, ...], nbytes: int, fmt: str) -> None:
         head = b""
         if fmt == "npy":
             buf = io.BytesIO()
-            header = {"descr": np.lib.format.dtype_to_descr(ftype.dtype), "fortran_order": False, "shape": sel.shape}
+            header = {"descr": np.lib.format.dtype_to_descr(ftype.dtype), "fortran_order": False, "shape": shape}
             np.lib.format.write_array_header_2_0(buf, header)
             head = buf.getvalue()
         self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Length", str(len(head) + sel.nbytes))
+        self.set_header("Content-Length", str(len(head) + nbytes))
         self.set_header("X-Datafabric-Type", ftype.datashape)
         self.set_header("X-Datafabric-Dtype", entries.dtype_text(ftype.dtype))
-        self.set_header("X-Datafabric-Shape", ",".join(map(str, sel.shape)))
+        self.set_header("X-Datafabric-Shape", ",".join(map(str, shape)))
         await self.flush()
-        connection = self.request.connection
         if head:
-            await connection.write(head)
+            await self.request.connection.write(head)
+
+    async def _stream(self, yp: Any, info: dict, chosen: entries.Opened, fmt: str) -> None:
+        sel, ftype = chosen.selection, chosen.ftype
+        await self._send_head(ftype, sel.shape, sel.nbytes, fmt)
         async with contextlib.aclosing(read_pieces(yp, info, sel.pieces)) as pieces:
             async for piece, raw in pieces:
-                await connection.write(piece.take(raw, _base_dtype(info)))
+                await self.request.connection.write(piece.take(raw, _base_dtype(info)))
         self.finish()
 
     async def _small(self, yp: Any, info: dict, chosen: entries.Opened, fmt: str) -> None:
         sel, ftype = chosen.selection, chosen.ftype
-        limit = MAX_JSON_VALUES if fmt == "json" else MAX_PIXELS
-        count = math.prod(sel.shape)
-        if count > limit:
-            raise InvalidArgumentError(
-                f"{count} values is more than {limit} for format={fmt}; narrow it with slice=, or use format=npy"
-            )
+        _check_small(sel.shape, fmt)
         async with contextlib.aclosing(read_pieces(yp, info, sel.pieces)) as pieces:
             parts = [bytes(p.take(raw, _base_dtype(info))) async for p, raw in pieces]
-        values = np.frombuffer(b"".join(parts), ftype.dtype).reshape(sel.shape)
+        self._answer_small(np.frombuffer(b"".join(parts), ftype.dtype).reshape(sel.shape), fmt)
+
+    def _answer_small(self, values: np.ndarray, fmt: str) -> None:
         if fmt == "png":
             body = png_of(values)
             self.set_header("Content-Type", "image/png")
             return self.finish(body)
         self.answer(
-            {"shape": list(sel.shape), "dtype": entries.dtype_text(ftype.dtype), "values": _jsonable(values.tolist())}
+            {
+                "shape": list(values.shape),
+                "dtype": entries.dtype_text(values.dtype),
+                "values": _jsonable(values.tolist()),
+            }
+        )
+
+
+def _bytes_of(run: np.ndarray) -> memoryview:
+    """A C-contiguous run's bytes, with no copy (records and 0-d runs too)."""
+    return memoryview(run.reshape(-1).view(np.uint8))
+
+
+def _check_small(shape: tuple[int, ...], fmt: str) -> None:
+    limit = MAX_JSON_VALUES if fmt == "json" else MAX_PIXELS
+    count = math.prod(shape)
+    if count > limit:
+        raise InvalidArgumentError(
+            f"{count} values is more than {limit} for format={fmt}; narrow it with slice=, or use format=npy"
         )
 
 
@@ -288,6 +331,11 @@ class LeaseHandler(FabricHandler):
             yp = self.yp
             ttl = parse_ttl(self.get_query_argument("ttl", None))
             renewing = self.get_query_argument("lease", None)
+            if entries.checked_name(name) in yp.directory.datasets:
+                raise InvalidArgumentError(
+                    f"{name!r} is a dataset: leases are per variable; read it with GET data/{name}?slice=..., "
+                    "which holds a lease on every chunk it reads for as long as the response runs"
+                )
             if renewing is not None:
                 lease = yp.http_leases.renew(renewing, name, ttl)
                 return self.answer(lease_answer(lease, ttl=ttl))
