@@ -24,7 +24,7 @@ def test_http_delete_refuses_a_chunk_and_deletes_a_dataset(hfabric, port):
         ds[...] = np.arange(64, dtype=np.int16).reshape(8, 8)
     with dask.config.set({"datafabric.http.writable": True}):
         r = api(port, "DELETE", f"data/{chunk_name(ds.id, 1)}")
-        assert r.status == 400 and r.json["error"] == "InvalidNameError", r.body
+        assert r.status == 404 and r.json["error"] == "NameNotFoundError", r.body  # no entry has a chunk's name
         np.testing.assert_array_equal(hfabric.dataset("web/ds")[...], np.arange(64, dtype=np.int16).reshape(8, 8))
         r = api(port, "DELETE", "data/web/ds")
         assert r.status == 200 and r.json == {"deleted": "web/ds"}, r.body

@@ -184,6 +184,7 @@ class Datasets:
         finally:
             del self._placing[key]
             placing.set()
+            await self._notify()  # a seal waits for placements too
 
     async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
         ftype = from_datashape(_chunk_type(record, flat))
@@ -228,8 +229,15 @@ class Datasets:
             self._idle.notify_all()
 
     async def _until_no_writes(self, record: DatasetRecord) -> None:
+        """No ticket and no placement of a home in flight: a placement outlives the ticket
+        of a writer that died, and one recorded after the seal took the homes would leak."""
+        placing = self._placing
+
+        def idle() -> bool:
+            return not record.writes and not any(key[0] == record.dataset_id for key in placing)
+
         async with self._idle:
-            await self._idle.wait_for(lambda: not record.writes)
+            await self._idle.wait_for(idle)
 
     # -- seal and end --------------------------------------------------------------------
     async def seal(self, name: str, dataset_id: int, holder: str) -> DatasetInfo:
