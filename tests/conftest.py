@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import os
 
+import dask
 import pytest
 from distributed import Client, LocalCluster
 
 import datafabric
 
 SHM_DIR = "/dev/shm"
+
+# A LocalCluster closes a worker's nanny for good when, ``lost-worker-timeout`` (15 s) after
+# that worker was removed, no worker of its name is in the cluster's view.  Tests that kill
+# the same worker twice within 15 s hit that window mid-restart and lose the nanny (the
+# cluster then has one worker and every later test of the session fails).  Restarts here
+# are the nanny's own, so the timeout is set beyond any session.
+dask.config.set({"distributed.deploy.lost-worker-timeout": "1 day"})
 
 
 def fabric_segments() -> list[str]:
