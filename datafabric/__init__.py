@@ -3,6 +3,7 @@ memory, found by name from any Dask worker or client."""
 
 from datafabric import errors
 from datafabric.datasets import Dataset
-from datafabric.fabric import Fabric, Pointer, connect, start
+from datafabric.fabric import Fabric, Pointer
+from datafabric.startup import connect, start
 
 __all__ = ["Dataset", "Fabric", "Pointer", "connect", "errors", "start"]

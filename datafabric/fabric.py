@@ -1,11 +1,9 @@
-"""The user's handle on a fabric: ``start``, ``connect`` and the ``Fabric`` object."""
+"""The ``Fabric`` object: the user's handle on a running fabric (``datafabric.startup``
+makes one), and ``Pointer``, the C-style handle of ``get_ptr``."""
 
 from __future__ import annotations
 
 import ctypes
-import signal
-import threading
-import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +18,6 @@ from datafabric.catalog import Catalog
 from datafabric.context import Context, current_context
 from datafabric.datasets.methods import DatasetMethods
 from datafabric.errors import (
-    FabricRunningError,
     NameExistsError,
     NameNotFoundError,
     NoFabricError,
@@ -30,7 +27,7 @@ from datafabric.errors import (
 )
 from datafabric.locality import submit_near
 from datafabric.names import validate_name, validate_new_name
-from datafabric.protocol import SCHEDULER_PLUGIN, TRANSFER_CHUNK
+from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.reads import ManyReads, local_pin
 from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
@@ -39,79 +36,6 @@ from datafabric.writer import Creation, PendingWrite, seal_all
 
 Location = tuple[str, str, int]
 _READ_TRIES = 3  # a remote read follows a copy that a deallocate migrated this many times
-
-
-def start(client: Any, mb: float | None = None) -> Fabric:
-    """Install the fabric on the cluster behind ``client`` and allocate ``mb`` megabytes
-    spread evenly over its nodes.  Workers that join later get the worker plugin too.
-    On a scheduler started with ``--preload datafabric.preload`` the fabric is there
-    already, holding nothing: it is the one started, so it outlives scheduler crashes."""
-    state = client.run_on_scheduler(_yellowpages_state)
-    if state == "running":
-        raise FabricRunningError(
-            f"a fabric is running on {client.scheduler.address} already; "
-            "use datafabric.connect(client), or shut it down first"
-        )
-    if state in ("stopped", "stopped-durable"):  # a fabric was shut down here: its YellowPages makes way
-        client.unregister_scheduler_plugin(SCHEDULER_PLUGIN)
-    if state != "idle":
-        from yp.plugin import YellowPages
-
-        client.register_plugin(YellowPages(None if state == "stopped-durable" else uuid.uuid4().hex))
-    fabric = Fabric(client.scheduler.address, _fabric_id(client), client=client)
-    _exit_on_sigterm()
-    if mb:
-        fabric.allocate(mb)
-    return fabric
-
-
-def _exit_on_sigterm() -> None:
-    """SIGTERM (``kill PID``, a scheduler's or a container's stop) raises SystemExit in
-    the main thread, as Ctrl-C raises KeyboardInterrupt: the script's ``with`` blocks and
-    atexit handlers run, the cluster closes, and closing it shuts the fabric down.  By
-    default SIGTERM ends the process on the spot and the fabric's blocks stay in
-    /dev/shm.  A handler the program installed itself is left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _raise_system_exit)
-
-
-def _raise_system_exit(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
-
-
-def connect(client: Any) -> Fabric:
-    """The fabric already running on the cluster behind ``client``."""
-    fabric_id = _fabric_id(client)
-    if fabric_id is None:
-        raise NoFabricError(
-            f"no fabric is running on {client.scheduler.address}; start one with datafabric.start(client, mb=...)"
-        )
-    return Fabric(client.scheduler.address, fabric_id, client=client)
-
-
-def _fabric_id(client: Any) -> str | None:
-    return client.run_on_scheduler(_running_fabric_id)
-
-
-def _running_fabric_id(dask_scheduler: Any) -> str | None:
-    """Runs on the scheduler: asks the plugin table, so a cluster with no fabric is
-    answered quietly rather than by an unknown-handler warning."""
-    yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
-    return yp.fabric_id if yp is not None and yp.running else None
-
-
-def _yellowpages_state(dask_scheduler: Any) -> str:
-    """absent, idle (a preloaded fabric holding nothing yet), running, or stopped;
-    stopped-durable if it was preloaded, so that its successor is durable too."""
-    yp = dask_scheduler.plugins.get(SCHEDULER_PLUGIN)
-    if yp is None:
-        return "absent"
-    if not yp.running:
-        return "stopped-durable" if yp.durable else "stopped"
-    empty = not yp.directory.blocks and not yp.directory.variables
-    return "idle" if yp.durable and empty else "running"
 
 
 class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):

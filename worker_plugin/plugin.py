@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
 import logging
 import threading
 import uuid
@@ -18,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.protocol import to_serialize
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
@@ -26,18 +24,16 @@ from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
     InvalidArgumentError,
-    NotOnThisNodeError,
-    VariableUnavailableError,
     WorkerLostError,
 )
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
-from datafabric.protocol import CHUNKS_IN_FLIGHT, HANDLER_PREFIX, TRANSFER_CHUNK, WORKER_PLUGIN, answering_refusals
+from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
-from worker_plugin import regions
+from worker_plugin import regions, transfers
 from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
 from worker_plugin.local_reads import LocalReads
@@ -240,23 +236,11 @@ class FabricWorkerPlugin(WorkerPlugin):
                 "largest_free_after": block.allocator.largest_free,
             }
 
-    async def copy_extent(
-        self, shm_id: str, data_offset: int, nbytes: int, dest_node: str, dest_shm_id: str, dest_data_offset: int
-    ) -> dict:
-        """Copy a variable's bytes into a reserved extent of another block of this node."""
-        src = self.blocks[shm_id].segment
-        dest = self.state.segment(dest_node, dest_shm_id)
-        if dest is None:
-            raise NotOnThisNodeError(f"block {dest_shm_id} of node {dest_node} cannot be mapped here")
-        await asyncio.to_thread(ctypes.memmove, dest.address + dest_data_offset, src.address + data_offset, nbytes)
-        return {}
+    async def copy_extent(self, **kwargs: Any) -> dict:
+        return await transfers.copy_extent(self, **kwargs)
 
-    def read(self, shm_id: str, data_offset: int, nbytes: int) -> dict:
-        """Bytes of a block for another node; sent from the mapping, not copied here."""
-        block = self.blocks.get(shm_id)
-        if block is None:
-            raise VariableUnavailableError(f"block {shm_id} is no longer on {self.worker.address}; get it again")
-        return {"data": to_serialize(block.segment.buf[data_offset : data_offset + nbytes])}
+    def read(self, **kwargs: Any) -> dict:
+        return transfers.read(self, **kwargs)
 
     def retire_block(self, shm_id: str, retiring: bool = True) -> dict:
         """Stop (or resume) placing new extents in a block about to be deallocated, and say
@@ -268,38 +252,11 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.retiring = retiring
             return {"reserved": block.allocator.count(ExtentState.RESERVED)}
 
-    async def fetch(
-        self,
-        source_worker: str,
-        source_shm_id: str,
-        source_data_offset: int,
-        nbytes: int,
-        shm_id: str,
-        data_offset: int,
-    ) -> dict:
-        """Pull a variable from a worker of another node into a reserved extent here, in
-        chunks with a few in flight: the network stays busy while arrived chunks are
-        copied in, and a replica of any size needs little private memory."""
-        dest = self.blocks[shm_id].segment.buf
-        source = self.worker.rpc(source_worker)
-        in_flight = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+    async def fetch(self, **kwargs: Any) -> dict:
+        return await transfers.fetch(self, **kwargs)
 
-        async def chunk(start: int) -> None:
-            n = min(TRANSFER_CHUNK, nbytes - start)
-            async with in_flight:
-                answer = await source.datafabric_read(
-                    shm_id=source_shm_id, data_offset=source_data_offset + start, nbytes=n
-                )
-                dest[data_offset + start : data_offset + start + n] = answer["data"]
-
-        await asyncio.gather(*(chunk(start) for start in range(0, nbytes, TRANSFER_CHUNK)))
-        return {}
-
-    def write(self, shm_id: str, data_offset: int, data: Any) -> dict:
-        """Bytes streamed by a writer that cannot map this node's memory."""
-        view = memoryview(data).cast("B")
-        self.blocks[shm_id].segment.buf[data_offset : data_offset + len(view)] = view
-        return {}
+    def write(self, **kwargs: Any) -> dict:
+        return transfers.write(self, **kwargs)
 
     def fill_extent(self, **kwargs: Any) -> dict:
         return regions.fill_extent(self, **kwargs)

@@ -28,7 +28,7 @@ from datafabric.errors import (
 )
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo, Reservation, SealItem, VariableInfo
-from yp import sizing
+from yp import name_index, sizing
 from yp.records import Adoption, Block, Copy, Pending, Variable
 
 
@@ -193,33 +193,10 @@ class Directory:
     def names(
         self, prefix: str = "", limit: int | None = None, after: str | None = None, hidden: str | None = None
     ) -> list[str]:
-        """Up to ``limit`` visible names starting with ``prefix``, in order, those after
-        ``after`` only: a listing's next page starts after the last name of the one before.
-        Names starting with ``hidden`` are skipped (dataset chunks). O(log n + the page):
-        bisections of the sorted index and slices of it."""
-        index = self.variables
-        lo = index.bisect_left(prefix) if after is None or after < prefix else index.bisect_right(after)
-        hi = _end_of(index, prefix)
-        ranges = [(lo, hi)]
-        if hidden is not None:
-            start = index.bisect_left(hidden)
-            ranges = [(lo, min(hi, start)), (max(lo, _end_of(index, hidden)), hi)]
-        out: list[str] = []
-        for a, b in ranges:
-            if limit is not None:
-                b = min(b, a + limit - len(out))
-            if a < b:
-                out.extend(index.islice(a, b))
-        return out
+        return name_index.names(self.variables, prefix, limit, after, hidden)
 
     def count(self, prefix: str = "", hidden: str | None = None) -> int:
-        """How many visible names start with ``prefix``: bisections, no scan."""
-        index = self.variables
-        lo, hi = index.bisect_left(prefix), _end_of(index, prefix)
-        if hidden is None:
-            return hi - lo
-        start, end = index.bisect_left(hidden), _end_of(index, hidden)
-        return max(0, min(hi, start) - lo) + max(0, hi - max(lo, end))
+        return name_index.count(self.variables, prefix, hidden)
 
     def info(self, var: Variable) -> VariableInfo:
         """Where a reader finds ``var``: read it only while the copies' blocks are settled.
@@ -418,15 +395,3 @@ class Directory:
             return []
         self.by_id.pop(var.var_id, None)
         return [self.uncount(c) for c in var.copies if c.shm_id in self.blocks]
-
-
-def _end_of(index: SortedDict, prefix: str) -> int:
-    """The position in the sorted ``index`` past every name starting with ``prefix``."""
-    end = _past(prefix)
-    return len(index) if end is None else index.bisect_left(end)
-
-
-def _past(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix`` (None: no bound)."""
-    stem = prefix.rstrip(chr(sys.maxunicode))
-    return stem[:-1] + chr(ord(stem[-1]) + 1) if stem else None
