@@ -154,12 +154,15 @@ class Copies:
     async def _new_copy(self, var: Variable, node: str, fill: Callable, exclude: set[str] = frozenset()) -> Copy:
         """An extent on ``node`` filled by ``fill(block, data_offset)``; if filling fails,
         the extent goes back.  The caller adds it to ``var`` and has it marked."""
-        dest, r = await self.placement.reserve(
-            var.name, var.type, var.doc, var.nbytes, node, SELF, only_node=True, exclude=frozenset(exclude)
+        dest, copy = await self.placement.reserve_filled(
+            var.name,
+            var.type,
+            var.doc,
+            var.nbytes,
+            node,
+            SELF,
+            lambda block, c: fill(block, c.data_offset),
+            only_node=True,
+            exclude=frozenset(exclude),
         )
-        try:
-            await fill(dest, r["data_offset"])
-        except BaseException:
-            await self.owners.free([c for c in [self.directory.drop_pending(dest.shm_id, r["extent_offset"])] if c])
-            raise
-        return self.directory.seal_pending_copy(dest.shm_id, r["extent_offset"])
+        return self.directory.seal_pending_copy(dest.shm_id, copy.extent_offset)

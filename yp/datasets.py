@@ -40,7 +40,7 @@ from datafabric.types import from_datashape
 from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
 from yp.directory import Directory
 from yp.placement import Placement
-from yp.records import Copy
+from yp.records import Block, Copy
 
 if TYPE_CHECKING:
     from yp.deletes import Deletes
@@ -188,12 +188,8 @@ class Datasets:
 
     async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
         ftype = from_datashape(_chunk_type(record, flat))
-        name = chunk_name(record.dataset_id, flat)
-        block, r = await self.placement.reserve(
-            name, ftype.datashape, "", ftype.nbytes, node, holder_of(record.dataset_id)
-        )
-        copy = Copy(block.shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])
-        try:
+
+        async def fill(block: Block, copy: Copy) -> None:
             await self.owners.ask(
                 block.worker,
                 "fill_extent",
@@ -204,10 +200,10 @@ class Datasets:
             )
             if record.state not in (WRITING, SEALING):
                 raise FabricError(f"dataset {record.name!r} ended while its chunk {flat} was being placed")
-        except BaseException:
-            dropped = self.directory.drop_pending(copy.shm_id, copy.extent_offset)
-            await self.owners.free([dropped] if dropped is not None else [])
-            raise
+
+        holder = holder_of(record.dataset_id)
+        name = chunk_name(record.dataset_id, flat)
+        _, copy = await self.placement.reserve_filled(name, ftype.datashape, "", ftype.nbytes, node, holder, fill)
         record.homes[flat] = copy
         return copy
 

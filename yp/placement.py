@@ -10,8 +10,9 @@ request refused.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from datafabric.errors import WorkerLostError
 from datafabric.messages import Reservation
@@ -70,6 +71,30 @@ class Placement:
                         raise
                     return block, r
         raise self.directory.out_of_space(nbytes, node if only_node else None)
+
+    async def reserve_filled(
+        self,
+        name: str,
+        type_: str,
+        doc: str,
+        nbytes: int,
+        node: str | None,
+        holder: str,
+        fill: Callable[[Block, Copy], Awaitable[Any]],
+        **where: Any,
+    ) -> tuple[Block, Copy]:
+        """A reserved extent that ``fill(block, copy)`` has filled (a replica's bytes, a
+        chunk's fill value).  A fill that fails or is cancelled gives the extent back: no
+        reservation outlives a failed fill with nobody to end it."""
+        block, r = await self.reserve(name, type_, doc, nbytes, node, holder, **where)
+        copy = _copy(block.shm_id, r)
+        try:
+            await fill(block, copy)
+        except BaseException:
+            dropped = self.directory.drop_pending(copy.shm_id, copy.extent_offset)
+            await self.owners.free([dropped] if dropped is not None else [])
+            raise
+        return block, copy
 
     async def _try(self, block: Block, request: dict) -> Reservation | None:
         if block.worker is None:
