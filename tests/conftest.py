@@ -4,10 +4,12 @@ check that nothing of the fabric is left in /dev/shm at the end."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import dask
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 import datafabric
 
@@ -61,6 +63,24 @@ def local_cluster(
         host="127.0.0.1",
         **options,
     )
+
+
+@contextmanager
+def simulated_nodes(
+    nodes: Sequence[str], per_node: int = 1, nthreads: int = 1, dashboard_address: str | None = None
+) -> Iterator[tuple[SpecCluster, Client]]:
+    """Several machines on one: ``per_node`` nanny-run worker processes for each node id in
+    ``nodes`` (``datafabric.node-id`` set in each worker's environment), on loopback."""
+    options = {"nthreads": nthreads, "host": "127.0.0.1"}
+    workers = {
+        f"{node}-{i}": {"cls": Nanny, "options": {**options, "env": {"DASK_DATAFABRIC__NODE_ID": node}}}
+        for node in nodes
+        for i in range(per_node)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address, "host": "127.0.0.1"}}
+    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(len(workers))
+        yield cluster, client
 
 
 @pytest.fixture(scope="session")

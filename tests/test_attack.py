@@ -22,7 +22,7 @@ import pytest
 from distributed import Client, Event
 
 from datafabric import errors, start
-from tests.conftest import local_cluster
+from tests.conftest import local_cluster, simulated_nodes
 from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -164,15 +164,7 @@ def test_a_remote_read_under_lease_survives_a_migrating_deallocate():
     node holds a lease and pulls the bytes chunk by chunk from the owner's block; a
     ``deallocate(migrate=True)`` of that block takes its exclusive hold, which waits for
     no lease, migrates the variable and unlinks the block under the reader."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
-    workers = {
-        node: {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}}}
-        for node in ("attack-a", "attack-b")
-    }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
+    with simulated_nodes(("attack-a", "attack-b")) as (_, client):
         fabric = start(client, mb=2 * 320)
         try:
             fabric.allocate(2 * 320)  # a second block on each node, to migrate into

@@ -12,7 +12,6 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, Nanny, Scheduler, SpecCluster
 from hypothesis import HealthCheck, given, settings
 
 import datafabric
@@ -20,8 +19,9 @@ from datafabric import layout
 from datafabric.errors import InvalidTypeError
 from datafabric.shm import Segment
 from datafabric.types import MAX_TYPE_BYTES, from_dtype
+from tests.conftest import simulated_nodes
 from tests.test_nodes import NODES, node_workers
-from tests.test_types import dtypes, shapes
+from tests.test_type_properties import dtypes, shapes
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -162,12 +162,7 @@ def test_a_type_string_too_long_is_refused_before_anything_is_stored(fabric):
 @pytest.fixture(scope="module")
 def nodes_client():
     """One worker on each of two simulated nodes, as in tests/test_nodes.py."""
-    env = {node: {"DASK_DATAFABRIC__NODE_ID": node} for node in NODES}
-    options = {node: {"nthreads": 1, "host": "127.0.0.1", "env": env[node]} for node in NODES}
-    workers = {node: {"cls": Nanny, "options": options[node]} for node in NODES}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
+    with simulated_nodes(NODES) as (_, client):
         yield client
 
 

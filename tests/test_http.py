@@ -11,9 +11,9 @@ import time
 import dask
 import numpy as np
 import pytest
-from distributed import Client
 
 import datafabric
+from tests.conftest import simulated_nodes
 from tests.http_helpers import api, http_port, request
 from tests.waiting import wait_for
 
@@ -237,20 +237,9 @@ def test_no_fabric_is_a_404(hcluster, hclient):
 def test_data_streams_from_the_owner_when_the_scheduler_cannot_map_it():
     """Two simulated nodes, and a scheduler that is on neither: every piece comes from the
     owning worker's ``read``, and reads the same bytes as numpy."""
-    from distributed import Nanny, Scheduler, SpecCluster
-
     from yp.http.source import map_read_only
 
-    workers = {
-        f"{node}-0": {
-            "cls": Nanny,
-            "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}},
-        }
-        for node in ("node-a", "node-b")
-    }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0", "host": "127.0.0.1"}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        client.wait_for_workers(2)
+    with simulated_nodes(("node-a", "node-b"), dashboard_address="127.0.0.1:0") as (cluster, client):
         fabric = datafabric.start(client, mb=96)
         try:
             a = np.random.default_rng(1).random((2500, 1000))  # 20 MB: three pieces

@@ -12,10 +12,11 @@ from collections import Counter, deque
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, Event, Nanny, Scheduler, SpecCluster
+from distributed import Event
 
 import datafabric
 from datafabric.errors import FabricError, NameNotFoundError
+from tests.conftest import simulated_nodes
 from tests.test_churn import settles
 from tests.test_lifecycle import pattern
 from tests.test_local_reads import count_reads, read_counts
@@ -30,17 +31,7 @@ BASE = [f"base/{i}" for i in range(12)]  # put on node-a, replicated to node-b a
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    workers = {
-        f"{node}-{i}": {
-            "cls": Nanny,
-            "options": {"nthreads": 3, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}},
-        }
-        for node in NODES
-        for i in range(2)
-    }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        client.wait_for_workers(4)
+    with simulated_nodes(NODES, per_node=2, nthreads=3) as (_, client):
         yield client
 
 

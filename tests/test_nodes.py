@@ -9,10 +9,11 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import Client, Nanny, Scheduler, SpecCluster, get_worker
+from distributed import get_worker
 
 import datafabric
 from datafabric import errors, layout
+from tests.conftest import simulated_nodes
 from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -23,17 +24,7 @@ NODES = ("node-a", "node-b")
 
 @pytest.fixture(scope="module")
 def nodes_client():
-    workers = {
-        f"{node}-{i}": {
-            "cls": Nanny,
-            "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}},
-        }
-        for node in NODES
-        for i in range(2)
-    }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
-    with SpecCluster(workers=workers, scheduler=scheduler) as cluster, Client(cluster) as client:
-        client.wait_for_workers(4)
+    with simulated_nodes(NODES, per_node=2) as (_, client):
         yield client
 
 
