@@ -228,6 +228,19 @@ def defragment_loop(fabric, seconds: float, pause: float = 0.0) -> dict:
     return tally.as_dict()
 
 
+def everywhere(client, actor, fabric, seed: int, seconds: float, per_worker: int = 2) -> dict:
+    """``actor(fabric, tag, seed, seconds)`` in ``per_worker`` tasks on each worker and in
+    the client at once; the counts of the tallies they return, summed."""
+    workers = sorted(client.scheduler_info()["workers"])
+    futures = [
+        client.submit(actor, fabric, f"w{w}t{t}", seed + 10 * (w + 1) + t, seconds, workers=[address], pure=False)
+        for w, address in enumerate(workers)
+        for t in range(per_worker)
+    ]
+    tallies = [actor(fabric, "client", seed, seconds), *client.gather(futures)]
+    return {k: sum(t[k] for t in tallies) for k in tallies[0]}
+
+
 def total(tallies: list[dict]) -> dict:
     """The tallies of several actors summed."""
     out = {"actors": len(tallies), "ops": Counter(), "errors": Counter(), "bytes_checked": 0, "bad_reads": 0}

@@ -27,6 +27,7 @@ import datafabric
 from datafabric import errors
 from datafabric.names import chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
+from tests import churn
 from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -184,14 +185,7 @@ def test_churn_of_datasets_with_chunk_views_held_reads_only_right_bytes(client):
     defragment: every view held reads its own bytes to the end, and all memory returns."""
     fabric = datafabric.start(client, mb=96)
     try:
-        workers = sorted(client.scheduler_info()["workers"])
-        futures = [
-            client.submit(dataset_churn, fabric, f"w{w}t{t}", 300 + 10 * w + t, 12, workers=[address], pure=False)
-            for w, address in enumerate(workers)
-            for t in range(2)
-        ]
-        tallies = [dataset_churn(fabric, "client", 9, 12), *client.gather(futures)]
-        total = {k: sum(t[k] for t in tallies) for k in tallies[0]}
+        total = churn.everywhere(client, dataset_churn, fabric, 290, 12)
         print(total)
         assert total["bad"] == 0, f"bad reads: {total}"
         assert total["sealed"] > 30 and total["reads"] > 30, f"the churn did too little: {total}"

@@ -147,14 +147,7 @@ def test_churn_of_bulk_deletes_with_views_held_reads_only_right_bytes(client):
 
     fabric = datafabric.start(client, mb=128)
     try:
-        workers = sorted(client.scheduler_info()["workers"])
-        futures = [
-            client.submit(bulk_churn, fabric, f"w{w}t{t}", 100 + 10 * w + t, 12, workers=[address], pure=False)
-            for w, address in enumerate(workers)
-            for t in range(2)
-        ]
-        tallies = [bulk_churn(fabric, "client", 7, 12), *client.gather(futures)]
-        total = {k: sum(t[k] for t in tallies) for k in tallies[0]}
+        total = churn.everywhere(client, bulk_churn, fabric, 90, 12)
         print(total)
         assert total["bad"] == 0, f"bad reads: {total}"
         assert total["deleted"] > 200 and total["reads"] > 100, f"the churn did too little: {total}"
