@@ -59,9 +59,7 @@ class Inventory:
             ]
             for worker, node, _, shm_id in plan:
                 self.directory.begin_block(shm_id, node, worker)
-            results = await self.owners.ask_each(
-                ((w, "create_block", {"shm_id": s, "size": size, "node": n}) for w, n, size, s in plan), "allocate"
-            )
+            results = await self._create(plan)
             created: list[CreatedBlock] = [r for r in results if not isinstance(r, BaseException)]
             failed = [(p, r) for p, r in zip(plan, results, strict=True) if isinstance(r, BaseException)]
             if failed:
@@ -70,6 +68,32 @@ class Inventory:
             for r in created:
                 self.directory.confirm_block(r["shm_id"], r["size"], r["capacity"])
         return [(node, shm_id) for _, node, _, shm_id in plan]
+
+    async def _create(self, plan: list[tuple[str, str, int, str]]) -> list[Any]:
+        """The plan's blocks, the nodes at once but each node's one after the other, its
+        large block first.  A node's blocks take the same machine's memory: each creator
+        checks its block against what the machine can give *now*, so a block refused for
+        want of memory is refused before any other block of its node has taken pages (in
+        parallel, the small blocks would pre-fault gigabytes while the large one is being
+        refused).  A block not tried after a refusal on its node is ``_NotTried``."""
+        by_node: dict[str, list[int]] = {}
+        for i, (_, node, _, _) in enumerate(plan):
+            by_node.setdefault(node, []).append(i)
+        results: list[Any] = [None] * len(plan)
+
+        async def create_on(indices: list[int]) -> None:
+            for k, i in enumerate(indices):
+                worker, node, size, shm_id = plan[i]
+                [results[i]] = await self.owners.ask_each(
+                    [(worker, "create_block", {"shm_id": shm_id, "size": size, "node": node})], "allocate"
+                )
+                if isinstance(results[i], BaseException):
+                    for j in indices[k + 1 :]:
+                        results[j] = _NotTried(shm_id)
+                    return
+
+        await asyncio.gather(*(create_on(indices) for indices in by_node.values()))
+        return results
 
     async def _undo(self, plan: list[tuple], results: list[Any]) -> None:
         """A refused allocate: unlink what was created; a creator that was lost leaves its
@@ -157,3 +181,7 @@ class Inventory:
 
     def detach(self, shm_ids: list[str]) -> None:
         self.owners.tell_everyone({"op": "datafabric_detach", "shm_ids": shm_ids}, self.members.scheduler.workers)
+
+
+class _NotTried(Exception):
+    """A block of an allocate that was not created: an earlier block of its node was refused."""
