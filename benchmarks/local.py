@@ -130,7 +130,7 @@ def in_process_rows(rounds: int) -> dict:
     segment = Segment.create(new_block_name(fabric_id, "bench"), 4 * 2**20)
     try:
         layout.write_block_header(segment.buf, BlockHeader(uuid.uuid4(), fabric_id, "bench", segment.size))
-        reads = LocalReads(LocalState(fabric_id.hex), "bench", "bench-worker", lambda msg: None)
+        reads = LocalReads(LocalState(fabric_id.hex), "bench", "bench-worker", lambda msg: None, lambda report: None)
         shm_id = segment.name.lstrip("/")
         reads.publish(
             [{"var_id": i, "name": f"n/{i}", "type": "1024 * uint8", "shm_id": shm_id, "data_offset": 4096 + KiB * i}

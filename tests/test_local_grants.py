@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import numpy as np
 
@@ -15,8 +16,11 @@ from worker_plugin.local_reads import LocalReads
 MiB = 2**20
 
 
-def setup(segment, sent: list) -> tuple[LocalReads, dict]:
-    reads = LocalReads(LocalState(FABRIC.hex), NODE, "worker-b", sent.append)
+def setup(segment, sent: list, later: list | None = None) -> tuple[LocalReads, dict]:
+    """``later`` collects what would run on the event loop (the use reports)."""
+    reads = LocalReads(
+        LocalState(FABRIC.hex), NODE, "worker-b", sent.append, (later if later is not None else []).append
+    )
     entry = {"var_id": 7, "name": "x", "type": "1000 * uint8", "shm_id": segment.name.lstrip("/"), "data_offset": 4096}
     return reads, entry
 
@@ -49,6 +53,28 @@ def test_a_recall_reports_the_live_local_leases_and_only_they_send_releases():
         gc.collect()
         assert len(sent) == 2
         assert recall(reads, 7) == []  # nothing published: nothing to report
+
+
+def test_local_reads_are_reported_as_uses_once_a_second_in_one_message(monkeypatch):
+    """The YellowPages evicts replicas least recently used: local reads must reach it, one
+    one-way message for all the names first leased since the last, and not on every get."""
+    with shm_block(MiB) as segment:
+        sent: list = []
+        later: list = []
+        reads, entry = setup(segment, sent, later)
+        reads.publish([entry, {**entry, "var_id": 8, "name": "y", "data_offset": 8192}])
+        views = [reads.pin("x").view(), reads.pin("y").view(), reads.pin("x").view()]
+        assert len(later) == 1 and sent == []  # one flush scheduled for both names
+        later.pop()()
+        assert sent == [{"op": "datafabric_used", "var_ids": [7, 8]}]
+        views.append(reads.pin("x").view())  # within the second: not reported again
+        assert later == []
+        clock = time.monotonic() + 1.5
+        monkeypatch.setattr("worker_plugin.local_reads.time.monotonic", lambda: clock)
+        views.append(reads.pin("x").view())
+        later.pop()()
+        assert sent[-1] == {"op": "datafabric_used", "var_ids": [7]}
+        assert recall(reads, 7) == [[7, 4]] and recall(reads, 8) == [[8, 1]]
 
 
 def test_a_publication_for_a_name_bound_anew_leaves_the_old_grant_recallable():

@@ -12,12 +12,17 @@ leases the YellowPages now holds for this worker.  Each of those pins releases i
 with the one-way message of any other lease when it dies; a pin whose grant was never
 recalled only takes its count down.  Publications and recalls travel on one ordered stream,
 so a publication sent before a recall never lands after it (``docs/protocols.md``).
+
+The YellowPages evicts replicas least recently used, and local leases are reads it does not
+see: each grant's first lease in a second is noted, and the notes go to it in one one-way
+message from the event loop (``datafabric_used``), never on the read path.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +30,14 @@ from datafabric.messages import LocalEntry
 from datafabric.types import FabricType, from_datashape
 from datafabric.views import LocalState, _Pin
 
+USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this often
+
 
 class Grant:
     """One publication of one variable to this worker: the location, and how many live
     pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
 
-    __slots__ = ("var_id", "name", "type", "shm_id", "data_offset", "count", "recalled")
+    __slots__ = ("var_id", "name", "type", "shm_id", "data_offset", "count", "recalled", "reported")
 
     def __init__(self, entry: LocalEntry) -> None:
         self.var_id = entry["var_id"]
@@ -40,6 +47,7 @@ class Grant:
         self.data_offset = entry["data_offset"]
         self.count = 0
         self.recalled = False
+        self.reported = -USE_REPORT_EVERY  # monotonic time of the last use reported
 
 
 class LocalReads:
@@ -47,11 +55,19 @@ class LocalReads:
     (after whatever the event loop is doing now, so a release never overtakes the recall
     that reported its lease)."""
 
-    def __init__(self, state: LocalState, node: str, holder: str, send: Callable[[dict], None]) -> None:
+    def __init__(
+        self,
+        state: LocalState,
+        node: str,
+        holder: str,
+        send: Callable[[dict], None],
+        later: Callable[[Callable[[], None]], None],
+    ) -> None:
         self.state = state
         self.node = node
         self.holder = holder
         self.send = send
+        self.later = later  # runs a function on the event loop soon, from any thread
         # Re-entrant: a pin's finalizer may run in the middle of any step of this thread
         # (a garbage collection), and takes the lock itself.  Each step is written so that
         # such a finalizer, run at any point of it, leaves the counts right.
@@ -59,6 +75,7 @@ class LocalReads:
         self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
         self._by_id: dict[int, Grant] = {}
         self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
+        self._used: list[int] = []  # var ids leased locally since the last report
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
@@ -99,10 +116,18 @@ class LocalReads:
         ftype = self._types.get(grant.type)
         if ftype is None:
             ftype = self._types[grant.type] = from_datashape(grant.type)
+        now = time.monotonic()
         with self.lock:
             if grant.recalled:
                 return None
             grant.count += 1
+            report = now - grant.reported >= USE_REPORT_EVERY
+            if report:
+                grant.reported = now
+                first = not self._used
+                self._used.append(grant.var_id)
+        if report and first:
+            self.later(self._report_use)
         lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
         try:
             return self.state.pin(
@@ -111,6 +136,12 @@ class LocalReads:
         except BaseException:
             self._end(grant, lease)
             raise
+
+    def _report_use(self) -> None:
+        with self.lock:
+            used, self._used = self._used, []
+        if used:
+            self.send({"op": "datafabric_used", "var_ids": used})
 
     def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
         """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran)."""

@@ -13,6 +13,7 @@ import atexit
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,7 +84,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
         self.state = local_state(self.fabric_id)
-        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send)
+        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._later)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
@@ -350,6 +351,12 @@ class FabricWorkerPlugin(WorkerPlugin):
             self.worker.loop.add_callback(self.worker.batched_stream.send, msg)
         except (RuntimeError, AttributeError):
             pass  # worker closing: the scheduler drops its leases when it leaves
+
+    def _later(self, func: Callable[[], None]) -> None:
+        try:
+            self.worker.loop.add_callback(func)
+        except (RuntimeError, AttributeError):
+            pass  # worker closing: what it would report no longer matters
 
     def _unlink_all(self) -> None:
         with self.lock:

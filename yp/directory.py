@@ -228,6 +228,13 @@ class Directory:
         var.leases[holder] = var.leases.get(holder, 0) + 1
         var.last_used = time.monotonic()
 
+    def used(self, var_ids: list[int]) -> None:
+        """Variables read under local leases, which the directory does not see one by one."""
+        now = time.monotonic()
+        for var_id in var_ids:
+            if (var := self.by_id.get(var_id)) is not None:
+                var.last_used = now
+
     def add_leases(self, var: Variable, holder: str, count: int) -> None:
         """Leases ``holder`` took on its own (local leases, reported when recalled)."""
         var.leases[holder] = var.leases.get(holder, 0) + count

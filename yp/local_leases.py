@@ -12,6 +12,10 @@ recall and the end of the free or move, the variable is **withheld**: it is publ
 nobody, so no local lease can start on the copy in question.  A worker that leaves answers
 nothing: its leases, local or not, died with it.
 
+Local reads cost the YellowPages nothing, so it would not see them: each worker reports,
+one-way and batched, the variables it leased locally (each at most once a second), and
+``used`` marks them used, so that replicas are still evicted least recently *read*.
+
 ``datafabric.local-reads: false`` (Dask config, read when the YellowPages starts) publishes
 nothing: every get asks the YellowPages, as before local leases (a benchmark's baseline).
 """
@@ -162,6 +166,10 @@ class LocalLeases:
                 continue
             self.directory.add_leases(var, worker, count)
         self._answered(token, leases)
+
+    def used(self, var_ids: list[int], **_: Any) -> None:
+        """A worker's report (on its stream) of variables it leased locally."""
+        self.directory.used(var_ids)
 
     def _answered(self, token: int, leases: list) -> None:
         _, answer = self._asked.pop(token)

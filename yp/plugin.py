@@ -107,6 +107,7 @@ class YellowPages(SchedulerPlugin):
         scheduler.handlers[f"{HANDLER_PREFIX}handoff"] = self.handoff  # answered even when stopped
         scheduler.stream_handlers["datafabric_release"] = self.reads.release
         scheduler.stream_handlers["datafabric_recalled"] = self.local.recalled
+        scheduler.stream_handlers["datafabric_used"] = self.local.used
         await self._install_on_workers()
 
     def _handlers(self) -> dict[str, Callable]:

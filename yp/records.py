@@ -50,7 +50,7 @@ class Variable:
     copies: list[Copy]
     leases: dict[str, int] = field(default_factory=dict)  # holder -> count
     deleted: bool = False
-    last_used: float = 0.0  # monotonic time of the last acquire: replicas are evicted LRU
+    last_used: float = 0.0  # monotonic time of the last acquire or local read reported: replicas are evicted LRU
 
 
 @dataclass(slots=True)
