@@ -138,7 +138,7 @@ def test_local_gets_race_delete_defragment_eviction_and_migration(two_nodes):
                     blocks = [b for b in fabric.status() if b["node"] == "node-b"]
                     victim = max(blocks, key=lambda b: b["used"])
                     fabric.deallocate("node-b", victim["shm_id"], migrate=True)
-                    fabric.allocate(4 * 2)
+                    fabric.allocate(2 * victim["size"] / MiB)  # node-b gets the victim's size back
                 ops[kind] += 1
             except FabricError as exc:  # refused for lack of room or an insert in progress: documented
                 failed[f"{kind}: {type(exc).__name__}"] += 1
