@@ -38,7 +38,12 @@ def main() -> None:
                                   dtype="f8", compressors=None, dimension_names=["station", "day"])  # fmt: skip
             for start in range(0, 365, 100):
                 z[:, start : start + 100] = temps[:, start : start + 100] - temps.mean()
-        print("sealed", fabric.dataset("sim/anomaly").sealed, "variables", sorted(xr.open_zarr(store, group="sim")))
+        print(
+            "sealed",
+            fabric.dataset("sim/anomaly").sealed,
+            "variables",
+            sorted(xr.open_zarr(store, group="sim").variables),
+        )
         print("exact", np.array_equal(zarr.open_array(store=store, path="sim/anomaly")[:], temps - temps.mean()))
 
 

@@ -207,7 +207,7 @@ class FabricStore(Store):
             self._sealed.pop(ds.name, None)
             raise
         if view.shape != ds.chunks:
-            padded = np.full(ds.chunks, ds.fillvalue, ds.dtype)
+            padded = np.broadcast_to(ds._fill, ds.chunks).copy()
             padded[tuple(slice(0, n) for n in view.shape)] = view
             view = padded
         return np.asarray(view).reshape(-1).view(np.uint8)  # a view of the view: it holds the lease
@@ -267,7 +267,10 @@ class FabricStore(Store):
                 f"zarr key {key!r} is not a chunk of a dataset under {self.prefix!r}: create the array first"
             )
         if found[0].sealed:
-            raise DatasetSealedError(f"zarr key {key!r}: dataset {found[0].name!r} is sealed, and read-only")
+            raise DatasetSealedError(
+                f"zarr key {key!r}: dataset {found[0].name!r} is sealed, and read-only: zarr neither overwrites "
+                "nor deletes it (no overwrite=True); fabric.delete(name) deletes it"
+            )
         return found
 
     def _write_chunk(self, key: str, ds: Dataset, index: tuple[int, ...], chunk: np.ndarray) -> None:
