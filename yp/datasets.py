@@ -287,7 +287,7 @@ class Datasets:
         except FabricError:
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
-        record.homes = {}
+        record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
         if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
             for var in sealed:
@@ -337,7 +337,7 @@ class Datasets:
         await self._notify()  # a seal waiting on it gives up
         await self._until_no_writes(record)
         copies = [self.directory.drop_pending(c.shm_id, c.extent_offset) for c in record.homes.values()]
-        record.homes = {}
+        record.homes, record.claimed = {}, set()
         self.table.unsealed.pop(record.dataset_id, None)
         await self.owners.free([c for c in copies if c is not None])
 
