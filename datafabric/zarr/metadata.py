@@ -49,14 +49,15 @@ class ArraySpec:
 
 
 def spec_of(ds: Any) -> ArraySpec:
-    return ArraySpec(ds.shape, ds.dtype, ds.chunks, ds._fill.tobytes(), dict(ds.attrs))
+    """A dataset's spec; its attrs as JSON has them (Dask's messages turn lists into tuples)."""
+    return ArraySpec(ds.shape, ds.dtype, ds.chunks, ds._fill.tobytes(), json.loads(json.dumps(ds.attrs)))
 
 
 def dimension_names(name: str, spec: ArraySpec) -> tuple[tuple[str, ...], str | None]:
     """The dimension names zarr is given, and the attr they came from (None: the default)."""
     for attr in DIMS_ATTRS:
         value = spec.attrs.get(attr)
-        if isinstance(value, list) and len(value) == len(spec.shape) and all(isinstance(v, str) for v in value):
+        if isinstance(value, list | tuple) and len(value) == len(spec.shape) and all(isinstance(v, str) for v in value):
             return tuple(value), attr
     leaf = name.rsplit("/", 1)[-1]
     return tuple(f"{leaf}_dim_{axis}" for axis in range(len(spec.shape))), None

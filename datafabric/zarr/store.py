@@ -247,7 +247,8 @@ class FabricStore(Store):
         name = self.prefix + path
         ds = self._dataset(path)
         if ds is not None:
-            change = md.describe_change(md.spec_of(ds), spec)
+            served = md.parse_array(md.document(md.array_metadata(ds.name, md.spec_of(ds))))  # as zarr sees it
+            change = md.describe_change(served, spec)
             if change is not None:
                 raise InvalidArgumentError(
                     f"zarr metadata for dataset {name!r} would change {change}; a fabric dataset keeps what it "
