@@ -104,6 +104,10 @@ class DatasetSealedError(FabricError, PermissionError):
     """The dataset is sealed, and read-only from then on, like a variable."""
 
 
+class ChunkWrittenError(FabricError, PermissionError):
+    """A write-once write (a zarr store's) names a chunk that was written already."""
+
+
 class WritesDisabledError(FabricError, PermissionError):
     """The HTTP API's write routes are off (the Dask config key ``datafabric.http.writable``)."""
 

@@ -49,6 +49,7 @@ class DatasetRecord:
     creator: str  # the process whose departure ends the dataset while it is unsealed
     state: str = WRITING
     homes: dict[int, Copy] = field(default_factory=dict)
+    claimed: set[int] = field(default_factory=set)  # chunks a write-once ticket took
     writes: Counter = field(default_factory=Counter)
     table: np.ndarray | None = None
 

@@ -8,6 +8,9 @@ The write protocol (``docs/protocols.md``, "Datasets"):
   which its owner fills with the fill value before the home is recorded.  One placement
   per chunk is in flight at a time (``_placing``); a second writer of the chunk waits for
   it and is given the same home, so a chunk never has two.
+- A **write-once** ticket (``once``, what a zarr store's chunk writes take) also claims
+  its chunks, in the same step: a chunk claimed or with a home already is refused
+  (``ChunkWrittenError``), so of two such writers of one chunk exactly one writes it.
 - The writer then writes its bytes: through its own mapping on the home's node, or to the
   home's owner (``write_region``, worker to worker) from elsewhere; then ``end_write``.
 - ``seal`` refuses new tickets, waits until none is in flight, turns every home into a
@@ -32,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from datafabric.datasets.grid import chunk_shape, chunk_type, grid_shape, unravel
-from datafabric.errors import FabricError, InvalidArgumentError, InvalidNameError
+from datafabric.errors import ChunkWrittenError, FabricError, InvalidArgumentError, InvalidNameError
 from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
 from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
@@ -144,21 +147,37 @@ class Datasets:
 
     # -- writing -------------------------------------------------------------------------
     async def begin_write(
-        self, name: str, dataset_id: int, flats: list[int], node: str | None, holder: str
+        self, name: str, dataset_id: int, flats: list[int], node: str | None, holder: str, once: bool = False
     ) -> list[ChunkHome]:
         record = self.table.writable(name, dataset_id)
         self.directory.check_present(holder)
         count = record.nchunks
         if any(not 0 <= f < count for f in flats):
             raise InvalidArgumentError(f"chunk indices {flats[:5]} are outside dataset {name!r}'s {count} chunks")
+        if once:
+            self._claim(record, flats)
         record.writes[holder] += 1  # in the step that checked the state: a seal started later waits for it
         # One placement at a time (thousands at once would swamp the owners' connections),
         # each ended before the ticket is, failed or not: a seal never misses a home.
         try:
             return [self._home_message(record, f, await self._home(record, f, node)) for f in flats]
         except BaseException:
+            if once:  # a chunk whose home was made stays refused; the others may be written again
+                record.claimed.difference_update(f for f in flats if f not in record.homes)
             await self.end_write(dataset_id, holder)
             raise
+
+    def _claim(self, record: DatasetRecord, flats: list[int]) -> None:
+        """Check and claim in one step (no await between): a write-once chunk has one writer."""
+        taken = [
+            f for f in flats if f in record.claimed or f in record.homes or (record.dataset_id, f) in self._placing
+        ]
+        if taken:
+            raise ChunkWrittenError(
+                f"chunk(s) {taken[:5]} (C-order numbers) of dataset {record.name!r} were written already; "
+                "a write-once write takes each chunk once"
+            )
+        record.claimed.update(flats)
 
     async def end_write(self, dataset_id: int, holder: str) -> dict:
         record = self.table.unsealed.get(dataset_id)
@@ -264,7 +283,7 @@ class Datasets:
         except FabricError:
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
-        record.homes = {}
+        record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
         if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
             for var in sealed:
@@ -314,7 +333,7 @@ class Datasets:
         await self._notify()  # a seal waiting on it gives up
         await self._until_no_writes(record)
         copies = [self.directory.drop_pending(c.shm_id, c.extent_offset) for c in record.homes.values()]
-        record.homes = {}
+        record.homes, record.claimed = {}, set()
         self.table.unsealed.pop(record.dataset_id, None)
         await self.owners.free([c for c in copies if c is not None])
 

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
     from datafabric.datasets.dataset import Dataset
 
 
-def write(ds: Dataset, sel: Selection, values: Any) -> None:
+def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> None:
+    """``once``: a write-once ticket, refused (``ChunkWrittenError``) if any chunk it touches
+    was written or claimed before (the YellowPages checks and claims in one step)."""
     try:
         data = np.broadcast_to(np.asarray(values, dtype=ds.dtype), sel.shape)
     except (ValueError, TypeError) as exc:
@@ -50,6 +52,7 @@ def write(ds: Dataset, sel: Selection, values: Any) -> None:
         flats=sorted(set(flats)),
         node=ctx.node,
         holder=ctx.holder,
+        once=once,
     )
     try:
         by_flat = {h["flat"]: h for h in homes}
