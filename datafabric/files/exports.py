@@ -115,7 +115,7 @@ def export_file(array: Exported, output: str, force: bool = False, advance: Call
     with replacing(path, force) as tmp:
         if kind == "h5":
             inner = inner or "/" + array.name
-            _write_h5(array, tmp, inner, step)
+            _write_h5(array, tmp, inner, step, path)
             return f"{path}:{inner}"
         if kind == "zarr":
             return f"{path} (zarr v{_write_zarr(array, tmp, step)})"
@@ -125,13 +125,16 @@ def export_file(array: Exported, output: str, force: bool = False, advance: Call
         raise InvalidArgumentError(f"{output}: exports write .h5, .hdf5, .zarr or .npy files")
 
 
-def _write_h5(array: Exported, tmp: Path, inner: str, advance: Callable[[int], None]) -> None:
+def _write_h5(array: Exported, tmp: Path, inner: str, advance: Callable[[int], None], path: Path) -> None:
     h5py = optional_module("h5py", "h5py")
     with h5py.File(tmp, "w") as f:
-        dset = f.create_dataset(inner, array.shape, array.dtype, chunks=array.chunks, fillvalue=array.fillvalue)
+        try:
+            dset = f.create_dataset(inner, array.shape, array.dtype, chunks=array.chunks, fillvalue=array.fillvalue)
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgumentError(f"cannot create {inner} in {path}: {exc}") from None
         for key, value in array.attrs.items():
             if value is not None:  # HDF5 has no null attribute
-                dset.attrs[key] = np.asarray(value) if isinstance(value, list) else value
+                dset.attrs[key] = value
         for box, part in array.pieces(array.chunks is None):
             if part.flags.c_contiguous:
                 dset.write_direct(part, dest_sel=box if box else np.s_[()])
