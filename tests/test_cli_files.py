@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from distributed import Client
 
 import datafabric
-from tests.cli_helpers import WAIT, assert_fails, end, launch, ok, ok_many, run, run_many
+from tests.cli_helpers import DATAFABRIC, WAIT, assert_fails, end, launch, ok, ok_many, run, run_many
 from tests.waiting import wait_for
 
 h5py = pytest.importorskip("h5py")
@@ -273,3 +275,20 @@ def test_an_import_that_runs_out_of_space_leaves_no_dataset_and_no_memory(embedd
 
 def _used(env) -> int:
     return sum(row["used"] for row in json.loads(ok(env, "status", "--json")))
+
+
+def test_a_put_killed_mid_import_leaves_no_dataset_and_no_memory(embedded, tmp_path):
+    many = tmp_path / "many.h5"
+    with h5py.File(many, "w") as f:  # 32 MiB in 1,024 chunks: long enough to be killed halfway
+        f.create_dataset("x", data=np.arange(2**22, dtype="f8").reshape(2048, 2048), chunks=(64, 64))
+    with Client(embedded.address, timeout=WAIT) as client:
+        fabric = datafabric.connect(client)
+        used = sum(row["used"] for row in fabric.status())
+        proc = subprocess.Popen([DATAFABRIC, "put", "killed", str(many)], env=embedded.env)
+        try:
+            wait_for(lambda: sum(row["used"] for row in fabric.status()) > used + 2**22, "4 MiB of chunks imported")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(WAIT) == -signal.SIGKILL  # killed before the import ended
+        wait_for(lambda: sum(row["used"] for row in fabric.status()) == used, "the killed import's chunks to be freed")
+        assert "killed" not in fabric.get_list() and "killed" not in fabric.datasets()
