@@ -27,7 +27,7 @@ import numpy as np
 
 from datafabric.datasets.dataset import Dataset
 from datafabric.datasets.grid import chunk_shape, grid_shape, ravel
-from datafabric.errors import InvalidArgumentError, NameNotFoundError, OutputExistsError
+from datafabric.errors import InvalidArgumentError, InvalidTypeError, NameNotFoundError, OutputExistsError
 from datafabric.files.sources import H5_SUFFIXES, optional_module, split_inner
 
 SLAB = 8 * 2**20  # bytes of a variable written at a time
@@ -129,8 +129,13 @@ def _write_h5(array: Exported, tmp: Path, inner: str, advance: Callable[[int], N
     h5py = optional_module("h5py", "h5py")
     with h5py.File(tmp, "w") as f:
         try:
-            dset = f.create_dataset(inner, array.shape, array.dtype, chunks=array.chunks, fillvalue=array.fillvalue)
-        except (ValueError, TypeError) as exc:
+            fill = np.asarray(array.fillvalue, array.dtype)[()]
+            dset = f.create_dataset(inner, array.shape, array.dtype, chunks=array.chunks, fillvalue=fill)
+        except TypeError as exc:
+            raise InvalidTypeError(
+                f"HDF5 cannot hold the dtype {array.dtype} of {array.name!r} ({exc}): export it to a .npy or .zarr file"
+            ) from None
+        except ValueError as exc:
             raise InvalidArgumentError(f"cannot create {inner} in {path}: {exc}") from None
         for key, value in array.attrs.items():
             if value is not None:  # HDF5 has no null attribute
@@ -155,10 +160,15 @@ def _write_zarr(array: Exported, tmp: Path, advance: Callable[[int], None]) -> i
         shape=array.shape,
         chunks=tuple(max(1, c) for c in chunks),
         dtype=array.dtype,
-        fill_value=array.fillvalue,
+        fill_value=np.asarray(array.fillvalue, array.dtype)[()],
         attributes=array.attrs,
         zarr_format=zarr_format,
     )
+    if z.dtype != array.dtype:
+        raise InvalidTypeError(
+            f"zarr cannot keep the dtype {array.dtype} of {array.name!r} (it would read back as {z.dtype}): "
+            "export it to a .h5 or .npy file"
+        )
     for box, part in array.pieces(array.chunks is None):
         z[box] = part
         advance(part.nbytes)
