@@ -22,7 +22,7 @@ from tests.waiting import wait_for
 h5py = pytest.importorskip("h5py")
 zarr = pytest.importorskip("zarr")
 
-TEMPS = (np.arange(23 * 17, dtype=">i4") - 100).reshape(23, 17)  # big-endian; edge chunks clipped
+TEMPS = (np.arange(23 * 17) - 100).astype(">i4").reshape(23, 17)  # big-endian; edge chunks clipped
 REC = np.dtype([("id", ">u8"), ("pos", "<f4", (3,)), ("ok", "?")])
 RECORDS = np.array([(i, (i / 2, -i, 1e9 + i), i % 3 == 0) for i in range(40)], REC).reshape(8, 5)
 FLAT = np.array([(i, i / 2, i % 3 == 0) for i in range(40)], [("id", ">u8"), ("x", "<f4"), ("ok", "?")]).reshape(8, 5)
@@ -54,7 +54,7 @@ def files(tmp_path_factory) -> Path:
     v3.attrs.update(ATTRS)
     v2 = zarr.create_array(str(d / "v2.zarr"), shape=FLAT.shape, chunks=(3, 2), dtype=FLAT.dtype, zarr_format=2)
     v2[...] = FLAT
-    np.save(d / "big.npy", TEMPS.astype(">f8") / 3)
+    np.save(d / "big.npy", (TEMPS / 3).astype(">f8"))
     np.save(d / "times.npy", TIMES)
     (d / "fake.h5").write_text("not hdf5")
     return d
