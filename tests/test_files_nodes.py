@@ -29,8 +29,8 @@ def test_fill_chunk_writes_through_the_mapping_or_to_the_homes_owner(nodes_clien
     a0, b0 = per_node["node-a"][0], per_node["node-b"][0]
     ds = nfabric.create_dataset("files/x", (30, 8), np.float64, chunks=(10, 8), fillvalue=-1)
     nodes_client.submit(lambda d: d.__setitem__((slice(0, 10),), 0.5), ds, workers=[a0]).result()  # chunk 0 on a
-    assert nodes_client.submit(fill, ds, (0,), 100, workers=[b0]).result() == "node-b"  # sent to a's owner
-    assert nodes_client.submit(fill, ds, (1,), 200, workers=[b0]).result() == "node-b"  # homed on b, mapped
+    assert nodes_client.submit(fill, ds, (0, 0), 100, workers=[b0]).result() == "node-b"  # sent to a's owner
+    assert nodes_client.submit(fill, ds, (1, 0), 200, workers=[b0]).result() == "node-b"  # homed on b, mapped
     ds.seal()
     expected = np.full((30, 8), -1.0)
     expected[:10] = np.arange(80).reshape(10, 8) + 100
