@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -307,3 +308,21 @@ def test_a_put_killed_mid_import_leaves_no_dataset_and_no_memory(embedded, tmp_p
             assert proc.wait(WAIT) == -signal.SIGKILL  # killed before the import ended
         wait_for(lambda: sum(row["used"] for row in fabric.status()) == used, "the killed import's chunks to be freed")
         assert "killed" not in fabric.get_list() and "killed" not in fabric.datasets()
+
+
+def test_the_readme_file_commands_run_as_written(embedded, tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("### Files in and out", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+    assert len(commands) == 10 and all(c[0] == "datafabric" for c in commands)
+    with h5py.File(tmp_path / "data.h5", "w") as f:
+        f.create_dataset("fields/t", data=TEMPS, chunks=(8, 8))
+    zarr.create_array(str(tmp_path / "dir.zarr"), shape=(10, 10), chunks=(5, 5), dtype="u2")[...] = 3
+    np.save(tmp_path / "big.npy", WIDE)
+    np.save(tmp_path / "small.npy", TEMPS[:3])
+    for command in commands:
+        result = run(embedded.env, *command[1:], cwd=tmp_path)
+        assert result.returncode == 0, (command, result.stderr)
+    assert h5_contents(tmp_path / "out.h5", "/run1/t")[0].tobytes() == TEMPS.tobytes()
+    assert zarr.open_array(str(tmp_path / "out.zarr"), mode="r")[...].tobytes() == TEMPS.tobytes()
+    assert np.load(tmp_path / "out.npy").tobytes() == TEMPS.tobytes()
