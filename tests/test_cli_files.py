@@ -221,7 +221,7 @@ def test_npy_with_chunks_is_a_dataset_and_without_them_a_variable(embedded, file
 
 def test_bad_input_is_refused_and_creates_nothing(embedded, files, tmp_path):
     fields = files / "fields.h5"
-    ok_many(embedded.env, ["put", "taken", str(files / "wide.h5")], ["put", "small", str(files / "big.npy")])
+    ok_many(embedded.env, ["put", "taken", str(files / "wide.h5")], ["put", "refused/small", str(files / "big.npy")])
     results = run_many(
         embedded.env,
         ["put", "bad/missing", str(tmp_path / "nope.h5")],
@@ -273,8 +273,8 @@ def test_bad_input_is_refused_and_creates_nothing(embedded, files, tmp_path):
     ok(embedded.env, "get", "taken", "-o", str(out / "kept.h5"), "--force")
     assert h5_contents(out / "kept.h5", "/taken")[0].tobytes() == WIDE.tobytes()
     ok(embedded.env, "get", "taken", "-o", str(out / "t.zarr"))
-    assert_fails(run(embedded.env, "get", "small", "-o", str(out / "t.zarr")), "t.zarr exists already")
-    ok(embedded.env, "get", "small", "-o", str(out / "t.zarr"), "--force")  # a directory replaced
+    assert_fails(run(embedded.env, "get", "refused/small", "-o", str(out / "t.zarr")), "t.zarr exists already")
+    ok(embedded.env, "get", "refused/small", "-o", str(out / "t.zarr"), "--force")  # a directory replaced
     assert zarr.open_array(str(out / "t.zarr"), mode="r").shape == (23, 17)
     assert sorted(os.listdir(out)) == ["kept.h5", "t.zarr"]  # no temporary left
 
