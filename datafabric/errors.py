@@ -114,3 +114,12 @@ class WritesDisabledError(FabricError, PermissionError):
 
 class LeaseNotFoundError(FabricError, KeyError):
     """No HTTP lease of that id is held: it was released, or it lapsed."""
+
+
+class FileFormatError(FabricError, ValueError):
+    """A file to import is missing, is not what its name says, has no dataset at the inner
+    path given (or several and none was given), or holds values a dataset cannot take."""
+
+
+class OutputExistsError(FabricError, FileExistsError):
+    """The file an export would write exists already: pass ``force`` to replace it."""

@@ -107,7 +107,12 @@ def info_table(info: dict) -> Table:
     table.add_row("size", f"{info['nbytes']} bytes ({human_size(info['nbytes'])})")
     table.add_row("doc", info["doc"])
     if "dataset" in info:  # a dataset: its chunk shape and how many chunks hold data
-        table.add_row("chunks", f"{tuple(info['dataset']['chunks'])}, {info['dataset']['written']} written")
+        ds = info["dataset"]
+        table.add_row("chunks", f"{tuple(ds['chunks'])}, {ds['written']} written")
+        if "fillvalue" in ds:
+            table.add_row("fill value", json.dumps(ds["fillvalue"], default=_json_default, ensure_ascii=False))
+            attrs = "\n".join(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in ds["attrs"].items())
+            table.add_row("attrs", attrs or "none")
     locations = "\n".join(f"{node}  {shm_id}  offset {offset}" for node, shm_id, offset in info["locations"])
     table.add_row("locations", locations)
     return table

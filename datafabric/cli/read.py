@@ -4,6 +4,7 @@ and ``status``.
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Iterator
 from typing import Any
@@ -15,10 +16,13 @@ from datafabric.cli import format as fmt
 from datafabric.cli.address import connected_fabric
 from datafabric.cli.app import CliError, cli, connection_options, json_option, known_name
 from datafabric.cli.slices import parse_selection
+from datafabric.datasets import Dataset
+from datafabric.datasets.selection import Selection
 from datafabric.errors import NameNotFoundError
 from datafabric.types import from_datashape
 
 LS_PAGE = 1000  # names per request of `ls`
+SHOW_DATASET_BYTES = 64 * 2**20  # the most of a dataset `show` assembles
 
 
 @cli.command(name="ls", short_help="List variables.")
@@ -52,7 +56,8 @@ def ls(prefix: str, scheduler: str | None, timeout: float, as_json: bool) -> Non
 @connection_options
 @json_option
 def info(name: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
-    """Show a variable's type, numpy shape and dtype, size, documentation and locations.
+    """Show a variable's type, numpy shape and dtype, size, documentation and locations;
+    a dataset's chunk shape, chunks written, fill value and attributes too.
 
     \b
     Example:
@@ -60,6 +65,10 @@ def info(name: str, scheduler: str | None, timeout: float, as_json: bool) -> Non
     """
     with connected_fabric(scheduler, timeout) as fabric, known_name(name):
         details = fabric.info(name)
+        if "dataset" in details:
+            ds = fabric.dataset(name)
+            fill = fmt.values(np.asarray(ds.fillvalue, dtype=ds.dtype))
+            details["dataset"] |= {"fillvalue": fill, "attrs": ds.attrs}
     ftype = from_datashape(details["type"])
     details |= {"shape": list(ftype.shape), "dtype": str(ftype.dtype)}
     if as_json:
@@ -73,7 +82,8 @@ def info(name: str, scheduler: str | None, timeout: float, as_json: bool) -> Non
 @connection_options
 @json_option
 def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -> None:
-    """Print a variable, or a numpy-style slice of it, with numpy's printing.
+    """Print a variable or a dataset, or a numpy-style slice of it, with numpy's printing
+    (of a dataset, at most 64 MiB is read: slice a larger one).
 
     A slice holds integers (negative ones count from the end), start:stop:step and `...`,
     separated by commas; quote it for the shell.  A variable whose name is exactly
@@ -91,9 +101,11 @@ def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -
         else:
             name, index, text = parse_selection(selection)
         with known_name(name):
-            view = fabric.get(name)
+            view = _readable(fabric, name)
         try:
-            part = np.asarray(view[index] if index is not None else view)
+            if isinstance(view, Dataset):
+                _check_show_size(view, index)
+            part = np.asarray(view[index] if index is not None else view[()] if isinstance(view, Dataset) else view)
         except (IndexError, ValueError) as exc:
             raise CliError(f"bad slice [{text}] for {name!r} of shape {view.shape}: {exc}") from None
         if as_json:
@@ -125,6 +137,24 @@ def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
         fmt.console().print(fmt.memory_table(memory))
     else:
         click.echo(f"fabric {fabric.fabric_id[:8]} on {fabric.address} has no blocks")
+
+
+def _readable(fabric: Any, name: str) -> Dataset | np.ndarray:
+    """A dataset's handle, else a variable's view."""
+    try:
+        return fabric.dataset(name)
+    except NameNotFoundError:
+        return fabric.get(name)
+
+
+def _check_show_size(ds: Dataset, index: tuple | None) -> None:
+    """A dataset's selection is assembled in this process's memory: refuse a large one."""
+    nbytes = math.prod(Selection(index if index is not None else (), ds.shape).shape) * ds.dtype.itemsize
+    if nbytes > SHOW_DATASET_BYTES:
+        raise CliError(
+            f"{ds.name!r}{'' if index is None else '[...]'} is {fmt.human_size(nbytes)}; show reads at most "
+            f"{fmt.human_size(SHOW_DATASET_BYTES)} of a dataset: select a slice, e.g. '{ds.name}[0, :10]'"
+        )
 
 
 def pages(fabric: Any, prefix: str, size: int = LS_PAGE) -> Iterator[str]:

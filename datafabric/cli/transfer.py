@@ -7,7 +7,6 @@ transfer can show its progress.
 from __future__ import annotations
 
 import io
-import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,38 +18,70 @@ import numpy as np
 from datafabric.cli import format as fmt
 from datafabric.cli.address import connected_fabric
 from datafabric.cli.app import CliError, cli, connection_options, fail, known_name
-from datafabric.errors import FabricError
+from datafabric.cli.files import get_to_file, parse_chunks, put_dataset
+from datafabric.errors import FabricError, FileFormatError
+from datafabric.files import sources
 from datafabric.types import parse_type
 
 CHUNK = 8 * 2**20  # bytes per read or write of put and get: the unit of progress
 
 
-@cli.command(short_help="Copy a file into a variable.")
+@cli.command(short_help="Copy a file into a variable or a dataset.")
 @click.argument("name")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("file", metavar="FILE")
 @click.option(
     "--type",
     "type_",
     metavar="TYPE",
-    help="Datashape of a raw file, e.g. '1000 * 3 * float64'.  A .npy file carries its own.",
+    help="Datashape of a raw file, e.g. '1000 * 3 * float64'.  A .npy, .h5 or .zarr file carries its own.",
 )
-@click.option("--doc", default="", help="Documentation stored with the variable.")
+@click.option(
+    "--chunks",
+    metavar="N,N,...|auto",
+    help="Chunk shape of the dataset made of a .h5, .zarr or .npy file (default: the file's own "
+    "chunks, else auto, about 16 MiB).  A .npy file becomes a dataset only with --chunks.",
+)
+@click.option("--doc", default="", help="Documentation stored with the variable or dataset.")
 @connection_options
-def put(name: str, file: Path, type_: str | None, doc: str, scheduler: str | None, timeout: float) -> None:
-    """Copy FILE into the fabric as the write-once variable NAME.
+def put(
+    name: str, file: str, type_: str | None, chunks: str | None, doc: str, scheduler: str | None, timeout: float
+) -> None:
+    """Copy FILE into the fabric as the write-once variable or the dataset NAME.
 
-    A .npy file brings its dtype and shape; any other file is raw bytes typed by --type.
-    The bytes are read straight into shared memory, with no copy in between.
+    \b
+    FILE.h5:/group/dataset  an HDF5 dataset -> a dataset (needs h5py); the inner path
+                            may be left out when the file holds one dataset
+    DIR.zarr                a zarr v2 or v3 array -> a dataset (needs zarr)
+    FILE.npy --chunks ...   a .npy file -> a dataset, read chunk by chunk from its mapping
+    FILE.npy                a .npy file -> a variable, its dtype and shape kept
+    FILE --type TYPE        any other file: raw bytes -> a variable of that type
+
+    A dataset keeps the file's chunks, fill value and the attributes a dataset's attrs can
+    hold (it names the others); a failed import leaves no dataset behind.  The bytes are
+    read straight into shared memory, with no copy in between.
 
     \b
     Examples:
       datafabric put temps temps.npy --doc 'daily mean, K'
       datafabric put grid grid.bin --type '1024 * 1024 * float32'
+      datafabric put run1/t data.h5:/fields/t
+      datafabric put big big.npy --chunks 256,256
     """
-    if file.suffix != ".npy" and type_ is None:
+    kind = sources.kind(file)
+    if kind in ("h5", "zarr") or (kind == "npy" and chunks is not None):
+        if type_ is not None:
+            raise click.UsageError(f"{file} carries its own type: --type is for raw files")
+        put_dataset(name, file, parse_chunks(chunks), doc, scheduler, timeout)
+        return
+    if chunks is not None:
+        raise click.UsageError("--chunks makes a dataset of a .h5, .zarr or .npy file; a raw file becomes a variable")
+    path = Path(file)
+    if not path.is_file():
+        raise FileFormatError(f"{file}: {'is a directory' if path.is_dir() else 'no such file'}")
+    if kind is None and type_ is None:
         raise click.UsageError(f"{file} is a raw file: give its type, e.g. --type '1000 * float64'")
     with connected_fabric(scheduler, timeout) as fabric, ExitStack() as stack:
-        tp, data, nbytes = _source(file, type_, stack)
+        tp, data, nbytes = _source(path, type_, stack)
         with fmt.progress(nbytes, f"put {name}") as advance:
             if isinstance(data, np.ndarray):
                 locations = fabric.insert(name, doc, tp, data)
@@ -129,42 +160,41 @@ class ChunkedWriter:
         return n
 
 
-@cli.command(short_help="Write a variable to a file.")
+@cli.command(short_help="Write a variable or a dataset to a file.")
 @click.argument("name")
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    metavar="FILE",
     required=True,
-    help="File to write: a .npy file (np.save of the variable), else its raw bytes; - for stdout.",
+    help="File to write: .h5 (or .h5:/inner/path), .zarr, .npy, else raw bytes in C order; - for stdout.",
 )
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (once the new one is complete).")
 @connection_options
-def get(name: str, output: Path, scheduler: str | None, timeout: float) -> None:
-    """Write the variable NAME to a file: .npy keeps dtype and shape, any other file
-    gets the raw bytes.
+def get(name: str, output: str, force: bool, scheduler: str | None, timeout: float) -> None:
+    """Write the variable or dataset NAME to a file.
+
+    \b
+    .npy              dtype and shape (a variable: exactly as np.save writes it)
+    .h5[:/inner/path] an HDF5 dataset at the inner path (default: /NAME), with a
+                      dataset's chunks, fill value and attrs (needs h5py)
+    .zarr             a zarr array, the same (v3; v2 for big-endian and record dtypes)
+    anything else     the raw bytes in C order
+
+    The file is written under a temporary name beside it and renamed at the end: no
+    half-written file is ever seen.  An existing file is refused unless --force.
 
     \b
     Examples:
       datafabric get temps -o temps.npy
+      datafabric get run1/t -o t.h5:/fields/t
       datafabric get grid -o - | sha256sum
     """
-    to_stdout = str(output) == "-"
-    with connected_fabric(scheduler, timeout) as fabric:
-        with known_name(name):
-            view = fabric.get(name)
-        if to_stdout:
-            _write(view, sys.stdout.buffer, npy=False, label=f"get {name}")
-            return
-        with ExitStack() as stack:
-            try:
-                target = stack.enter_context(output.open("wb"))
-            except OSError as exc:
-                raise CliError(f"cannot write {output}: {exc.strerror}") from None
-            _write(view, target, npy=output.suffix == ".npy", label=f"get {name}")
-    click.echo(f"wrote {name} ({fmt.human_size(view.nbytes)}) to {output}")
+    get_to_file(name, output, force, scheduler, timeout)
 
 
-def _write(view: np.ndarray, target: Any, *, npy: bool, label: str) -> None:
+def write_view(view: np.ndarray, target: Any, *, npy: bool, label: str) -> None:
+    """A variable's view: as ``np.save`` writes it, or its raw bytes."""
     with fmt.progress(view.nbytes, label) as advance:
         writer = ChunkedWriter(target, advance)
         if npy:

@@ -10,10 +10,14 @@ Overlapping writes resolve as in h5py: per element, the last write to land wins.
 writes in flight at once to the same elements leave one of the two values per element,
 not a mix of bytes within an element of a numpy scalar type (each is stored by one copy
 loop).  Writes from one process are in its program order.
+
+``fill_chunk`` is the same ticket for one whole chunk, whose memory it hands to a
+function: an importer reads its file straight into shared memory, with no copy between.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,14 +66,50 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
         ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder)
 
 
+def fill_chunk(ds: Dataset, index: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> None:
+    """Write chunk ``index`` whole: ``fill(view)`` writes every element of ``view``, the
+    chunk's memory when this process maps its home, else a buffer then sent to the home's
+    owner.  One write ticket, as ``ds[chunk's selection] = values`` takes."""
+    fabric = ds._fabric
+    ctx = fabric._ctx()
+    flat = ravel(index, ds._grid)
+    homes = ctx.call(
+        "dataset_begin_write", name=ds.name, dataset_id=ds.id, flats=[flat], node=ctx.node, holder=ctx.holder
+    )
+    try:
+        home = homes[0]
+        chunk = _mapped_chunk(fabric, ctx, home)
+        if chunk is not None:
+            fill(chunk)
+            return
+        ftype = from_datashape(home["type"])
+        part = np.empty(ftype.shape, ftype.dtype)
+        fill(part)
+        _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
+    finally:
+        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder)
+
+
 def _write_piece(fabric: Any, ctx: Any, home: ChunkHome, local: tuple, part: np.ndarray) -> None:
-    ftype = from_datashape(home["type"])
-    mappable = ctx.node is None or ctx.node == home["node"]
-    segment = fabric._state.segment(home["node"], home["shm_id"]) if mappable else None
-    if segment is not None:
-        chunk = np.ndarray(ftype.shape, ftype.dtype, buffer=segment.buf, offset=home["data_offset"])
+    chunk = _mapped_chunk(fabric, ctx, home)
+    if chunk is not None:
         chunk[local] = part
-        return
+    else:
+        _send_part(ctx, home, local, part)
+
+
+def _mapped_chunk(fabric: Any, ctx: Any, home: ChunkHome) -> np.ndarray | None:
+    """The home's memory through this process's mapping, None if it cannot map it."""
+    if not (ctx.node is None or ctx.node == home["node"]):
+        return None
+    segment = fabric._state.segment(home["node"], home["shm_id"])
+    if segment is None:
+        return None
+    ftype = from_datashape(home["type"])
+    return np.ndarray(ftype.shape, ftype.dtype, buffer=segment.buf, offset=home["data_offset"])
+
+
+def _send_part(ctx: Any, home: ChunkHome, local: tuple, part: np.ndarray) -> None:
     if home["worker"] is None:
         raise VariableUnavailableError(f"the chunk's node {home['node']} has no live worker now; write it again later")
     region = [(s.start, s.stop, s.step) if isinstance(s, slice) else (s, s + 1, 1) for s in local]
