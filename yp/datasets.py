@@ -10,9 +10,11 @@ The write protocol (``docs/protocols.md``, "Datasets"):
   it and is given the same home, so a chunk never has two.
 - The writer then writes its bytes: through its own mapping on the home's node, or to the
   home's owner (``write_region``, worker to worker) from elsewhere; then ``end_write``.
-- ``seal`` refuses new tickets, waits until none is in flight, turns every home into a
-  chunk variable and has the owners mark each header SEALED, and only then makes the
-  dataset visible (one step): readers never see a chunk change.
+- ``seal`` refuses new tickets, waits until none is in flight, writes the dataset's record
+  (RESERVED) on its record node, turns every home into a chunk variable and has the owners
+  mark each header SEALED, then the record's (``yp/dataset_records.py``: what a restarted
+  YellowPages rebuilds it from), and only then makes the dataset visible (one step):
+  readers never see a chunk change.
 - ``end`` (delete or abort of an unsealed dataset, or its creator leaving) hides the name
   at once, refuses new tickets, waits until none is in flight, then frees the homes.  A
   ticket of a process that left ends with it: a dead writer writes nothing more.
@@ -37,6 +39,7 @@ from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
 from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
 from datafabric.types import from_datashape
+from yp.dataset_records import DatasetRecords
 from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
 from yp.directory import Directory
 from yp.placement import Placement
@@ -62,12 +65,14 @@ class Datasets:
     members: Membership
     local: LocalLeases
     table: DatasetTable = field(init=False)
+    records: DatasetRecords = field(init=False)
     _placing: dict[tuple[int, int], asyncio.Event] = field(default_factory=dict)
     _idle: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ended: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table = DatasetTable(self.directory.datasets, self.directory.variables)
+        self.records = DatasetRecords(self.directory, self.placement, self.owners, self.reads, self.deletes, self.table)
 
     # -- create and open -----------------------------------------------------------------
     def create(
@@ -189,8 +194,9 @@ class Datasets:
     async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
         ftype = from_datashape(_chunk_type(record, flat))
         name = chunk_name(record.dataset_id, flat)
+        record.record_node = record.record_node or self._record_node(node)
         block, r = await self.placement.reserve(
-            name, ftype.datashape, "", ftype.nbytes, node, holder_of(record.dataset_id)
+            name, ftype.datashape, record.record_node, ftype.nbytes, node, holder_of(record.dataset_id)
         )
         copy = Copy(block.shm_id, r["extent_offset"], r["extent_size"], r["data_offset"], r["extent_id"])
         try:
@@ -210,6 +216,11 @@ class Datasets:
             raise
         record.homes[flat] = copy
         return copy
+
+    def _record_node(self, node: str | None) -> str:
+        """The first writer's node if it runs the fabric, else the first live one."""
+        live = self.members.live()
+        return node if node in live else min(live, default="")
 
     def _home_message(self, record: DatasetRecord, flat: int, copy: Copy) -> ChunkHome:
         block = self.directory.blocks[copy.shm_id]
@@ -247,6 +258,16 @@ class Datasets:
         if record.state != SEALING:  # ended while it waited
             raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         flats = sorted(record.homes)
+        record.record_node = record.record_node or self._record_node(None)
+        try:
+            record_item = await self.records.write(record, len(flats))
+        except BaseException:
+            if record.state == SEALING:  # no room for the record: writable again, to seal once there is
+                record.state = WRITING
+            raise
+        if record.state != SEALING:
+            await self.records.give_back(record_item)
+            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         items: list[SealItem] = []
         for flat in flats:
             copy, type_ = record.homes[flat], _chunk_type(record, flat)
@@ -266,11 +287,17 @@ class Datasets:
         try:
             sealed = self.directory.seal_all(items)
         except FabricError:
+            await self.records.give_back(record_item)
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
         record.homes = {}
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
+        if record.state == SEALING:
+            await self.records.commit(record_item)  # chunks' headers first: invariant 1 of the rebuild
+        else:
+            await self.records.give_back(record_item)
         if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
+            await self.records.delete(dataset_id)
             for var in sealed:
                 if self.directory.variables.get(var.name) is var:
                     await self.deletes.delete(var.name)
@@ -304,6 +331,7 @@ class Datasets:
             await self._end(record)
             return {"freed": True}
         self.table.remove(record)
+        await self.records.delete(record.dataset_id)  # before any chunk: a restart never sees part of it
         freed = False
         for var_id in record.table[record.table >= 0].tolist():
             var = self.directory.by_id.get(var_id)

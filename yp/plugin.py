@@ -97,6 +97,7 @@ class YellowPages(SchedulerPlugin):
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
         self.datasets = Datasets(d, self.placement, self.owners, self.reads, self.deletes, self.members, self.local)
+        self.members.node_back = self.datasets.records.node_back  # sealed datasets rebuilt after a restart
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
         self.http_leases = Leases(self)
         self.page = install_http(scheduler)
