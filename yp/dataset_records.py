@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from distributed.protocol import to_serialize
 
-from datafabric.errors import NameNotFoundError
+from datafabric.errors import FabricError, NameNotFoundError
 from datafabric.layout import ExtentState
 from datafabric.messages import SealItem
 from datafabric.names import CHUNK_PREFIX, RECORD_PART, dataset_part, record_name
@@ -171,14 +171,20 @@ class DatasetRecords:
             if found is not None and found[0] < self.directory.first_id and found[0] not in self.rebuilt:
                 parts[found[0]][found[1]] = self.directory.variables[name]
         for dataset_id, named in parts.items():
-            record_var = named.pop(RECORD_PART, None)
-            if record_var is None:
-                await self._drop_cut_short(dataset_id, named)
-                continue
-            chunks = {int(part): var for part, var in named.items()}
-            data = await self._record_bytes(dataset_id, record_var)
-            if data is not None and json.loads(data)["written"] == len(chunks):
-                await self._make_visible(dataset_id, record_var, data, chunks)
+            try:
+                await self._rebuild_one(dataset_id, named)
+            except FabricError as exc:  # an owner died or a name went meanwhile: the next take-back tries again
+                logger.warning("dataset %d not rebuilt yet: %r", dataset_id, exc)
+
+    async def _rebuild_one(self, dataset_id: int, named: dict[str, Variable]) -> None:
+        record_var = named.pop(RECORD_PART, None)
+        if record_var is None:
+            await self._drop_cut_short(dataset_id, named)
+            return
+        chunks = {int(part): var for part, var in named.items()}
+        data = await self._record_bytes(dataset_id, record_var)
+        if data is not None and json.loads(data)["written"] == len(chunks):
+            await self._make_visible(dataset_id, record_var, data, chunks)
 
     async def _drop_cut_short(self, dataset_id: int, chunks: dict[str, Variable]) -> None:
         doomed = [v for v in chunks.values() if v.doc in self.back]
