@@ -159,7 +159,8 @@ def test_a_seal_cut_short_by_a_scheduler_crash_comes_back_whole_or_not_at_all(pr
         ds = write_grid(client, fabric, worker_of(client), "cut", grid)
         client.register_plugin(KillSchedulerAtMark(processes.scheduler.pid, stage))
         seal = pool.submit(ds.seal)
-        processes.crash_scheduler()
+        processes.scheduler.wait(timeout=60)  # killed by the plugin, at the stage asked for
+        processes.crash_scheduler()  # its workers close
         assert isinstance(seal.exception(timeout=60), FabricError), "the seal cannot have been answered"
 
     processes.start()
