@@ -117,8 +117,6 @@ class Membership:
         self.local.publish_node(node)
         self.took_back = True
         self.scheduler.log_event(EVENT_TOPIC, self.took_back_msg())  # clients declare the views they kept
-        if self.node_back is not None:
-            await self.node_back(node, True)
         logger.info(
             "took back %d blocks of node %s holding %d extents in %.3f s",
             len(found),
@@ -126,6 +124,8 @@ class Membership:
             sum(len(b["extents"]) for b in found),
             time.perf_counter() - started,
         )
+        if self.node_back is not None:
+            await self.node_back(node, True)
 
     def took_back_msg(self) -> dict:
         return {"op": "datafabric_took_back", "fabric_id": self.fabric_id, "first_id": self.directory.first_id}
