@@ -159,7 +159,11 @@ class Dataset:
         if self.sealed:
             return
         if exc_type is None:
-            self.seal()
+            try:
+                self.seal()
+            except BaseException:  # refused (no room for its record, say): a with block leaves nothing unsealed
+                self.abort()
+                raise
         else:
             self.abort()
 
