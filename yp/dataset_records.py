@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from distributed.protocol import to_serialize
+from distributed.protocol.serialize import Serialized, deserialize
 
 from datafabric.errors import FabricError, NameNotFoundError
 from datafabric.layout import ExtentState
@@ -213,7 +214,10 @@ class DatasetRecords:
                 answer = await self.owners.ask(
                     worker, "read", shm_id=shm_id, data_offset=data_offset, nbytes=var.nbytes
                 )
-                data = bytes(answer["data"])
+                data = answer["data"]
+                if isinstance(data, Serialized):  # the scheduler's comms leave payloads serialized
+                    data = deserialize(data.header, data.frames)
+                data = bytes(data)
                 self._read[dataset_id] = (data, var.var_id)
                 return data
             return None  # every copy is being adopted: the next take-back tries again
