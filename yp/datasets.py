@@ -10,11 +10,11 @@ The write protocol (``docs/protocols.md``, "Datasets"):
   it and is given the same home, so a chunk never has two.
 - The writer then writes its bytes: through its own mapping on the home's node, or to the
   home's owner (``write_region``, worker to worker) from elsewhere; then ``end_write``.
-- ``seal`` refuses new tickets, waits until none is in flight, writes the dataset's record
-  (RESERVED) on its record node, turns every home into a chunk variable and has the owners
-  mark each header SEALED, then the record's (``yp/dataset_records.py``: what a restarted
-  YellowPages rebuilds it from), and only then makes the dataset visible (one step):
-  readers never see a chunk change.
+- ``seal`` refuses new tickets, waits until none is in flight, turns every home into a
+  chunk variable and has the owners mark each header SEALED, then writes the dataset's
+  record on its record node and has it marked SEALED (``yp/dataset_records.py``: what a
+  restarted YellowPages rebuilds it from), and only then makes the dataset visible (one
+  step): readers never see a chunk change.
 - ``end`` (delete or abort of an unsealed dataset, or its creator leaving) hides the name
   at once, refuses new tickets, waits until none is in flight, then frees the homes.  A
   ticket of a process that left ends with it: a dead writer writes nothing more.
@@ -258,23 +258,13 @@ class Datasets:
         if record.state != SEALING:  # ended while it waited
             raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         flats = sorted(record.homes)
-        record.record_node = record.record_node or self._record_node(None)
-        try:
-            record_item = await self.records.write(record, len(flats))
-        except BaseException:
-            if record.state == SEALING:  # no room for the record: writable again, to seal once there is
-                record.state = WRITING
-            raise
-        if record.state != SEALING:
-            await self.records.give_back(record_item)
-            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         items: list[SealItem] = []
         for flat in flats:
             copy, type_ = record.homes[flat], _chunk_type(record, flat)
             items.append(
                 {
                     "name": chunk_name(dataset_id, flat),
-                    "doc": "",
+                    "doc": record.record_node,  # as its header says (replicas and migrated copies too)
                     "type": type_,
                     "nbytes": from_datashape(type_).nbytes,
                     "shm_id": copy.shm_id,
@@ -287,27 +277,40 @@ class Datasets:
         try:
             sealed = self.directory.seal_all(items)
         except FabricError:
-            await self.records.give_back(record_item)
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
         record.homes = {}
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
-        if record.state == SEALING:
-            await self.records.commit(record_item)  # chunks' headers first: invariant 1 of the rebuild
-        else:
-            await self.records.give_back(record_item)
-        if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
+        refused = None
+        if record.state == SEALING:  # the record after the chunks' marks: invariant 1 of the rebuild
+            try:
+                await self._write_record(record, len(flats))
+            except FabricError as exc:  # no room for it on its node, say
+                refused = exc
+        if record.state != SEALING or refused is not None:  # ended meanwhile, or refused: its chunks go
+            if record.state == SEALING:
+                self.table.remove(record)
+                self.table.unsealed.pop(dataset_id, None)
             await self.records.delete(dataset_id)
             for var in sealed:
                 if self.directory.variables.get(var.name) is var:
                     await self.deletes.delete(var.name)
-            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
+            raise refused or FabricError(f"dataset {name!r} was deleted while it was being sealed")
         self.local.publish(sealed)
         table = np.full(record.nchunks, -1, np.int64)
         table[flats] = [v.var_id for v in sealed]
         record.table, record.state = table, SEALED  # visible from this step on
         self.table.unsealed.pop(dataset_id, None)
         return record.message()
+
+    async def _write_record(self, record: DatasetRecord, written: int) -> None:
+        """Written, then sealed and marked, unless the dataset ended meanwhile."""
+        record.record_node = record.record_node or self._record_node(None)
+        item = await self.records.write(record, written)
+        if record.state == SEALING:
+            await self.records.commit(item)
+        else:
+            await self.records.give_back(item)
 
     async def abort(self, name: str, dataset_id: int) -> dict:
         record = self.table.lookup(name, dataset_id)
