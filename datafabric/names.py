@@ -8,8 +8,10 @@ from datafabric.errors import InvalidNameError
 
 MAX_NAME_BYTES = 255
 # Names of the variables holding datasets' chunks: the fabric's own, refused for anything
-# a user writes, so no user name collides with one.  ``.dfab/<dataset id>/<chunk>``.
+# a user writes, so no user name collides with one.  ``.dfab/<dataset id>/<chunk>``, and
+# ``.dfab/<dataset id>/dataset`` for a sealed dataset's record (``yp/dataset_records.py``).
 CHUNK_PREFIX = ".dfab/"
+RECORD_PART = "dataset"
 
 
 def validate_name(name: object) -> str:
@@ -44,5 +46,21 @@ def chunk_name(dataset_id: int, flat: int) -> str:
     return f"{CHUNK_PREFIX}{dataset_id}/{flat}"
 
 
+def record_name(dataset_id: int) -> str:
+    return f"{CHUNK_PREFIX}{dataset_id}/{RECORD_PART}"
+
+
 def is_chunk_name(name: str) -> bool:
+    """One of the fabric's own names: a dataset's chunk or record."""
     return name.startswith(CHUNK_PREFIX)
+
+
+def dataset_part(name: str) -> tuple[int, str] | None:
+    """``(dataset id, part)`` of a name made by ``chunk_name`` or ``record_name``: the part
+    is a flat chunk index in decimal, or ``RECORD_PART``.  None for any other name."""
+    if not name.startswith(CHUNK_PREFIX):
+        return None
+    did, _, part = name[len(CHUNK_PREFIX) :].partition("/")
+    if not did.isdigit() or not (part.isdigit() or part == RECORD_PART):
+        return None
+    return int(did), part

@@ -176,7 +176,7 @@ def test_records_and_an_image_of_a_dataset(hfabric, port):
 
 
 def test_refusals_of_datasets(hcluster, hfabric, port):
-    hfabric.create_dataset("ref/ds", data=np.arange(10), chunks=4)
+    ds = hfabric.create_dataset("ref/ds", data=np.arange(10), chunks=4)
     assert api(port, "GET", "data/ref/ds", slice="10").status == 400
     assert api(port, "GET", "data/ref/ds", slice="0,0").status == 400
     assert api(port, "GET", "data/ref/ds", format="png").status == 400  # 1-D
@@ -195,7 +195,7 @@ def test_refusals_of_datasets(hcluster, hfabric, port):
         assert api(port, "DELETE", "data/ref/ds").json == {"deleted": "ref/ds"}
     assert api(port, "GET", "info/ref/ds").status == 404
     assert "ref/ds" not in hfabric.datasets()
-    wait_for(lambda: not yellowpages(hcluster).directory.names(".dfab/"), what="the chunks freed")
+    wait_for(lambda: not yellowpages(hcluster).directory.names(f".dfab/{ds.id}/"), what="its chunks and record freed")
 
 
 def test_a_dataset_deleted_mid_response_is_read_whole_then_freed(hcluster, hfabric, port):

@@ -48,6 +48,7 @@ class DatasetRecord:
     attrs: dict
     creator: str  # the process whose departure ends the dataset while it is unsealed
     state: str = WRITING
+    record_node: str = ""  # where its record goes at the seal; every home's header names it (its doc)
     homes: dict[int, Copy] = field(default_factory=dict)
     claimed: set[int] = field(default_factory=set)  # chunks a write-once ticket took
     writes: Counter = field(default_factory=Counter)

@@ -14,8 +14,10 @@ The write protocol (``docs/protocols.md``, "Datasets"):
 - The writer then writes its bytes: through its own mapping on the home's node, or to the
   home's owner (``write_region``, worker to worker) from elsewhere; then ``end_write``.
 - ``seal`` refuses new tickets, waits until none is in flight, turns every home into a
-  chunk variable and has the owners mark each header SEALED, and only then makes the
-  dataset visible (one step): readers never see a chunk change.
+  chunk variable and has the owners mark each header SEALED, then writes the dataset's
+  record on its record node and has it marked SEALED (``yp/dataset_records.py``: what a
+  restarted YellowPages rebuilds it from), and only then makes the dataset visible (one
+  step): readers never see a chunk change.
 - ``end`` (delete or abort of an unsealed dataset, or its creator leaving) hides the name
   at once, refuses new tickets, waits until none is in flight, then frees the homes.  A
   ticket of a process that left ends with it: a dead writer writes nothing more.
@@ -40,6 +42,7 @@ from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
 from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
 from datafabric.types import from_datashape
+from yp.dataset_records import DatasetRecords
 from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
 from yp.directory import Directory
 from yp.placement import Placement
@@ -65,12 +68,14 @@ class Datasets:
     members: Membership
     local: LocalLeases
     table: DatasetTable = field(init=False)
+    records: DatasetRecords = field(init=False)
     _placing: dict[tuple[int, int], asyncio.Event] = field(default_factory=dict)
     _idle: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ended: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table = DatasetTable(self.directory.datasets, self.directory.variables)
+        self.records = DatasetRecords(self.directory, self.placement, self.owners, self.reads, self.deletes, self.table)
 
     # -- create and open -----------------------------------------------------------------
     def create(
@@ -207,6 +212,7 @@ class Datasets:
 
     async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
         ftype = from_datashape(_chunk_type(record, flat))
+        record.record_node = record.record_node or self._record_node(node)  # named in every chunk's doc
 
         async def fill(block: Block, copy: Copy) -> None:
             await self.owners.ask(
@@ -222,9 +228,16 @@ class Datasets:
 
         holder = holder_of(record.dataset_id)
         name = chunk_name(record.dataset_id, flat)
-        _, copy = await self.placement.reserve_filled(name, ftype.datashape, "", ftype.nbytes, node, holder, fill)
+        _, copy = await self.placement.reserve_filled(
+            name, ftype.datashape, record.record_node, ftype.nbytes, node, holder, fill
+        )
         record.homes[flat] = copy
         return copy
+
+    def _record_node(self, node: str | None) -> str:
+        """The first writer's node if it runs the fabric, else the first live one."""
+        live = self.members.live()
+        return node if node in live else min(live, default="")
 
     def _home_message(self, record: DatasetRecord, flat: int, copy: Copy) -> ChunkHome:
         block = self.directory.blocks[copy.shm_id]
@@ -268,7 +281,7 @@ class Datasets:
             items.append(
                 {
                     "name": chunk_name(dataset_id, flat),
-                    "doc": "",
+                    "doc": record.record_node,  # as its header says (replicas and migrated copies too)
                     "type": type_,
                     "nbytes": from_datashape(type_).nbytes,
                     "shm_id": copy.shm_id,
@@ -285,17 +298,36 @@ class Datasets:
             raise
         record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
-        if record.state != SEALING:  # ended while the marks were awaited: its chunks go with it
+        refused = None
+        if record.state == SEALING:  # the record after the chunks' marks: invariant 1 of the rebuild
+            try:
+                await self._write_record(record, len(flats))
+            except FabricError as exc:  # no room for it on its node, say
+                refused = exc
+        if record.state != SEALING or refused is not None:  # ended meanwhile, or refused: its chunks go
+            if record.state == SEALING:
+                self.table.remove(record)
+                self.table.unsealed.pop(dataset_id, None)
+            await self.records.delete(dataset_id)
             for var in sealed:
                 if self.directory.variables.get(var.name) is var:
                     await self.deletes.delete(var.name)
-            raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
+            raise refused or FabricError(f"dataset {name!r} was deleted while it was being sealed")
         self.local.publish(sealed)
         table = np.full(record.nchunks, -1, np.int64)
         table[flats] = [v.var_id for v in sealed]
         record.table, record.state = table, SEALED  # visible from this step on
         self.table.unsealed.pop(dataset_id, None)
         return record.message()
+
+    async def _write_record(self, record: DatasetRecord, written: int) -> None:
+        """Written, then sealed and marked, unless the dataset ended meanwhile."""
+        record.record_node = record.record_node or self._record_node(None)
+        item = await self.records.write(record, written)
+        if record.state == SEALING:
+            await self.records.commit(item)
+        else:
+            await self.records.give_back(item)
 
     async def abort(self, name: str, dataset_id: int) -> dict:
         record = self.table.lookup(name, dataset_id)
@@ -319,6 +351,7 @@ class Datasets:
             await self._end(record)
             return {"freed": True}
         self.table.remove(record)
+        await self.records.delete(record.dataset_id)  # before any chunk: a restart never sees part of it
         freed = False
         for var_id in record.table[record.table >= 0].tolist():
             var = self.directory.by_id.get(var_id)

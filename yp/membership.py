@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from datafabric.errors import FabricError
@@ -46,6 +47,9 @@ class Membership:
         self.changing = asyncio.Lock()
         self.took_back = False  # blocks found in shared memory were taken back
         self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
+        # Told when a node's blocks are all known (yp/dataset_records.py rebuilds datasets then);
+        # its flag says whether anything was ever taken back.  The YellowPages sets it.
+        self.node_back: Callable[[str, bool], Awaitable[None]] | None = None
 
     # -- who is there ----------------------------------------------------------------
     def live(self) -> dict[str, list[str]]:
@@ -72,6 +76,8 @@ class Membership:
         self._schedule_waiting_for(address)
         if any(s not in self.directory.blocks for s in segments):
             self.scheduler.loop.add_callback(self.recover, address, node, list(segments))
+        elif self.node_back is not None:  # every block it sees is known already
+            self.scheduler.loop.add_callback(self.node_back, node, self.took_back)
         if self.directory.orphaned(node):
             self.scheduler.loop.add_callback(self.adopt_orphans, node)
         self.local.publish_node(node, only=[address])
@@ -91,7 +97,11 @@ class Membership:
         async with self.changing:  # a block being created is not a found one
             started = time.perf_counter()
             unknown = sorted(s for s in segments if s not in self.directory.blocks)
-            if not unknown or self.node_of.get(worker) != node:
+            if self.node_of.get(worker) != node:
+                return
+            if not unknown:  # a peer of its node took them back first
+                if self.node_back is not None:
+                    self.scheduler.loop.add_callback(self.node_back, node, self.took_back)
                 return
             try:
                 found: list[AdoptedBlock] = await self.owners.ask(worker, "adopt", shm_ids=unknown, live=None)
@@ -114,6 +124,8 @@ class Membership:
             sum(len(b["extents"]) for b in found),
             time.perf_counter() - started,
         )
+        if self.node_back is not None:
+            await self.node_back(node, True)
 
     def took_back_msg(self) -> dict:
         return {"op": "datafabric_took_back", "fabric_id": self.fabric_id, "first_id": self.directory.first_id}

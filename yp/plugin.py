@@ -16,7 +16,9 @@ the component that owns its protocol::
     membership.py  registration, removal, handoff, adoption, take-back after a restart
     blocks.py      allocate, deallocate, status, shutdown
     datasets.py    chunked datasets: create, chunk homes, write tickets, seal, end
+    dataset_records.py  sealed datasets' records; rebuilding them after a restart
     locality.py    tasks reading a dataset's chunks run on a node holding them
+    failover.py    tasks pinned to dead fabric workers run on a live worker of their node
     http/          the HTTP/JSON API, its leases with a time to live, and the web page
 
 Lease releases arrive one-way on the scheduler's batched streams (``datafabric_release``),
@@ -46,6 +48,7 @@ from yp.copies import Copies
 from yp.datasets import Datasets
 from yp.deletes import Deletes
 from yp.directory import Directory
+from yp.failover import Failover
 from yp.http import install as install_http
 from yp.http.leases import Leases
 from yp.inserts import Inserts
@@ -97,6 +100,8 @@ class YellowPages(SchedulerPlugin):
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
         self.datasets = Datasets(d, self.placement, self.owners, self.reads, self.deletes, self.members, self.local)
+        self.members.node_back = self.datasets.records.node_back  # sealed datasets rebuilt after a restart
+        self.failover = Failover(scheduler, self.members)  # tasks pinned to dead workers of a node
         self.inventory = Inventory(self.fabric_id, d, self.moves, self.owners, self.members, self.copies)
         self.http_leases = Leases(self)
         self.page = install_http(scheduler)
@@ -210,8 +215,13 @@ class YellowPages(SchedulerPlugin):
     # -- Dask's hooks ----------------------------------------------------------------
     def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
         if self.running:
+            self.failover.left(worker)
             self.members.remove(worker)
             self.datasets.left(worker, self.scheduler.loop.add_callback)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if self.running:
+            self.failover.transition(key, finish)
 
     def update_graph(self, scheduler: Any, *, tasks: list, **kwargs: Any) -> None:
         if self.running:

@@ -10,6 +10,7 @@ reads as the fill value and takes no memory (a broadcast view of one element).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from datafabric.datasets import writes
 from datafabric.datasets.grid import chunk_count, chunk_shape, grid_shape, ravel, unravel
 from datafabric.datasets.selection import Selection
-from datafabric.errors import DatasetWritingError, InvalidSelectionError, NameNotFoundError
+from datafabric.errors import DatasetWritingError, FabricError, InvalidSelectionError, NameNotFoundError
 from datafabric.messages import DatasetInfo
 from datafabric.names import chunk_name
 from datafabric.types import from_datashape
@@ -159,7 +160,12 @@ class Dataset:
         if self.sealed:
             return
         if exc_type is None:
-            self.seal()
+            try:
+                self.seal()
+            except FabricError:  # refused (no room for its record, say): a with block leaves nothing unsealed
+                with contextlib.suppress(FabricError):  # a sealed one (its answer lost) is left as it is
+                    self.abort()
+                raise
         else:
             self.abort()
 

@@ -1,0 +1,170 @@
+"""A dataset's writer SIGKILLed at each stage of its write: while its chunks' homes are
+being placed and filled, in the middle of copying its bytes, and after the copy before
+its write ticket ends.  The dataset then seals (or is aborted) cleanly, what the other
+writer wrote reads back exactly, what the dead writer wrote reads back as far as it got
+(each element its value or the fill value, never anything else), and every byte of
+memory returns once the dataset is deleted.
+
+Two simulated nodes of two worker processes each (with nannies, which restart the
+killed worker under a new address).  The writer killed is a worker of node A, which
+homes its chunks on node A and writes them through its own mapping; a block owner may
+die with it, and its peer adopts the block with the homes in it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+from distributed import Client, KilledWorker, Nanny, Scheduler, SpecCluster, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+import datafabric
+from datafabric import layout
+from datafabric.names import dataset_part
+from datafabric.protocol import WORKER_PLUGIN
+from tests.waiting import wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+NODES = ("wk-a", "wk-b")
+FILL = -1.0
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    workers = {
+        f"{node}-{i}": {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "host": "127.0.0.1", "env": {"DASK_DATAFABRIC__NODE_ID": node}},
+        }
+        for node in NODES
+        for i in range(2)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": None, "host": "127.0.0.1"}}
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),  # a killed writer's task is not run again
+        SpecCluster(workers=workers, scheduler=scheduler) as cluster,
+        Client(cluster) as client,
+    ):
+        client.wait_for_workers(4)
+        fabric = datafabric.start(client, mb=4 * 32)
+        yield client, fabric
+        fabric.shutdown()
+
+
+def node_workers(client) -> dict[str, list[str]]:
+    env = client.run(lambda: dask.config.get("datafabric.node-id"))
+    return {node: sorted(w for w, n in env.items() if n == node) for node in NODES}
+
+
+def used(fabric) -> int:
+    return sum(b["used"] for b in fabric.status())
+
+
+def write(ds, key, values):
+    ds[key] = values
+
+
+def write_and_die(ds, key, values, victim: str, stage: str):
+    """``ds[key] = values``; on the victim, killed part-way (``mid-copy``: the first chunk
+    written, half the rows of the second; ``written``: every byte copied, before the
+    ticket ends)."""
+    from datafabric.datasets import writes
+
+    if get_worker().address == victim and stage in ("mid-copy", "written"):
+        original, pieces = writes._write_piece, []
+
+        def piece(fabric, ctx, home, local, part):
+            pieces.append(home["flat"])
+            if stage == "mid-copy" and len(pieces) == 2:
+                rows = local[0]
+                original(fabric, ctx, home, (slice(rows.start, rows.start + 5, 1), *local[1:]), part[:5])
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(fabric, ctx, home, local, part)
+            if stage == "written" and len(pieces) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        writes._write_piece = piece
+    ds[key] = values
+
+
+class KillAtFill(WorkerPlugin):
+    """Kills the victim when a home of the dataset is being filled (on whichever owner
+    fills it, the victim itself included): its ticket is then in flight with a placement."""
+
+    name = "kill-writer-at-fill"
+
+    def __init__(self, dataset_id: int, victim_pid: int) -> None:
+        self.dataset_id, self.victim_pid = dataset_id, victim_pid
+
+    def setup(self, worker) -> None:
+        self.worker = worker
+        self.original = original = worker.handlers["datafabric_fill_extent"]
+
+        def fill_extent(**kwargs):
+            buf = worker.plugins[WORKER_PLUGIN].blocks[kwargs["shm_id"]].segment.buf
+            part = dataset_part(layout.read_extent(buf, kwargs["extent_offset"]).name)
+            if part is not None and part[0] == self.dataset_id:
+                try:
+                    os.kill(self.victim_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # dead already: a later fill
+            return original(**kwargs)
+
+        worker.handlers["datafabric_fill_extent"] = fill_extent
+
+    def teardown(self, worker) -> None:
+        worker.handlers["datafabric_fill_extent"] = self.original
+
+
+@pytest.mark.parametrize(
+    "stage, end",
+    [("placing", "seal"), ("placing", "abort"), ("mid-copy", "seal"), ("written", "seal"), ("mid-copy", "rerun")],
+)
+def test_a_writer_killed_mid_write_leaves_a_dataset_that_seals_or_aborts_cleanly(two_nodes, stage, end):
+    client, fabric = two_nodes
+    rng = np.random.default_rng(len(stage) + len(end))
+    a_rows, b_rows = rng.random((20, 40)), rng.random((20, 40))
+    before = used(fabric)
+    per_node = node_workers(client)
+    victim, other_b = per_node[NODES[0]][0], per_node[NODES[1]][0]
+    pids = client.run(os.getpid)
+
+    name = f"killed/{stage}-{end}"
+    ds = fabric.create_dataset(name, shape=(40, 40), chunks=(10, 40), fillvalue=FILL)  # 4 chunks of 10 rows
+    client.submit(write, ds, slice(20, 40), b_rows, workers=[other_b]).result()  # the writer that lives
+    if stage == "placing":
+        client.register_plugin(KillAtFill(ds.id, pids[victim]))
+    task = client.submit(write_and_die, ds, slice(0, 20), a_rows, victim, stage, workers=[victim])
+    with pytest.raises(KilledWorker):
+        task.result(timeout=120)
+    if stage == "placing":
+        client.unregister_worker_plugin(KillAtFill.name)
+    client.wait_for_workers(4)  # the nanny's new worker
+    if end == "rerun":  # what Dask does with allowed failures left: the region written again, elsewhere
+        client.submit(write, ds, slice(0, 20), a_rows, workers=node_workers(client)[NODES[0]]).result()
+
+    if end == "abort":
+        ds.abort()
+        assert name not in fabric.get_list() and name not in fabric.datasets()
+    else:
+        ds.seal()
+        got = fabric.dataset(name)[...]
+        np.testing.assert_array_equal(got[20:], b_rows, err_msg="the other writer's chunks")
+        expected = np.full((20, 40), FILL)
+        if end == "rerun" or stage == "written":
+            expected[:] = a_rows
+        elif stage == "mid-copy":
+            expected[:15] = a_rows[:15]  # the first chunk whole, half of the second
+        np.testing.assert_array_equal(got[:20], expected, err_msg="the killed writer's chunks")
+        fabric.delete(name)
+    wait_for(
+        lambda: used(fabric) == before and all(b["reserved"] == 0 for b in fabric.status()),
+        f"the dataset's memory to return: {fabric.status()}",
+    )
