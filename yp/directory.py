@@ -12,14 +12,12 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections import Counter
 
 from sortedcontainers import SortedDict
 
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
-    NameExistsError,
     NameNotFoundError,
     NotOnThisNodeError,
     OutOfSpaceError,
@@ -126,18 +124,7 @@ class Directory:
         return entry.copy
 
     def check_new_names(self, names: list[str]) -> None:
-        existing = sorted({n for n in names if n in self.variables or n in self.datasets})
-        twice = sorted({n for n, k in Counter(names).items() if k > 1} - set(existing))
-        if not existing and not twice:
-            return
-        listed = ", ".join(repr(n) for n in (existing + twice)[:5]) + (" ..." if len(existing) + len(twice) > 5 else "")
-        if len(existing) == 1 and not twice:
-            what = f"a variable named {listed} exists already"
-        elif existing and not twice:
-            what = f"variables named {listed} exist already"
-        else:
-            what = f"names {listed} exist already or come twice in one batch"
-        raise NameExistsError(f"{what}; variables are write-once: delete it first or choose another name")
+        name_index.refuse_taken(names, self.variables, self.datasets)
 
     def seal_all(self, items: list[SealItem]) -> list[Variable]:
         """Written extents become visible variables, all or none."""

@@ -1,4 +1,5 @@
-"""The sorted index of visible names: listings by prefix and pages of them.
+"""The sorted index of visible names: listings by prefix and pages of them, and the
+write-once rule a new name must pass.
 
 A listing costs bisections of the sorted index and a slice of it, O(log n + the page), so
 ``datafabric ls``, ``get_list(prefix)`` and the web page stay instant whatever the number
@@ -9,8 +10,11 @@ bisections.
 from __future__ import annotations
 
 import sys
+from collections import Counter
 
 from sortedcontainers import SortedDict
+
+from datafabric.errors import NameExistsError
 
 
 def names(
@@ -42,6 +46,23 @@ def count(index: SortedDict, prefix: str = "", hidden: str | None = None) -> int
         return hi - lo
     start, end = index.bisect_left(hidden), _end_of(index, hidden)
     return max(0, min(hi, start) - lo) + max(0, hi - max(lo, end))
+
+
+def refuse_taken(names: list[str], variables: SortedDict, datasets: dict) -> None:
+    """Names are write-once, shared by variables and datasets: refuse a batch naming one that
+    exists, or naming one twice."""
+    existing = sorted({n for n in names if n in variables or n in datasets})
+    twice = sorted({n for n, k in Counter(names).items() if k > 1} - set(existing))
+    if not existing and not twice:
+        return
+    listed = ", ".join(repr(n) for n in (existing + twice)[:5]) + (" ..." if len(existing) + len(twice) > 5 else "")
+    if len(existing) == 1 and not twice:
+        what = f"a variable named {listed} exists already"
+    elif existing and not twice:
+        what = f"variables named {listed} exist already"
+    else:
+        what = f"names {listed} exist already or come twice in one batch"
+    raise NameExistsError(f"{what}; variables are write-once: delete it first or choose another name")
 
 
 def _end_of(index: SortedDict, prefix: str) -> int:
