@@ -83,6 +83,16 @@ def simulated_nodes(
         yield cluster, client
 
 
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """``datafabric start`` with its own embedded cluster, for a module of CLI tests."""
+    from tests.cli_helpers import end, launch  # it uses this module's segment listing
+
+    start = launch(tmp_path_factory.mktemp("embedded"), "--mb", "64", "--workers", "2", "--json")
+    yield start
+    end(start.proc)
+
+
 @pytest.fixture(scope="session")
 def cluster():
     with local_cluster(threads_per_worker=2) as cluster:

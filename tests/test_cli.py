@@ -57,13 +57,6 @@ sys.exit(int(sys.argv[1]))
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    start = launch(tmp_path_factory.mktemp("embedded"), "--mb", "64", "--workers", "2", "--json")
-    yield start
-    end(start.proc)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("files")
     np.save(d / "temps.npy", TEMPS)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from datafabric.types import from_dtype
-from tests.cli_helpers import end, launch, ok, ok_many, run_many
+from tests.cli_helpers import ok, ok_many, run_many
 from tests.test_dtypes import EXPLICIT, NESTED, PACKED, sample
 
 TIMES = np.array(["2024-02-29T12:00:00.123456789", "NaT", "1969-12-31T23:59:59"], ">M8[ns]")
@@ -26,13 +26,6 @@ ARRAYS = {
     "explicit": sample(EXPLICIT, (3,), seed=4),
 }
 RECORDS = np.array([(1, "2024-01-01T00:00", [(1.5, 2.5), (3.5, 4.5)], True)] * 2, NESTED)
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    start = launch(tmp_path_factory.mktemp("embedded"), "--mb", "64", "--workers", "2", "--json")
-    yield start
-    end(start.proc)
 
 
 @pytest.fixture(scope="module")

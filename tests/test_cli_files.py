@@ -17,7 +17,7 @@ import pytest
 from distributed import Client
 
 import datafabric
-from tests.cli_helpers import DATAFABRIC, WAIT, assert_fails, end, launch, ok, ok_many, run, run_many
+from tests.cli_helpers import DATAFABRIC, WAIT, assert_fails, ok, ok_many, run, run_many
 from tests.waiting import wait_for
 
 h5py = pytest.importorskip("h5py")
@@ -30,13 +30,6 @@ FLAT = np.array([(i, i / 2, i % 3 == 0) for i in range(40)], [("id", ">u8"), ("x
 TIMES = np.array(["2024-02-29T12:00", "NaT", "1969-12-31T23:59"], "M8[m]")
 ATTRS = {"units": "K", "scale": 0.5, "count": 3, "flags": [1, 2, 3], "names": ["a", "bc"], "valid": True}
 WIDE = np.linspace(-1, 1, 300 * 70).reshape(300, 70)  # float64, 164 KiB
-
-
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    start = launch(tmp_path_factory.mktemp("embedded"), "--mb", "64", "--workers", "2", "--json")
-    yield start
-    end(start.proc)
 
 
 @pytest.fixture(scope="module")

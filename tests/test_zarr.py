@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
 import sys
-from pathlib import Path
 
 import cloudpickle
 import dask.array as da
@@ -23,6 +21,7 @@ from zarr.core.buffer.cpu import Buffer  # noqa: E402
 
 from datafabric import errors  # noqa: E402
 from datafabric.zarr import FabricStore  # noqa: E402
+from tests.test_examples import run_example  # noqa: E402
 from tests.waiting import wait_for  # noqa: E402
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -215,12 +214,8 @@ def test_bad_input_is_refused_clearly_and_nothing_is_left(fabric):
     fabric.delete("kept")
 
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "zarr_xarray.py"
-
-
 def test_the_readme_example_runs_as_written():
-    out = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+    out = run_example("zarr_xarray.py", 300)
     assert "dims {'station': 4, 'day': 365} units K" in out.stdout
     assert "station means [280.0, 281.0, 282.0, 283.0]" in out.stdout
     assert "sealed True variables ['anomaly', 'day', 'temperature']" in out.stdout
