@@ -58,19 +58,30 @@ if __name__ == "__main__":  # the workers are spawned: they import this file
 """
 
 
-def test_sigterm_to_a_script_holding_a_fabric_shuts_it_down(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-script", "to-its-process-group"])
+def test_sigterm_to_a_script_holding_a_fabric_shuts_it_down(tmp_path, to_group):
     """datafabric.start makes SIGTERM raise SystemExit, so the script's `with` blocks
-    close the cluster, which shuts the fabric down first, as after Ctrl-C."""
+    close the cluster, which shuts the fabric down first, as after Ctrl-C.  Sent to the
+    process group (`timeout`, `kill -TERM -PGID`) it reaches the workers too, which leave
+    it to the script (worker_plugin/signals.py): dying of it, they left the blocks."""
     (tmp_path / "job.py").write_text(SCRIPT)
     proc = subprocess.Popen(
-        [sys.executable, "job.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "job.py"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=to_group,
     )
     try:
         fabric_id = proc.stdout.readline().strip()
         assert fabric_id, proc.stderr.read()
         assert segments_of(fabric_id) != []
         children = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=WAIT)
         assert proc.returncode == 128 + signal.SIGTERM, err
         wait_for(lambda: segments_of(fabric_id) == [], "the blocks to go")

@@ -40,6 +40,7 @@ from worker_plugin.allocator import BlockAllocator
 from worker_plugin.local_reads import LocalReads
 from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
+from worker_plugin.signals import leave_group_signals_to_the_nanny
 
 logger = logging.getLogger("datafabric.worker")
 
@@ -93,6 +94,7 @@ class FabricWorkerPlugin(WorkerPlugin):
             datafabric_recall=self._recall,
         )
         exclude_shared_memory_in_worker(worker)
+        leave_group_signals_to_the_nanny(bool(worker.nanny))
         atexit.register(self._unlink_all)  # a worker that exits without teardown
         # Blocks of this node already in /dev/shm: the YellowPages takes those it does not
         # know (its scheduler restarted) back into the fabric through this worker.

@@ -1,26 +1,21 @@
 """A Dask worker preload for the embedded cluster of ``datafabric start``: the worker
-process ignores SIGINT and SIGTERM.
+process ignores SIGINT and SIGTERM from the moment it starts.
 
-A signal sent to the whole process group (a terminal's Ctrl-C, systemd's stop, `timeout`,
-``kill -TERM -PGID``) reaches the workers as well as ``start``.  A worker that died of it
-would be restarted by its nanny while ``start`` is shutting the fabric down, so the
-shutdown reached no worker and every block was left in /dev/shm.  Ignoring the group's
-signal leaves the ending to ``start``, which shuts the fabric down and then closes its
-workers through their nannies (and SIGKILLs one that does not close).
+The fabric's worker plugin does the same in every nanny's worker process
+(``worker_plugin/signals.py`` says why), but only once the plugin is set up; a signal to
+``start``'s process group while a worker is still starting would kill that worker, and its
+nanny would restart it while ``start`` shuts the fabric down.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 from typing import Any
 
+from worker_plugin.signals import leave_group_signals_to_the_nanny
+
 PRELOAD = __name__
-SHIELDED = (signal.SIGINT, signal.SIGTERM)
 
 
 def dask_setup(worker: Any) -> None:
     """Runs in the worker process, in its main thread, before it registers."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in SHIELDED:
-            signal.signal(sig, signal.SIG_IGN)
+    leave_group_signals_to_the_nanny(has_nanny=True)  # the embedded cluster's workers all have one
