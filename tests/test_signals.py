@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -118,3 +119,32 @@ def test_shutdown_twice_and_a_buffer_kept_past_it_are_quiet(tmp_path):
     assert done.stdout == "shut down twice 1000.0\n"
     assert "BufferError" not in done.stderr and "Exception ignored" not in done.stderr, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def _stop_children_with_sigterm(fabric) -> dict:
+    """Runs in a task: starts a program and forks a child, and stops each with SIGTERM."""
+    program = subprocess.Popen(["sleep", "60"])
+    program.terminate()
+    ready, started = os.pipe()
+    child = os.fork()
+    if child == 0:  # Python's at-fork hooks have run by now
+        os.write(started, b"!")
+        time.sleep(60)
+        os._exit(0)
+    os.read(ready, 1)
+    os.close(ready)
+    os.close(started)
+    os.kill(child, signal.SIGTERM)
+    _, status = os.waitpid(child, 0)
+    return {
+        "worker": signal.getsignal(signal.SIGTERM).__name__,
+        "program": program.wait(WAIT),
+        "forked": os.waitstatus_to_exitcode(status),
+    }
+
+
+def test_a_task_can_still_stop_the_programs_it_starts_with_sigterm(client, fabric):
+    """The worker defers the group's signals with a handler, never SIG_IGN: an ignored
+    signal would be inherited by what its tasks start, which SIGTERM could then not stop."""
+    stopped = client.submit(_stop_children_with_sigterm, fabric, pure=False).result(WAIT)
+    assert stopped == {"worker": "_defer", "program": -signal.SIGTERM, "forked": -signal.SIGTERM}

@@ -1,5 +1,5 @@
 """A Dask worker preload for the embedded cluster of ``datafabric start``: the worker
-process ignores SIGINT and SIGTERM from the moment it starts.
+process defers SIGINT and SIGTERM from the moment it starts.
 
 The fabric's worker plugin does the same in every nanny's worker process
 (``worker_plugin/signals.py`` says why), but only once the plugin is set up; a signal to
