@@ -24,6 +24,7 @@ from datafabric import errors
 from datafabric.datasets import writes
 from datafabric.datasets.selection import Selection
 from tests.conftest import local_cluster
+from tests.waiting import wait_for
 
 zarr = pytest.importorskip("zarr")
 
@@ -122,6 +123,46 @@ def test_a_once_ticket_refused_for_want_of_space_drops_the_claims_it_placed_noth
         np.testing.assert_array_equal(got[placed * rows :], 3.0)
         fabric.delete("tight")
         assert used(fabric) == before
+    finally:
+        fabric.shutdown()
+
+
+def write_zarr_chunk(fabric, index: int, value: float) -> str:
+    """zarr's write of chunk ``index`` of "closing", through a store of the task's own."""
+    chunk = np.full((CHUNK, 64), value).view(np.uint8).reshape(-1)
+    try:
+        FabricStore(fabric).set_sync(f"closing/c/{index}/0", Buffer.from_array_like(chunk))
+    except errors.FabricError as exc:
+        return type(exc).__name__
+    return "written"
+
+
+def test_a_close_racing_zarr_chunk_writes_seals_every_answered_chunk_whole_and_no_other(client):
+    """Tasks write 40 chunks through zarr while the creating store closes: every write
+    answered before or during the seal is in the sealed dataset whole, every other one is
+    refused as the dataset being sealed (read-only) and its chunk is absent (the fill
+    value); the dataset's memory is exactly its written chunks'."""
+    fabric = datafabric.start(client, mb=64)
+    try:
+        before = used(fabric)
+        store = FabricStore(fabric)
+        zarr.create_array(store=store, name="closing", shape=(40 * CHUNK, 64), chunks=(CHUNK, 64), dtype="f8",
+                          fill_value=FILL, compressors=None)  # fmt: skip
+        futures = [client.submit(write_zarr_chunk, fabric, i, float(i + 1), pure=False) for i in range(40)]
+        wait_for(lambda: sum(f.done() for f in futures) >= 4, "the first chunk writes")
+        store.close()
+        outcomes = client.gather(futures)
+        assert set(outcomes) <= {"written", "DatasetSealedError"}, outcomes
+        written = [i for i, o in enumerate(outcomes) if o == "written"]
+        assert len(written) >= 4
+        ds = fabric.dataset("closing")
+        got = ds[...]
+        for i in range(40):
+            expected = float(i + 1) if i in written else FILL
+            np.testing.assert_array_equal(got[i * CHUNK : (i + 1) * CHUNK], expected, err_msg=f"chunk {i}")
+        assert np.flatnonzero(ds._written).tolist() == written  # exactly the answered chunks have memory
+        fabric.delete("closing")
+        wait_for(lambda: used(fabric) == before, "the dataset's chunks freed")
     finally:
         fabric.shutdown()
 
