@@ -203,3 +203,52 @@ def test_a_dataset_whose_record_node_returns_late_waits_and_loses_its_name_to_a_
         again.delete("grid")
         wait_for(lambda: used(again) == 0, "memory still used")
         again.shutdown()
+
+
+def read_all(ds):
+    return ds[...]
+
+
+def test_replicas_and_migrated_copies_of_chunks_come_back_as_the_dataset_whole(processes):  # noqa: F811
+    """Node A's chunks are replicated onto node B by a read there, and A's block (chunks and
+    record) is migrated into another block of A.  After the crash node B comes back first,
+    with its own chunks and the replicas of A's: all name A as their record node, so they
+    wait, the dataset unlisted.  When A is back the dataset is back whole, from either
+    node; deleting it returns every byte of both."""
+    grid = np.random.default_rng(12).random((40, 30))
+    expected = grid.copy()
+    expected[30:] = -1.0
+    with Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)
+        workers = worker_of(client)
+        ds = write_grid(client, fabric, workers, "grid", grid)
+        ds.seal()
+        before_read = {b["node"]: b["used"] for b in fabric.status()}
+        on_b = client.submit(read_all, fabric.dataset("grid"), workers=[workers[NODES[1]]], pure=False).result()
+        np.testing.assert_array_equal(on_b, expected)
+        after_read = {b["node"]: b["used"] for b in fabric.status()}
+        assert after_read[NODES[1]] > before_read[NODES[1]], "the read on B left replicas of A's chunks there"
+        [old] = [b["shm_id"] for b in fabric.status() if b["node"] == NODES[0]]
+        fabric.allocate(64)
+        fabric.deallocate(NODES[0], old, migrate=True)
+        assert old not in {b["shm_id"] for b in fabric.status()}
+    processes.crash_scheduler()
+
+    processes.start(nodes=(NODES[1],))
+    with Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(1)
+        again = datafabric.connect(client)
+        wait_for(lambda: len(again.status()) == 2, "node B's blocks taken back")
+        assert used(again) == after_read[NODES[1]], "B's chunks and replicas are kept, waiting for node A"
+        assert listed(again) == [] and again.datasets() == []
+        processes.start_worker(NODES[0])
+        client.wait_for_workers(2)
+        wait_for(lambda: listed(again) == ["grid"], f"names after node A came back: {listed(again)}")
+        np.testing.assert_array_equal(again.dataset("grid")[...], expected)
+        for node in NODES:
+            got = client.submit(read_all, again.dataset("grid"), workers=[worker_of(client)[node]], pure=False)
+            np.testing.assert_array_equal(got.result(), expected)
+        again.delete("grid")
+        wait_for(lambda: used(again) == 0, f"memory still used: {again.status()}")
+        again.shutdown()
