@@ -10,6 +10,7 @@ in its owner while the allocate is still under way.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import sys
@@ -142,3 +143,29 @@ def _try(call, *args):
         return call(*args)
     except BaseException as exc:  # the thread's outcome, checked by the test
         return exc
+
+
+def insert_many_here(fabric, prefix: str, count: int, nbytes: int) -> list[str]:
+    return [insert_here(fabric, f"{prefix}/{i}", nbytes) for i in range(count)]
+
+
+def test_concurrent_allocates_racing_task_inserts_all_succeed_and_every_insert_reads_back(client):
+    """Three allocates at once (they take turns) while tasks on both workers insert 3 MiB
+    variables that fit only in the blocks being made: every allocate adds its blocks, every
+    insert is either readable with its bytes or refused for want of room, and the blocks add
+    up to what was asked."""
+    fabric = datafabric.start(client, mb=8)
+    try:
+        inserting = [
+            client.submit(insert_many_here, fabric, f"w{k}", 40, 3 * MiB, workers=[w], pure=False)
+            for k, w in enumerate(sorted(client.scheduler_info()["workers"]))
+        ]
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            allocated = list(pool.map(fabric.allocate, [32, 48, 64]))
+        outcomes = [o for f in inserting for o in f.result()]
+        assert set(outcomes) <= {"inserted", "OutOfSpaceError"}, outcomes
+        assert [len(a) for a in allocated] == [2, 2, 2]
+        sizes = sum(b["size"] for b in fabric.status())
+        assert sizes == (8 + 32 + 48 + 64) * MiB
+    finally:
+        fabric.shutdown()
