@@ -169,3 +169,40 @@ def test_concurrent_allocates_racing_task_inserts_all_succeed_and_every_insert_r
         assert sizes == (8 + 32 + 48 + 64) * MiB
     finally:
         fabric.shutdown()
+
+
+class RefuseLargeBlocks(WorkerPlugin):
+    """``create_block`` of a block of ``SMALL`` or more is refused as a machine short of
+    memory would refuse it; every call is counted on the worker."""
+
+    name = "refuse-large-blocks"
+
+    def setup(self, worker) -> None:
+        op = f"{HANDLER_PREFIX}create_block"
+        original = worker.handlers[op]
+        worker._attack_creates = 0
+
+        async def create_block(**kwargs):
+            worker._attack_creates += 1
+            if kwargs["size"] >= SMALL:
+                raise OutOfSpaceError(f"cannot reserve {kwargs['size']} bytes (refused by the test)")
+            return await original(**kwargs)
+
+        worker.handlers[op] = answering_refusals(create_block)
+
+
+def test_a_refused_large_block_stops_its_node_s_small_blocks_before_they_are_tried():
+    """Three workers of one node: the large block is asked for first and refused, so the two
+    small ones are never asked for (in parallel they would have taken their pages while the
+    large one was being refused); nothing is left and the blocks are as before."""
+    with local_cluster(n_workers=3) as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=8)
+        before_segments, before_status = fabric_segments(), fabric.status()
+        client.register_plugin(RefuseLargeBlocks())
+        with pytest.raises(OutOfSpaceError):
+            fabric.allocate(96)
+        tries = client.run(lambda dask_worker: dask_worker._attack_creates)
+        assert sorted(tries.values()) == [0, 0, 1], f"create_block calls per worker: {tries}"
+        assert fabric_segments() == before_segments
+        assert fabric.status() == before_status
+        fabric.shutdown()
