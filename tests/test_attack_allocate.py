@@ -63,6 +63,11 @@ class SlowSmallBlocks(WorkerPlugin):
         worker.handlers[op] = answering_refusals(create_block)
 
 
+def own_segments(fabric) -> list[str]:
+    """This fabric's segments in /dev/shm (other fabrics may run beside the test's)."""
+    return [s for s in fabric_segments() if s.startswith(f"dfab_{fabric.fabric_id[:8]}_")]
+
+
 def own_block_sizes(dask_worker) -> list[int]:
     plugin = dask_worker.plugins[WORKER_PLUGIN]
     return sorted(b.allocator.size for b in plugin.blocks.values())
@@ -91,7 +96,7 @@ def test_an_insert_racing_an_allocate_is_never_refused_as_a_lost_block_and_leave
     allocate could not unlink a block with an insert in progress."""
     with local_cluster() as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=8)
-        before_segments, before_status = fabric_segments(), fabric.status()
+        before_segments, before_status = own_segments(fabric), fabric.status()
         client.register_plugin(SlowSmallBlocks(delay=3.0, then=then))
         outcome: list = []
         allocating = threading.Thread(target=lambda: outcome.append(_try(fabric.allocate, 96)))
@@ -105,7 +110,7 @@ def test_an_insert_racing_an_allocate_is_never_refused_as_a_lost_block_and_leave
         assert racing in ("inserted", "OutOfSpaceError"), f"an insert during an allocate ended as {racing}"
         if then == "refuse":
             assert isinstance(outcome[0], OutOfSpaceError), outcome
-            wait_for(lambda: fabric_segments() == before_segments, "the refused allocate's blocks unlinked")
+            wait_for(lambda: own_segments(fabric) == before_segments, "the refused allocate's blocks unlinked")
             assert [b["shm_id"] for b in fabric.status()] == [b["shm_id"] for b in before_status]
         else:
             assert not isinstance(outcome[0], BaseException), outcome
@@ -122,20 +127,27 @@ def test_a_creator_killed_after_its_segment_exists_leaves_nothing_and_the_next_a
     removed by whoever adopts its node (here its own restarted worker)."""
     with local_cluster() as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=8)
-        before = fabric_segments()
+        before = own_segments(fabric)
         client.register_plugin(SlowSmallBlocks(delay=0.0, then="kill"))
         started = time.monotonic()
         with pytest.raises(WorkerLostError):
             fabric.allocate(96)
         client.wait_for_workers(2)
-        wait_for(lambda: fabric_segments() == before, f"segments left by the killed creator: {fabric_segments()}")
+        wait_for(lambda: own_segments(fabric) == before, f"segments left by the killed creator: {own_segments(fabric)}")
         assert time.monotonic() - started < 30
         client.unregister_worker_plugin(SlowSmallBlocks.name)
         client.restart()  # workers without the killing plugin, the fabric's blocks kept for them
+        wait_for(lambda: client.run_on_scheduler(fabric_workers) == sorted(client.scheduler_info()["workers"]),
+                 "the restarted workers registered with the fabric")  # fmt: skip
         fabric.allocate(96)
         assert client.submit(insert_here, fabric, "after", 40 * MiB, pure=False).result() == "inserted"
         fabric.shutdown()
-        assert [s for s in fabric_segments() if s not in before] == []
+        assert own_segments(fabric) == []
+
+
+def fabric_workers(dask_scheduler) -> list[str]:
+    live = dask_scheduler.plugins["datafabric-yellowpages"].members.live()
+    return sorted(w for workers in live.values() for w in workers)
 
 
 def _try(call, *args):
@@ -197,12 +209,12 @@ def test_a_refused_large_block_stops_its_node_s_small_blocks_before_they_are_tri
     large one was being refused); nothing is left and the blocks are as before."""
     with local_cluster(n_workers=3) as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=8)
-        before_segments, before_status = fabric_segments(), fabric.status()
+        before_segments, before_status = own_segments(fabric), fabric.status()
         client.register_plugin(RefuseLargeBlocks())
         with pytest.raises(OutOfSpaceError):
             fabric.allocate(96)
         tries = client.run(lambda dask_worker: dask_worker._attack_creates)
         assert sorted(tries.values()) == [0, 0, 1], f"create_block calls per worker: {tries}"
-        assert fabric_segments() == before_segments
+        assert own_segments(fabric) == before_segments
         assert fabric.status() == before_status
         fabric.shutdown()
