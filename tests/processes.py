@@ -30,13 +30,20 @@ class ProcessCluster:
         self.scheduler: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
 
-    def start(self) -> None:
+    def start(self, nodes: tuple[str, ...] | None = None) -> None:
+        """The scheduler and a worker for each of ``nodes`` (all of them by default)."""
         scheduler = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
         scheduler += ["--dashboard-address", ":0", "--preload", "datafabric.preload"]
+        self.scheduler = _spawn(scheduler, {"DASK_LOGGING__DATAFABRIC": "info"}, self.scheduler_log)
+        self.workers = []
+        for node in self.nodes if nodes is None else nodes:
+            self.start_worker(node)
+
+    def start_worker(self, node: str) -> None:
+        """One more worker, of ``node`` (a node coming back after the others)."""
         worker = ["distributed.cli.dask_worker", self.address, "--host", "127.0.0.1", "--nthreads", "1"]
         worker += ["--no-dashboard", "--death-timeout", "60"]
-        self.scheduler = _spawn(scheduler, {"DASK_LOGGING__DATAFABRIC": "info"}, self.scheduler_log)
-        self.workers = [_spawn(worker, {"DASK_DATAFABRIC__NODE_ID": node}) for node in self.nodes]
+        self.workers.append(_spawn(worker, {"DASK_DATAFABRIC__NODE_ID": node}))
 
     def crash_scheduler(self) -> None:
         """SIGKILL the scheduler and wait for its workers: they close, as Dask workers do

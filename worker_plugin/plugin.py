@@ -69,7 +69,9 @@ _HANDLERS = [
 class OwnedBlock:
     segment: Segment
     allocator: BlockAllocator
-    retiring: bool = False  # being deallocated: it takes no new reservation
+    # Takes no new reservation: being deallocated, or created and not yet confirmed by the
+    # YellowPages (an allocate still under way may be undone; a seal there would be refused).
+    closed: bool = False
 
 
 class FabricWorkerPlugin(WorkerPlugin):
@@ -138,7 +140,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> Reservation | None:
         with self.lock:  # best fit, as the YellowPages places: the large block stays whole longest
             for shm_id, block in sorted(self.blocks.items(), key=lambda item: item[1].allocator.free_bytes):
-                if block.retiring:
+                if block.closed:
                     continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
                 if r is not None:
@@ -196,7 +198,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         layout.write_block_header(segment.buf, header)
         allocator = BlockAllocator(segment.buf, size, fresh=True)
         with self.lock:
-            self.blocks[shm_id] = OwnedBlock(segment, allocator)
+            self.blocks[shm_id] = OwnedBlock(segment, allocator, closed=True)  # until the allocate confirms it
         self.state.map_own(segment)
         logger.info("created block %s of %d bytes on node %s", shm_id, size, node)
         return CreatedBlock(shm_id=shm_id, size=size, capacity=allocator.capacity, block_uuid=str(header.block_uuid))
@@ -204,7 +206,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def reserve(self, shm_id: str, name: str, type: str, doc: str, nbytes: int) -> Reservation | None:
         with self.lock:
             block = self.blocks.get(shm_id)
-            r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.retiring else None
+            r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.closed else None
         return _reservation(shm_id, r) if r is not None else None
 
     def free(self, extents: list[tuple[str, int, int]]) -> dict:
@@ -247,12 +249,13 @@ class FabricWorkerPlugin(WorkerPlugin):
 
     def retire_block(self, shm_id: str, retiring: bool = True) -> dict:
         """Stop (or resume) placing new extents in a block about to be deallocated, and say
-        how many inserts are still writing into it."""
+        how many inserts are still writing into it.  ``retiring=False`` also opens a block
+        just created, once its allocate is confirmed."""
         with self.lock:
             block = self.blocks.get(shm_id)
             if block is None:
                 raise BlockNotFoundError(f"block {shm_id} is not owned by {self.worker.address}")
-            block.retiring = retiring
+            block.closed = retiring
             return {"reserved": block.allocator.count(ExtentState.RESERVED)}
 
     async def fetch(self, **kwargs: Any) -> dict:

@@ -67,6 +67,12 @@ class Inventory:
                 raise failed[0][1]
             for r in created:
                 self.directory.confirm_block(r["shm_id"], r["size"], r["capacity"])
+            # Only now may their owners place a task's insert there (a seal in a block not
+            # confirmed is refused, and an undone allocate cannot unlink a block written to).
+            await self.owners.ask_each(
+                [(worker, "retire_block", {"shm_id": shm_id, "retiring": False}) for worker, _, _, shm_id in plan],
+                "open the allocated blocks",
+            )
         return [(node, shm_id) for _, node, _, shm_id in plan]
 
     async def _create(self, plan: list[tuple[str, str, int, str]]) -> list[Any]:
