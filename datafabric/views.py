@@ -2,8 +2,8 @@
 
 Every array ``get`` returns has a ``_Pin`` as its numpy ``.base`` (numpy collapses view
 chains onto the first non-ndarray base, so slices and reshapes share it too).  The pin
-holds a read-only slice of the block's mapping, which keeps the mapping alive, and the
-lease: when the last view of a pin is collected, a finalizer sends the release to the
+holds the block's read-only buffer (one per block, ``Segment.readonly``), which keeps the
+mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends the release to the
 YellowPages without waiting.  The pin is cached by name so that later gets in this
 process cost no RPC while any view is alive; the YellowPages invalidates the cache when
 the name is deleted.
@@ -148,9 +148,8 @@ class LocalState:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
         pin = self.hold(node, segment, data_offset, ftype, lease, end)
-        if cache:
-            with self.lock:
-                self._pins[name] = weakref.ref(pin)
+        if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
+            self._pins[name] = weakref.ref(pin)
         return pin
 
     def hold(

@@ -40,14 +40,16 @@ class Grant:
     """One publication of one variable to this worker: the location, and how many live
     pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
 
-    __slots__ = ("var_id", "name", "type", "shm_id", "data_offset", "count", "recalled", "reported", "end")
+    __slots__ = ("var_id", "name", "segment", "data_offset", "ftype", "count", "recalled", "reported", "end")
 
-    def __init__(self, entry: LocalEntry, end: Callable[[Grant, dict], None]) -> None:
+    def __init__(
+        self, entry: LocalEntry, segment: Segment, ftype: FabricType, end: Callable[[Grant, dict], None]
+    ) -> None:
         self.var_id = entry["var_id"]
         self.name = entry["name"]
-        self.type = entry["type"]
-        self.shm_id = entry["shm_id"]
+        self.segment = segment  # mapped when published, on the event loop: not on the read path
         self.data_offset = entry["data_offset"]
+        self.ftype = ftype
         self.count = 0
         self.recalled = False
         self.reported = -USE_REPORT_EVERY  # monotonic time of the last use reported
@@ -85,11 +87,22 @@ class LocalReads:
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
+        """The blocks are mapped and the types parsed here, before the lock is taken (a
+        pin's finalizer, run by a collection inside the state's lock, takes this lock: the
+        two are never taken the other way round).  A name this process cannot map gets no
+        grant: its gets ask the YellowPages."""
+        resolved = []
+        for entry in entries:
+            segment = self.state.segment(self.node, entry["shm_id"])
+            if segment is not None:
+                resolved.append((entry, segment, self._type(entry["type"])))
         with self.lock:
-            for entry in entries:
+            for entry, segment, ftype in resolved:
                 if entry["var_id"] in self._by_id:
                     continue
-                grant = Grant(entry, self._end)  # a name bound anew replaces its old grant, which a recall still finds
+                grant = Grant(
+                    entry, segment, ftype, self._end
+                )  # a name bound anew replaces its old grant, which a recall still finds
                 self._grants[grant.name] = self._by_id[grant.var_id] = grant
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
@@ -114,12 +127,8 @@ class LocalReads:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
         YellowPages), or recalled while this ran."""
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
-        if grant is None:
+        if grant is None or grant.segment.readonly is None:  # or its block was unmapped (the worker closing)
             return None
-        segment = self.state.segment(self.node, grant.shm_id)
-        if segment is None:
-            return None
-        ftype = self._type(grant.type)
         now = time.monotonic()
         with self.lock:
             if grant.recalled:
@@ -130,7 +139,7 @@ class LocalReads:
             self.later(self._report_use)
         lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
         try:
-            return self.state.pin(name, self.node, segment, grant.data_offset, ftype, lease, grant.end)
+            return self.state.pin(name, self.node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
         except BaseException:
             grant.end(lease)
             raise
@@ -141,14 +150,6 @@ class LocalReads:
         Every count taken is held by a pin, or ended here if making the pins fails."""
         grants = self._grants
         found: list[Grant | None] = [grants.get(name) for name in names]
-        segments: dict[str, Segment | None] = {}
-        for k, grant in enumerate(found):
-            if grant is not None:
-                shm_id = grant.shm_id
-                segment = segments[shm_id] if shm_id in segments else self.state.segment(self.node, shm_id)
-                segments[shm_id] = segment
-                if segment is None:
-                    found[k] = None
         now = time.monotonic()
         first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
@@ -157,7 +158,7 @@ class LocalReads:
                 for k, grant in enumerate(found):
                     if grant is None:
                         continue
-                    if grant.recalled:
+                    if grant.recalled or grant.segment.readonly is None:
                         found[k] = None
                         continue
                     grant.count += 1
@@ -169,9 +170,9 @@ class LocalReads:
                 raise
         if first:
             self.later(self._report_use)
-        return self._hold(names, found, segments)
+        return self._hold(names, found)
 
-    def _hold(self, names: list[str], found: list[Grant | None], segments: dict) -> list[_Pin | None]:
+    def _hold(self, names: list[str], found: list[Grant | None]) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
@@ -182,8 +183,7 @@ class LocalReads:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
                     lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": holder}
-                    ftype = self._type(grant.type)
-                    out[k] = hold(node, segments[grant.shm_id], grant.data_offset, ftype, lease, grant.end)
+                    out[k] = hold(node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
         except BaseException:
             for j in range(k, len(found)):
                 grant = found[j]

@@ -87,11 +87,14 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
         self.state = local_state(self.fabric_id)
-        self._due: collections.deque[Callable[..., None]] = collections.deque()  # see _later
-        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._later)
-        flush = PeriodicCallback(self._run_due, USE_REPORT_EVERY * 1000)  # reads outside tasks
-        worker.periodic_callbacks["datafabric-uses"] = flush
-        flush.start()
+        # Use reports, run as ``report(send)`` on the loop without waking it from a task's read
+        # (a wake hands the interpreter lock to the loop thread mid-task): when the task ends,
+        # before its result is sent (``transition``), or within a second (reads outside tasks).
+        self._due: collections.deque[Callable[..., None]] = collections.deque()  # append: atomic
+        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._due.append)
+        self._flush = PeriodicCallback(self._run_due, USE_REPORT_EVERY * 1000)  # reads outside tasks
+        self._flush.start()  # stopped at teardown (Dask stops it with the worker otherwise)
+        worker.periodic_callbacks[f"datafabric-uses-{self.fabric_id}"] = self._flush
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
@@ -113,6 +116,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
         died) they stay in /dev/shm for the restarted scheduler's YellowPages."""
         atexit.unregister(self._unlink_all)
+        self._flush.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
         answer = await self._handoff(worker)
         decision = answer.get("decision", "keep")
@@ -359,13 +363,6 @@ class FabricWorkerPlugin(WorkerPlugin):
             self.worker.loop.add_callback(self.worker.batched_stream.send, msg)
         except (RuntimeError, AttributeError):
             pass  # worker closing: the scheduler drops its leases when it leaves
-
-    def _later(self, func: Callable[..., None]) -> None:
-        """Run ``func(send)`` on the event loop, ``send`` putting a message on the stream at
-        once, without waking the loop now: from a task's read, a wake hands the interpreter
-        lock to the loop thread in the middle of the task.  It runs when the task ends,
-        before its result is sent (``transition``), or within a second (reads outside tasks)."""
-        self._due.append(func)  # deque.append: atomic from any thread
 
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         """Dask calls this on the event loop for every task transition of this worker,
