@@ -60,13 +60,27 @@ class _Pin:
 
     def view(self) -> np.ndarray:
         """A new view; made from a live earlier one when there is one (a fifth of the
-        cost of going through ``__array_interface__`` again)."""
+        cost of going through ``__array_interface__`` again).  The pin's first view is
+        handed out as made (a user may reshape it in place, so it is never the model of
+        later ones): most pins only ever make one, and it costs an array fewer."""
         last = self._last() if self._last is not None else None
-        if last is None:
-            last = np.asarray(self)
-            last = last.view(FabricView) if last.dtype is self.ftype.dtype else last.view(self.ftype.dtype, FabricView)
-            self._last = weakref.ref(last)
-        return last.view()
+        if last is not None:
+            return last.view()
+        fresh = np.asarray(self)
+        dtype = self.ftype.dtype
+        fresh = fresh.view(FabricView) if fresh.dtype is dtype else fresh.view(dtype, FabricView)
+        if self._last is None:
+            self._last = _GONE  # dead: the next view makes the model
+            return fresh
+        self._last = weakref.ref(fresh)
+        return fresh.view()
+
+
+class _Nothing:
+    pass
+
+
+_GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent is gone
 
 
 @functools.lru_cache(maxsize=256)
