@@ -3,8 +3,8 @@
 Every array ``get`` returns has a ``_Pin`` as its numpy ``.base`` (numpy collapses view
 chains onto the first non-ndarray base, so slices and reshapes share it too).  The pin
 holds the block's read-only buffer (one per block, ``Segment.readonly``), which keeps the
-mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends the release to the
-YellowPages without waiting.  The pin is cached by name so that later gets in this
+mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends
+the release to the YellowPages without waiting.  The pin is cached by name so that later gets in this
 process cost no RPC while any view is alive; the YellowPages invalidates the cache when
 the name is deleted.
 """
