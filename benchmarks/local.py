@@ -47,6 +47,14 @@ def _first_get_ns(fabric: datafabric.Fabric, name: str) -> int:
     return time.perf_counter_ns() - t0
 
 
+def _first_numpy_ns() -> int:
+    """In a task on B, the floor under any first get: the first trivial numpy call of a
+    task, the interpreter and caches as cold as the get finds them."""
+    t0 = time.perf_counter_ns()
+    np.zeros(3)[0]
+    return time.perf_counter_ns() - t0
+
+
 def _get_many_s(fabric: datafabric.Fabric, names: list[str]) -> float:
     t0 = time.perf_counter()
     views = fabric.get_many(names)
@@ -89,6 +97,8 @@ def _measure(client: Client, fabric: datafabric.Fabric, a: str, b: str, rounds: 
         client.submit(_put, fabric, name, SMALL, workers=[a], pure=False).result()
         first.append(client.submit(_first_get_ns, fabric, name, workers=[b], pure=False).result() / 1e3)
     out["task first get (µs)"] = first[1:]
+    floor = [client.submit(_first_numpy_ns, workers=[b], pure=False).result() / 1e3 for _ in range(rounds + 1)]
+    out["task first np.zeros(3), the floor (µs)"] = floor[1:]
 
     names = [f"bench/many/{i}" for i in range(MANY)]
     client.submit(
@@ -100,14 +110,18 @@ def _measure(client: Client, fabric: datafabric.Fabric, a: str, b: str, rounds: 
     client_many = [_get_many_s(fabric, names) for _ in range(rounds)]
     out["client get_many of 1000 x 1 KiB (names/s)"] = [MANY / s for s in client_many]
 
-    cold = []
+    cold, rpc = [], []
     for i in range(rounds + 1):
         name = f"bench/client/{i}"
         client.submit(_put, fabric, name, SMALL, workers=[a], pure=False).result()
         t0 = time.perf_counter_ns()
+        fabric.info(name)
+        rpc.append((time.perf_counter_ns() - t0) / 1e3)
+        t0 = time.perf_counter_ns()
         fabric.get(name)[0]
         cold.append((time.perf_counter_ns() - t0) / 1e3)
     out["client first get (µs)"] = cold[1:]
+    out["client info of that name: one bare scheduler RPC (µs)"] = rpc[1:]
 
     pool = names[:200]
     before = client.run_on_scheduler(_loop_cpu_seconds)
@@ -136,17 +150,24 @@ def in_process_rows(rounds: int) -> dict:
             [{"var_id": i, "name": f"n/{i}", "type": "1024 * uint8", "shm_id": shm_id, "data_offset": 4096 + KiB * i}
              for i in range(MANY)]
         )  # fmt: skip
-        leased, raw = [], []
-        for _ in range(rounds):
+        names = [f"n/{i}" for i in range(MANY)]
+        leased, batched, raw = [], [], []
+        for _ in range(rounds):  # each list of views dies before the next is timed: its leases end untimed
             t0 = time.perf_counter()
-            views = [reads.pin(f"n/{i}").view() for i in range(MANY)]
+            views = [reads.pin(name).view() for name in names]
             leased.append((time.perf_counter() - t0) / MANY * 1e6)
+            del views
+            t0 = time.perf_counter()
+            views = [pin.view() for pin in reads.pin_many(names)]  # type: ignore[union-attr]
+            batched.append((time.perf_counter() - t0) / MANY * 1e6)
+            del views
             t0 = time.perf_counter()
             views = [np.frombuffer(segment.buf, np.uint8, count=KiB, offset=4096 + KiB * i) for i in range(MANY)]
             raw.append((time.perf_counter() - t0) / MANY * 1e6)
             del views
         return {
             "in process: local lease + view, per name (µs)": leased,
+            "in process: batch of 1000 local leases + views, per name (µs)": batched,
             "in process: np.frombuffer, per name (µs)": raw,
         }
     finally:

@@ -28,7 +28,7 @@ from datafabric.errors import (
 from datafabric.locality import submit_near
 from datafabric.names import validate_name, validate_new_name
 from datafabric.protocol import TRANSFER_CHUNK
-from datafabric.reads import ManyReads, local_pin
+from datafabric.reads import ManyReads, task_reads
 from datafabric.types import from_datashape, parse_type
 from datafabric.views import LocalState, _Pin, local_state
 from datafabric.web import WebMixin
@@ -150,14 +150,15 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
         this node has no blocks, the array is a private read-only copy."""
         if cache is not True and cache is not False:  # identity first: the warm path costs ~1 µs
             cache = arguments.flag(cache, "cache")
-        if cache and type(name) is str:
-            view = self._state.cached_view(name)  # cached names were validated when first got
+        if type(name) is str:  # cached and published names are valid ones: no validation
+            view = self._state.cached_view(name) if cache else None
             if view is not None:
                 return view
+            reads = task_reads(self.fabric_id, self.address)
+            if reads is not None and (pin := reads.pin(name)) is not None:  # a task on a node holding it: no RPC
+                return pin.view()
         validate_name(name)
         ctx = self._ctx()
-        if (pin := local_pin(ctx, self.fabric_id, name)) is not None:  # a task on a node holding it: no RPC
-            return pin.view()
         info = ctx.call("acquire", name=name, holder=ctx.holder)
         pin = self._local_pin(ctx, info, name)
         if pin is None and cache and ctx.node is not None:

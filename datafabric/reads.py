@@ -12,30 +12,37 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+import distributed
 import numpy as np
 
 from datafabric import arguments
-from datafabric.context import Context
 from datafabric.names import validate_name
-from datafabric.views import _Pin
+from datafabric.protocol import WORKER_PLUGIN
 
 if TYPE_CHECKING:
     from datafabric.views import LocalState
+    from worker_plugin.local_reads import LocalReads
 
 
-def local_pin(ctx: Context, fabric_id: str, name: str) -> _Pin | None:
-    """A pin of ``name`` under a local lease of the worker running this task, if that
-    worker's node holds it and the YellowPages has told the worker so."""
-    plugin = ctx.plugin
-    if plugin is None or plugin.fabric_id != fabric_id:
+def task_reads(fabric_id: str, address: str) -> LocalReads | None:
+    """The local reads of the worker running this task, if it serves this fabric (of
+    the scheduler at ``address``); None elsewhere.  No ``Context`` is built: the local
+    path costs what the lease costs, and little around it."""
+    try:
+        worker = distributed.get_worker()  # a context variable: cheap
+    except ValueError:
+        return None  # not a task
+    plugin = worker.plugins.get(WORKER_PLUGIN)
+    if plugin is None or plugin.fabric_id != fabric_id or worker.scheduler.address != address:
         return None
-    return plugin.local_reads.pin(name)
+    return plugin.local_reads
 
 
 class ManyReads:
     """``Fabric.get_many``; a mixin of ``Fabric``."""
 
     fabric_id: str
+    address: str
     _state: LocalState
 
     def get_many(self, names: Iterable[str]) -> list[np.ndarray]:
@@ -45,19 +52,22 @@ class ManyReads:
         before any lease is kept."""
         names = arguments.names(names)
         out: list[np.ndarray | None] = [self._state.cached_view(n) for n in names]
-        ask = [i for i, view in enumerate(out) if view is None]
-        if not ask:
+        remaining = [i for i, view in enumerate(out) if view is None]
+        if not remaining:
             return out  # type: ignore[return-value]
-        for i in ask:
+        reads = task_reads(self.fabric_id, self.address)  # type: ignore[attr-defined]
+        if reads is not None:  # one lock for the batch; a published name is a valid one
+            asked, remaining = remaining, []
+            for i, pin in zip(asked, reads.pin_many([names[i] for i in asked]), strict=True):
+                if pin is None:
+                    remaining.append(i)
+                else:
+                    out[i] = pin.view()
+            if not remaining:
+                return out  # type: ignore[return-value]
+        for i in remaining:
             validate_name(names[i])
         ctx = self._ctx()  # type: ignore[attr-defined]
-        remaining = []
-        for i in ask:
-            pin = local_pin(ctx, self.fabric_id, names[i])
-            if pin is None:
-                remaining.append(i)
-            else:
-                out[i] = pin.view()
         if remaining:
             infos = ctx.call("acquire_many", names=[names[i] for i in remaining], holder=ctx.holder)
             leases = [{"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder} for info in infos]

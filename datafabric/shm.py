@@ -127,6 +127,9 @@ class Segment:
         self.buf: memoryview = shm.buf
         self.size = shm.size
         self.address = int(np.frombuffer(self.buf, np.uint8, count=1).ctypes.data) if self.size else 0
+        # What every view of this block holds (``views._Pin``): while one is alive, the
+        # mapping is, even after ``close`` (one buffer per block, not one per view).
+        self.readonly: memoryview | None = self.buf.toreadonly()
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
@@ -173,6 +176,7 @@ class Segment:
 
     def close(self) -> None:
         """Unmap, unless user views still pin the mapping; then it unmaps when they die."""
+        self.readonly = None  # dropped, not released: the views holding it keep the pages
         self._shm.close()
 
     def unlink(self) -> None:

@@ -2,15 +2,16 @@
 
 Every array ``get`` returns has a ``_Pin`` as its numpy ``.base`` (numpy collapses view
 chains onto the first non-ndarray base, so slices and reshapes share it too).  The pin
-holds a read-only slice of the block's mapping, which keeps the mapping alive, and the
-lease: when the last view of a pin is collected, a finalizer sends the release to the
-YellowPages without waiting.  The pin is cached by name so that later gets in this
+holds the block's read-only buffer (one per block, ``Segment.readonly``), which keeps the
+mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends
+the release to the YellowPages without waiting.  The pin is cached by name so that later gets in this
 process cost no RPC while any view is alive; the YellowPages invalidates the cache when
 the name is deleted.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 import weakref
@@ -26,34 +27,31 @@ from datafabric.types import FabricType
 
 class _Pin:
     """``lease`` is the release message its finalizer sends; a lease declared again after
-    a scheduler restart changes its ``var_id`` in place."""
+    a scheduler restart changes its ``var_id`` in place.  Small on purpose (a get_many
+    makes thousands): the block's read-only buffer, shared by every pin of the block,
+    keeps the mapping alive; the array interface is built only when a view is made."""
 
-    __slots__ = (
-        "__array_interface__",
-        "_mem",
-        "segment",
-        "node",
-        "data_offset",
-        "lease",
-        "ftype",
-        "_last",
-        "__weakref__",
-    )
+    __slots__ = ("_mem", "segment", "node", "data_offset", "lease", "ftype", "_last", "__weakref__")
 
     def __init__(self, segment: Segment, node: str, data_offset: int, ftype: FabricType, lease: dict) -> None:
-        nbytes = ftype.nbytes
-        self._mem = segment.buf[data_offset : data_offset + nbytes].toreadonly()
+        mem = segment.readonly
+        if mem is None:
+            raise ValueError(f"block {segment.name} was unmapped")  # as a released buffer would say
+        self._mem = mem
         self.segment = segment
         self.node = node
         self.data_offset = data_offset
         self.lease = lease
         self.ftype = ftype
         self._last: weakref.ref[np.ndarray] | None = None
-        self.__array_interface__ = {
+
+    @property
+    def __array_interface__(self) -> dict:
+        return {
             "version": 3,
-            "shape": ftype.shape,
-            "typestr": f"|V{ftype.dtype.itemsize}",  # viewed as the dtype below: records keep their layout
-            "data": (segment.address + data_offset, True),
+            "shape": self.ftype.shape,
+            "typestr": _typestr(self.ftype.dtype),
+            "data": (self.segment.address + self.data_offset, True),
         }
 
     @property
@@ -62,12 +60,43 @@ class _Pin:
 
     def view(self) -> np.ndarray:
         """A new view; made from a live earlier one when there is one (a fifth of the
-        cost of going through ``__array_interface__`` again)."""
+        cost of going through ``__array_interface__`` again).  The pin's first view is
+        handed out as made (a user may reshape it in place, so it is never the model of
+        later ones): most pins only ever make one, and it costs an array fewer."""
         last = self._last() if self._last is not None else None
-        if last is None:
-            last = np.asarray(self).view(self.ftype.dtype, FabricView)
-            self._last = weakref.ref(last)
-        return last.view()
+        if last is not None:
+            return last.view()
+        fresh = np.asarray(self)
+        dtype = self.ftype.dtype
+        fresh = fresh.view(FabricView) if fresh.dtype is dtype else fresh.view(dtype, FabricView)
+        if self._last is None:
+            self._last = _GONE  # dead: the next view makes the model
+            return fresh
+        self._last = weakref.ref(fresh)
+        return fresh.view()
+
+
+class _Nothing:
+    pass
+
+
+_GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent is gone
+
+
+@functools.lru_cache(maxsize=256)
+def _typestr(dtype: np.dtype) -> str:
+    """The array interface's name of ``dtype`` when numpy reads it back as the very same
+    dtype (no view to the dtype afterwards, the cheaper first view); else raw bytes, viewed
+    as ``dtype`` afterwards, so that records keep their layout."""
+    return dtype.str if np.dtype(dtype.str) is dtype else f"|V{dtype.itemsize}"
+
+
+class _Lease(weakref.ref):
+    """The weak reference to a pin whose callback ends the pin's lease, ``end(lease)``, on
+    whatever thread collected the pin's last view.  It carries what it needs instead of
+    a closure: one object per pin, the fewest a get_many of thousands can make."""
+
+    __slots__ = ("end", "lease")
 
 
 class LocalState:
@@ -81,11 +110,15 @@ class LocalState:
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
         # Every pin alive, each holding a lease: a weak reference whose callback releases it
         # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
-        self._live: set[weakref.ref[_Pin]] = set()
+        self._live: set[_Lease] = set()
+        self._on_end = self._ended  # bound once: every pin's weak reference calls it
 
     def segment(self, node: str, shm_id: str) -> Segment | None:
         """The mapping of a block of this fabric on ``node``, or None if this process
         cannot map it (another machine, or another simulated node's block)."""
+        seg = self._segments.get(shm_id)  # one dict read is atomic: the hot path takes no lock
+        if seg is not None:
+            return seg
         with self.lock:
             seg = self._segments.get(shm_id)
             if seg is not None:
@@ -122,25 +155,41 @@ class LocalState:
         data_offset: int,
         ftype: FabricType,
         lease: dict,
-        send: Callable,
+        end: Callable[[dict], None],
         *,
         cache: bool = True,
     ) -> _Pin:
-        """A pin holding ``lease``; ``send(lease)`` releases it when the last view dies.
+        """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
-        pin = _Pin(segment, node, data_offset, ftype, lease)
-        live = self._live
-
-        def ended(ref: weakref.ref) -> None:  # wherever the last view died; set.discard is atomic
-            live.discard(ref)
-            send(lease)
-
-        ref = weakref.ref(pin, ended)
-        with self.lock:
-            if cache:
-                self._pins[name] = ref
-            live.add(ref)
+        pin = self.hold(node, segment, data_offset, ftype, lease, end)
+        if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
+            self._pins[name] = weakref.ref(pin)
         return pin
+
+    def hold(
+        self, node: str, segment: Segment, data_offset: int, ftype: FabricType, lease: dict, end: Callable[[dict], None]
+    ) -> _Pin:
+        """A pin whose death ends ``lease``, not yet cached by name (``cache``).  Its weak
+        reference joins ``_live`` at once (one atomic set.add): a reference nobody holds
+        would die before the pin, and its callback with it."""
+        pin = _Pin(segment, node, data_offset, ftype, lease)
+        ref = _Lease(pin, self._on_end)
+        ref.end = end
+        ref.lease = lease
+        self._live.add(ref)
+        return pin
+
+    def cache(self, names: list[str], pins: list[_Pin]) -> None:
+        """Later gets of these names answer with these pins' views (one lock for a batch)."""
+        ref = weakref.ref
+        with self.lock:
+            for name, pin in zip(names, pins, strict=True):
+                self._pins[name] = ref(pin)
+
+    def _ended(self, ref: _Lease) -> None:
+        """A pin died (wherever its last view did); set.discard is atomic."""
+        self._live.discard(ref)
+        ref.end(ref.lease)
 
     def pins_leased_before(self, var_id: int) -> list[_Pin]:
         """Live pins whose lease a YellowPages older than ids from ``var_id`` granted."""
@@ -185,6 +234,9 @@ _states_lock = threading.Lock()
 
 def local_state(fabric_id: str, address: str | None = None) -> LocalState:
     """``address``: the scheduler's, which references to this process's views name."""
+    state = _states.get(fabric_id)  # one dict read is atomic: a task's first get takes no lock
+    if state is not None and (state.address or not address):
+        return state
     with _states_lock:
         state = _states.get(fabric_id)
         if state is None:

@@ -197,6 +197,12 @@ def hold_in_task(fabric, name: str, key: int) -> None:
     task_views()[key] = (view, view.copy())
 
 
+def hold_many_in_task(fabric, names: list[str], first_key: int) -> None:
+    """One get_many (a batch of local leases, a name maybe twice), each view kept apart."""
+    for key, view in enumerate(fabric.get_many(names), first_key):
+        task_views()[key] = (view, view.copy())
+
+
 def drop_in_task(key: int) -> None:
     task_views().pop(key)
 
@@ -273,6 +279,15 @@ class FabricMachine(RuleBasedStateMachine):
         self.counter += 1
         self.client.submit(hold_in_task, self.fabric, name, self.counter, workers=[worker], pure=False).result()
         self.task_held.append((worker, self.counter))
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def get_many_and_hold_in_a_task(self, data):
+        names = data.draw(st.lists(st.sampled_from(sorted(self.model)), min_size=1, max_size=6))
+        worker = data.draw(st.sampled_from(workers(self.client)))
+        first, self.counter = self.counter + 1, self.counter + len(names)
+        self.client.submit(hold_many_in_task, self.fabric, names, first, workers=[worker], pure=False).result()
+        self.task_held += [(worker, key) for key in range(first, self.counter + 1)]
 
     @precondition(lambda self: self.task_held)
     @rule(data=st.data())

@@ -65,7 +65,8 @@ def reader(fabric, stop: str, seed: int) -> dict:
         while held and held[0][2] <= now:
             name, view, _ = held.popleft()
             check(name, view, "changed-under-view")
-        names = rng.sample(BASE, rng.choice([1, 1, 1, 4]))
+        size = rng.choice([1, 1, 1, 4, 12])  # batches of local leases too, a name in one maybe twice
+        names = rng.choices(BASE, k=size) if rng.random() < 0.3 else rng.sample(BASE, size)
         try:
             views = [fabric.get(names[0])] if len(names) == 1 else fabric.get_many(names)
         except NameNotFoundError:

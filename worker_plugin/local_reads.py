@@ -15,7 +15,9 @@ so a publication sent before a recall never lands after it (``docs/protocols.md`
 
 The YellowPages evicts replicas least recently used, and local leases are reads it does not
 see: each grant's first lease in a second is noted, and the notes go to it in one one-way
-message from the event loop (``datafabric_used``), never on the read path.
+message from the event loop (``datafabric_used``), never on the read path: the read does
+not even wake the loop (a wake hands the interpreter lock to the loop thread in the middle
+of the task, tens of µs); the plugin sends the notes when the task ends, ahead of its result.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from datafabric.messages import LocalEntry
+from datafabric.shm import Segment
 from datafabric.types import FabricType, from_datashape
 from datafabric.views import LocalState, _Pin
 
@@ -37,17 +40,20 @@ class Grant:
     """One publication of one variable to this worker: the location, and how many live
     pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
 
-    __slots__ = ("var_id", "name", "type", "shm_id", "data_offset", "count", "recalled", "reported")
+    __slots__ = ("var_id", "name", "segment", "data_offset", "ftype", "count", "recalled", "reported", "end")
 
-    def __init__(self, entry: LocalEntry) -> None:
+    def __init__(
+        self, entry: LocalEntry, segment: Segment, ftype: FabricType, end: Callable[[Grant, dict], None]
+    ) -> None:
         self.var_id = entry["var_id"]
         self.name = entry["name"]
-        self.type = entry["type"]
-        self.shm_id = entry["shm_id"]
+        self.segment = segment  # mapped when published, on the event loop: not on the read path
         self.data_offset = entry["data_offset"]
+        self.ftype = ftype
         self.count = 0
         self.recalled = False
         self.reported = -USE_REPORT_EVERY  # monotonic time of the last use reported
+        self.end = functools.partial(end, self)  # what each pin's death calls: one per grant, not per pin
 
 
 class LocalReads:
@@ -61,13 +67,15 @@ class LocalReads:
         node: str,
         holder: str,
         send: Callable[[dict], None],
-        later: Callable[[Callable[[], None]], None],
+        later: Callable[[Callable[..., None]], None],
     ) -> None:
         self.state = state
         self.node = node
         self.holder = holder
         self.send = send
-        self.later = later  # runs a function on the event loop soon, from any thread
+        # Runs a report on the event loop later, from any thread, without waking the loop
+        # from the read (the plugin runs it when the reading task ends, or within a second).
+        self.later = later
         # Re-entrant: a pin's finalizer may run in the middle of any step of this thread
         # (a garbage collection), and takes the lock itself.  Each step is written so that
         # such a finalizer, run at any point of it, leaves the counts right.
@@ -79,11 +87,22 @@ class LocalReads:
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
+        """The blocks are mapped and the types parsed here, before the lock is taken (a
+        pin's finalizer, run by a collection inside the state's lock, takes this lock: the
+        two are never taken the other way round).  A name this process cannot map gets no
+        grant: its gets ask the YellowPages."""
+        resolved = []
+        for entry in entries:
+            segment = self.state.segment(self.node, entry["shm_id"])
+            if segment is not None:
+                resolved.append((entry, segment, self._type(entry["type"])))
         with self.lock:
-            for entry in entries:
+            for entry, segment, ftype in resolved:
                 if entry["var_id"] in self._by_id:
                     continue
-                grant = Grant(entry)  # a name bound anew replaces its old grant, which a recall still finds
+                grant = Grant(
+                    entry, segment, ftype, self._end
+                )  # a name bound anew replaces its old grant, which a recall still finds
                 self._grants[grant.name] = self._by_id[grant.var_id] = grant
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
@@ -108,40 +127,96 @@ class LocalReads:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
         YellowPages), or recalled while this ran."""
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
-        if grant is None:
+        if grant is None or grant.segment.readonly is None:  # or its block was unmapped (the worker closing)
             return None
-        segment = self.state.segment(self.node, grant.shm_id)
-        if segment is None:
-            return None
-        ftype = self._types.get(grant.type)
-        if ftype is None:
-            ftype = self._types[grant.type] = from_datashape(grant.type)
         now = time.monotonic()
         with self.lock:
             if grant.recalled:
                 return None
             grant.count += 1
-            report = now - grant.reported >= USE_REPORT_EVERY
-            if report:
-                grant.reported = now
-                first = not self._used
-                self._used.append(grant.var_id)
-        if report and first:
+            first = self._note_use(grant, now)
+        if first:
             self.later(self._report_use)
         lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
         try:
-            return self.state.pin(
-                name, self.node, segment, grant.data_offset, ftype, lease, functools.partial(self._end, grant)
-            )
+            return self.state.pin(name, self.node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
         except BaseException:
-            self._end(grant, lease)
+            grant.end(lease)
             raise
 
-    def _report_use(self) -> None:
+    def pin_many(self, names: list[str]) -> list[_Pin | None]:
+        """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
+        dataset's chunks, a get_many): the grants are counted together, then the pins made.
+        Every count taken is held by a pin, or ended here if making the pins fails."""
+        grants = self._grants
+        found: list[Grant | None] = [grants.get(name) for name in names]
+        now = time.monotonic()
+        first = False
+        with self.lock:  # no recall can run in here: undoing a part-way count is safe
+            counted: list[Grant] = []
+            try:
+                for k, grant in enumerate(found):
+                    if grant is None:
+                        continue
+                    if grant.recalled or grant.segment.readonly is None:
+                        found[k] = None
+                        continue
+                    grant.count += 1
+                    counted.append(grant)
+                    first = self._note_use(grant, now) or first
+            except BaseException:
+                for grant in counted:
+                    grant.count -= 1
+                raise
+        if first:
+            self.later(self._report_use)
+        return self._hold(names, found)
+
+    def _hold(self, names: list[str], found: list[Grant | None]) -> list[_Pin | None]:
+        """The pins of the counted grants in ``found``; made one by one, each held by its
+        weak reference as soon as it exists, so a failure part way ends the counts of the
+        pins not made yet and leaves the made ones to end as they die."""
+        hold, node, holder = self.state.hold, self.node, self.holder
+        out: list[_Pin | None] = [None] * len(found)
+        k = 0
+        try:
+            for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
+                if grant is not None:
+                    lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": holder}
+                    out[k] = hold(node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
+        except BaseException:
+            for j in range(k, len(found)):
+                grant = found[j]
+                if grant is not None and out[j] is None:
+                    grant.end({"op": "datafabric_release", "var_id": grant.var_id, "holder": holder})
+            raise
+        made = [i for i, pin in enumerate(out) if pin is not None]
+        self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
+        return out
+
+    def _type(self, text: str) -> FabricType:
+        ftype = self._types.get(text)  # parsed once: a dataset's chunks share a few types
+        if ftype is None:
+            ftype = self._types[text] = from_datashape(text)
+        return ftype
+
+    def _note_use(self, grant: Grant, now: float) -> bool:
+        """Under the lock: note the grant's first lease in a second for the eviction
+        order; True if it is the first note since the last report (schedule one)."""
+        if now - grant.reported < USE_REPORT_EVERY:
+            return False
+        grant.reported = now
+        first = not self._used
+        self._used.append(grant.var_id)
+        return first
+
+    def _report_use(self, send: Callable[[dict], None] | None = None) -> None:
+        """On the event loop.  ``send``: the loop's own, putting the note on the stream at
+        once (ahead of the result of the task that read); by default ``self.send``."""
         with self.lock:
             used, self._used = self._used, []
         if used:
-            self.send({"op": "datafabric_used", "var_ids": used})
+            (send or self.send)({"op": "datafabric_used", "var_ids": used})
 
     def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
         """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran)."""

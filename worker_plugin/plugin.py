@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import logging
 import threading
 import uuid
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
@@ -37,7 +39,7 @@ from datafabric.views import local_state
 from worker_plugin import regions, transfers
 from worker_plugin.adoption import HalfCreated, open_block, unlink_unmade
 from worker_plugin.allocator import BlockAllocator
-from worker_plugin.local_reads import LocalReads
+from worker_plugin.local_reads import USE_REPORT_EVERY, LocalReads
 from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
 from worker_plugin.signals import leave_group_signals_to_the_nanny
@@ -87,7 +89,14 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
         self.state = local_state(self.fabric_id)
-        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._later)
+        # Use reports, run as ``report(send)`` on the loop without waking it from a task's read
+        # (a wake hands the interpreter lock to the loop thread mid-task): when the task ends,
+        # before its result is sent (``transition``), or within a second (reads outside tasks).
+        self._due: collections.deque[Callable[..., None]] = collections.deque()  # append: atomic
+        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._due.append)
+        self._flush = PeriodicCallback(self._run_due, USE_REPORT_EVERY * 1000)  # reads outside tasks
+        self._flush.start()  # stopped at teardown (Dask stops it with the worker otherwise)
+        worker.periodic_callbacks[f"datafabric-uses-{self.fabric_id}"] = self._flush
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
@@ -109,6 +118,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
         died) they stay in /dev/shm for the restarted scheduler's YellowPages."""
         atexit.unregister(self._unlink_all)
+        self._flush.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
         answer = await self._handoff(worker)
         decision = answer.get("decision", "keep")
@@ -357,11 +367,18 @@ class FabricWorkerPlugin(WorkerPlugin):
         except (RuntimeError, AttributeError):
             pass  # worker closing: the scheduler drops its leases when it leaves
 
-    def _later(self, func: Callable[[], None]) -> None:
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        """Dask calls this on the event loop for every task transition of this worker,
+        before it sends what the transition decided (a finished task's result)."""
+        if self._due:
+            self._run_due()
+
+    def _run_due(self) -> None:
         try:
-            self.worker.loop.add_callback(func)
-        except (RuntimeError, AttributeError):
-            pass  # worker closing: what it would report no longer matters
+            while self._due:
+                self._due.popleft()(self.worker.batched_stream.send)
+        except (OSError, AttributeError):
+            pass  # worker closing (its stream closed): what it would report no longer matters
 
     def _unlink_all(self) -> None:
         with self.lock:
