@@ -68,6 +68,19 @@ def watch(fabric, names, started, stop, out):
         json.dump({n: sorted(s) for n, s in seen.items()}, f)
 
 
+def fill_up(fabric) -> int:
+    """Every free byte of the node's block overwritten with 7s, in pieces; how many."""
+    filled = 0
+    for size in (MiB, 64 * 1024):
+        while True:
+            try:
+                fabric.insert(f"filler/{filled}", "", np.float64, np.full(size // 8, 7.0))
+            except OutOfSpaceError:
+                break
+            filled += 1
+    return filled
+
+
 def waiting_declarations(dask_scheduler) -> int:
     kept = dask_scheduler.plugins[SCHEDULER_PLUGIN].members.kept
     return sum(len(holders) for offsets in kept.waiting.values() for holders in offsets.values())
@@ -115,6 +128,7 @@ def test_views_a_task_holds_through_a_scheduler_restart_keep_their_bytes(process
         fabric.delete("doomed")  # deleted while read: its header says DELETED, its memory is held
 
         closing = processes.lose_scheduler()  # the worker closes, waiting for its running task
+        crashed = time.time()
         del running
         processes.start_scheduler()
         # The closing worker's process declares its four views before any worker of the
@@ -131,20 +145,15 @@ def test_views_a_task_holds_through_a_scheduler_restart_keep_their_bytes(process
 
         assert "held" not in fabric.defragment()["moved"]  # leased by the declaration
         fabric.delete("held")
-        filled = 0
-        for size in (MiB, 64 * 1024):  # every free byte of the block overwritten with 7s
-            while True:
-                try:
-                    fabric.insert(f"filler/{filled}", "", np.float64, np.full(size // 8, 7.0))
-                except OutOfSpaceError:
-                    break
-                filled += 1
+        assert client.submit(fill_up, fabric, pure=False).result() > 0
         used = sum(b["used"] for b in fabric.status())
 
         with open(stop, "w") as f:
             f.write("stop")
         for proc in closing:
             proc.wait(60)  # its task ended, so did it, and its declaration with it
+        # Dask's close waits at most 30 s for a running task, then the process exits.
+        assert os.path.exists(out), f"the old worker exited before its task ended, {time.time() - crashed:.0f} s on"
         with open(out) as f:
             seen = json.load(f)
         assert seen == {n: [expected[n]] for n in expected}, "the bytes under a held view changed"
