@@ -38,19 +38,25 @@ class KeptViews:
         block came back without it: the view was declared too late)."""
         self.directory.check_present(holder)
         counts = {"leased": 0, "waiting": 0, "lost": 0}
+        by_block: dict[str, list[int]] = {}
         for view in views:
-            shm_id, offset = view["shm_id"], view["offset"]
+            by_block.setdefault(view["shm_id"], []).append(view["offset"])
+        for shm_id, offsets in by_block.items():
             if shm_id not in self.directory.blocks:
-                self.waiting.setdefault(shm_id, {}).setdefault(offset, []).append(holder)
-                counts["waiting"] += 1
+                waiting = self.waiting.setdefault(shm_id, {})
+                for offset in offsets:
+                    waiting.setdefault(offset, []).append(holder)
+                counts["waiting"] += len(offsets)
                 continue
             await self.moves.settled(lambda shm_id=shm_id: [shm_id])
-            var = self._at(shm_id, offset)
-            if var is None or holder in self.directory.departed:
-                counts["lost"] += 1
-                continue
-            self.directory.acquire(var, holder)
-            counts["leased"] += 1
+            at = self._variables_at(shm_id)  # no await from here to the leases: offsets stay put
+            for offset in offsets:
+                var = at.get(offset)
+                if var is None or holder in self.directory.departed:
+                    counts["lost"] += 1
+                    continue
+                self.directory.acquire(var, holder)
+                counts["leased"] += 1
         return counts
 
     def take_back(self, block: Block, extents: list[ExtentInfo]) -> list[Copy]:
@@ -59,6 +65,7 @@ class KeptViews:
         deleted variables if a view declared them.  Returns the deleted extents nobody
         declared, to free."""
         declared = self.waiting.pop(block.shm_id, {})
+        sealed = self._variables_at(block.shm_id) if declared else {}
         to_free = []
         for e in extents:
             holders = [h for h in declared.get(e["data_offset"], []) if h not in self.directory.departed]
@@ -69,7 +76,7 @@ class KeptViews:
                     continue
                 var = self.directory.recover_deleted(e, copy)
             else:
-                var = self._at(block.shm_id, e["data_offset"])
+                var = sealed.get(e["data_offset"])
             for holder in holders if var is not None else ():
                 self.directory.acquire(var, holder)
         return to_free
@@ -85,8 +92,6 @@ class KeptViews:
             if not offsets:
                 del self.waiting[shm_id]
 
-    def _at(self, shm_id: str, offset: int) -> Variable | None:
-        for var, copy in self.directory.copies_in(shm_id):
-            if copy.data_offset == offset:
-                return var
-        return None
+    def _variables_at(self, shm_id: str) -> dict[int, Variable]:
+        """The block's variables by data offset: one pass over the directory, not one per view."""
+        return {copy.data_offset: var for var, copy in self.directory.copies_in(shm_id)}
