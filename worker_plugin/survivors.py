@@ -20,7 +20,7 @@ import sys
 import threading
 
 from datafabric.messages import KeptView
-from datafabric.protocol import raise_if_refused
+from datafabric.protocol import EVENT_TOPIC, raise_if_refused
 from datafabric.views import LocalState
 
 logger = logging.getLogger("datafabric.worker")
@@ -64,6 +64,10 @@ async def _declare(address: str, state: LocalState) -> None:
         except (TimeoutError, OSError):
             continue
     async with client:  # the leases are its own: they end when it closes
+        # A durable fabric's YellowPages subscribes every client to its events; this one
+        # needs none of them (its leases are by location), but without a handler Dask logs
+        # an error for each.
+        client.subscribe_topic(EVENT_TOPIC, _ignore)
         views = kept_views(state)
         try:
             counts = raise_if_refused(await client.scheduler.datafabric_declare_kept(views=views, holder=client.id))
@@ -75,3 +79,7 @@ async def _declare(address: str, state: LocalState) -> None:
         logger.info("declared %d views kept through the scheduler's restart: %s", len(views), counts)
         while kept_views(state):
             await asyncio.sleep(HOLD_POLL)
+
+
+def _ignore(event: tuple) -> None:
+    return None
