@@ -15,6 +15,7 @@ import json
 import os
 import pickle
 import sys
+import threading
 import time
 
 import cloudpickle
@@ -50,9 +51,9 @@ def insert_here(fabric, items):
     return fabric.insert_many([(name, "", np.float64, data) for name, data in items.items()])
 
 
-def watch(fabric, names, started, stop, out):
+def watch(fabric, names, names_late, started, stop, out):
     """Hold each name twice (a local lease, and an ordinary one through a reference), and
-    note every distinct digest seen until told to stop."""
+    note every distinct digest seen until told to stop; then get ``names_late``."""
     local = {n: fabric.get(n) for n in names}
     by_reference = {n: pickle.loads(pickle.dumps(local[n])) for n in names}  # a lease by id (acquire_ref)
     assert all(pin_of(local[n]) is not pin_of(by_reference[n]) for n in names)
@@ -64,8 +65,28 @@ def watch(fabric, names, started, stop, out):
         for n in names:
             seen[n] |= {digest(local[n]), digest(by_reference[n])}
         time.sleep(0.05)
+    late = {}  # a get after the scheduler died must not lease locally under a grant nobody can recall
+
+    def get_late() -> None:
+        try:
+            view = fabric.get(names_late)
+            late["got"] = type(view).__name__
+            late["lease"] = dict(pin_of(view).lease)
+        except Exception as exc:
+            late["got"] = f"refused: {type(exc).__name__}"
+
+    getter = threading.Thread(target=get_late, daemon=True)
+    getter.start()
+    getter.join(20)
     with open(out, "w") as f:
-        json.dump({n: sorted(s) for n, s in seen.items()}, f)
+        json.dump(
+            {
+                "seen": {n: sorted(s) for n, s in seen.items()},
+                "late": late.get("got", "no answer"),
+                "lease": late.get("lease"),
+            },
+            f,
+        )
 
 
 def fill_up(fabric) -> int:
@@ -79,6 +100,10 @@ def fill_up(fabric) -> int:
                 break
             filled += 1
     return filled
+
+
+def new_first_id(dask_scheduler) -> int:
+    return dask_scheduler.plugins[SCHEDULER_PLUGIN].directory.first_id
 
 
 def waiting_declarations(dask_scheduler) -> int:
@@ -123,7 +148,7 @@ def test_views_a_task_holds_through_a_scheduler_restart_keep_their_bytes(process
         fabric = datafabric.start(client, mb=32)  # the preloaded, durable fabric: one block
         client.submit(insert_here, fabric, data).result()  # laid out in this order in the worker's block
         fabric.delete("gap")  # a hole before "held": a compaction would move an unleased "held" into it
-        running = client.submit(watch, fabric, ["held", "doomed"], started, stop, out, pure=False)
+        running = client.submit(watch, fabric, ["held", "doomed"], "after", started, stop, out, pure=False)
         wait_for(lambda: os.path.exists(started), "the task to hold its views")
         fabric.delete("doomed")  # deleted while read: its header says DELETED, its memory is held
 
@@ -155,8 +180,11 @@ def test_views_a_task_holds_through_a_scheduler_restart_keep_their_bytes(process
         # Dask's close waits at most 30 s for a running task, then the process exits.
         assert os.path.exists(out), f"the old worker exited before its task ended, {time.time() - crashed:.0f} s on"
         with open(out) as f:
-            seen = json.load(f)
-        assert seen == {n: [expected[n]] for n in expected}, "the bytes under a held view changed"
+            found = json.load(f)
+        assert found["seen"] == {n: [expected[n]] for n in expected}, "the bytes under a held view changed"
+        if found["late"] == "FabricView":  # then through the restarted YellowPages, not an old local grant
+            first_id = client.run_on_scheduler(new_first_id)
+            assert found["lease"]["var_id"] >= first_id, f"a get after the crash leased under an old grant: {found}"
 
         held_bytes = data["held"].nbytes + data["doomed"].nbytes
         wait_for(
