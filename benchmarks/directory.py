@@ -15,9 +15,11 @@ inserts (``--profile``) shows where an insert's time goes.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -39,15 +41,32 @@ def name(group: int, i: int) -> str:
     return f"scale/{group:04d}/{i:03d}"
 
 
-def fill(fabric: datafabric.Fabric, groups: list[int]) -> list[tuple[float, float, int, float]]:
+def fill(fabric: datafabric.Fabric, groups: list[int]) -> list[tuple[float, float, int, float, float]]:
     """Runs in a task: the groups' names in batches; returns (start, end, names, CPU
-    seconds of the task's thread) per batch."""
+    seconds of the task's thread, of which in Python's full garbage collections) per batch.
+    A full collection walks every object the worker process's collector tracks, so its
+    cost grows with whatever the worker keeps per name."""
     names = [name(g, i) for g in groups for i in range(GROUP)]
+    me, full, began = threading.get_ident(), [0.0], {}
+
+    def collected(phase: str, info: dict) -> None:
+        if info["generation"] != 2 or threading.get_ident() != me:
+            return
+        if phase == "start":
+            began["cpu"] = time.thread_time()
+        elif "cpu" in began:
+            full[0] += time.thread_time() - began.pop("cpu")
+
     batches = []
-    for start in range(0, len(names), BATCH):
-        t0, cpu0 = time.time(), time.thread_time()
-        fabric.insert_many([(n, "", np.uint8, VALUE) for n in names[start : start + BATCH]])
-        batches.append((t0, time.time(), len(names[start : start + BATCH]), time.thread_time() - cpu0))
+    gc.callbacks.append(collected)
+    try:
+        for start in range(0, len(names), BATCH):
+            t0, cpu0, gc0 = time.time(), time.thread_time(), full[0]
+            fabric.insert_many([(n, "", np.uint8, VALUE) for n in names[start : start + BATCH]])
+            n = len(names[start : start + BATCH])
+            batches.append((t0, time.time(), n, time.thread_time() - cpu0, full[0] - gc0))
+    finally:
+        gc.callbacks.remove(collected)
     return batches
 
 
@@ -140,9 +159,10 @@ def run(names: int, reps: int, profile: bool) -> dict:
             assert len(fabric.get_list()) == names
 
             tenth = max(1, len(batches) // 10)
-            rates = [n / (end - start) for start, end, n, _ in batches]
+            rates = [n / (end - start) for start, end, n, _, _ in batches]
             first, last = statistics.median(rates[:tenth]), statistics.median(rates[-tenth:])
-            task_cpu = [cpu / n for _, _, n, cpu in batches]  # seconds per name, the writer's thread
+            task_cpu = [cpu / n for _, _, n, cpu, _ in batches]  # seconds per name, the writer's thread
+            task_gc = [full / n for _, _, n, _, full in batches]  # of which full garbage collections
             seals = sorted(client.run_on_scheduler(seal_cpu))
             sealed = [cpu / n for _, n, cpu in seals]  # seconds per name, the scheduler
             tenth_s = max(1, len(sealed) // 10)
@@ -175,6 +195,8 @@ def run(names: int, reps: int, profile: bool) -> dict:
         "insert_ratio_last_to_first": last / first,
         "task_cpu_per_name_first_tenth": statistics.median(task_cpu[:tenth]),
         "task_cpu_per_name_last_tenth": statistics.median(task_cpu[-tenth:]),
+        "task_gc_per_name_first_tenth": statistics.mean(task_gc[:tenth]),
+        "task_gc_per_name_last_tenth": statistics.mean(task_gc[-tenth:]),
         "seal_cpu_per_name_first_tenth": statistics.median(sealed[:tenth_s]),
         "seal_cpu_per_name_last_tenth": statistics.median(sealed[-tenth_s:]),
         "scheduler_bytes_per_variable": (rss1 - rss0) / names,
@@ -213,6 +235,8 @@ def table(r: dict) -> str:
         f"| writer's CPU per name, first tenth / last tenth (µs) | {r['task_cpu_per_name_first_tenth'] * 1e6:.1f} / "
         f"{r['task_cpu_per_name_last_tenth'] * 1e6:.1f} "
         f"({r['task_cpu_per_name_first_tenth'] / r['task_cpu_per_name_last_tenth']:.2f}x the rate) |",
+        f"| of which full garbage collections, first tenth / last tenth (µs, mean) | "
+        f"{r['task_gc_per_name_first_tenth'] * 1e6:.1f} / {r['task_gc_per_name_last_tenth'] * 1e6:.1f} |",
         f"| scheduler's CPU per sealed name, first tenth / last tenth (µs) | "
         f"{r['seal_cpu_per_name_first_tenth'] * 1e6:.1f} / {r['seal_cpu_per_name_last_tenth'] * 1e6:.1f} "
         f"({r['seal_cpu_per_name_first_tenth'] / r['seal_cpu_per_name_last_tenth']:.2f}x the rate) |",

@@ -81,6 +81,15 @@ class Recalled(TypedDict):
     leases: list[tuple[int, int]]
 
 
+class KeptView(TypedDict):
+    """A view a process kept through a scheduler restart, by location (a process that
+    outlived its scheduler -> the restarted YellowPages; ``yp/kept_views.py``)."""
+
+    node: str
+    shm_id: str
+    offset: int  # the view's data offset in the block
+
+
 class ExtentInfo(TypedDict):
     """An extent as its header describes it (block owner -> YellowPages)."""
 

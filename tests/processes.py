@@ -29,12 +29,19 @@ class ProcessCluster:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.scheduler: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.closing: list[subprocess.Popen] = []  # workers of a scheduler that was killed
 
     def start(self, nodes: tuple[str, ...] | None = None) -> None:
         """The scheduler and a worker for each of ``nodes`` (all of them by default)."""
+        self.start_scheduler()
+        self.start_workers(nodes)
+
+    def start_scheduler(self) -> None:
         scheduler = ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port)]
         scheduler += ["--dashboard-address", ":0", "--preload", "datafabric.preload"]
         self.scheduler = _spawn(scheduler, {"DASK_LOGGING__DATAFABRIC": "info"}, self.scheduler_log)
+
+    def start_workers(self, nodes: tuple[str, ...] | None = None) -> None:
         self.workers = []
         for node in self.nodes if nodes is None else nodes:
             self.start_worker(node)
@@ -48,14 +55,20 @@ class ProcessCluster:
     def crash_scheduler(self) -> None:
         """SIGKILL the scheduler and wait for its workers: they close, as Dask workers do
         without a scheduler."""
+        for worker in self.lose_scheduler():
+            worker.wait(60)
+
+    def lose_scheduler(self) -> list[subprocess.Popen]:
+        """SIGKILL the scheduler, and return its workers without waiting for them: their
+        close waits for the tasks they run.  ``stop`` ends any still running."""
         self.scheduler.send_signal(signal.SIGKILL)
         self.scheduler.wait()
-        for worker in self.workers:
-            worker.wait(60)
-        self.workers = []
+        closing, self.workers = self.workers, []
+        self.closing += closing
+        return closing
 
     def stop(self) -> None:
-        procs = [p for p in (*self.workers, self.scheduler) if p is not None]
+        procs = [p for p in (*self.closing, *self.workers, self.scheduler) if p is not None]
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)

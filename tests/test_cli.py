@@ -132,7 +132,8 @@ def test_get_writes_npy_and_raw_bytes(embedded, files, tmp_path):
 
 def test_status_shows_blocks_per_node(embedded):
     as_json, table = ok_many(embedded.env, ["status", "--json"], ["status"])
-    blocks = json.loads(as_json)
+    status = json.loads(as_json)
+    blocks = status["blocks"]
     assert len(blocks) == 2 and {b["node"] for b in blocks} == {"127.0.0.1"}
     assert sum(b["size"] for b in blocks) == 64 * 2**20
     for b in blocks:
@@ -140,6 +141,24 @@ def test_status_shows_blocks_per_node(embedded):
     assert sum(b["variables"] for b in blocks) == 3  # raw, run1/small, temps
     assert "total of 2 blocks" in table and "64.0 MiB" in table and blocks[0]["shm_id"] in table
     assert "memory per worker process" in table  # each worker's own memory beside the fabric's pages
+    assert status["fabric_id"][:8] in table and status["scheduler"] == embedded.address
+
+
+def test_status_json_has_the_memory_figures_of_the_table(embedded):
+    """`status --json` carries what the table shows per worker process: the real worker
+    processes of the embedded start, each mapping at least its own pre-faulted block."""
+    as_json, table = ok_many(embedded.env, ["status", "--json"], ["status"])
+    status = json.loads(as_json)
+    memory, blocks = status["memory"], status["blocks"]
+    workers = {p.pid for p in psutil.Process(embedded.proc.pid).children(recursive=True)}
+    assert {row["worker"] for row in memory} == {b["worker"] for b in blocks}
+    assert len(memory) == 2 and {row["pid"] for row in memory} <= workers
+    owned = {b["worker"]: b["size"] for b in blocks}
+    for row in memory:
+        assert row["node"] == "127.0.0.1" and str(row["pid"]) in table
+        assert 0 < row["private"] <= row["uss"] <= row["rss"]
+        assert row["fabric_pss"] <= row["fabric_mapped"] <= row["rss"]
+        assert row["fabric_mapped"] >= owned[row["worker"]]  # its block, pre-faulted, is mapped
 
 
 def test_rm_deletes_and_reports_unknown_names(embedded, files):
@@ -243,7 +262,7 @@ def test_every_command_has_help_with_an_example(tmp_path):
 
 def test_sigterm_ends_the_embedded_start_cleanly(embedded):
     """Last of the module: the shared embedded start goes away as a user's would."""
-    blocks = {b["shm_id"] for b in json.loads(ok(embedded.env, "status", "--json"))}
+    blocks = {b["shm_id"] for b in json.loads(ok(embedded.env, "status", "--json"))["blocks"]}
     children = psutil.Process(embedded.proc.pid).children(recursive=True)
     assert len(children) >= 2  # the worker processes, at least
 

@@ -283,7 +283,7 @@ def test_an_import_that_runs_out_of_space_leaves_no_dataset_and_no_memory(embedd
 
 
 def _used(env) -> int:
-    return sum(row["used"] for row in json.loads(ok(env, "status", "--json")))
+    return sum(row["used"] for row in json.loads(ok(env, "status", "--json"))["blocks"])
 
 
 def test_a_put_killed_mid_import_leaves_no_dataset_and_no_memory(embedded, tmp_path):

@@ -40,7 +40,7 @@ class HalfCreated(layout.LayoutError):
 
 def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | None) -> Adopted:
     """Open a block of this fabric and node as its new owner, keeping the extents whose
-    ids are in ``live`` (None: the sealed ones).  Raises ``FileNotFoundError`` if it is
+    ids are in ``live`` (None: the sealed and the deleted ones).  Raises ``FileNotFoundError`` if it is
     gone, ``HalfCreated`` if it never got its header, ``LayoutError`` if it is not ours."""
     if not is_node_block_name(shm_id, fabric_id, node):
         raise layout.LayoutError(f"not a block name of fabric {fabric_id} on node {node!r}")
@@ -72,6 +72,11 @@ def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | N
     return Adopted(segment, allocator, answer)
 
 
+# What a take-back (``live`` None) keeps: sealed variables, and extents deleted while read,
+# which a view kept through the crash may still read (the YellowPages frees the others).
+_FOUND = (ExtentState.SEALED, ExtentState.DELETED)
+
+
 def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) -> list[ExtentInfo]:
     """Free what is not kept; say where what is kept is."""
     wanted = set(live) if live is not None else None
@@ -80,7 +85,7 @@ def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) ->
         if state is ExtentState.FREE:
             continue
         extent = layout.read_extent(buf, offset)
-        keep = state is ExtentState.SEALED if wanted is None else extent.extent_id in wanted
+        keep = state in _FOUND if wanted is None else extent.extent_id in wanted
         if keep:
             kept.append(extent_info(extent))
         else:

@@ -34,6 +34,9 @@ from datafabric import layout
 from datafabric.layout import ExtentState
 from worker_plugin import moves
 
+_STATES = tuple(ExtentState)  # by value: the two low bits of an index entry
+assert [int(st) for st in _STATES] == list(range(4))
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -48,7 +51,11 @@ class BlockAllocator:
         self._buf = buf
         self.size = size
         self._offsets = SortedList()  # every extent's offset: O(log n) to add or drop one
-        self._extents: dict[int, tuple[int, ExtentState]] = {}
+        # offset -> size << 2 | state: plain ints, which Python's cyclic garbage collector
+        # does not track.  A (size, ExtentState) tuple per extent was tracked, and every full
+        # collection of the worker process walked them all: a task inserting many names paid
+        # for a collection that grew with its block (one per insert_many batch of 10,000).
+        self._extents: dict[int, int] = {}
         self._free = SortedList()  # offsets of the FREE extents
         self._tally()
         if fresh:
@@ -66,8 +73,8 @@ class BlockAllocator:
         self._tally()
         for extent in layout.walk(self._buf, self.size):
             last = self._offsets[-1] if self._offsets else None
-            if extent.state is ExtentState.FREE and last is not None and self._extents[last][1] is ExtentState.FREE:
-                size = self._extents[last][0] + extent.size
+            if extent.state is ExtentState.FREE and last is not None and self._entry(last)[1] is ExtentState.FREE:
+                size = self._entry(last)[0] + extent.size
                 layout.write_extent(self._buf, last, ExtentState.FREE, size)
                 self._record(last, size, ExtentState.FREE)
                 continue
@@ -76,7 +83,7 @@ class BlockAllocator:
 
     def reserve(self, name: str, type_: str, doc: str, data_size: int) -> Reservation | None:
         for offset in self._free:
-            size = self._extents[offset][0]
+            size = self._extents[offset] >> 2
             need = layout.extent_size_for(offset, name, type_, doc, data_size)
             if size >= need:
                 break
@@ -94,26 +101,26 @@ class BlockAllocator:
         return Reservation(offset, data_offset, size, extent_id)
 
     def set_state(self, offset: int, state: ExtentState) -> None:
-        size, _ = self._extents[offset]
+        size = self._extents[offset] >> 2
         layout.set_state(self._buf, offset, state)
         self._record(offset, size, state)
 
     def free(self, offset: int) -> int:
         """Free the extent at ``offset``, merge it with free neighbours; return its size."""
-        size, state = self._extents[offset]
+        size, state = self._entry(offset)
         if state is ExtentState.FREE:
             raise ValueError(f"extent at {offset} is free already")
         freed = size
         i = self._offsets.bisect_left(offset)
         if i + 1 < len(self._offsets):
             nxt = self._offsets[i + 1]
-            nsize, nstate = self._extents[nxt]
+            nsize, nstate = self._entry(nxt)
             if nstate is ExtentState.FREE:
                 size += nsize
                 self._drop(i + 1)
         if i > 0:
             prev = self._offsets[i - 1]
-            psize, pstate = self._extents[prev]
+            psize, pstate = self._entry(prev)
             if pstate is ExtentState.FREE:  # the free extent before grows over it: one store
                 self._drop(i)
                 layout.grow_free(self._buf, prev, psize + size)
@@ -136,7 +143,7 @@ class BlockAllocator:
         moved: dict[int, tuple[int, int]] = {}
         cursor = layout.BLOCK_HEADER_SIZE  # where the free space before the next extent starts
         for offset in list(self._offsets):
-            size, state = self._extents[offset]
+            size, state = self._entry(offset)
             if state is ExtentState.FREE:
                 continue
             if cursor < offset:  # the free extents in between become one
@@ -156,11 +163,15 @@ class BlockAllocator:
         return moved
 
     def extents(self) -> list[tuple[int, int, ExtentState]]:
-        return [(o, *self._extents[o]) for o in self._offsets]
+        return [(o, *self._entry(o)) for o in self._offsets]
+
+    def _entry(self, offset: int) -> tuple[int, ExtentState]:
+        packed = self._extents[offset]
+        return packed >> 2, _STATES[packed & 3]
 
     def state_of(self, offset: int) -> ExtentState | None:
         entry = self._extents.get(offset)
-        return entry[1] if entry else None
+        return None if entry is None else _STATES[entry & 3]
 
     @property
     def free_bytes(self) -> int:
@@ -205,10 +216,12 @@ class BlockAllocator:
     def _record(self, offset: int, size: int, state: ExtentState) -> None:
         """The one place the index changes: the extent and whether it is free."""
         old = self._extents.get(offset)
+        was_free = False
         if old is not None:
-            self._count(*old, -1)
-        was_free = old is not None and old[1] is ExtentState.FREE
-        self._extents[offset] = (size, state)
+            old_size, old_state = old >> 2, _STATES[old & 3]
+            self._count(old_size, old_state, -1)
+            was_free = old_state is ExtentState.FREE
+        self._extents[offset] = size << 2 | state
         self._count(size, state, +1)
         if state is ExtentState.FREE and not was_free:
             self._free.add(offset)
@@ -217,7 +230,8 @@ class BlockAllocator:
 
     def _drop(self, index: int) -> None:
         offset = self._offsets.pop(index)
-        size, state = self._extents.pop(offset)
+        packed = self._extents.pop(offset)
+        size, state = packed >> 2, _STATES[packed & 3]
         self._count(size, state, -1)
         if state is ExtentState.FREE:
             self._free.remove(offset)

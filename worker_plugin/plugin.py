@@ -43,6 +43,7 @@ from worker_plugin.local_reads import USE_REPORT_EVERY, LocalReads
 from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
 from worker_plugin.signals import leave_group_signals_to_the_nanny
+from worker_plugin.survivors import declare_when_back
 
 logger = logging.getLogger("datafabric.worker")
 
@@ -116,7 +117,8 @@ class FabricWorkerPlugin(WorkerPlugin):
     async def teardown(self, worker: Any) -> None:
         """Hand the blocks to a peer of this node, unlink them, or leave them for the
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
-        died) they stay in /dev/shm for the restarted scheduler's YellowPages."""
+        died) they stay in /dev/shm for the restarted scheduler's YellowPages, to which
+        this process declares the views its tasks still hold (``survivors.py``)."""
         atexit.unregister(self._unlink_all)
         self._flush.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
@@ -131,12 +133,14 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.state.detach(list(blocks))
         if decision != "adopted":
             logger.info("left blocks %s in shared memory for the node's next worker", sorted(blocks))
+        if answer.get("scheduler_lost"):  # its running tasks may read on through the restart
+            declare_when_back(worker.scheduler.address, self.fabric_id, self.state)
 
     @staticmethod
     async def _handoff(worker: Any) -> dict:
         stream = getattr(worker.batched_stream, "comm", None)
         if stream is None or stream.closed():
-            return {"decision": "keep"}  # the worker closes because it lost its scheduler
+            return {"decision": "keep", "scheduler_lost": True}  # the worker closes because it lost its scheduler
         restarting = await nanny_restarts(worker)
         try:
             answer = await asyncio.wait_for(
@@ -297,7 +301,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         """Take over blocks of this node whose owner died or left, or that a restarted
         YellowPages found (``live=None``).  ``live`` lists, per block, the ids of the
         extents the directory still needs; they are kept wherever they now are, every
-        other extent is freed (with ``live=None`` the sealed ones are kept).  Each answer
+        other extent is freed (with ``live=None`` the sealed and deleted ones are kept).  Each answer
         describes the kept extents, so the directory re-learns their offsets.
         ``unfinished`` names blocks whose creator died before confirming them: each is
         unlinked, and so is, with ``live=None``, a found segment that has no block header.

@@ -369,6 +369,13 @@ class Directory:
                 conflicting.append(self.uncount(copy))
         return conflicting
 
+    def recover_deleted(self, e: ExtentInfo, copy: Copy) -> Variable:
+        """An extent deleted while read, found by a take-back, that a kept view declared:
+        a deleted variable (no name) until its last lease ends."""
+        var = Variable(next(self._ids), e["name"], e["doc"], e["type"], e["nbytes"], [copy], deleted=True)
+        self.by_id[var.var_id] = var
+        return var
+
     def drop_block(self, shm_id: str) -> None:
         """A block that is gone from shared memory, with every copy it held."""
         for var, copy in self.copies_in(shm_id):

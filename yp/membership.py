@@ -3,7 +3,8 @@ when its owner goes.
 
 - A worker that **registers** lists the fabric's blocks it sees on its node; those this
   directory does not know were left by a crashed scheduler's fabric and are **taken back**
-  (``recover``): the directory is rebuilt from their headers.
+  (``recover``): the directory is rebuilt from their headers, and views that processes kept
+  through the crash and declared already are leased in the same step (``yp/kept_views.py``).
 - A worker that **dies** leaves its blocks orphaned; a live worker of the same node
   **adopts** them: it rebuilds each allocator from the extent headers, keeps the extents
   the directory names by id (reporting where each now is) and frees the rest.  A block
@@ -29,6 +30,7 @@ from datafabric.errors import FabricError
 from datafabric.messages import AdoptedBlock
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
+from yp.kept_views import KeptViews
 from yp.local_leases import LocalLeases
 from yp.moves import BlockMoves
 from yp.records import Block
@@ -47,6 +49,7 @@ class Membership:
         self.changing = asyncio.Lock()
         self.took_back = False  # blocks found in shared memory were taken back
         self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
+        self.kept = KeptViews(directory, moves)  # views processes kept through a scheduler crash
         # Told when a node's blocks are all known (yp/dataset_records.py rebuilds datasets then);
         # its flag says whether anything was ever taken back.  The YellowPages sets it.
         self.node_back: Callable[[str, bool], Awaitable[None]] | None = None
@@ -109,11 +112,12 @@ class Membership:
                 logger.warning("%s could not take back blocks %s: %r", worker, unknown, exc)
                 return
             found = [b for b in found if not b.get("unlinked")]  # half-created ones are gone now
-            conflicting = []
-            for b in found:
+            to_free = []
+            for b in found:  # one step: views kept through the crash are leased before anything can free or move
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
-                conflicting += self.directory.recover_block(block, b["extents"])
-        await self.owners.free(conflicting)
+                to_free += self.directory.recover_block(block, b["extents"])
+                to_free += self.kept.take_back(block, b["extents"])
+        await self.owners.free(to_free)
         self.local.publish_node(node)
         self.took_back = True
         self.scheduler.log_event(EVENT_TOPIC, self.took_back_msg())  # clients declare the views they kept

@@ -127,6 +127,7 @@ class YellowPages(SchedulerPlugin):
             "seal": self.inserts.seal,
             "acquire": self.reads.acquire,
             "acquire_at": self.reads.acquire_at,
+            "declare_kept": self.members.kept.declare,
             "acquire_ref": self.reads.acquire_ref,
             "acquire_many": self.reads.acquire_many,
             "names": self.datasets.names,
@@ -248,5 +249,6 @@ class YellowPages(SchedulerPlugin):
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         if self.running:
+            self.members.kept.forget(client)
             self.owners.free_later(self.directory.drop_holder(client))
             self.datasets.left(client, self.scheduler.loop.add_callback)

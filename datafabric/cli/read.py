@@ -121,7 +121,9 @@ def show(selection: str, scheduler: str | None, timeout: float, as_json: bool) -
 @json_option
 def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
     """Show every block per node: size, used, free, largest free extent, variables; and
-    per worker process, its own memory beside the fabric's shared pages it maps.
+    per worker process, its own memory beside the fabric's shared pages it maps.  With
+    --json: an object of "fabric_id", "scheduler", "blocks" (one per block) and "memory"
+    (one per worker process: rss, uss, private, fabric_mapped, fabric_pss in bytes).
 
     \b
     Example:
@@ -129,9 +131,13 @@ def status(scheduler: str | None, timeout: float, as_json: bool) -> None:
     """
     with connected_fabric(scheduler, timeout) as fabric:
         blocks = fabric.status()
-        memory = [] if as_json else fabric.memory()
+        memory = fabric.memory()
     if as_json:
-        click.echo(fmt.to_json(blocks))
+        click.echo(
+            fmt.to_json(
+                {"fabric_id": fabric.fabric_id, "scheduler": fabric.address, "blocks": blocks, "memory": memory}
+            )
+        )
     elif blocks:
         fmt.console().print(fmt.status_table(blocks, title=f"fabric {fabric.fabric_id[:8]} on {fabric.address}"))
         fmt.console().print(fmt.memory_table(memory))
