@@ -1,0 +1,152 @@
+"""Unfilled homes under attack: writers of whole chunks (homes placed without the fill
+pass, ``yp/chunk_homes.py``) race writers of parts of the same chunks from several
+processes on two nodes, while some whole-writers raise or are SIGKILLed half-way through
+their copy.  The shared memory is first covered with a sentinel value and freed, so a home
+handed out unfilled holds stale bytes that a bug would let through.
+
+After the seal every element must be the fill value or a value some writer wrote there
+(never the sentinel, never anything else); a chunk written by one whole-writer alone reads
+as its value exactly if it finished, and as the fill value exactly if it raised or died;
+and every byte returns once the dataset is deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+
+import cloudpickle
+import dask
+import numpy as np
+import pytest
+from distributed import wait
+
+import datafabric
+from datafabric.datasets.writes import fill_chunk
+from datafabric.errors import OutOfSpaceError
+from tests.conftest import simulated_nodes
+from tests.waiting import wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ROWS, COLS = 32, 512  # a chunk: 128 KiB of float64
+NCHUNKS = 16
+FILL = -1.0
+SENTINEL = 7.25e7  # what every freed byte of the blocks holds before the dataset is written
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),  # a killed writer is not run again
+        simulated_nodes(("ww-a", "ww-b"), per_node=2, nthreads=2) as (_, client),
+    ):
+        fabric = datafabric.start(client, mb=16)
+        yield client, fabric
+        fabric.shutdown()
+
+
+def used(fabric) -> tuple[int, int]:
+    status = fabric.status()
+    return sum(b["used"] for b in status), sum(b["reserved"] for b in status)
+
+
+def pollute(fabric, prefix: str) -> list[str]:
+    """Variables of the sentinel in the blocks of this worker's node until they are full
+    (deleted by the test)."""
+    names = []
+    try:
+        while True:
+            fabric.insert(f"{prefix}/{len(names)}", "", "16384 * float64", np.full(16 * 1024, SENTINEL))
+            names.append(f"{prefix}/{len(names)}")
+    except OutOfSpaceError:
+        return names
+
+
+def write(ds, kind: str, chunk: int, box: tuple, value: float) -> None:
+    """One writer: ``whole`` (``ds[chunk] = value``), ``fill`` (``fill_chunk``), ``part``
+    (``ds[box] = value``), ``raise`` or ``kill`` (``fill_chunk`` failing after half)."""
+    rows = slice(chunk * ROWS, (chunk + 1) * ROWS)
+    if kind == "whole":
+        ds[rows] = value
+    elif kind == "part":
+        ds[box] = value
+    else:
+
+        def fill(view):
+            if kind == "fill":
+                view[...] = value
+                return
+            view[: ROWS // 2] = value
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("a writer failing half-way")
+
+        fill_chunk(ds, (chunk, 0), fill)
+
+
+def plan(rng: random.Random) -> list[tuple[str, int, tuple, float]]:
+    """Chunks 0-3 have one writer each (whole, fill, raise, kill: checked exactly); the
+    others 1-4 writers of random kinds, parts at random places."""
+    writers = [("whole", 0), ("fill", 1), ("raise", 2), ("kill", 3)]
+    for chunk in range(4, NCHUNKS):
+        writers += [
+            (rng.choice(["whole", "fill", "part", "part", "raise", "kill"]), chunk) for _ in range(rng.randint(1, 4))
+        ]
+    kills = [i for i, (kind, _) in enumerate(writers) if kind == "kill"]
+    for i in kills[3:]:  # at most three restarts a round
+        writers[i] = ("raise", writers[i][1])
+    out = []
+    for n, (kind, chunk) in enumerate(writers):
+        r0, c0 = rng.randrange(ROWS), rng.randrange(COLS)
+        box = (slice(chunk * ROWS + r0, chunk * ROWS + rng.randint(r0 + 1, ROWS)), slice(c0, rng.randint(c0 + 1, COLS)))
+        out.append((kind, chunk, box, float(n + 1)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_whole_writers_racing_part_writers_and_dying_leave_only_fill_or_written_values(two_nodes, seed):
+    client, fabric = two_nodes
+    before = used(fabric)
+    workers = sorted(client.scheduler_info()["workers"])
+    polluted = client.gather(
+        [client.submit(pollute, fabric, f"sentinel/{seed}/{w}", workers=[w], pure=False) for w in workers]
+    )
+    fabric.delete_many([n for names in polluted for n in names])
+
+    rng = random.Random(seed)
+    writers = plan(rng)
+    name = f"whole-writes/{seed}"
+    ds = fabric.create_dataset(name, shape=(NCHUNKS * ROWS, COLS), chunks=(ROWS, COLS), fillvalue=FILL)
+    futures = [
+        client.submit(write, ds, kind, chunk, box, value, workers=[rng.choice(workers)], pure=False)
+        for kind, chunk, box, value in writers
+    ]
+    wait(futures)
+    client.wait_for_workers(len(workers))  # the nannies' new workers
+    finished = [f.status == "finished" for f in futures]
+    ds.seal()
+
+    got = fabric.dataset(name)[...]
+    allowed = [{FILL} for _ in range(NCHUNKS)]
+    for _, chunk, _, value in writers:
+        allowed[chunk].add(value)
+    for chunk in range(NCHUNKS):
+        rows = got[chunk * ROWS : (chunk + 1) * ROWS]
+        stray = ~np.isin(rows, sorted(allowed[chunk]))
+        assert not stray.any(), f"chunk {chunk} holds {np.unique(rows[stray])[:5]}: neither fill nor written"
+    for kind, _, box, value in writers:  # a part-writer's value only where it wrote
+        if kind == "part":
+            outside = np.ones((NCHUNKS * ROWS, COLS), bool)
+            outside[box] = False
+            assert not (got[outside] == value).any(), f"a part-writer's value {value} outside its box"
+    for i, (kind, chunk, _, value) in enumerate(writers[:4]):
+        expected = value if finished[i] and kind in ("whole", "fill") else FILL
+        np.testing.assert_array_equal(
+            got[chunk * ROWS : (chunk + 1) * ROWS], expected, err_msg=f"chunk {chunk} ({kind})"
+        )
+
+    fabric.delete(name)
+    wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")
