@@ -184,7 +184,7 @@ class Datasets:
         record.record_node = record.record_node or self._record_node(node)  # named in every chunk's doc
         try:
             homes = []
-            for f in flats:
+            for f in sorted(flats):  # in ascending order: waits for unfilled homes never form a cycle
                 writer = (holder, ticket) if f in wholly else None
                 copy, unfilled = await self.homes.home(record, f, node, _chunk_type(record, f), writer)
                 homes.append(self._home_message(record, f, copy, unfilled))
