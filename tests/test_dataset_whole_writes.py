@@ -24,7 +24,7 @@ import pytest
 from distributed import wait
 
 import datafabric
-from datafabric.datasets.writes import fill_chunk
+from datafabric.datasets.writes import fill_chunks
 from datafabric.errors import OutOfSpaceError
 from tests.conftest import simulated_nodes
 from tests.waiting import wait_for
@@ -66,8 +66,8 @@ def pollute(fabric, prefix: str) -> list[str]:
 
 
 def write(ds, kind: str, chunk: int, box: tuple, value: float) -> None:
-    """One writer: ``whole`` (``ds[chunk] = value``), ``fill`` (``fill_chunk``), ``part``
-    (``ds[box] = value``), ``raise`` or ``kill`` (``fill_chunk`` failing after half)."""
+    """One writer: ``whole`` (``ds[chunk] = value``), ``fill`` (``fill_chunks``), ``part``
+    (``ds[box] = value``), ``raise`` or ``kill`` (``fill_chunks`` failing after half)."""
     rows = slice(chunk * ROWS, (chunk + 1) * ROWS)
     if kind == "whole":
         ds[rows] = value
@@ -75,7 +75,7 @@ def write(ds, kind: str, chunk: int, box: tuple, value: float) -> None:
         ds[box] = value
     else:
 
-        def fill(view):
+        def fill(view, index):
             if kind == "fill":
                 view[...] = value
                 return
@@ -84,7 +84,7 @@ def write(ds, kind: str, chunk: int, box: tuple, value: float) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError("a writer failing half-way")
 
-        fill_chunk(ds, (chunk, 0), fill)
+        fill_chunks(ds, [(chunk, 0)], fill)
 
 
 def plan(rng: random.Random) -> list[tuple[str, int, tuple, float]]:
@@ -149,4 +149,29 @@ def test_whole_writers_racing_part_writers_and_dying_leave_only_fill_or_written_
         )
 
     fabric.delete(name)
+    wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")
+
+
+def test_a_batch_ticket_keeps_the_chunks_filled_before_a_failure_and_frees_the_rest(two_nodes):
+    """``fill_chunks`` of three chunks in one ticket, failing half-way through the second:
+    the first was confirmed complete and stays; the second (half-written) and the third
+    (never begun) read as the fill value; nothing else is held."""
+    _, fabric = two_nodes
+    before = used(fabric)
+    ds = fabric.create_dataset("whole-writes/batch", shape=(4 * ROWS, COLS), chunks=(ROWS, COLS), fillvalue=FILL)
+
+    def fill(view, index):
+        view[: ROWS // 2] = index[0] + 1
+        if index[0] == 1:
+            raise RuntimeError("a read error half-way")
+        view[ROWS // 2 :] = index[0] + 1
+
+    with pytest.raises(RuntimeError, match="half-way"):
+        fill_chunks(ds, [(0, 0), (1, 0), (2, 0)], fill)
+    ds.seal()
+    expected = np.full((4 * ROWS, COLS), FILL)
+    expected[:ROWS] = 1
+    np.testing.assert_array_equal(fabric.dataset("whole-writes/batch")[...], expected)
+    assert fabric.info("whole-writes/batch")["dataset"]["written"] == 1
+    fabric.delete("whole-writes/batch")
     wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")

@@ -11,11 +11,11 @@ writes in flight at once to the same elements leave one of the two values per el
 not a mix of bytes within an element of a numpy scalar type (each is stored by one copy
 loop).  Writes from one process are in its program order.
 
-``fill_chunk`` is the same ticket for one whole chunk, whose memory it hands to a
-function: an importer reads its file straight into shared memory, with no copy between.
+``fill_chunks`` is one ticket for whole chunks, whose memory it hands to a function in
+turn: an importer reads its file straight into shared memory, with no copy between.
 
 A ticket names the chunks it writes **whole** (every element: a piece covering its
-chunk, ``fill_chunk``'s chunk).  A home the YellowPages makes for such a chunk is
+chunk, ``fill_chunks``' chunks).  A home the YellowPages makes for such a chunk is
 placed without the fill pass (a second pass over fresh memory), and nobody else is
 handed it until this ticket ends, saying which of them it wrote completely
 (``complete``); the others are freed, so a chunk whose writer failed part-way reads as
@@ -83,36 +83,43 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
         ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder, ticket=ticket, complete=done)
 
 
-def fill_chunk(ds: Dataset, index: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> None:
-    """Write chunk ``index`` whole: ``fill(view)`` writes every element of ``view``, the
-    chunk's memory when this process maps its home, else a buffer then sent to the home's
-    owner.  One write ticket, as ``ds[chunk's selection] = values`` takes."""
+def fill_chunks(
+    ds: Dataset, indices: list[tuple[int, ...]], fill: Callable[[np.ndarray, tuple[int, ...]], None]
+) -> None:
+    """Write chunks ``indices`` whole, in one write ticket (one round trip to begin it,
+    one to end it, however many chunks): ``fill(view, index)`` writes every element of
+    ``view``, the chunk's memory when this process maps its home, else a buffer then sent
+    to the home's owner.  One chunk at a time, so one chunk's bytes at most are in this
+    process's own memory; the chunks whose ``fill`` returned are confirmed complete, any
+    others (an exception) read as the fill value."""
     fabric = ds._fabric
     ctx = fabric._ctx()
-    flat = ravel(index, ds._grid)
+    flats = [ravel(index, ds._grid) for index in indices]
     ticket = str(next(_TICKETS))
     homes = ctx.call(
         "dataset_begin_write",
         name=ds.name,
         dataset_id=ds.id,
-        flats=[flat],
+        flats=flats,
         node=ctx.node,
         holder=ctx.holder,
-        whole=[flat],
+        whole=flats,
         ticket=ticket,
     )
     complete: list[int] = []
     try:
-        home = homes[0]
-        chunk = _mapped_chunk(fabric, ctx, home)
-        if chunk is not None:
-            fill(chunk)
-        else:
-            ftype = from_datashape(home["type"])
-            part = np.empty(ftype.shape, ftype.dtype)
-            fill(part)
-            _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
-        complete.append(flat)
+        by_flat = {h["flat"]: h for h in homes}
+        for index, flat in zip(indices, flats, strict=True):
+            home = by_flat[flat]
+            chunk = _mapped_chunk(fabric, ctx, home)
+            if chunk is not None:
+                fill(chunk, index)
+            else:
+                ftype = from_datashape(home["type"])
+                part = np.empty(ftype.shape, ftype.dtype)
+                fill(part, index)
+                _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
+            complete.append(flat)
     finally:
         ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder, ticket=ticket, complete=complete)
 
