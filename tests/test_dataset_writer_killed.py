@@ -186,3 +186,75 @@ def test_a_writer_killed_mid_write_leaves_a_dataset_that_seals_or_aborts_cleanly
         lambda: used(fabric) == before and all(b["reserved"] == 0 for b in fabric.status()),
         f"the dataset's memory to return: {fabric.status()}",
     )
+
+
+def zarr_write(fabric, name, rows, values, victim: str | None = None, stage: str = ""):
+    """``z[rows] = values`` through zarr over a ``FabricStore`` (one chunk: a write-once
+    ticket of the whole chunk); on the victim, killed half-way through the copy
+    (``mid-copy``) or after it, before the ticket ends (``written``)."""
+    import zarr
+
+    from datafabric.datasets import writes
+    from datafabric.zarr import FabricStore
+
+    if get_worker().address == victim:
+        original = writes._write_piece
+
+        def piece(fabric, ctx, home, local, part):
+            if stage == "mid-copy":
+                original(fabric, ctx, home, (slice(0, 5, 1), *local[1:]), part[:5])
+                os.kill(os.getpid(), signal.SIGKILL)
+            original(fabric, ctx, home, local, part)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        writes._write_piece = piece
+    z = zarr.open_array(store=FabricStore(fabric), path=name, mode="r+")
+    z[rows] = values
+
+
+@pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
+@pytest.mark.parametrize(
+    "stage, end", [("mid-copy", "seal"), ("written", "seal"), ("mid-copy", "abort"), ("written", "rerun")]
+)
+def test_a_zarr_writer_killed_mid_chunk_leaves_no_part_of_it(two_nodes, stage, end):
+    """A task writing a chunk through zarr into ``FabricStore``, SIGKILLed part-way: the
+    chunk's home was placed unfilled for it and never confirmed, so it is freed: the chunk
+    is absent (reads as the fill value), never half-written; it may be written again (the
+    write-once claim went with it); the dataset seals or aborts cleanly; memory returns."""
+    zarr = pytest.importorskip("zarr")
+    from datafabric.zarr import FabricStore
+
+    client, fabric = two_nodes
+    before = used(fabric)
+    per_node = node_workers(client)
+    victim, other_b = per_node[NODES[0]][0], per_node[NODES[1]][0]
+    rng = np.random.default_rng(len(stage) + len(end))
+    a_rows, b_rows = rng.random((10, 40)), rng.random((10, 40))
+    name = f"zkilled/{stage}-{end}"
+    store = FabricStore(fabric)
+    zarr.create_array(store=store, name=name, shape=(20, 40), chunks=(10, 40), dtype="f8", fill_value=FILL,
+                      compressors=None)  # fmt: skip
+    client.submit(zarr_write, fabric, name, slice(10, 20), b_rows, workers=[other_b]).result()
+    task = client.submit(zarr_write, fabric, name, slice(0, 10), a_rows, victim, stage, workers=[victim])
+    with pytest.raises(KilledWorker):
+        task.result(timeout=120)
+    client.wait_for_workers(4)
+    if end == "rerun":
+        client.submit(zarr_write, fabric, name, slice(0, 10), a_rows, workers=[other_b]).result()
+    if end == "abort":
+        fabric.dataset(name).abort()
+        assert name not in fabric.datasets()
+    else:
+        store.close()  # seals what this store created
+        expected = np.full((20, 40), FILL)
+        expected[10:] = b_rows
+        if end == "rerun":
+            expected[:10] = a_rows
+        else:
+            assert FabricStore(fabric).get_sync(f"{name}/c/0/0") is None  # absent: never written
+        np.testing.assert_array_equal(zarr.open_array(store=FabricStore(fabric), path=name, mode="r")[:], expected)
+        fabric.delete(name)
+    wait_for(
+        lambda: used(fabric) == before and all(b["reserved"] == 0 for b in fabric.status()),
+        f"the dataset's memory to return: {fabric.status()}",
+    )
