@@ -21,7 +21,7 @@ import numpy as np
 from datafabric.datasets.dataset import Dataset
 from datafabric.datasets.grid import grid_shape
 from datafabric.datasets.writes import fill_chunks
-from datafabric.files.sources import Source, open_source
+from datafabric.files.sources import DOC_ATTR, Source, open_source
 
 BATCH_BYTES = 128 * 2**20  # chunks' homes a ticket reserves ahead of the copy, at most
 MAX_BATCH = 1024  # chunks a ticket names, at most (small chunks)
@@ -52,7 +52,11 @@ def import_source(
 ) -> Dataset:
     """``source`` as the sealed dataset ``name``.  ``chunks``: the dataset's chunk shape
     (an int, a tuple or "auto"); None takes the file's own chunks, or "auto" when it has
-    none.  ``advance(nbytes)`` is called after each chunk."""
+    none.  ``doc``: the dataset's, else the file's ``datafabric:doc`` attribute (what an
+    export writes), which is not kept among its attrs.  ``advance(nbytes)`` is called
+    after each chunk."""
+    exported_doc = source.attrs.pop(DOC_ATTR, "")
+    doc = doc or (exported_doc if isinstance(exported_doc, str) else "")
     ds = fabric.create_dataset(
         name,
         source.shape,
