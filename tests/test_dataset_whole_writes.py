@@ -19,9 +19,11 @@ import sys
 
 import cloudpickle
 import dask
+import dask.array as da
 import numpy as np
 import pytest
 from distributed import wait
+from distributed.diagnostics.plugin import WorkerPlugin
 
 import datafabric
 from datafabric.datasets.writes import fill_chunks
@@ -175,3 +177,59 @@ def test_a_batch_ticket_keeps_the_chunks_filled_before_a_failure_and_frees_the_r
     assert fabric.info("whole-writes/batch")["dataset"]["written"] == 1
     fabric.delete("whole-writes/batch")
     wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")
+
+
+class CountFills(WorkerPlugin):
+    """Counts the fill passes (``fill_extent``) each worker runs for chunk homes."""
+
+    name = "count-fills"
+
+    def setup(self, worker) -> None:
+        self.original = original = worker.handlers["datafabric_fill_extent"]
+        worker.fills = 0
+
+        def fill_extent(**kwargs):
+            worker.fills += 1
+            return original(**kwargs)
+
+        worker.handlers["datafabric_fill_extent"] = fill_extent
+
+    def teardown(self, worker) -> None:
+        worker.handlers["datafabric_fill_extent"] = self.original
+
+
+def fills(client) -> int:
+    return sum(client.run(lambda dask_worker: dask_worker.fills).values())
+
+
+@pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning")
+def test_whole_chunk_writers_skip_the_fill_pass_and_part_writers_do_not(two_nodes):
+    """``from_dask``'s chunk tasks, ``fill_chunks`` (imports) and zarr's chunk writes get
+    their homes unfilled; a write of part of a chunk gets a filled home.  The bytes read
+    back exactly either way."""
+    zarr = pytest.importorskip("zarr")
+    from datafabric.zarr import FabricStore
+
+    client, fabric = two_nodes
+    client.register_plugin(CountFills())
+    try:
+        x = da.random.default_rng(5).random((8 * ROWS, COLS), chunks=(ROWS, COLS))
+        ds = fabric.from_dask("fills/dask", x)
+        np.testing.assert_array_equal(ds[...], x.compute())
+        imported = fabric.create_dataset("fills/import", shape=(2 * ROWS, COLS), chunks=(ROWS, COLS))
+        fill_chunks(imported, [(0, 0), (1, 0)], lambda view, index: view.fill(index[0] + 1))
+        imported.seal()
+        with FabricStore(fabric) as store:
+            z = zarr.create_array(store=store, name="fills/zarr", shape=(ROWS, COLS), chunks=(ROWS, COLS),
+                                  dtype="f8", compressors=None)  # fmt: skip
+            z[...] = 3.0
+        assert fills(client) == 0, "a chunk written whole was filled first"
+        with fabric.create_dataset("fills/part", shape=(ROWS, COLS), chunks=(ROWS, COLS), fillvalue=FILL) as part:
+            part[1:, :] = 4.0
+        assert fills(client) == 1, "a chunk written in part was not filled"
+        np.testing.assert_array_equal(fabric.dataset("fills/import")[ROWS:], 2.0)
+        np.testing.assert_array_equal(fabric.dataset("fills/zarr")[...], 3.0)
+        assert (fabric.dataset("fills/part")[0] == FILL).all() and (fabric.dataset("fills/part")[1:] == 4.0).all()
+    finally:
+        client.unregister_worker_plugin(CountFills.name)
+        fabric.delete_many(["fills/dask", "fills/import", "fills/zarr", "fills/part"])
