@@ -206,6 +206,16 @@ class Datasets:
             )
         record.claimed.update(flats)
 
+    def end_write_sent(
+        self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None, **_stream_extra: Any
+    ) -> None:
+        """``end_write`` sent one-way on the writer's stream (no round trip).  The stream
+        keeps order: a task's end arrives before Dask hears the task finished, and it is
+        begun (taking its unfilled homes in one step) before a ``left`` of the writer,
+        which the same stream's close triggers, settles what is left (callbacks run in
+        the order they were scheduled)."""
+        asyncio.ensure_future(self.end_write(dataset_id, holder, ticket, complete))
+
     async def end_write(
         self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None
     ) -> dict:

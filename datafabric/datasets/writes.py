@@ -80,7 +80,7 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
             _write_piece(fabric, ctx, by_flat[flat], piece.local, data[piece.out])
             done.append(flat)
     finally:
-        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder, ticket=ticket, complete=done)
+        _end(ctx, ds, ticket, done)
 
 
 def fill_chunks(
@@ -121,7 +121,15 @@ def fill_chunks(
                 _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
             complete.append(flat)
     finally:
-        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder, ticket=ticket, complete=complete)
+        _end(ctx, ds, ticket, complete)
+
+
+def _end(ctx: Any, ds: Dataset, ticket: str, complete: list[int]) -> None:
+    """End the ticket one-way, on this process's stream to the scheduler: no round trip.
+    A seal or an end of the dataset waits for every ticket, so nothing needs the answer;
+    in a task, the stream carries it before Dask hears the task finished."""
+    msg = {"dataset_id": ds.id, "holder": ctx.holder, "ticket": ticket, "complete": complete}
+    ctx.send({"op": "datafabric_dataset_end_write", **msg})
 
 
 def _covers(local: tuple, ds: Dataset, index: tuple[int, ...]) -> bool:
