@@ -7,6 +7,9 @@ the same run (medians of ``--rounds``; ratios > 1 mean the fabric is faster):
 - ``h5py``: ``f["x"][...]``, the whole dataset read into a new numpy array.
 - ``h5py_into``: ``read_direct`` into an array allocated and touched beforehand: the copy
   alone, without the page faults of fresh memory.
+- ``bare_shm``: ``read_direct`` into a fresh file on /dev/shm, mapped: the bare copy into
+  new shared memory (its page faults included), the floor of what the import can cost
+  (the fabric's own part is the rest: round trips, placements, the seal).
 
 The file (float64, ``--gib`` GiB, 2048 columns) is written once per layout, contiguous
 and chunked in 16 MiB chunks, into a temporary directory (``--dir``), and read once
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -47,23 +51,37 @@ def write_file(path: Path, gib: float, chunked: bool) -> int:
     return rows * COLUMNS * 8
 
 
+def _bare_shm(dset) -> float:
+    """Seconds of ``read_direct`` into a new mapping of a fresh /dev/shm file."""
+    fd, name = tempfile.mkstemp(dir="/dev/shm", prefix="bench_import_h5_")
+    try:
+        os.ftruncate(fd, dset.size * dset.dtype.itemsize)
+        out = np.memmap(name, dset.dtype, "r+", shape=dset.shape)
+        return seconds(lambda: dset.read_direct(out))
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def bench_layout(fabric, path: Path, rounds: int) -> dict:
     with h5py.File(path, "r") as f:
         f["x"][...]  # into the page cache
         shape = f["x"].shape
     into = np.ones(shape)
-    timings: dict[str, list[float]] = {"fabric": [], "h5py": [], "h5py_into": []}
+    timings: dict[str, list[float]] = {"fabric": [], "h5py": [], "h5py_into": [], "bare_shm": []}
     for _ in range(rounds):
         timings["fabric"].append(seconds(lambda: import_file(fabric, "bench/import", f"{path}:/x")))
         fabric.delete("bench/import")
         with h5py.File(path, "r") as f:
             timings["h5py"].append(seconds(lambda f=f: f["x"][...]))
             timings["h5py_into"].append(seconds(lambda f=f: f["x"].read_direct(into)))
+            timings["bare_shm"].append(_bare_shm(f["x"]))
     med = {k: statistics.median(v) for k, v in timings.items()}
     return {
         "seconds": med,
         "vs_h5py": med["h5py"] / med["fabric"],
         "vs_h5py_into": med["h5py_into"] / med["fabric"],
+        "vs_bare_shm": med["bare_shm"] / med["fabric"],
         "samples": timings,
     }
 

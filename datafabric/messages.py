@@ -170,7 +170,8 @@ class DatasetInfo(TypedDict):
 
 class ChunkHome(TypedDict):
     """Where a chunk being written lives (YellowPages -> writer): a RESERVED extent,
-    filled with the fill value before anyone is told of it."""
+    filled with the fill value before anyone is told of it, unless it was placed
+    unfilled for this ticket, which writes it whole (``unfilled``)."""
 
     flat: int
     type: str  # the chunk variable's datashape
@@ -180,3 +181,4 @@ class ChunkHome(TypedDict):
     extent_offset: int
     extent_id: int
     data_offset: int
+    unfilled: bool

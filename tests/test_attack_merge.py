@@ -239,7 +239,7 @@ ds[32:48] = 9.0  # its chunk's home is placed while the owners are stopped; kill
 
 def placing(dask_scheduler=None) -> int:
     """Chunk homes being placed (reserved, then filled) at the YellowPages."""
-    return len(dask_scheduler.plugins[SCHEDULER_PLUGIN].datasets._placing)
+    return len(dask_scheduler.plugins[SCHEDULER_PLUGIN].datasets.homes.placing)
 
 
 def test_a_home_placed_for_a_killed_writer_during_the_seal_is_freed(client, fabric, tmp_path):

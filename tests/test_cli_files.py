@@ -92,18 +92,27 @@ def test_h5_round_trips_with_its_group_path_chunks_fill_and_attributes(embedded,
         ["get", "h5/t", "-o", str(zarr_out)],
         ["get", "h5/t", "-o", str(npy_out)],
     )
+    with_doc = ATTRS | {"datafabric:doc": "kelvin"}  # the doc travels as an attribute
     for path, inner in ((h5_out, "/h5/t"), (inner_out, "/a/b")):
         data, dtype, chunks, fill, attrs = h5_contents(path, inner)
         np.testing.assert_array_equal(data, TEMPS)
-        assert (dtype, chunks, fill, attrs) == (TEMPS.dtype, (5, 4), -7, ATTRS)
+        assert (dtype, chunks, fill, attrs) == (TEMPS.dtype, (5, 4), -7, with_doc)
     z = zarr.open_array(str(zarr_out), mode="r")  # v2: v3 would not keep the byte order
-    assert (z.metadata.zarr_format, z.dtype, z.chunks, z.fill_value, z.attrs.asdict()) == (2, ">i4", (5, 4), -7, ATTRS)
+    meta = (z.metadata.zarr_format, z.dtype, z.chunks, z.fill_value, z.attrs.asdict())
+    assert meta == (2, ">i4", (5, 4), -7, with_doc)
     np.testing.assert_array_equal(z[...], TEMPS)
     back = np.load(npy_out)
     assert back.dtype == TEMPS.dtype and back.tobytes() == TEMPS.tobytes()
 
-    ok(embedded.env, "put", "h5/t-again", str(zarr_out))  # and back in from the export
-    assert info(embedded.env, "h5/t-again")["dataset"] == details["dataset"]
+    ok_many(  # and back in from the exports: the doc again a doc, not an attribute
+        embedded.env, ["put", "h5/t-again", str(zarr_out)], ["put", "h5/t-h5", f"{h5_out}:/h5/t"]
+    )
+    for again in ("h5/t-again", "h5/t-h5"):
+        back = info(embedded.env, again)
+        assert back["dataset"] == details["dataset"] and back["doc"] == "kelvin"
+    ok(embedded.env, "put", "h5/t-doc", str(zarr_out), "--doc", "given")  # a doc given wins over the file's
+    given = info(embedded.env, "h5/t-doc")
+    assert given["doc"] == "given" and given["dataset"]["attrs"] == ATTRS
     shown = json.loads(ok(embedded.env, "show", "h5/t-again", "--json"))
     assert shown["data"] == TEMPS.tolist() and shown["dtype"] == ">i4"
 

@@ -6,8 +6,12 @@ The write protocol (``docs/protocols.md``, "Datasets"):
   checks the dataset is writing, then finds each chunk's **home**.  A chunk's first writer
   makes it: a RESERVED extent reserved on the writer's node (placement as for inserts),
   which its owner fills with the fill value before the home is recorded.  One placement
-  per chunk is in flight at a time (``_placing``); a second writer of the chunk waits for
-  it and is given the same home, so a chunk never has two.
+  per chunk is in flight at a time (``yp/chunk_homes.py``); a second writer of the chunk
+  waits for it and is given the same home, so a chunk never has two.
+- A ticket that writes some chunks **whole** (``whole``, with a ``ticket`` id) gets homes
+  it makes for them unfilled, which nobody else is handed until the ticket ends: with
+  those chunks confirmed ``complete`` (ordinary homes from then on), or not (freed: the
+  chunk reads as the fill value).
 - A **write-once** ticket (``once``, what a zarr store's chunk writes take) also claims
   its chunks, in the same step: a chunk claimed or with a home already is refused
   (``ChunkWrittenError``), so of two such writers of one chunk exactly one writes it.
@@ -42,11 +46,12 @@ from datafabric.layout import ExtentState
 from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
 from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
 from datafabric.types import from_datashape
+from yp.chunk_homes import ChunkHomes
 from yp.dataset_records import DatasetRecords
-from yp.dataset_table import ENDING, SEALED, SEALING, WRITING, DatasetRecord, DatasetTable, holder_of
+from yp.dataset_table import ENDING, SEALED, SEALING, DatasetRecord, DatasetTable
 from yp.directory import Directory
 from yp.placement import Placement
-from yp.records import Block, Copy
+from yp.records import Copy
 
 if TYPE_CHECKING:
     from yp.deletes import Deletes
@@ -69,13 +74,14 @@ class Datasets:
     local: LocalLeases
     table: DatasetTable = field(init=False)
     records: DatasetRecords = field(init=False)
-    _placing: dict[tuple[int, int], asyncio.Event] = field(default_factory=dict)
+    homes: ChunkHomes = field(init=False)
     _idle: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ended: dict[int, asyncio.Event] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.table = DatasetTable(self.directory.datasets, self.directory.variables)
         self.records = DatasetRecords(self.directory, self.placement, self.owners, self.reads, self.deletes, self.table)
+        self.homes = ChunkHomes(self.directory, self.placement, self.owners, self._notify)
 
     # -- create and open -----------------------------------------------------------------
     def create(
@@ -152,8 +158,18 @@ class Datasets:
 
     # -- writing -------------------------------------------------------------------------
     async def begin_write(
-        self, name: str, dataset_id: int, flats: list[int], node: str | None, holder: str, once: bool = False
+        self,
+        name: str,
+        dataset_id: int,
+        flats: list[int],
+        node: str | None,
+        holder: str,
+        once: bool = False,
+        whole: list[int] | None = None,
+        ticket: str = "",
     ) -> list[ChunkHome]:
+        """``whole``: the chunks this ticket writes every element of; homes made for them
+        are unfilled until ``end_write`` with the same ``ticket`` says which are complete."""
         record = self.table.writable(name, dataset_id)
         self.directory.check_present(holder)
         count = record.nchunks
@@ -164,19 +180,25 @@ class Datasets:
         record.writes[holder] += 1  # in the step that checked the state: a seal started later waits for it
         # One placement at a time (thousands at once would swamp the owners' connections),
         # each ended before the ticket is, failed or not: a seal never misses a home.
+        wholly = set(whole or ()) if ticket else set()
+        record.record_node = record.record_node or self._record_node(node)  # named in every chunk's doc
         try:
-            return [self._home_message(record, f, await self._home(record, f, node)) for f in flats]
+            homes = []
+            for f in sorted(flats):  # in ascending order: waits for unfilled homes never form a cycle
+                writer = (holder, ticket) if f in wholly else None
+                copy, unfilled = await self.homes.home(record, f, node, _chunk_type(record, f), writer)
+                homes.append(self._home_message(record, f, copy, unfilled))
+            return homes
         except BaseException:
             if once:  # a chunk whose home was made stays refused; the others may be written again
                 record.claimed.difference_update(f for f in flats if f not in record.homes)
-            await self.end_write(dataset_id, holder)
+            await self.end_write(dataset_id, holder, ticket)  # its unfilled homes are freed
             raise
 
     def _claim(self, record: DatasetRecord, flats: list[int]) -> None:
         """Check and claim in one step (no await between): a write-once chunk has one writer."""
-        taken = [
-            f for f in flats if f in record.claimed or f in record.homes or (record.dataset_id, f) in self._placing
-        ]
+        placing = self.homes.placing
+        taken = [f for f in flats if f in record.claimed or f in record.homes or (record.dataset_id, f) in placing]
         if taken:
             raise ChunkWrittenError(
                 f"chunk(s) {taken[:5]} (C-order numbers) of dataset {record.name!r} were written already; "
@@ -184,8 +206,24 @@ class Datasets:
             )
         record.claimed.update(flats)
 
-    async def end_write(self, dataset_id: int, holder: str) -> dict:
+    def end_write_sent(
+        self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None, **_stream_extra: Any
+    ) -> None:
+        """``end_write`` sent one-way on the writer's stream (no round trip).  The stream
+        keeps order: a task's end arrives before Dask hears the task finished, and it is
+        begun (taking its unfilled homes in one step) before a ``left`` of the writer,
+        which the same stream's close triggers, settles what is left (callbacks run in
+        the order they were scheduled)."""
+        asyncio.ensure_future(self.end_write(dataset_id, holder, ticket, complete))
+
+    async def end_write(
+        self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None
+    ) -> dict:
+        """The ticket ends; of the chunks it placed unfilled, those ``complete`` (every
+        element written) stay, the others are freed first."""
         record = self.table.unsealed.get(dataset_id)
+        if ticket:
+            await self.homes.settle(record, dataset_id, (holder, ticket), set(complete or ()))
         if record is not None and record.writes[holder] > 0:
             record.writes[holder] -= 1
             if not record.writes[holder]:
@@ -193,53 +231,12 @@ class Datasets:
             await self._notify()
         return {}
 
-    async def _home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
-        key = (record.dataset_id, flat)
-        while True:
-            if flat in record.homes:
-                return record.homes[flat]
-            placing = self._placing.get(key)
-            if placing is None:
-                break
-            await placing.wait()  # the same home for every writer, or (if that failed) a try of our own
-        placing = self._placing[key] = asyncio.Event()
-        try:
-            return await self._make_home(record, flat, node)
-        finally:
-            del self._placing[key]
-            placing.set()
-            await self._notify()  # a seal waits for placements too
-
-    async def _make_home(self, record: DatasetRecord, flat: int, node: str | None) -> Copy:
-        ftype = from_datashape(_chunk_type(record, flat))
-        record.record_node = record.record_node or self._record_node(node)  # named in every chunk's doc
-
-        async def fill(block: Block, copy: Copy) -> None:
-            await self.owners.ask(
-                block.worker,
-                "fill_extent",
-                shm_id=block.shm_id,
-                extent_offset=copy.extent_offset,
-                extent_id=copy.extent_id,
-                value=record.fillvalue,
-            )
-            if record.state not in (WRITING, SEALING):
-                raise FabricError(f"dataset {record.name!r} ended while its chunk {flat} was being placed")
-
-        holder = holder_of(record.dataset_id)
-        name = chunk_name(record.dataset_id, flat)
-        _, copy = await self.placement.reserve_filled(
-            name, ftype.datashape, record.record_node, ftype.nbytes, node, holder, fill
-        )
-        record.homes[flat] = copy
-        return copy
-
     def _record_node(self, node: str | None) -> str:
         """The first writer's node if it runs the fabric, else the first live one."""
         live = self.members.live()
         return node if node in live else min(live, default="")
 
-    def _home_message(self, record: DatasetRecord, flat: int, copy: Copy) -> ChunkHome:
+    def _home_message(self, record: DatasetRecord, flat: int, copy: Copy, unfilled: bool) -> ChunkHome:
         block = self.directory.blocks[copy.shm_id]
         return {
             "flat": flat,
@@ -250,6 +247,7 @@ class Datasets:
             "extent_offset": copy.extent_offset,
             "extent_id": copy.extent_id,
             "data_offset": copy.data_offset,
+            "unfilled": unfilled,
         }
 
     async def _notify(self) -> None:
@@ -259,10 +257,9 @@ class Datasets:
     async def _until_no_writes(self, record: DatasetRecord) -> None:
         """No ticket and no placement of a home in flight: a placement outlives the ticket
         of a writer that died, and one recorded after the seal took the homes would leak."""
-        placing = self._placing
 
         def idle() -> bool:
-            return not record.writes and not any(key[0] == record.dataset_id for key in placing)
+            return not record.writes and not self.homes.busy(record.dataset_id)
 
         async with self._idle:
             await self._idle.wait_for(idle)
@@ -376,6 +373,9 @@ class Datasets:
         datasets it created and never sealed end with it."""
         for record in self.table.writing_to(holder):
             del record.writes[holder]
+        for dataset_id, writer in self.homes.left(holder):  # its unfilled homes are freed
+            record = self.table.unsealed.get(dataset_id)
+            later(lambda r=record, d=dataset_id, w=writer: self.homes.settle(r, d, w, set()))
         later(self._notify)
         for record in self.table.created_by(holder):
             later(lambda r=record: self._end(r))

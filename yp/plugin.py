@@ -113,6 +113,7 @@ class YellowPages(SchedulerPlugin):
         scheduler.stream_handlers["datafabric_release"] = self.reads.release
         scheduler.stream_handlers["datafabric_recalled"] = self.local.recalled
         scheduler.stream_handlers["datafabric_used"] = self.local.used
+        scheduler.stream_handlers["datafabric_dataset_end_write"] = self.datasets.end_write_sent
         await self._install_on_workers()
 
     def _handlers(self) -> dict[str, Callable]:

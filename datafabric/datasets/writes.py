@@ -11,19 +11,28 @@ writes in flight at once to the same elements leave one of the two values per el
 not a mix of bytes within an element of a numpy scalar type (each is stored by one copy
 loop).  Writes from one process are in its program order.
 
-``fill_chunk`` is the same ticket for one whole chunk, whose memory it hands to a
-function: an importer reads its file straight into shared memory, with no copy between.
+``fill_chunks`` is one ticket for whole chunks, whose memory it hands to a function in
+turn: an importer reads its file straight into shared memory, with no copy between.
+
+A ticket names the chunks it writes **whole** (every element: a piece covering its
+chunk, ``fill_chunks``' chunks).  A home the YellowPages makes for such a chunk is
+placed without the fill pass (a second pass over fresh memory), and nobody else is
+handed it until this ticket ends, saying which of them it wrote completely
+(``complete``); the others are freed, so a chunk whose writer failed part-way reads as
+the fill value, never as a part or as an earlier variable's bytes
+(``docs/protocols.md``, "Unfilled homes").
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from distributed.protocol import to_serialize
 
-from datafabric.datasets.grid import ravel
+from datafabric.datasets.grid import chunk_shape, ravel
 from datafabric.datasets.selection import Selection
 from datafabric.errors import InvalidArgumentError, VariableUnavailableError
 from datafabric.messages import ChunkHome
@@ -31,6 +40,8 @@ from datafabric.types import from_datashape
 
 if TYPE_CHECKING:
     from datafabric.datasets.dataset import Dataset
+
+_TICKETS = itertools.count()  # with the holder, names a ticket (next() is atomic across threads)
 
 
 def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> None:
@@ -47,8 +58,10 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
     if not pieces:
         return
     flats = [ravel(p.index, ds._grid) for p in pieces]
+    whole = sorted(f for p, f in zip(pieces, flats, strict=True) if _covers(p.local, ds, p.index))
     fabric = ds._fabric
     ctx = fabric._ctx()
+    ticket = str(next(_TICKETS)) if whole else ""
     homes = ctx.call(
         "dataset_begin_write",
         name=ds.name,
@@ -57,37 +70,74 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
         node=ctx.node,
         holder=ctx.holder,
         once=once,
+        whole=whole,
+        ticket=ticket,
     )
+    done: list[int] = []
     try:
         by_flat = {h["flat"]: h for h in homes}
         for piece, flat in zip(pieces, flats, strict=True):
             _write_piece(fabric, ctx, by_flat[flat], piece.local, data[piece.out])
+            done.append(flat)
     finally:
-        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder)
+        _end(ctx, ds, ticket, done)
 
 
-def fill_chunk(ds: Dataset, index: tuple[int, ...], fill: Callable[[np.ndarray], None]) -> None:
-    """Write chunk ``index`` whole: ``fill(view)`` writes every element of ``view``, the
-    chunk's memory when this process maps its home, else a buffer then sent to the home's
-    owner.  One write ticket, as ``ds[chunk's selection] = values`` takes."""
+def fill_chunks(
+    ds: Dataset, indices: list[tuple[int, ...]], fill: Callable[[np.ndarray, tuple[int, ...]], None]
+) -> None:
+    """Write chunks ``indices`` whole, in one write ticket (one round trip to begin it,
+    one to end it, however many chunks): ``fill(view, index)`` writes every element of
+    ``view``, the chunk's memory when this process maps its home, else a buffer then sent
+    to the home's owner.  One chunk at a time, so one chunk's bytes at most are in this
+    process's own memory; the chunks whose ``fill`` returned are confirmed complete, any
+    others (an exception) read as the fill value."""
     fabric = ds._fabric
     ctx = fabric._ctx()
-    flat = ravel(index, ds._grid)
+    flats = [ravel(index, ds._grid) for index in indices]
+    ticket = str(next(_TICKETS))
     homes = ctx.call(
-        "dataset_begin_write", name=ds.name, dataset_id=ds.id, flats=[flat], node=ctx.node, holder=ctx.holder
+        "dataset_begin_write",
+        name=ds.name,
+        dataset_id=ds.id,
+        flats=flats,
+        node=ctx.node,
+        holder=ctx.holder,
+        whole=flats,
+        ticket=ticket,
     )
+    complete: list[int] = []
     try:
-        home = homes[0]
-        chunk = _mapped_chunk(fabric, ctx, home)
-        if chunk is not None:
-            fill(chunk)
-            return
-        ftype = from_datashape(home["type"])
-        part = np.empty(ftype.shape, ftype.dtype)
-        fill(part)
-        _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
+        by_flat = {h["flat"]: h for h in homes}
+        for index, flat in zip(indices, flats, strict=True):
+            home = by_flat[flat]
+            chunk = _mapped_chunk(fabric, ctx, home)
+            if chunk is not None:
+                fill(chunk, index)
+            else:
+                ftype = from_datashape(home["type"])
+                part = np.empty(ftype.shape, ftype.dtype)
+                fill(part, index)
+                _send_part(ctx, home, tuple(slice(0, n, 1) for n in ftype.shape), part)
+            complete.append(flat)
     finally:
-        ctx.call("dataset_end_write", dataset_id=ds.id, holder=ctx.holder)
+        _end(ctx, ds, ticket, complete)
+
+
+def _end(ctx: Any, ds: Dataset, ticket: str, complete: list[int]) -> None:
+    """End the ticket one-way, on this process's stream to the scheduler: no round trip.
+    A seal or an end of the dataset waits for every ticket, so nothing needs the answer;
+    in a task, the stream carries it before Dask hears the task finished."""
+    msg = {"dataset_id": ds.id, "holder": ctx.holder, "ticket": ticket, "complete": complete}
+    ctx.send({"op": "datafabric_dataset_end_write", **msg})
+
+
+def _covers(local: tuple, ds: Dataset, index: tuple[int, ...]) -> bool:
+    """Whether a piece takes every element of its chunk (an int only one of a length 1)."""
+    shape = chunk_shape(index, ds.shape, ds.chunks)
+    return all(
+        len(range(*k.indices(n))) == n if isinstance(k, slice) else n == 1 for k, n in zip(local, shape, strict=True)
+    )
 
 
 def _write_piece(fabric: Any, ctx: Any, home: ChunkHome, local: tuple, part: np.ndarray) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from datafabric.datasets.dataset import Dataset
 from datafabric.datasets.grid import chunk_shape, grid_shape, ravel
 from datafabric.errors import InvalidArgumentError, InvalidTypeError, NameNotFoundError, OutputExistsError
-from datafabric.files.sources import H5_SUFFIXES, optional_module, split_inner
+from datafabric.files.sources import DOC_ATTR, H5_SUFFIXES, optional_module, split_inner
 
 SLAB = 8 * 2**20  # bytes of a variable written at a time
 Piece = tuple[tuple[slice, ...], np.ndarray]
@@ -48,6 +48,12 @@ class Exported:
     pieces: Callable[[bool], Iterator[Piece]]
     view: np.ndarray | None = None  # a variable's zero-copy view
     dataset: Dataset | None = None
+    doc: str = ""
+
+    def file_attrs(self) -> dict:
+        """The attributes an HDF5 or zarr output gets: the attrs, and a non-empty doc as
+        ``datafabric:doc`` (an import makes it the doc again)."""
+        return self.attrs | {DOC_ATTR: self.doc} if self.doc else dict(self.attrs)
 
     def rows(self) -> Iterator[np.ndarray]:
         """The array in C order, in slabs of whole rows (a dataset's one chunk high)."""
@@ -71,7 +77,8 @@ def exported(fabric: Any, name: str) -> Exported:
         ds = fabric.dataset(name)
     except NameNotFoundError:
         view = fabric.get(name)
-        return Exported(name, view.shape, view.dtype, None, 0, {}, lambda every: _slabs(view), view=view)
+        doc = fabric.info(name)["doc"]
+        return Exported(name, view.shape, view.dtype, None, 0, {}, lambda every: _slabs(view), view=view, doc=doc)
     grid = grid_shape(ds.shape, ds.chunks)
 
     def pieces(every: bool) -> Iterator[Piece]:
@@ -81,7 +88,7 @@ def exported(fabric: Any, name: str) -> Exported:
                 box = tuple(slice(k * c, k * c + n) for k, c, n in zip(index, ds.chunks, shape, strict=True))
                 yield box, ds.chunk(index)
 
-    return Exported(name, ds.shape, ds.dtype, ds.chunks, ds.fillvalue, dict(ds.attrs), pieces, dataset=ds)
+    return Exported(name, ds.shape, ds.dtype, ds.chunks, ds.fillvalue, dict(ds.attrs), pieces, dataset=ds, doc=ds.doc)
 
 
 def slab_rows(shape: tuple[int, ...], itemsize: int) -> int:
@@ -137,7 +144,7 @@ def _write_h5(array: Exported, tmp: Path, inner: str, advance: Callable[[int], N
             ) from None
         except ValueError as exc:
             raise InvalidArgumentError(f"cannot create {inner} in {path}: {exc}") from None
-        for key, value in array.attrs.items():
+        for key, value in array.file_attrs().items():
             if value is not None:  # HDF5 has no null attribute
                 dset.attrs[key] = value
         for box, part in array.pieces(array.chunks is None):
@@ -161,7 +168,7 @@ def _write_zarr(array: Exported, tmp: Path, advance: Callable[[int], None]) -> i
         chunks=tuple(max(1, c) for c in chunks),
         dtype=array.dtype,
         fill_value=np.asarray(array.fillvalue, array.dtype)[()],
-        attributes=array.attrs,
+        attributes=array.file_attrs(),
         zarr_format=zarr_format,
     )
     if z.dtype != array.dtype:

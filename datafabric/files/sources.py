@@ -43,6 +43,12 @@ class Source:
     dropped: list[str] = field(default_factory=list)  # attributes not kept, each with why
 
 
+DOC_ATTR = "datafabric:doc"
+"""The attribute that carries a dataset's (or variable's) ``doc`` in an exported HDF5 or
+zarr file, and becomes the ``doc`` again when the file is imported (the fabric's own
+name: an attribute of that name is not kept among a dataset's attrs)."""
+
+
 def kind(spec: str) -> str | None:
     """ "h5", "zarr" or "npy" for a file an import reads as a dataset's source; None for
     anything else (a raw file)."""
