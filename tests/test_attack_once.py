@@ -185,11 +185,6 @@ def write_chunk_dying_first(fabric, marker: str, value: float) -> float:
     return value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a once-writer that dies mid-ticket keeps its claim (yp/datasets.py): Dask's rerun of the task "
-    "is refused (ChunkWrittenError), and a store closed anyway seals the chunk half-written",
-)
 def test_a_zarr_chunk_writer_killed_mid_chunk_is_rerun_and_the_chunk_is_written_whole(tmp_path):
     """A task writing a chunk through zarr dies after half of it; Dask runs it again on a
     live worker.  Through zarr a chunk holds one writer's bytes, whole: the rerun must be
