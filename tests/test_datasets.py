@@ -66,6 +66,9 @@ def test_reads_match_numpy(fabric, data):
         for _ in range(5):
             key = data.draw(selections(shape))
             np.testing.assert_array_equal(ds[key], a[key])
+            short = key[: data.draw(st.integers(0, len(key)))]  # the dimensions not given are whole
+            np.testing.assert_array_equal(ds[short], a[short])
+            np.testing.assert_array_equal(ds[key[0]], a[key[0]])  # one item, not in a tuple
         np.testing.assert_array_equal(ds[()], a[()])
     finally:
         fabric.delete("h/read")
