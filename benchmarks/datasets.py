@@ -3,7 +3,10 @@
 
 - ``ds.to_dask().sum()`` of a dataset of ``--gib`` GiB in 16 MiB chunks, against the same
   dask array persisted in worker memory, and against ``da.from_zarr`` of an uncompressed
-  zarr store on /dev/shm; and the workers' USS growth during the fabric's read.
+  zarr store on /dev/shm; and the workers' USS growth during the fabric's read; the tasks
+  each graph runs; and, in a worker, the sum of one chunk's view against a heap copy of it
+  (numpy's large arrays get transparent huge pages, shared memory only if the kernel's
+  ``shmem_enabled`` allows: what the page size alone costs).
 - ``fabric.from_dask`` of a computed array against ``array.persist()`` of the same.
 - a warm ``ds[sel]`` inside one chunk in the client; the first read of a chunk in a task,
   beside the fabric's cold get of a variable of the same size.
@@ -65,6 +68,8 @@ def bench_sum(client, fabric, gib: float, rounds: int) -> dict:
             uss_growth.append(max(after[w] - before[w] for w in before))
             timings["persisted"].append(seconds(lambda: persisted.sum().compute()))
             timings["zarr"].append(seconds(lambda: da.from_zarr(store).sum().compute()))
+        tasks = {"fabric": _task_count(ds.to_dask().sum()), "persisted": _task_count(persisted.sum())}
+        chunk_sum = client.submit(_chunk_sum, ds, pure=False).result()
     finally:
         shutil.rmtree(store, ignore_errors=True)
         client.cancel(persisted)
@@ -75,8 +80,39 @@ def bench_sum(client, fabric, gib: float, rounds: int) -> dict:
         "vs_persisted": med["persisted"] / med["fabric"],
         "vs_zarr": med["zarr"] / med["fabric"],
         "uss_growth_fraction": max(uss_growth) / ds.nbytes,
+        "tasks": tasks,
+        "chunk_sum": chunk_sum,
         "samples": timings,
     }
+
+
+def _task_count(array: da.Array) -> int:
+    """Tasks the scheduler runs for ``array`` once optimised (an ``Alias`` is one too)."""
+    return len(array.__dask_optimize__(array.__dask_graph__(), array.__dask_keys__()))
+
+
+def _chunk_sum(ds) -> dict:
+    """In a worker: the sum of one chunk's shared-memory view against the sum of a private
+    copy of it in the heap, medians of 20.  numpy asks for transparent huge pages for its
+    large arrays; shared memory has them only if the kernel's ``shmem_enabled`` allows, so
+    this is what the page size alone costs a read of the same bytes."""
+    view = ds.chunk((0,) * ds.ndim)
+    heap = np.array(view)
+    view.sum(), heap.sum()  # faulted in, both
+    shm_s = statistics.median(seconds(view.sum) for _ in range(20))
+    heap_s = statistics.median(seconds(heap.sum) for _ in range(20))
+    return {"shm_ms": shm_s * 1e3, "heap_ms": heap_s * 1e3, "heap_over_shm": heap_s / shm_s, **_thp()}
+
+
+def _thp() -> dict:
+    out = {}
+    for key, path in (("thp", "enabled"), ("shmem_thp", "shmem_enabled")):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{path}") as f:
+                out[key] = f.read().split("[")[1].split("]")[0]
+        except (OSError, IndexError):
+            out[key] = "unknown"
+    return out
 
 
 def bench_from_dask(client, fabric, gib: float, rounds: int) -> dict:
