@@ -155,7 +155,10 @@ def test_to_dask_and_from_dask_round_trip(client, fabric):
     z = fabric.from_dask("rt/c", irregular)
     assert z.chunks == (150, 100)
     np.testing.assert_array_equal(z[...], a)
-    for name in ("rt/a", "rt/b", "rt/c"):
+    empty = fabric.create_dataset("rt/empty", (0, 4), np.int16, chunks=(2, 4)).seal()  # no chunk at all
+    assert empty.to_dask().chunks == da.zeros((0, 4), chunks=(2, 4)).chunks
+    assert empty.to_dask().compute().shape == (0, 4)
+    for name in ("rt/a", "rt/b", "rt/c", "rt/empty"):
         fabric.delete(name)
 
 

@@ -42,15 +42,18 @@ def read_chunk(fabric: Any, variable: str, shape: tuple[int, ...], element: str,
 def to_dask(ds: Dataset) -> da.Array:
     ds._check_readable()
     key = f"datafabric-{ds.id}-{tokenize(ds.name, ds.id)}"
+    # A dimension of length 0 has no chunk in the dataset's grid, and one empty block in dask's.
     chunks = tuple(
-        tuple(min(c, n - k * c) for k in range(g)) for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
+        tuple(min(c, n - k * c) for k in range(g)) or (0,)
+        for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
     )
+    blocks = tuple(len(c) for c in chunks)
     variables = BlockwiseDepDict(
         {
-            index: chunk_name(ds.id, flat) if ds._written[flat := ravel(index, ds._grid)] else ""
-            for index in np.ndindex(*ds._grid)
+            index: chunk_name(ds.id, flat) if blocks == ds._grid and ds._written[flat := ravel(index, ds._grid)] else ""
+            for index in np.ndindex(*blocks)
         },
-        numblocks=ds._grid,
+        numblocks=blocks,
     )
     out = tuple(range(ds.ndim))
     layer = blockwise(
