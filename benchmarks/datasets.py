@@ -3,7 +3,11 @@
 
 - ``ds.to_dask().sum()`` of a dataset of ``--gib`` GiB in 16 MiB chunks, against the same
   dask array persisted in worker memory, and against ``da.from_zarr`` of an uncompressed
-  zarr store on /dev/shm; and the workers' USS growth during the fabric's read.
+  zarr store on /dev/shm; and the workers' USS growth during the fabric's read; the tasks
+  each graph runs; and, in a worker, the sum of one chunk's view against a heap copy of it
+  (numpy's large arrays get transparent huge pages, shared memory only if the kernel's
+  ``shmem_enabled`` allows: what the page size alone costs); and the CPU time the workers
+  and the scheduler spend on each sum, steadier than wall time on a loaded machine.
 - ``fabric.from_dask`` of a computed array against ``array.persist()`` of the same.
 - a warm ``ds[sel]`` inside one chunk in the client; the first read of a chunk in a task,
   beside the fabric's cold get of a variable of the same size.
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -57,26 +63,82 @@ def bench_sum(client, fabric, gib: float, rounds: int) -> dict:
         z = zarr.create_array(store, shape=x.shape, chunks=x.chunksize, dtype=x.dtype, compressors=None)
         da.store(persisted, z, lock=False)
         timings = {"fabric": [], "persisted": [], "zarr": []}
+        cpu = {"fabric": [], "persisted": []}
         uss_growth = []
         for _ in range(rounds):
-            before = client.run(_uss)
+            before, cpu0 = client.run(_uss), _cluster_cpu(client)
             timings["fabric"].append(seconds(lambda: ds.to_dask().sum().compute()))
-            after = client.run(_uss)
+            after, cpu1 = client.run(_uss), _cluster_cpu(client)
             uss_growth.append(max(after[w] - before[w] for w in before))
             timings["persisted"].append(seconds(lambda: persisted.sum().compute()))
+            cpu2 = _cluster_cpu(client)
+            cpu["fabric"].append(cpu1 - cpu0)
+            cpu["persisted"].append(cpu2 - cpu1)
             timings["zarr"].append(seconds(lambda: da.from_zarr(store).sum().compute()))
+        tasks = {"fabric": _task_count(ds.to_dask().sum()), "persisted": _task_count(persisted.sum())}
+        chunk_sum = client.submit(_chunk_sum, ds, pure=False).result()
     finally:
         shutil.rmtree(store, ignore_errors=True)
         client.cancel(persisted)
         fabric.delete("bench/sum")
     med = {k: statistics.median(v) for k, v in timings.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "seconds": med,
         "vs_persisted": med["persisted"] / med["fabric"],
+        "cpu_seconds": cpu_med,  # workers' and scheduler's, steadier than wall time on a loaded machine
+        "cpu_vs_persisted": cpu_med["persisted"] / cpu_med["fabric"],
         "vs_zarr": med["zarr"] / med["fabric"],
         "uss_growth_fraction": max(uss_growth) / ds.nbytes,
+        "tasks": tasks,
+        "chunk_sum": chunk_sum,
         "samples": timings,
     }
+
+
+def _task_count(array: da.Array) -> int:
+    """Tasks the scheduler runs for ``array`` once optimised (an ``Alias`` is one too)."""
+    return len(array.__dask_optimize__(array.__dask_graph__(), array.__dask_keys__()))
+
+
+def _cluster_cpu(client) -> float:
+    """CPU seconds the workers and the scheduler have used so far, in all."""
+
+    def used() -> float:
+        t = os.times()
+        return t.user + t.system
+
+    return sum(client.run(used).values()) + client.run_on_scheduler(used)
+
+
+def _chunk_sum(ds) -> dict:
+    """In a worker: sums of 16 chunks' shared-memory views (256 MiB, past any cache)
+    against sums of private copies of them in the heap, medians of 5 passes.  numpy asks
+    for transparent huge pages for its large arrays; shared memory has them only if the
+    kernel's ``shmem_enabled`` allows, so this is what the pages alone cost a read of the
+    same bytes."""
+    views = [ds.chunk(i) for i in itertools.islice(np.ndindex(*ds._grid), 16)]
+    heaps = [np.array(v) for v in views]
+
+    def sum_all(arrays: list) -> None:
+        for a in arrays:
+            a.sum()
+
+    sum_all(views), sum_all(heaps)  # faulted in, both
+    shm_s = statistics.median(seconds(lambda: sum_all(views)) for _ in range(5)) / len(views)
+    heap_s = statistics.median(seconds(lambda: sum_all(heaps)) for _ in range(5)) / len(views)
+    return {"shm_ms": shm_s * 1e3, "heap_ms": heap_s * 1e3, "heap_over_shm": heap_s / shm_s, **_thp()}
+
+
+def _thp() -> dict:
+    out = {}
+    for key, path in (("thp", "enabled"), ("shmem_thp", "shmem_enabled")):
+        try:
+            with open(f"/sys/kernel/mm/transparent_hugepage/{path}") as f:
+                out[key] = f.read().split("[")[1].split("]")[0]
+        except (OSError, IndexError):
+            out[key] = "unknown"
+    return out
 
 
 def bench_from_dask(client, fabric, gib: float, rounds: int) -> dict:

@@ -66,6 +66,9 @@ def test_reads_match_numpy(fabric, data):
         for _ in range(5):
             key = data.draw(selections(shape))
             np.testing.assert_array_equal(ds[key], a[key])
+            short = key[: data.draw(st.integers(0, len(key)))]  # the dimensions not given are whole
+            np.testing.assert_array_equal(ds[short], a[short])
+            np.testing.assert_array_equal(ds[key[0]], a[key[0]])  # one item, not in a tuple
         np.testing.assert_array_equal(ds[()], a[()])
     finally:
         fabric.delete("h/read")
@@ -152,7 +155,10 @@ def test_to_dask_and_from_dask_round_trip(client, fabric):
     z = fabric.from_dask("rt/c", irregular)
     assert z.chunks == (150, 100)
     np.testing.assert_array_equal(z[...], a)
-    for name in ("rt/a", "rt/b", "rt/c"):
+    empty = fabric.create_dataset("rt/empty", (0, 4), np.int16, chunks=(2, 4)).seal()  # no chunk at all
+    assert empty.to_dask().chunks == da.zeros((0, 4), chunks=(2, 4)).chunks
+    assert empty.to_dask().compute().shape == (0, 4)
+    for name in ("rt/a", "rt/b", "rt/c", "rt/empty"):
         fabric.delete(name)
 
 

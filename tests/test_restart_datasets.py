@@ -10,6 +10,7 @@ plugin that SIGKILLs the scheduler from the owner's ``mark`` handler.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import signal
@@ -18,13 +19,14 @@ import sys
 import cloudpickle
 import numpy as np
 import pytest
-from distributed import Client, get_worker
+from distributed import Client, Event, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import datafabric
 from datafabric.errors import FabricError, NameNotFoundError
 from datafabric.layout import ExtentState
 from datafabric.names import RECORD_PART, dataset_part
+from datafabric.protocol import SCHEDULER_PLUGIN
 from tests.test_restart import NODES, listed, processes, worker_of  # noqa: F401  (fixture)
 from tests.waiting import wait_for
 
@@ -178,4 +180,74 @@ def test_a_seal_cut_short_by_a_scheduler_crash_comes_back_whole_or_not_at_all(pr
         assert listed(again) == [] and again.datasets() == []
         with pytest.raises(NameNotFoundError):
             again.dataset("cut")
+        again.shutdown()
+
+
+def hold_chunks(ds, indices, expected, event_name: str) -> int:
+    """Views of chunks ``indices`` of ``ds`` in this task's process, kept until the event
+    ``<name>/release`` is set; returns how many elements read wrong while held."""
+    views = [ds.chunk(i) for i in indices]
+    Event(f"{event_name}/held").set()
+    Event(f"{event_name}/release").wait(60)
+    return sum(int((v != expected[i]).sum()) for i, v in zip(indices, views, strict=True))
+
+
+def count_owner_calls(dask_scheduler, start: bool) -> dict:
+    """Count the YellowPages' RPCs to block owners by operation, from ``start`` on."""
+    owners = dask_scheduler.plugins[SCHEDULER_PLUGIN].owners
+    if not start:
+        del owners.ask  # the class's own again
+        return dict(owners.counted)
+    owners.counted, ask = collections.Counter(), owners.ask
+
+    async def counting(worker, op, **kwargs):
+        owners.counted[op] += 1
+        return await ask(worker, op, **kwargs)
+
+    owners.ask = counting
+    return {}
+
+
+def test_a_sealed_datasets_delete_is_one_bulk_delete_leased_chunks_wait_and_a_restart_keeps_it_gone(
+    processes,  # noqa: F811
+):
+    grid = np.random.default_rng(3).random((40, 30))
+    with Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)
+        workers = worker_of(client)
+        ds = write_grid(client, fabric, workers, "doomed", grid).seal()
+        held = [(0, 0), (1, 3)]  # homed on node A; read there and on node B
+        expected = {i: grid[10 * i[0] : 10 * i[0] + 10, 8 * i[1] : 8 * i[1] + 8] for i in held}
+        holders = [
+            client.submit(hold_chunks, ds, held, expected, f"doomed-{n}", workers=[workers[n]], pure=False)
+            for n in NODES
+        ]
+        for n in NODES:
+            assert Event(f"doomed-{n}/held", client=client).wait(60)
+        client.run_on_scheduler(count_owner_calls, start=True)
+        fabric.delete("doomed")
+        calls = client.run_on_scheduler(count_owner_calls, start=False)
+        # 16 chunks on both nodes: marks of the leased ones and frees of the others go in one
+        # RPC per owner (and one each for the record), not one per chunk.
+        assert calls.get("mark", 0) <= 3 and calls.get("free", 0) <= 3, calls
+        assert fabric.datasets() == [] and "doomed" not in fabric
+        with pytest.raises(NameNotFoundError):
+            fabric.dataset("doomed")
+        assert used(fabric) >= 2 * 10 * 8 * 8, "the held chunks' memory was freed under their views"
+        for n in NODES:
+            Event(f"doomed-{n}/release", client=client).set()
+        assert [h.result(timeout=60) for h in holders] == [0, 0], "a view read other bytes after the delete"
+        wait_for(lambda: used(fabric) == 0, f"memory still used after the last release: {fabric.status()}")
+
+    processes.crash_scheduler()
+    processes.start()
+    with Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        again = datafabric.connect(client)
+        wait_for(lambda: len(again.status()) == 2, "both nodes' blocks taken back")
+        assert listed(again) == [] and again.datasets() == []
+        with pytest.raises(NameNotFoundError):
+            again.dataset("doomed")
+        assert used(again) == 0
         again.shutdown()

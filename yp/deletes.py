@@ -9,6 +9,9 @@ the marks go in one RPC per owner, the names leave the directory in one step (no
 owner.  A name is deleted only once every variable of the request leased at that moment
 has its headers marked: a lease taken while other marks were awaited sends the request
 round again for that one.
+
+``delete_chunks`` is the same bulk delete for a sealed dataset's chunk variables, which
+only the dataset's delete may delete (``delete_many`` refuses their names).
 """
 
 from __future__ import annotations
@@ -66,6 +69,15 @@ class Deletes:
                     f"no variable named {shown} ({len(missing)} of {len(names)}); nothing was deleted; "
                     "fabric.get_list() shows the names"
                 )
+        return await self._delete_many(names, prefix)
+
+    async def delete_chunks(self, names: list[str]) -> dict:
+        """A sealed dataset's chunk variables, those of ``names`` still known (a chunk lost
+        with its block is gone already), as ``delete_many`` deletes: its delete calls this
+        after the name and the record went."""
+        return await self._delete_many(names, None)
+
+    async def _delete_many(self, names: list[str] | None, prefix: str | None) -> dict:
         while True:  # a variable bound under the prefix while others were recalled goes round again
             targets = self._targets(names, prefix)
             async with self.local.withheld(targets):  # never published again: they are deleted below
@@ -93,7 +105,7 @@ class Deletes:
         freed = [c for v in variables for c in self.directory.delete(v)]
         self._invalidate(variables)
         await self.owners.free(freed)
-        return {"deleted": len(variables)}
+        return {"deleted": len(variables), "freed": len(freed)}
 
     def _targets(self, names: list[str] | None, prefix: str | None) -> list[Variable]:
         if names is None:

@@ -212,7 +212,7 @@ class Directory:
 
     def acquire(self, var: Variable, holder: str) -> None:
         self.check_present(holder)
-        var.leases[holder] = var.leases.get(holder, 0) + 1
+        var.add_lease(holder)
         var.last_used = time.monotonic()
 
     def used(self, var_ids: list[int]) -> None:
@@ -224,15 +224,12 @@ class Directory:
 
     def add_leases(self, var: Variable, holder: str, count: int) -> None:
         """Leases ``holder`` took on its own (local leases, reported when recalled)."""
-        var.leases[holder] = var.leases.get(holder, 0) + count
+        var.add_lease(holder, count)
 
     def release(self, var_id: int, holder: str) -> list[Copy]:
         var = self.by_id.get(var_id)
-        if var is None or var.leases.get(holder, 0) <= 0:
+        if var is None or not var.drop_lease(holder, 1):
             return []
-        var.leases[holder] -= 1
-        if var.leases[holder] == 0:
-            del var.leases[holder]
         return self._free_if_done(var)
 
     def holders(self, var: Variable) -> list[str]:
@@ -291,7 +288,7 @@ class Directory:
         self.departed.add(holder)
         freed: list[Copy] = []
         for var in list(self.by_id.values()):
-            if var.leases.pop(holder, 0):
+            if var.drop_lease(holder):
                 freed += self._free_if_done(var)
         for shm_id, offset in [k for k, p in self.pending.items() if p.holder == holder]:
             copy = self.drop_pending(shm_id, offset)

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from yp.records import Variable
 
 logger = logging.getLogger("datafabric.yp")
+_NOBODY: frozenset[str] = frozenset()
+_MAX_SETS = 4096  # distinct sets of workers kept for sharing (a cluster has a few per node)
 
 
 class LocalLeases:
@@ -53,7 +55,10 @@ class LocalLeases:
         self.owners = owners
         self.members = members
         self.enabled = members is not None and bool(dask.config.get("datafabric.local-reads", True))
-        self.published: dict[int, set[str]] = defaultdict(set)  # var id -> workers that may lease it locally
+        # var id -> workers that may lease it locally: a frozenset shared by every variable
+        # told the same workers (a set each would be 216 bytes per variable), replaced, never changed.
+        self.published: dict[int, frozenset[str]] = {}
+        self._sets: dict[frozenset[str], frozenset[str]] = {}
         self._withheld: Counter[int] = Counter()  # var id -> recalls whose free or move is not over
         self._asked: dict[int, tuple[str, asyncio.Future]] = {}  # recall token -> (worker, its answer)
         self._in_flight: dict[int, set[asyncio.Future]] = defaultdict(set)  # var id -> answers awaited
@@ -77,7 +82,8 @@ class LocalLeases:
         for var in variables:
             if var.deleted or self._withheld[var.var_id] or self.directory.variables.get(var.name) is not var:
                 continue
-            told = self.published[var.var_id]
+            told = self.published.get(var.var_id, _NOBODY)
+            added: list[str] = []
             for copy in var.copies:
                 block = self.directory.blocks.get(copy.shm_id)
                 if block is None or block.creating or block.unsettled or self.moves.busy([copy.shm_id]):
@@ -90,13 +96,22 @@ class LocalLeases:
                     "data_offset": copy.data_offset,
                 }
                 for worker in live.get(block.node, ()):
-                    if worker not in told and (allowed is None or worker in allowed):
-                        told.add(worker)
+                    if worker not in told and worker not in added and (allowed is None or worker in allowed):
+                        added.append(worker)
                         batches[worker].append(entry)
-            if not told:
-                del self.published[var.var_id]
+            if added:
+                self._tell(var.var_id, told.union(added))
         for worker, entries in batches.items():
             self.owners.send(worker, {"op": "datafabric_publish", "entries": entries})
+
+    def _tell(self, var_id: int, workers: frozenset[str]) -> None:
+        """``workers`` are those that may lease ``var_id`` locally from now on."""
+        if not workers:
+            self.published.pop(var_id, None)
+            return
+        if len(self._sets) > _MAX_SETS:  # worker churn: the sets of workers long gone go
+            self._sets.clear()
+        self.published[var_id] = self._sets.setdefault(workers, workers)
 
     def publish_node(self, node: str, only: Iterable[str] | None = None) -> None:
         """Every variable with a copy on ``node`` (a worker joined it, a block was adopted)."""
@@ -130,15 +145,17 @@ class LocalLeases:
         per_worker: dict[str, list[int]] = defaultdict(list)
         for var_id in var_ids:
             awaited |= self._in_flight.get(var_id, set())  # an earlier recall's answers count too
-            for worker in list(self.published.get(var_id, ())):
+            told = self.published.get(var_id, _NOBODY)
+            recalled = []
+            for worker in told:
                 # A worker whose node is no longer known is recalled too: a recall too many costs
                 # a message, one too few a view whose bytes could change.
                 on_node = node is None or self.members.node_of.get(worker, node) == node
                 if on_node and (workers is None or worker in workers):
                     per_worker[worker].append(var_id)
-                    self.published[var_id].discard(worker)
-            if not self.published.get(var_id, True):
-                del self.published[var_id]
+                    recalled.append(worker)
+            if recalled:
+                self._tell(var_id, told.difference(recalled))
         for worker, ids in per_worker.items():
             token = next(self._tokens)
             answer = loop.create_future()
@@ -184,9 +201,7 @@ class LocalLeases:
     def forget(self, worker: str) -> None:
         """``worker`` left: it leases nothing locally any more, and answers no recall."""
         for var_id in [v for v, ws in self.published.items() if worker in ws]:
-            self.published[var_id].discard(worker)
-            if not self.published[var_id]:
-                del self.published[var_id]
+            self._tell(var_id, self.published[var_id].difference((worker,)))
         for token in [t for t, (w, _) in self._asked.items() if w == worker]:
             self._answered(token, [])
 

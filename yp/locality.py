@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dask._task_spec import DataNode, Task
+from dask._task_spec import DataNode, Task, TaskRef
 
 from datafabric.names import is_chunk_name
 
@@ -37,26 +37,36 @@ def restrict_chunk_tasks(scheduler: Any, keys: list, workers_for: Callable[[str]
             ts.loose_restrictions = True
 
 
-def _chunk_reads(node: Any, depth: int) -> Iterator[str]:
+def _chunk_reads(node: Any, depth: int, bound: dict | None = None) -> Iterator[str]:
+    """Chunk names read in ``node``; ``bound``: what the references of an inner graph of
+    a fused task stand for (the outer task's arguments, by inner key)."""
     if depth > _MAX_DEPTH:
         return
     if isinstance(node, Task):
+        if node.has_subgraph():  # _execute_subgraph(inner graph, out key, inner keys, *their values)
+            inner, _, keys, *values = node.args
+            if isinstance(inner, dict) and isinstance(keys, tuple | list):
+                scope = {**(bound or {}), **dict(zip(keys, values, strict=False))}
+                yield from _chunk_reads(inner, depth + 1, scope)
+            return
         func = getattr(node.func, "__module__", "") + "." + getattr(node.func, "__name__", "")
         if func == READ_CHUNK:
-            yield from (a for a in _values(node.args) if isinstance(a, str) and is_chunk_name(a))
+            yield from (a for a in _values(node.args, bound or {}) if isinstance(a, str) and is_chunk_name(a))
             return
         for arg in (*node.args, *node.kwargs.values()):
-            yield from _chunk_reads(arg, depth + 1)
+            yield from _chunk_reads(arg, depth + 1, bound)
     elif isinstance(node, DataNode):
-        yield from _chunk_reads(node.value, depth + 1)
+        yield from _chunk_reads(node.value, depth + 1, bound)
     elif isinstance(node, dict) and len(node) <= _MAX_ITEMS:
         for value in node.values():
-            yield from _chunk_reads(value, depth + 1)
+            yield from _chunk_reads(value, depth + 1, bound)
     elif isinstance(node, list | tuple) and len(node) <= _MAX_ITEMS:
         for value in node:
-            yield from _chunk_reads(value, depth + 1)
+            yield from _chunk_reads(value, depth + 1, bound)
 
 
-def _values(args: tuple) -> Iterator[Any]:
+def _values(args: tuple, bound: dict) -> Iterator[Any]:
     for a in args:
+        if isinstance(a, TaskRef):
+            a = bound.get(a.key)
         yield a.value if isinstance(a, DataNode) else a

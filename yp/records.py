@@ -8,7 +8,9 @@ block is settled, in the same step, or under the block's shared hold.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from datafabric.layout import ExtentState
 
@@ -29,15 +31,46 @@ class Block:
         return self.capacity - self.used
 
 
-@dataclass(slots=True)  # a million of them: no __dict__ each
+# One int object per distance from an extent's start to its data: the header, its metadata
+# and the padding to the data's alignment, so at most a few hundred values, where an int
+# over 256 would otherwise be one more 32-byte object per copy.
+_SKIPS: dict[int, int] = {}
+
+
+def _shared(skip: int) -> int:
+    return _SKIPS.setdefault(skip, skip)
+
+
+@dataclass(slots=True, init=False)  # a million of them: no __dict__ each
 class Copy:
-    """One extent of a block holding a variable's bytes (or reserved for them)."""
+    """One extent of a block holding a variable's bytes (or reserved for them).  The data's
+    offset is kept as its distance from the extent's start (the header and its padding:
+    a few distinct values, each one shared object), not as one more int per copy."""
 
     shm_id: str
     extent_offset: int
     extent_size: int
-    data_offset: int
+    skip: int  # data_offset - extent_offset
     extent_id: int  # written in the extent's header; it follows the extent when it moves
+
+    def __init__(self, shm_id: str, extent_offset: int, extent_size: int, data_offset: int, extent_id: int) -> None:
+        self.shm_id = shm_id
+        self.extent_offset = extent_offset
+        self.extent_size = extent_size
+        self.skip = _shared(data_offset - extent_offset)
+        self.extent_id = extent_id
+
+    @property
+    def data_offset(self) -> int:
+        return self.extent_offset + self.skip
+
+    @data_offset.setter
+    def data_offset(self, value: int) -> None:
+        """Set after ``extent_offset`` when both change (a move, an adoption)."""
+        self.skip = _shared(value - self.extent_offset)
+
+
+NO_LEASES: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(slots=True)  # a million of them: no __dict__ each
@@ -48,9 +81,31 @@ class Variable:
     type: str
     nbytes: int
     copies: list[Copy]
-    leases: dict[str, int] = field(default_factory=dict)  # holder -> count
+    # holder -> count; unleased, the one shared read-only NO_LEASES (a dict each would be
+    # 64 bytes per variable, most of them never leased): change it through add_lease/drop_lease.
+    leases: Mapping[str, int] = field(default_factory=lambda: NO_LEASES)
     deleted: bool = False
     last_used: float = 0.0  # monotonic time of the last acquire or local read reported: replicas are evicted LRU
+
+    def add_lease(self, holder: str, count: int = 1) -> None:
+        if self.leases is NO_LEASES:
+            self.leases = {}
+        self.leases[holder] = self.leases.get(holder, 0) + count
+
+    def drop_lease(self, holder: str, count: int | None = None) -> int:
+        """``count`` of ``holder``'s leases end (all of them, and its entry, with None);
+        returns how many did."""
+        held = self.leases.get(holder)
+        if held is None:
+            return 0
+        ended = held if count is None else max(0, min(count, held))
+        if count is None or (ended and held == ended):
+            del self.leases[holder]
+            if not self.leases:
+                self.leases = NO_LEASES
+        elif ended:
+            self.leases[holder] = held - ended
+        return ended
 
 
 @dataclass(slots=True)

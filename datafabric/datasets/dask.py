@@ -3,7 +3,11 @@
 ``to_dask``: one task per chunk, ``read_chunk(fabric, chunk variable, ...)``, which the
 YellowPages recognises in every graph entering the scheduler, fused or not, and
 restricts to the workers of a node holding that chunk (``yp/locality.py``): locality
-that graph optimisation cannot drop, as it drops annotations (dask/dask#7036).
+that graph optimisation cannot drop, as it drops annotations (dask/dask#7036).  The
+reads are a Blockwise layer, as ``da.from_array``'s are, so blockwise fusion folds each
+read into the task that consumes its chunk under that task's own key: a low-level
+(linear) fusion of a plain layer would leave an extra ``Alias`` task per chunk, which
+the scheduler and the workers pay for (a third more tasks in ``ds.to_dask().sum()``).
 
 ``from_dask``: the array is stored with ``da.store`` into a new dataset with its chunk
 shape, so each chunk is written by the task that computed it, into a home on that
@@ -17,10 +21,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.blockwise import BlockwiseDepDict, blockwise
 from dask.highlevelgraph import HighLevelGraph
+from dask.layers import ArrayChunkShapeDep
 
 from datafabric.datasets.dataset import Dataset
-from datafabric.datasets.grid import chunk_shape, ravel
+from datafabric.datasets.grid import ravel
 from datafabric.names import chunk_name
 from datafabric.types import from_datashape
 
@@ -36,17 +42,38 @@ def read_chunk(fabric: Any, variable: str, shape: tuple[int, ...], element: str,
 def to_dask(ds: Dataset) -> da.Array:
     ds._check_readable()
     key = f"datafabric-{ds.id}-{tokenize(ds.name, ds.id)}"
-    element, fill = ds._info["element"], ds._info["fillvalue"]
-    graph = {}
-    for index in np.ndindex(*ds._grid):
-        flat = ravel(index, ds._grid)
-        variable = chunk_name(ds.id, flat) if ds._written[flat] else ""
-        shape = chunk_shape(index, ds.shape, ds.chunks)
-        graph[(key, *index)] = (read_chunk, ds._fabric, variable, shape, element, fill)
+    # A dimension of length 0 has no chunk in the dataset's grid, and one empty block in dask's.
     chunks = tuple(
-        tuple(min(c, n - k * c) for k in range(g)) for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
+        tuple(min(c, n - k * c) for k in range(g)) or (0,)
+        for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
     )
-    return da.Array(HighLevelGraph.from_collections(key, graph, dependencies=()), key, chunks, dtype=ds.dtype)
+    blocks = tuple(len(c) for c in chunks)
+    variables = BlockwiseDepDict(
+        {
+            index: chunk_name(ds.id, flat) if blocks == ds._grid and ds._written[flat := ravel(index, ds._grid)] else ""
+            for index in np.ndindex(*blocks)
+        },
+        numblocks=blocks,
+    )
+    out = tuple(range(ds.ndim))
+    layer = blockwise(
+        read_chunk,
+        key,
+        out,
+        ds._fabric,
+        None,
+        variables,
+        out,
+        ArrayChunkShapeDep(chunks),
+        out,
+        ds._info["element"],
+        None,
+        ds._info["fillvalue"],
+        None,
+        numblocks={},
+        _data_producer=True,
+    )
+    return da.Array(HighLevelGraph.from_collections(key, layer, dependencies=()), key, chunks, dtype=ds.dtype)
 
 
 def from_dask(fabric: Any, name: str, array: Any, doc: str, attrs: dict | None) -> Dataset:

@@ -24,6 +24,8 @@ from datafabric.messages import DatasetInfo
 from datafabric.names import chunk_name
 from datafabric.types import from_datashape
 
+_WHOLE = slice(None)
+
 
 def read_chunks(fabric: Any, names: list[str]) -> list[np.ndarray]:
     """Zero-copy views of chunk variables, in order: none costs a round trip in a task on a
@@ -92,6 +94,10 @@ class Dataset:
 
     # -- reading -----------------------------------------------------------------------
     def __getitem__(self, key: Any) -> Any:
+        if self._written is not None:  # sealed: the common read inside one chunk needs no Selection
+            view = self._one_chunk(key)
+            if view is not None:
+                return view
         self._check_readable()
         sel = Selection(key, self.shape)
         pieces = list(sel.pieces(self.chunks))
@@ -104,6 +110,47 @@ class Dataset:
         for piece, view in zip(pieces, views, strict=True):
             out[piece.out] = view[piece.local]
         return sel.orient(out)
+
+    def _one_chunk(self, key: Any) -> np.ndarray | None:
+        """The fast path of a read: ``key`` an int, a slice with no step, or a tuple of them
+        (dimensions not given are whole), selecting a non-empty region inside one chunk;
+        its view of that chunk, or None for anything else (the general path decides, and
+        says what is wrong with a bad key).  Same result as the general path, with none of
+        its objects: a warm read is then a cached ``get`` and one numpy slice."""
+        items = key if type(key) is tuple else (key,)
+        if len(items) > len(self.shape):
+            return None
+        flat = 0
+        local: list[int | slice] = []
+        for axis, (n, c, g) in enumerate(zip(self.shape, self.chunks, self._grid, strict=True)):
+            k = items[axis] if axis < len(items) else _WHOLE
+            if type(k) is int:
+                i = k + n if k < 0 else k
+                if not 0 <= i < n:
+                    return None
+                q, r = divmod(i, c)
+                local.append(r)
+            elif type(k) is slice and k.step is None:
+                start, stop = k.start, k.stop
+                if not (start is None or type(start) is int) or not (stop is None or type(stop) is int):
+                    return None
+                start, stop, _ = k.indices(n)
+                if stop <= start:
+                    return None
+                q = start // c
+                if (stop - 1) // c != q:
+                    return None
+                local.append(slice(start - q * c, stop - q * c))
+            else:
+                return None
+            flat = flat * g + q
+        if not self._written[flat]:
+            return self._fill_view(flat)[tuple(local)]
+        try:
+            view = self._fabric.get(chunk_name(self.id, flat))
+        except NameNotFoundError:
+            raise NameNotFoundError(f"dataset {self.name!r} was deleted; fabric.datasets() lists them") from None
+        return view[tuple(local)]
 
     def chunk(self, index: int | tuple[int, ...]) -> np.ndarray:
         """The zero-copy view of one chunk, by its grid index (an int for 1-d)."""
