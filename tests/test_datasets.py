@@ -67,7 +67,13 @@ def test_reads_match_numpy(fabric, data):
             key = data.draw(selections(shape))
             np.testing.assert_array_equal(ds[key], a[key])
             short = key[: data.draw(st.integers(0, len(key)))]  # the dimensions not given are whole
-            np.testing.assert_array_equal(ds[short], a[short])
+            try:  # cut after an Ellipsis, the ints that follow it index the last axes instead
+                expected = a[short]
+            except IndexError:
+                with pytest.raises(IndexError):
+                    ds[short]
+            else:
+                np.testing.assert_array_equal(ds[short], expected)
             np.testing.assert_array_equal(ds[key[0]], a[key[0]])  # one item, not in a tuple
         np.testing.assert_array_equal(ds[()], a[()])
     finally:
