@@ -1,0 +1,150 @@
+"""Attacks on unfilled homes (``yp/chunk_homes.py``) and the one-way ticket end, by
+processes that *leave* the fabric without dying.
+
+A process "leaving" is Dask's ``remove_client`` / ``remove_worker``: the scheduler lost
+its stream.  That is not its death: a client whose connection broke reconnects with the
+same id, a worker removed for missed heartbeats keeps running its task until its close
+waits it out.  Their threads go on copying into the chunk homes they map.  The
+departure settles their tickets with nothing confirmed and frees their unfilled homes,
+so a copy still running lands in memory the fabric may already have given to another
+variable.
+
+Real cluster (worker processes), real shared memory; the writer is a second Dask client
+of the test process whose scheduler stream is cut while its ``fill_chunks`` copy waits.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from distributed import Client
+
+import datafabric
+from datafabric.datasets.writes import fill_chunks
+from datafabric.errors import FabricError, OutOfSpaceError
+from datafabric.fabric import Fabric
+from tests.waiting import wait_for
+
+ROWS, COLS = 256, 64  # a chunk: 128 KiB of float64
+FILL, MINE, LATE = -1.0, 1.0, 9.5
+
+
+def used(fabric) -> int:
+    return sum(b["used"] for b in fabric.status())
+
+
+def cut_stream(dask_scheduler, client_id: str) -> None:
+    """The scheduler's end of a client's stream breaks (a network hiccup): it removes the
+    client, which reconnects with the same id."""
+    dask_scheduler.client_comms[client_id].abort()
+
+
+def unfilled_homes(dask_scheduler) -> int:
+    return len(dask_scheduler.plugins["datafabric-yellowpages"].datasets.homes.unfilled)
+
+
+def reservations_of(dask_scheduler, client_id: str) -> int:
+    pending = dask_scheduler.plugins["datafabric-yellowpages"].directory.pending.values()
+    return sum(p.holder == client_id for p in pending)
+
+
+def take_free_memory(fabric, prefix: str) -> list[str]:
+    """Variables of ``MINE`` in all the memory the fabric has free now."""
+    mine: list[str] = []
+    try:
+        while True:
+            fabric.insert(f"{prefix}/{len(mine)}", "", f"{ROWS * COLS} * float64", np.full(ROWS * COLS, MINE))
+            mine.append(f"{prefix}/{len(mine)}")
+    except OutOfSpaceError:
+        return mine
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a whole-writer's departure frees its unfilled homes although the process may be alive "
+    "(a client reconnecting, a worker removed while its task runs): its copy lands in memory "
+    "handed to other variables",
+)
+def test_a_whole_writer_that_left_alive_never_writes_into_memory_given_to_others(cluster, client):
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    mine: list[str] = []
+    started, go = threading.Event(), threading.Event()
+    try:
+        ds = fabric.create_dataset("left-alive", shape=(ROWS, COLS), chunks=(ROWS, COLS), fillvalue=FILL)
+        failures: list[BaseException] = []
+        with Client(cluster) as writer_client:
+            writer = Fabric(fabric.address, fabric.fabric_id, client=writer_client)
+
+            def fill(view, index):
+                started.set()
+                go.wait(30)
+                view[...] = LATE  # the copy of a process the scheduler thinks has left
+
+            def write():
+                try:
+                    fill_chunks(writer.dataset("left-alive"), [(0, 0)], fill)
+                except BaseException as exc:  # noqa: BLE001 (reported below)
+                    failures.append(exc)
+
+            thread = threading.Thread(target=write)
+            thread.start()
+            assert started.wait(30), failures
+            client.run_on_scheduler(cut_stream, client_id=writer_client.id)
+            wait_for(lambda: client.run_on_scheduler(unfilled_homes) == 0, "the departure to settle the ticket")
+            mine += take_free_memory(fabric, "left-alive/mine")
+            go.set()
+            thread.join(30)
+            assert not thread.is_alive()
+            changed = [n for n in mine if not (fabric.get(n) == MINE).all()]
+            assert not changed, f"{len(changed)} variables of another process hold the departed writer's bytes"
+            try:
+                ds.seal()
+            except FabricError:
+                pass  # the dataset may have ended with a chunk it could not seal
+            else:
+                got = fabric.dataset("left-alive")[...]
+                assert np.isin(got, [FILL, LATE]).all()
+    finally:
+        go.set()
+        for name in mine:
+            fabric.delete(name)
+        for name in fabric.datasets("left-alive"):
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"the memory to return: {fabric.status()}")
+        fabric.shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="(older than the unfilled homes) a writer's reservations end when it leaves although the "
+    "process may be alive: a Creation's producer copying after its client reconnected writes into "
+    "memory handed to other variables",
+)
+def test_a_creator_that_left_alive_never_writes_into_memory_given_to_others(cluster, client):
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    mine: list[str] = []
+    try:
+        with Client(cluster) as writer_client:
+            writer = Fabric(fabric.address, fabric.fabric_id, client=writer_client)
+            creation = writer.create("left-alive/created", "", f"{ROWS * COLS} * float64", fill=FILL)
+            assert client.run_on_scheduler(reservations_of, client_id=writer_client.id) == 1
+            client.run_on_scheduler(cut_stream, client_id=writer_client.id)
+            wait_for(
+                lambda: client.run_on_scheduler(reservations_of, client_id=writer_client.id) == 0,
+                "the departure to end the reservation",
+            )
+            mine += take_free_memory(fabric, "left-alive/mine")
+            creation.array[...] = LATE  # the producer, alive, goes on
+            changed = [n for n in mine if not (fabric.get(n) == MINE).all()]
+            with pytest.raises(FabricError):  # its reservation was ended: the seal is refused
+                creation.seal()
+            assert not changed, f"{len(changed)} variables of another process hold the departed creator's bytes"
+    finally:
+        for name in mine:
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"the memory to return: {fabric.status()}")
+        fabric.shutdown()
