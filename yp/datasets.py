@@ -197,14 +197,14 @@ class Datasets:
 
     def _claim(self, record: DatasetRecord, flats: list[int]) -> None:
         """Check and claim in one step (no await between): a write-once chunk has one writer."""
-        placing = self.homes.placing
-        taken = [f for f in flats if f in record.claimed or f in record.homes or (record.dataset_id, f) in placing]
+        taken = [f for f in flats if not self.homes.claimable(record, f)]
         if taken:
             raise ChunkWrittenError(
                 f"chunk(s) {taken[:5]} (C-order numbers) of dataset {record.name!r} were written already; "
                 "a write-once write takes each chunk once"
             )
         record.claimed.update(flats)
+        self.homes.reclaimable.difference_update((record.dataset_id, f) for f in flats)
 
     def end_write_sent(
         self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None, **_stream_extra: Any
@@ -294,6 +294,7 @@ class Datasets:
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
         record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
+        self.homes.forget(dataset_id)
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
         refused = None
         if record.state == SEALING:  # the record after the chunks' marks: invariant 1 of the rebuild
@@ -364,6 +365,7 @@ class Datasets:
         await self._until_no_writes(record)
         copies = [self.directory.drop_pending(c.shm_id, c.extent_offset) for c in record.homes.values()]
         record.homes, record.claimed = {}, set()
+        self.homes.forget(record.dataset_id)
         self.table.unsealed.pop(record.dataset_id, None)
         await self.owners.free([c for c in copies if c is not None])
 
@@ -373,9 +375,9 @@ class Datasets:
         datasets it created and never sealed end with it."""
         for record in self.table.writing_to(holder):
             del record.writes[holder]
-        for dataset_id, writer in self.homes.left(holder):  # its unfilled homes are freed
+        for dataset_id, writer in self.homes.left(holder):  # its unfilled homes: filled, kept
             record = self.table.unsealed.get(dataset_id)
-            later(lambda r=record, d=dataset_id, w=writer: self.homes.settle(r, d, w, set()))
+            later(lambda r=record, d=dataset_id, w=writer: self.homes.settle(r, d, w, set(), departed=True))
         later(self._notify)
         for record in self.table.created_by(holder):
             later(lambda r=record: self._end(r))
