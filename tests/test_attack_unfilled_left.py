@@ -23,6 +23,7 @@ import pytest
 from distributed import Client
 
 import datafabric
+from datafabric.datasets import writes
 from datafabric.datasets.writes import fill_chunks
 from datafabric.errors import FabricError, OutOfSpaceError
 from datafabric.fabric import Fabric
@@ -139,6 +140,77 @@ def test_a_creator_that_left_alive_never_writes_into_memory_given_to_others(clus
             assert not changed, f"{len(changed)} variables of another process hold the departed creator's bytes"
     finally:
         for name in mine:
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"the memory to return: {fabric.status()}")
+        fabric.shutdown()
+
+
+def test_an_end_sent_before_its_writer_reconnected_never_ends_a_ticket_begun_after(cluster, client, monkeypatch):
+    """A writer's stream breaks while one of its tickets copies (its departure ends it);
+    the client reconnects with the same id and begins another ticket; then the first
+    copy returns and its one-way end arrives.  That end must not count as the second
+    ticket's: the seal has to wait for the second, or its bytes would change a sealed
+    chunk."""
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    first_copying, first_go, second_copying, second_go = (threading.Event() for _ in range(4))
+    failures: list[BaseException] = []
+    original = writes._write_piece
+
+    def slow_piece(*args):  # the second ticket's copy (a part of chunk 1) waits
+        second_copying.set()
+        second_go.wait(30)
+        original(*args)
+
+    monkeypatch.setattr(writes, "_write_piece", slow_piece)
+    try:
+        ds = fabric.create_dataset("left-alive/twice", shape=(2 * ROWS, COLS), chunks=(ROWS, COLS), fillvalue=FILL)
+        with Client(cluster) as writer_client:
+            writer = Fabric(fabric.address, fabric.fabric_id, client=writer_client)
+            mine = writer.dataset("left-alive/twice")
+
+            def fill(view, index):
+                first_copying.set()
+                first_go.wait(30)
+                view[...] = MINE
+
+            def run(call):
+                try:
+                    call()
+                except BaseException as exc:  # noqa: BLE001 (reported below)
+                    failures.append(exc)
+
+            first = threading.Thread(target=run, args=(lambda: fill_chunks(mine, [(0, 0)], fill),))
+            first.start()
+            assert first_copying.wait(30), failures
+            client.run_on_scheduler(cut_stream, client_id=writer_client.id)
+            wait_for(lambda: client.run_on_scheduler(unfilled_homes) == 0, "the departure to settle the ticket")
+            wait_for(lambda: writer_client.status == "running", "the writer's client to reconnect", timeout=30)
+
+            def second_write():
+                mine[ROWS : ROWS + 8] = LATE
+
+            second = threading.Thread(target=run, args=(second_write,))
+            second.start()
+            assert second_copying.wait(30), failures
+            first_go.set()
+            first.join(30)
+            sealed = threading.Thread(target=run, args=(ds.seal,))
+            sealed.start()
+            sealed.join(2)
+            sealing_waited = sealed.is_alive()
+            second_go.set()
+            second.join(30)
+            sealed.join(30)
+            assert not failures, failures
+            assert sealing_waited, "the seal ran while a ticket was still copying"
+            got = fabric.dataset("left-alive/twice")[ROWS : ROWS + 8]
+            assert (got == LATE).all()
+            del got
+    finally:
+        first_go.set()
+        second_go.set()
+        for name in fabric.datasets("left-alive"):
             fabric.delete(name)
         wait_for(lambda: used(fabric) == before, f"the memory to return: {fabric.status()}")
         fabric.shutdown()
