@@ -108,3 +108,66 @@ def test_tickets_of_one_process_racing_each_other_and_the_seal_leave_only_fill_o
         wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")
     finally:
         fabric.shutdown()
+
+
+IMPORTER = """
+import sys, time, numpy as np
+from distributed import Client
+import datafabric
+from datafabric.datasets.writes import fill_chunks
+client = Client(sys.argv[1])
+fabric = datafabric.connect(client)
+name, create = sys.argv[2], sys.argv[3] == "create"
+if create:
+    ds = fabric.create_dataset(name, shape=(8 * 64, 256), chunks=(64, 256), fillvalue=-1.0)
+else:
+    ds = fabric.dataset(name)
+
+def fill(view, index):
+    view[...] = index[0] + 1
+    if index[0] == 3:
+        print("filling", flush=True)
+        time.sleep(60)  # SIGKILLed here, half-way through its batch
+
+fill_chunks(ds, [(i, 0) for i in range(8)], fill)
+"""
+
+
+def test_an_importer_killed_mid_batch_leaves_nothing_or_the_fill_value(client, tmp_path):
+    """An import's batch ticket (``fill_chunks`` of eight chunks) whose process is SIGKILLed
+    half-way: had it created the dataset, the dataset ends with it (nothing visible, every
+    byte back); if another process created it, the batch's chunks read as the fill value
+    (its homes, unconfirmed, were filled at its departure), the dataset seals, and its
+    delete returns every byte."""
+    import subprocess
+    import sys
+
+    fabric = datafabric.start(client, mb=8)
+    try:
+        before = used(fabric)
+        script = tmp_path / "importer.py"
+        script.write_text(IMPORTER)
+        for create in ("create", "open"):
+            name = f"killed-import/{create}"
+            if create == "open":
+                ds = fabric.create_dataset(name, shape=(8 * 64, 256), chunks=(64, 256), fillvalue=-1.0)
+            importer = subprocess.Popen(
+                [sys.executable, str(script), client.scheduler.address, name, create], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert importer.stdout.readline().strip() == "filling"
+            finally:
+                importer.kill()
+                importer.wait(30)
+            if create == "create":
+                wait_for(lambda: used(fabric) == before, f"the ended import's memory to return: {fabric.status()}")
+                assert name not in fabric.datasets("killed-import")
+                continue
+            ds.seal()
+            got = fabric.dataset(name)[...]
+            assert (got == -1.0).all(), np.unique(got)
+            del got
+            fabric.delete(name)
+            wait_for(lambda: used(fabric) == before, f"the dataset's memory to return: {fabric.status()}")
+    finally:
+        fabric.shutdown()
