@@ -8,8 +8,10 @@ compact or evict under them.  So, from the plugin's teardown, a thread of this p
 connects to the scheduler's address as a Dask client, again and again until it answers,
 and declares every view alive here, local leases and ordinary ones alike, by location
 (``yp/kept_views.py``): the leases are that client's, so they end when it leaves, which
-it does once the last view is gone or with this process.  Only a durable fabric (its id
-comes from the scheduler's address) is declared: any other did not survive its scheduler.
+it does once the last view is gone or with this process.  A scheduler that dies again
+takes those leases with it: the next incarnation is declared to afresh, by a new client.
+Only a durable fabric (its id comes from the scheduler's address) is declared: any other
+did not survive its scheduler.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import logging
 import sys
 import threading
+from typing import Any
 
 from datafabric.messages import KeptView
 from datafabric.protocol import EVENT_TOPIC, raise_if_refused
@@ -51,34 +54,45 @@ def declare_when_back(scheduler_address: str, fabric_id: str, state: LocalState)
 
 
 async def _declare(address: str, state: LocalState) -> None:
+    """Declare to each scheduler incarnation in turn while any view lives: one that dies
+    too (during the declaration or after) takes its leases with it, so the next one is
+    told again, by a new client (the old one's leases end with it wherever they are)."""
+    while kept_views(state):
+        client = await _connect(address, state)
+        if client is None:
+            return
+        async with client:  # the leases are its own: they end when it closes
+            # A durable fabric's YellowPages subscribes every client to its events; this one
+            # needs none of them (its leases are by location), but without a handler Dask logs
+            # an error for each.
+            client.subscribe_topic(EVENT_TOPIC, _ignore)
+            stream = client.scheduler_comm  # replaced if the client reconnects to a new incarnation
+            views = kept_views(state)
+            try:
+                counts = raise_if_refused(await client.scheduler.datafabric_declare_kept(views=views, holder=client.id))
+            except Exception as exc:
+                logger.warning("could not declare %d views kept through the scheduler's restart: %r", len(views), exc)
+                continue
+            if counts["lost"]:
+                logger.warning("%d views kept through the scheduler's restart were declared too late", counts["lost"])
+            logger.info("declared %d views kept through the scheduler's restart: %s", len(views), counts)
+            while kept_views(state) and client.status == "running" and client.scheduler_comm is stream:
+                await asyncio.sleep(HOLD_POLL)
+
+
+async def _connect(address: str, state: LocalState) -> Any:
+    """A Dask client of the scheduler at ``address``, attempt after attempt; None once no
+    view is left to declare."""
     from distributed import Client
 
-    client = None
-    while client is None:
-        if not kept_views(state):
-            return
+    while kept_views(state):
         try:
-            client = await Client(
+            return await Client(
                 address, asynchronous=True, timeout=CONNECT_TIMEOUT, set_as_default=False, name="datafabric-kept-views"
             )
         except (TimeoutError, OSError):
             continue
-    async with client:  # the leases are its own: they end when it closes
-        # A durable fabric's YellowPages subscribes every client to its events; this one
-        # needs none of them (its leases are by location), but without a handler Dask logs
-        # an error for each.
-        client.subscribe_topic(EVENT_TOPIC, _ignore)
-        views = kept_views(state)
-        try:
-            counts = raise_if_refused(await client.scheduler.datafabric_declare_kept(views=views, holder=client.id))
-        except Exception as exc:
-            logger.warning("could not declare %d views kept through the scheduler's restart: %r", len(views), exc)
-            return
-        if counts["lost"]:
-            logger.warning("%d views kept through the scheduler's restart were declared too late", counts["lost"])
-        logger.info("declared %d views kept through the scheduler's restart: %s", len(views), counts)
-        while kept_views(state):
-            await asyncio.sleep(HOLD_POLL)
+    return None
 
 
 def _ignore(event: tuple) -> None:

@@ -16,10 +16,13 @@ until that ticket ends (``docs/protocols.md``, "Unfilled homes").  So:
   home is ever sealed into a chunk variable, nor freed under its writer;
 - the ticket ends by ``settle``: a chunk its writer confirms complete becomes an ordinary
   home (every element written); any other (the writer raised, was cancelled, or left:
-  ``left`` settles a departed process's tickets with nothing confirmed) is **freed**
-  before its placement ends, so the chunk reads as the fill value again, as if never
-  written, and a write-once claim of it is dropped.  Its stale bytes never become
-  readable, and the next writer of the chunk gets a home of its own.
+  ``left`` settles a departed process's tickets with nothing confirmed) ends before its
+  placement does, so the chunk reads as the fill value again, as if never written, and
+  a write-once claim of it is dropped.  Its stale bytes never become readable.  A home
+  whose writer raised or was cancelled is **freed** (its copy has returned: the end is
+  sent after it), and the next writer of the chunk gets a home of its own; a home whose
+  writer *left* is **filled** and kept instead, as its process may be alive and still
+  copying into it, never into memory given to someone else.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class ChunkHomes:
     changed: Callable[[], Awaitable[None]]  # wakes whoever waits for placements to end
     placing: dict[Key, asyncio.Event] = field(default_factory=dict)
     unfilled: dict[Key, Writer] = field(default_factory=dict)  # homes only their whole-writer may write
+    reclaimable: set[Key] = field(default_factory=set)  # filled homes of departed whole-writers
 
     async def home(
         self, record: DatasetRecord, flat: int, node: str | None, ftype: str, writer: Writer | None
@@ -100,27 +104,87 @@ class ChunkHomes:
         record.homes[flat] = copy
         return copy
 
-    async def settle(self, record: DatasetRecord | None, dataset_id: int, writer: Writer, complete: set[int]) -> None:
+    async def settle(
+        self,
+        record: DatasetRecord | None,
+        dataset_id: int,
+        writer: Writer,
+        complete: set[int],
+        departed: bool = False,
+    ) -> None:
         """A whole-writer's ticket ended: its chunks confirmed ``complete`` are ordinary
         homes from now on, the others are freed (they read as the fill value).  Each key
         is taken out of ``unfilled`` in one step, so two settles of a ticket (its end
-        and its process leaving) free nothing twice."""
+        and its process leaving) free nothing twice.
+
+        ``departed``: the writer's process left without ending the ticket.  Leaving is
+        not dying (a client whose stream broke reconnects, a worker removed while its
+        task runs): its copy may still be running, into the homes it maps.  So they are
+        not freed but filled and kept as the chunk's, where such a copy lands harmlessly;
+        the chunk reads as the fill value (or as what that copy still writes, as after
+        any departed writer), and a write-once rerun may claim it (``reclaimable``)."""
         keys = [k for k, w in self.unfilled.items() if k[0] == dataset_id and w == writer]
         for key in keys:
             del self.unfilled[key]
-        copies = []
+        copies, refill = [], []
         try:
             for _, flat in keys:
                 if flat in complete or record is None:
                     continue
                 record.claimed.discard(flat)  # the chunk is as never written: it may be written again
+                if departed:
+                    refill.append(flat)
+                    continue
                 copy = record.homes.pop(flat, None)
                 dropped = None if copy is None else self.directory.drop_pending(copy.shm_id, copy.extent_offset)
                 if dropped is not None:
                     copies.append(dropped)
+            if record is not None:
+                copies += await self._refill(record, refill)
             await self.owners.free(copies)
         finally:
             await self._release(keys)
+
+    async def _refill(self, record: DatasetRecord, flats: list[int]) -> list[Copy]:
+        """Fill the homes of a departed whole-writer (their placements still in flight, so
+        nobody else writes them meanwhile; an adoption of the block is waited for).  A
+        home whose owner is gone is dropped instead: the copies to free."""
+        lost = []
+        for flat in flats:
+            async with self.owners.moves.shared({record.homes[flat].shm_id}):
+                copy = record.homes[flat]
+                block = self.directory.blocks.get(copy.shm_id)
+                try:
+                    if block is None or block.worker is None:
+                        raise FabricError(f"the block of chunk {flat}'s home has no owner now")
+                    await self.owners.ask(
+                        block.worker,
+                        "fill_extent",
+                        shm_id=copy.shm_id,
+                        extent_offset=copy.extent_offset,
+                        extent_id=copy.extent_id,
+                        value=record.fillvalue,
+                    )
+                except FabricError:
+                    del record.homes[flat]
+                    dropped = self.directory.drop_pending(copy.shm_id, copy.extent_offset)
+                    if dropped is not None:
+                        lost.append(dropped)
+                    continue
+            self.reclaimable.add((record.dataset_id, flat))
+        return lost
+
+    def claimable(self, record: DatasetRecord, flat: int) -> bool:
+        """Whether a write-once ticket may claim the chunk: no claim, no placement in
+        flight, no home but a departed whole-writer's refilled one."""
+        key = (record.dataset_id, flat)
+        if flat in record.claimed or key in self.placing:
+            return False
+        return flat not in record.homes or key in self.reclaimable
+
+    def forget(self, dataset_id: int) -> None:
+        """The dataset's homes became chunk variables or were freed."""
+        self.reclaimable = {k for k in self.reclaimable if k[0] != dataset_id}
 
     def left(self, holder: str) -> list[tuple[int, Writer]]:
         """The tickets of a process that left with homes still unfilled: to settle."""

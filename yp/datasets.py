@@ -34,6 +34,7 @@ import heapq
 import itertools
 import logging
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,9 @@ class Datasets:
     homes: ChunkHomes = field(init=False)
     _idle: asyncio.Condition = field(default_factory=asyncio.Condition)
     _ended: dict[int, asyncio.Event] = field(default_factory=dict)
+    # Tickets in flight by (dataset id, holder, ticket id): an end counts only for a ticket
+    # still open, never for one begun after a departure ended it (a client reconnects).
+    _open: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.table = DatasetTable(self.directory.datasets, self.directory.variables)
@@ -178,6 +182,7 @@ class Datasets:
         if once:
             self._claim(record, flats)
         record.writes[holder] += 1  # in the step that checked the state: a seal started later waits for it
+        self._open[dataset_id, holder, ticket] += 1
         # One placement at a time (thousands at once would swamp the owners' connections),
         # each ended before the ticket is, failed or not: a seal never misses a home.
         wholly = set(whole or ()) if ticket else set()
@@ -197,14 +202,14 @@ class Datasets:
 
     def _claim(self, record: DatasetRecord, flats: list[int]) -> None:
         """Check and claim in one step (no await between): a write-once chunk has one writer."""
-        placing = self.homes.placing
-        taken = [f for f in flats if f in record.claimed or f in record.homes or (record.dataset_id, f) in placing]
+        taken = [f for f in flats if not self.homes.claimable(record, f)]
         if taken:
             raise ChunkWrittenError(
                 f"chunk(s) {taken[:5]} (C-order numbers) of dataset {record.name!r} were written already; "
                 "a write-once write takes each chunk once"
             )
         record.claimed.update(flats)
+        self.homes.reclaimable.difference_update((record.dataset_id, f) for f in flats)
 
     def end_write_sent(
         self, dataset_id: int, holder: str, ticket: str = "", complete: list[int] | None = None, **_stream_extra: Any
@@ -224,6 +229,12 @@ class Datasets:
         record = self.table.unsealed.get(dataset_id)
         if ticket:
             await self.homes.settle(record, dataset_id, (holder, ticket), set(complete or ()))
+        key = (dataset_id, holder, ticket)
+        if not self._open[key]:  # ended by its process's departure: a later ticket is not this one
+            return {}
+        self._open[key] -= 1
+        if not self._open[key]:
+            del self._open[key]
         if record is not None and record.writes[holder] > 0:
             record.writes[holder] -= 1
             if not record.writes[holder]:
@@ -294,6 +305,7 @@ class Datasets:
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
         record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
+        self.homes.forget(dataset_id)
         await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
         refused = None
         if record.state == SEALING:  # the record after the chunks' marks: invariant 1 of the rebuild
@@ -365,6 +377,7 @@ class Datasets:
         await self._until_no_writes(record)
         copies = [self.directory.drop_pending(c.shm_id, c.extent_offset) for c in record.homes.values()]
         record.homes, record.claimed = {}, set()
+        self.homes.forget(record.dataset_id)
         self.table.unsealed.pop(record.dataset_id, None)
         await self.owners.free([c for c in copies if c is not None])
 
@@ -374,9 +387,11 @@ class Datasets:
         datasets it created and never sealed end with it."""
         for record in self.table.writing_to(holder):
             del record.writes[holder]
-        for dataset_id, writer in self.homes.left(holder):  # its unfilled homes are freed
+        for key in [k for k in self._open if k[1] == holder]:
+            del self._open[key]
+        for dataset_id, writer in self.homes.left(holder):  # its unfilled homes: filled, kept
             record = self.table.unsealed.get(dataset_id)
-            later(lambda r=record, d=dataset_id, w=writer: self.homes.settle(r, d, w, set()))
+            later(lambda r=record, d=dataset_id, w=writer: self.homes.settle(r, d, w, set(), departed=True))
         later(self._notify)
         for record in self.table.created_by(holder):
             later(lambda r=record: self._end(r))

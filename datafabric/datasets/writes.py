@@ -61,7 +61,7 @@ def write(ds: Dataset, sel: Selection, values: Any, *, once: bool = False) -> No
     whole = sorted(f for p, f in zip(pieces, flats, strict=True) if _covers(p.local, ds, p.index))
     fabric = ds._fabric
     ctx = fabric._ctx()
-    ticket = str(next(_TICKETS)) if whole else ""
+    ticket = str(next(_TICKETS))  # its end counts for this ticket only
     homes = ctx.call(
         "dataset_begin_write",
         name=ds.name,
