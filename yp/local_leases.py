@@ -211,4 +211,3 @@ class LocalLeases:
             self._tell(var_id, self.published[var_id].difference((worker,)))
         for token in [t for t, (w, _, _) in self._asked.items() if w == worker]:
             self._answered(token, [])
-
