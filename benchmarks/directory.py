@@ -4,7 +4,7 @@ Two tasks (one per worker of a 2-worker LocalCluster) insert 1,000,000 variables
 bytes with ``insert_many`` in batches of 10,000, named ``scale/<group>/<i>`` (1,000 groups
 of 1,000).  Then, with every name in, medians of: ``get_list(prefix)`` of one group,
 a page of 1,000 names after a random name, ``status()``, and ``delete_many`` of 100,000
-names.  Same-run baselines: a bare scheduler round trip (what any call costs at least),
+names (once, with the CPU it costs the scheduler and the blocks' owners: robust to load).  Same-run baselines: a bare scheduler round trip (what any call costs at least),
 the scan of every name that ``get_list(prefix)`` was before the index (timed inside the
 scheduler), and ``delete`` one name at a time.  The insert rate of the last tenth of the
 names is compared with the first tenth's, and the scheduler's memory per variable is its
@@ -89,6 +89,38 @@ def meter_seals(dask_scheduler) -> None:
 
 def seal_cpu(dask_scheduler) -> list[tuple[int, int, float]]:
     return dask_scheduler._datafabric_seal_cpu
+
+
+def meter_cpu(handlers: dict, op: str, log: list) -> None:
+    """CPU time of the process's thread (its event loop's) across each ``op`` request,
+    awaits included: what a delete costs the scheduler, or a free its owner, however
+    loaded the machine is."""
+    handler = handlers[op]
+
+    async def metered(*args, **kwargs):
+        t0 = time.thread_time()
+        answer = handler(*args, **kwargs)
+        if hasattr(answer, "__await__"):
+            answer = await answer
+        log.append(time.thread_time() - t0)
+        return answer
+
+    handlers[op] = metered
+
+
+def meter_deletes(dask_scheduler) -> None:
+    meter_cpu(dask_scheduler.handlers, "datafabric_delete_many", dask_scheduler.__dict__.setdefault("_df_cpu", []))
+
+
+def meter_frees(dask_worker) -> None:
+    meter_cpu(dask_worker.handlers, "datafabric_free", dask_worker.__dict__.setdefault("_df_cpu", []))
+
+
+def metered_cpu(dask_scheduler=None, dask_worker=None) -> float:
+    """The CPU seconds metered so far, and the meter reset."""
+    server = dask_scheduler if dask_scheduler is not None else dask_worker
+    spent, server._df_cpu[:] = sum(server._df_cpu), []
+    return spent
 
 
 def scheduler_rss(dask_scheduler) -> int:
@@ -178,9 +210,13 @@ def run(names: int, reps: int, profile: bool) -> dict:
             status = timed(fabric.status, reps)
 
             doomed = [name(g, i) for g in range(DELETE_MANY // GROUP) for i in range(GROUP)]
+            client.run_on_scheduler(meter_deletes)
+            client.run(meter_frees)
             t0 = time.perf_counter()
             assert fabric.delete_many(doomed) == len(doomed)
             bulk = time.perf_counter() - t0
+            delete_cpu = client.run_on_scheduler(metered_cpu)
+            free_cpu = sum(client.run(metered_cpu).values())
             singles = [name(g, i) for g in range(DELETE_MANY // GROUP, DELETE_MANY // GROUP + 1) for i in range(GROUP)]
             t0 = time.perf_counter()
             for n in singles:
@@ -207,6 +243,8 @@ def run(names: int, reps: int, profile: bool) -> dict:
         "status": summary(status),
         "status_blocks": 2,
         "delete_many_rate": len(doomed) / bulk,
+        "delete_many_scheduler_cpu_per_name": delete_cpu / len(doomed),
+        "delete_many_owners_cpu_per_name": free_cpu / len(doomed),
         "delete_one_by_one_rate": len(singles) / one_by_one,
         "profile": report,
     }
@@ -241,6 +279,8 @@ def table(r: dict) -> str:
         f"{r['seal_cpu_per_name_first_tenth'] * 1e6:.1f} / {r['seal_cpu_per_name_last_tenth'] * 1e6:.1f} "
         f"({r['seal_cpu_per_name_first_tenth'] / r['seal_cpu_per_name_last_tenth']:.2f}x the rate) |",
         f"| delete_many of {DELETE_MANY:,} names (names/s) | {r['delete_many_rate']:,.0f} |",
+        f"| delete_many: the scheduler's CPU / the owners' free's CPU, per name (µs) | "
+        f"{r['delete_many_scheduler_cpu_per_name'] * 1e6:.1f} / {r['delete_many_owners_cpu_per_name'] * 1e6:.1f} |",
         f"| delete, one name a call (names/s) | {r['delete_one_by_one_rate']:,.0f} "
         f"({r['delete_many_rate'] / r['delete_one_by_one_rate']:.0f}x slower than delete_many) |",
         f"| scheduler memory per variable | {r['scheduler_bytes_per_variable']:,.0f} bytes |",

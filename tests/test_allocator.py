@@ -64,6 +64,44 @@ def test_random_reserve_free_compact_keep_the_invariants(seed):
             assert_running_figures(alloc)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_free_many_merges_runs_as_frees_one_by_one_would(seed):
+    """Batches of every size (a few extents: removals one by one; most of the block: the
+    index rebuilt), neighbours of free extents on either side: the block is as after
+    freeing the same extents one at a time, and the running figures stay exact."""
+    rng = random.Random(seed)
+    size = 4 * MiB
+    with shm_block(size) as seg, shm_block(size) as twin:
+        fast, slow = BlockAllocator(seg.buf, size, fresh=True), BlockAllocator(twin.buf, size, fresh=True)
+        model: dict[int, str] = {}
+        for round_ in range(6):
+            for i in range(rng.randrange(50, 300)):
+                nbytes = rng.choice([8, 100, 3000, 20_000])
+                if fast.largest_free < nbytes + 2 * layout.PAGE:
+                    break
+                model[put(seg, fast, f"r{round_}v{i}", nbytes)] = f"r{round_}v{i}"
+                put(twin, slow, f"r{round_}v{i}", nbytes)
+            live = [
+                (o, layout.read_extent(seg.buf, o).extent_id)
+                for o, _, st in fast.extents()
+                if st is not ExtentState.FREE
+            ]
+            doomed = rng.sample(live, k=rng.choice([1, 3, len(live) // 10, len(live) * 9 // 10]))
+            freed = fast.free_many(o for o, _ in doomed)
+            assert freed == sum(slow.free(o) for o, _ in sorted(doomed)) > 0
+            for _, extent_id in doomed:
+                del model[extent_id]
+            assert fast.extents() == slow.extents()
+            check_block(seg, fast, model)
+            assert_running_figures(fast)
+        before = fast.extents()
+        sealed = next(o for o, _, st in before if st is ExtentState.SEALED)
+        free = next(o for o, _, st in before if st is ExtentState.FREE)
+        with pytest.raises(ValueError, match="free already"):
+            fast.free_many([sealed, free])
+        assert fast.extents() == before  # refused whole: nothing freed
+
+
 def assert_running_figures(alloc: BlockAllocator) -> None:
     """The figures ``status`` reads in O(1) equal a count over every extent."""
     extents = alloc.extents()

@@ -101,10 +101,12 @@ def test_a_leased_variable_deleted_in_bulk_keeps_its_bytes_until_released(client
 
 def bulk_churn(fabric, actor: str, seed: int, seconds: float) -> dict:
     """Insert rounds of names under ``bulk/<actor>/<round>/``, read and hold others' views,
-    and delete own rounds with ``delete_prefix`` or ``delete_many``; returns counts."""
+    delete own rounds with ``delete_prefix`` or ``delete_many`` (whole runs of neighbours
+    freed at once), and defragment now and then, which moves what the frees left between
+    held views; returns counts."""
     rng = random.Random(seed)
     held: list[tuple[str, np.ndarray]] = []
-    counts = {"inserted": 0, "deleted": 0, "reads": 0, "bad": 0, "gone": 0}
+    counts = {"inserted": 0, "deleted": 0, "reads": 0, "bad": 0, "gone": 0, "defragments": 0}
     rounds: list[list[str]] = []
     deadline = time.monotonic() + seconds
     r = 0
@@ -136,6 +138,9 @@ def bulk_churn(fabric, actor: str, seed: int, seconds: float) -> dict:
                 counts["deleted"] += fabric.delete_many(old)
             else:
                 counts["deleted"] += fabric.delete_prefix(f"bulk/{actor}/{r - 3}/")
+        if rng.random() < 0.1:
+            fabric.defragment()
+            counts["defragments"] += 1
     for name, view in held:
         counts["bad"] += churn.differing(name, view) > 0
     return counts
@@ -150,7 +155,7 @@ def test_churn_of_bulk_deletes_with_views_held_reads_only_right_bytes(client):
         total = churn.everywhere(client, bulk_churn, fabric, 90, 12)
         print(total)
         assert total["bad"] == 0, f"bad reads: {total}"
-        assert total["deleted"] > 200 and total["reads"] > 100, f"the churn did too little: {total}"
+        assert total["deleted"] > 200 and total["reads"] > 100 and total["defragments"] > 0, f"too little: {total}"
         assert not balanced(fabric.status())
         listed = fabric.get_list("bulk/")
         assert not churn.verify_listed(fabric) and all(churn.differing(n, fabric.get(n)) == 0 for n in listed)

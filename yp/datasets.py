@@ -131,8 +131,9 @@ class Datasets:
         """``Deletes.delete_many`` for variables, and every dataset named or under ``prefix``
         deleted as ``delete`` does.  All named must exist, or nothing is deleted."""
         if names is not None:
-            datasets = [n for n in dict.fromkeys(names) if n in self.directory.datasets]
-            variables = [n for n in names if n not in self.directory.datasets]
+            known = self.directory.datasets
+            datasets = [n for n in dict.fromkeys(names) if n in known] if known else []
+            variables = [n for n in names if n not in known] if datasets else names
         else:
             datasets = [n for n in list(self.directory.datasets) if n.startswith(prefix or "")]
             variables = None

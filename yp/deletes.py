@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from datafabric.errors import NameNotFoundError
 from datafabric.layout import ExtentState
-from datafabric.names import CHUNK_PREFIX, is_chunk_name
+from datafabric.names import CHUNK_PREFIX
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
 from yp.reads import Reads
@@ -62,7 +62,9 @@ class Deletes:
         name starting with ``prefix`` now.  A name another caller deletes meanwhile counts
         as deleted."""
         if names is not None:
-            missing = [n for n in dict.fromkeys(names) if n not in self.directory.variables or is_chunk_name(n)]
+            names = list(dict.fromkeys(names))  # once: every round below looks them up again
+            variables = self.directory.variables
+            missing = [n for n in names if n not in variables or n.startswith(CHUNK_PREFIX)]  # is_chunk_name
             if missing:
                 shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise NameNotFoundError(
@@ -75,7 +77,7 @@ class Deletes:
         """A sealed dataset's chunk variables, those of ``names`` still known (a chunk lost
         with its block is gone already), as ``delete_many`` deletes: its delete calls this
         after the name and the record went."""
-        return await self._delete_many(names, None)
+        return await self._delete_many(list(dict.fromkeys(names)), None)
 
     async def _delete_many(self, names: list[str] | None, prefix: str | None) -> dict:
         while True:  # a variable bound under the prefix while others were recalled goes round again
@@ -102,7 +104,7 @@ class Deletes:
                 break
             await self.owners.mark_copies(ExtentState.DELETED, unmarked)
             marked.update(v.var_id for v in unmarked)
-        freed = [c for v in variables for c in self.directory.delete(v)]
+        freed = self.directory.delete_all(variables)
         self._invalidate(variables)
         await self.owners.free(freed)
         return {"deleted": len(variables), "freed": len(freed)}
@@ -110,8 +112,8 @@ class Deletes:
     def _targets(self, names: list[str] | None, prefix: str | None) -> list[Variable]:
         if names is None:
             return [self.directory.variables[n] for n in self.directory.names(prefix or "", hidden=CHUNK_PREFIX)]
-        found = (self.directory.variables.get(n) for n in dict.fromkeys(names))
-        return [v for v in found if v is not None]
+        get = self.directory.variables.get  # names come deduplicated
+        return [v for v in map(get, names) if v is not None]
 
     def _invalidate(self, variables: list[Variable]) -> None:
         """Processes holding views drop them from their caches (a later get asks again);

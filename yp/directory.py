@@ -277,11 +277,19 @@ class Directory:
 
     # -- deletes and departures -----------------------------------------------------
     def delete(self, var: Variable) -> list[Copy]:
-        if self.variables.get(var.name) is not var:
-            raise NameNotFoundError(f"{var.name!r} was deleted meanwhile; fabric.get_list() shows the names")
-        del self.variables[var.name]
-        var.deleted = True
-        return self._free_if_done(var)
+        return self.delete_all([var])
+
+    def delete_all(self, variables: list[Variable]) -> list[Copy]:
+        """Each of ``variables`` (distinct) leaves the index, all or none: the copies to free."""
+        index = self.variables
+        if stale := [repr(v.name) for v in variables if index.get(v.name) is not v]:
+            raise NameNotFoundError(f"{', '.join(stale[:5])} deleted meanwhile; fabric.get_list() shows the names")
+        freed: list[Copy] = []
+        for var in variables:
+            del index[var.name]
+            var.deleted = True
+            freed += self._free_if_done(var)
+        return freed
 
     def drop_holder(self, holder: str) -> list[Copy]:
         """A process is gone: its leases end and its unfinished inserts are given back."""

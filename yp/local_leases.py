@@ -60,8 +60,10 @@ class LocalLeases:
         self.published: dict[int, frozenset[str]] = {}
         self._sets: dict[frozenset[str], frozenset[str]] = {}
         self._withheld: Counter[int] = Counter()  # var id -> recalls whose free or move is not over
-        self._asked: dict[int, tuple[str, asyncio.Future]] = {}  # recall token -> (worker, its answer)
-        self._in_flight: dict[int, set[asyncio.Future]] = defaultdict(set)  # var id -> answers awaited
+        # recall token -> (worker, its answer, the var ids asked): a recall overlapping one in
+        # flight awaits its answer too.  Recalls in flight are few, so finding the overlapping
+        # ones costs a set intersection each, not a set of answers kept per variable.
+        self._asked: dict[int, tuple[str, asyncio.Future, frozenset[int]]] = {}
         self._tokens = itertools.count()
 
     @classmethod
@@ -133,19 +135,25 @@ class LocalLeases:
             await self._recall([v.var_id for v in variables], node)
             yield
         finally:
-            self._withheld.subtract(v.var_id for v in variables)
+            withheld = self._withheld
             for var in variables:
-                if self._withheld.get(var.var_id, 0) <= 0:
-                    self._withheld.pop(var.var_id, None)
+                if (left := withheld[var.var_id] - 1) > 0:
+                    withheld[var.var_id] = left
+                else:
+                    del withheld[var.var_id]
             self.publish(variables)
 
     async def _recall(self, var_ids: list[int], node: str | None, workers: set[str] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        awaited: set[asyncio.Future] = set()
+        asking = frozenset(var_ids)
+        # An earlier recall's answers count too: leases it reports are not known here yet.
+        awaited = {answer for _, answer, ids in self._asked.values() if not ids.isdisjoint(asking)}
         per_worker: dict[str, list[int]] = defaultdict(list)
+        published = self.published
         for var_id in var_ids:
-            awaited |= self._in_flight.get(var_id, set())  # an earlier recall's answers count too
-            told = self.published.get(var_id, _NOBODY)
+            told = published.get(var_id)
+            if told is None:
+                continue
             recalled = []
             for worker in told:
                 # A worker whose node is no longer known is recalled too: a recall too many costs
@@ -154,15 +162,14 @@ class LocalLeases:
                 if on_node and (workers is None or worker in workers):
                     per_worker[worker].append(var_id)
                     recalled.append(worker)
-            if recalled:
+            if len(recalled) == len(told):
+                del published[var_id]
+            elif recalled:
                 self._tell(var_id, told.difference(recalled))
         for worker, ids in per_worker.items():
             token = next(self._tokens)
             answer = loop.create_future()
-            self._asked[token] = (worker, answer)
-            for var_id in ids:
-                self._in_flight[var_id].add(answer)
-            answer.add_done_callback(_discarder(self._in_flight, ids))
+            self._asked[token] = (worker, answer, frozenset(ids))
             awaited.add(answer)
             if worker in self.owners.scheduler.stream_comms:
                 self.owners.send(worker, {"op": "datafabric_recall", "token": token, "var_ids": ids})
@@ -189,7 +196,7 @@ class LocalLeases:
         self.directory.used(var_ids)
 
     def _answered(self, token: int, leases: list) -> None:
-        _, answer = self._asked.pop(token)
+        _, answer, _ = self._asked.pop(token)
         if not answer.done():
             answer.set_result(leases)
 
@@ -202,17 +209,5 @@ class LocalLeases:
         """``worker`` left: it leases nothing locally any more, and answers no recall."""
         for var_id in [v for v, ws in self.published.items() if worker in ws]:
             self._tell(var_id, self.published[var_id].difference((worker,)))
-        for token in [t for t, (w, _) in self._asked.items() if w == worker]:
+        for token in [t for t, (w, _, _) in self._asked.items() if w == worker]:
             self._answered(token, [])
-
-
-def _discarder(in_flight: dict[int, set[asyncio.Future]], var_ids: list[int]) -> Any:
-    def discard(answer: asyncio.Future) -> None:
-        for var_id in var_ids:
-            waiting = in_flight.get(var_id)
-            if waiting is not None:
-                waiting.discard(answer)
-                if not waiting:
-                    del in_flight[var_id]
-
-    return discard

@@ -59,8 +59,9 @@ class Owners:
             return
         async with self.moves.shared({c.shm_id for c in copies}):
             per_owner: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+            owners = {shm_id: self.owner_of(shm_id) for shm_id in {c.shm_id for c in copies}}
             for c in copies:
-                if (worker := self.owner_of(c.shm_id)) is not None:
+                if (worker := owners[c.shm_id]) is not None:
                     per_owner[worker].append((c.shm_id, c.extent_offset, c.extent_id))
             await self.ask_each(((w, "free", {"extents": e}) for w, e in per_owner.items()), "free")
 
