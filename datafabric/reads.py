@@ -1,7 +1,7 @@
 """Reads with no round trip: local leases in a task, and ``get_many``.
 
-In a task, a name its worker's node holds is leased in process from what the YellowPages
-pushed to that worker (``worker_plugin.local_reads``), with no RPC even the first time.
+In a task (or any thread of a worker's process), a name its worker's node holds is leased
+in process from what the YellowPages pushed to that worker (``worker_plugin.local_reads``), with no RPC even the first time.
 ``get_many`` takes every view it can that way (or from this process's cache) and the rest
 with one ``acquire_many`` RPC; only a name with no copy on this node costs more (the
 bytes come from another node, as with ``get``).
@@ -10,32 +10,46 @@ bytes come from another node, as with ``get``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import distributed
 import numpy as np
 
 from datafabric import arguments
 from datafabric.names import validate_name
-from datafabric.protocol import WORKER_PLUGIN
 
 if TYPE_CHECKING:
     from datafabric.views import LocalState
     from worker_plugin.local_reads import LocalReads
 
 
+_serving: dict[str, tuple[Any, LocalReads]] = {}  # fabric id -> (the worker, its local reads)
+
+
+def serve(fabric_id: str, worker: Any, reads: LocalReads) -> None:
+    """The worker plugin's, at setup: from now on gets in this process may lease locally
+    what the YellowPages publishes to ``worker``.  A dict write is atomic: a get finds
+    these reads or none."""
+    _serving[fabric_id] = (worker, reads)
+
+
+def stop_serving(fabric_id: str, reads: LocalReads) -> None:
+    """At the plugin's teardown: gets ask the YellowPages again (unless a newer plugin
+    of the fabric serves them already)."""
+    served = _serving.get(fabric_id)
+    if served is not None and served[1] is reads:
+        del _serving[fabric_id]
+
+
 def task_reads(fabric_id: str, address: str) -> LocalReads | None:
-    """The local reads of the worker running this task, if it serves this fabric (of
-    the scheduler at ``address``); None elsewhere.  No ``Context`` is built: the local
-    path costs what the lease costs, and little around it."""
-    try:
-        worker = distributed.get_worker()  # a context variable: cheap
-    except ValueError:
-        return None  # not a task
-    plugin = worker.plugins.get(WORKER_PLUGIN)
-    if plugin is None or plugin.fabric_id != fabric_id or worker.scheduler.address != address:
+    """The local reads of this process's worker, if it serves this fabric (of the
+    scheduler at ``address``); None elsewhere.  One dict read and no ``Context``: a
+    task's first get costs what the lease costs, and little around it (every step of
+    an interpreter running cold in a new task costs µs).  Any thread of the worker's
+    process may lease locally, as a task does: the lease is the worker's."""
+    served = _serving.get(fabric_id)
+    if served is None or served[0].scheduler.address != address:
         return None
-    return plugin.local_reads
+    return served[1]
 
 
 class ManyReads:

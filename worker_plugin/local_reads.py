@@ -22,10 +22,11 @@ of the task, tens of µs); the plugin sends the notes when the task ends, ahead 
 
 from __future__ import annotations
 
-import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 from datafabric.messages import LocalEntry
@@ -37,13 +38,15 @@ USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this oft
 
 
 # A grant: one publication of one variable to this worker, as a tuple of plain values
-# (var_id, name, shm_id, data_offset, type text, the pins' ``shape_of``) that the garbage
-# collector stops tracking.  A worker holds one per name its node holds (a writer of
-# 200,000 names, 200,000 of them): objects it tracked would make every full collection
+# (serial, var_id, name, shm_id, data_offset, type text, the pins' ``shape_of``) that the
+# garbage collector stops tracking.  A worker holds one per name its node holds (a writer
+# of 200,000 names, 200,000 of them): objects it tracked would make every full collection
 # walk them all, and a long insert_many slow down as it grows.  Its count of live local
-# leases is ``LocalReads._counts[var_id]``, there exactly while the grant is not recalled.
-Grant = tuple[int, str, str, int, str, tuple[dict, Any]]
-_VAR_ID = 0
+# leases is ``LocalReads._counts[serial]``, there exactly while the grant is not recalled;
+# the serial, this worker's own number of the publication, tells a variable published
+# again after a recall from the grant recalled.
+Grant = tuple[int, int, str, str, int, str, tuple[dict, Any]]
+_SERIAL, _VAR_ID, _NAME, _SHM_ID = 0, 1, 2, 3
 
 
 class LocalReads:
@@ -72,11 +75,13 @@ class LocalReads:
         self.lock = threading.RLock()
         self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
         self._by_id: dict[int, Grant] = {}
-        self._counts: dict[int, int] = {}  # by var id: live local leases of a grant not recalled
-        self._reported: dict[int, float] = {}  # by var id: monotonic time of the last use reported
+        self._serials = itertools.count()
+        self._counts: dict[int, int] = {}  # by serial: live local leases of a grant not recalled
+        self._reported: dict[int, float] = {}  # by serial: monotonic time of the last use reported
         self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
         self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
         self._used: list[int] = []  # var ids leased locally since the last report
+        self._report = self._report_use  # bound once: a task's first get hands it to ``later``
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
@@ -94,13 +99,14 @@ class LocalReads:
                 shape = shape_of(segment.address + offset, self._type(text))
                 resolved.append((entry["var_id"], entry["name"], shm_id, offset, text, shape))
         with self.lock:
-            for grant in resolved:
-                var_id = grant[_VAR_ID]
+            for var_id, *rest in resolved:
                 if var_id in self._by_id:
                     continue
+                serial = next(self._serials)
+                grant = (serial, var_id, *rest)
                 # a name bound anew replaces its old grant, which a recall still finds by id
-                self._grants[grant[1]] = self._by_id[var_id] = grant
-                self._counts[var_id] = 0
+                self._grants[grant[_NAME]] = self._by_id[var_id] = grant  # type: ignore[assignment]
+                self._counts[serial] = 0
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
         """Stop answering these names here, and report the local leases still alive; the
@@ -113,10 +119,10 @@ class LocalReads:
                     continue
                 # One step: a pin ending from here on finds no count and sends its release;
                 # every pin counted so far sends one, or was not counted.
-                count = self._counts.pop(var_id)
-                self._reported.pop(var_id, None)
-                if self._grants.get(grant[1]) is grant:
-                    del self._grants[grant[1]]
+                count = self._counts.pop(grant[_SERIAL])
+                self._reported.pop(grant[_SERIAL], None)
+                if self._grants.get(grant[_NAME]) is grant:
+                    del self._grants[grant[_NAME]]
                 if count:
                     leases.append([var_id, count])
             reply({"op": "datafabric_recalled", "token": token, "leases": leases})
@@ -128,22 +134,25 @@ class LocalReads:
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
-        var_id, _, shm_id, data_offset, text, shape = grant
+        serial, var_id, _, shm_id, data_offset, text, shape = grant
         segment = self._segments[shm_id]
         if segment.readonly is None:  # its block was unmapped (the worker closing)
             return None
         now = time.monotonic()
         with self.lock:
-            if self._by_id.get(var_id) is not grant:  # recalled
+            count = self._counts.get(serial)
+            if count is None:  # recalled
                 return None
-            self._counts[var_id] += 1
+            self._counts[serial] = count + 1
             first = False
-            if now - self._reported.get(var_id, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                first = self._note_use(var_id, now)
+            if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
+                self._reported[serial] = now
+                first = not self._used
+                self._used.append(var_id)
         if first:
-            self.later(self._report_use)
+            self.later(self._report)
         lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
-        end = functools.partial(self._end, grant)
+        end = MethodType(self._end, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
             return self.state.pin(name, self.node, segment, data_offset, self._types[text], lease, end, shape=shape)
         except BaseException:
@@ -159,26 +168,26 @@ class LocalReads:
         now = time.monotonic()
         first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
-            by_id, counts, reported = self._by_id, self._counts, self._reported
+            counts, reported = self._counts, self._reported
             counted: list[int] = []
             try:
                 for k, grant in enumerate(found):
                     if grant is None:
                         continue
-                    var_id = grant[_VAR_ID]
-                    if by_id.get(var_id) is not grant or segments[grant[2]].readonly is None:
+                    serial = grant[_SERIAL]
+                    if serial not in counts or segments[grant[_SHM_ID]].readonly is None:
                         found[k] = None
                         continue
-                    counts[var_id] += 1
-                    counted.append(var_id)
-                    if now - reported.get(var_id, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                        first = self._note_use(var_id, now) or first
+                    counts[serial] += 1
+                    counted.append(serial)
+                    if now - reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
+                        first = self._note_use(grant, now) or first
             except BaseException:
-                for var_id in counted:
-                    counts[var_id] -= 1
+                for serial in counted:
+                    counts[serial] -= 1
                 raise
         if first:
-            self.later(self._report_use)
+            self.later(self._report)
         return self._hold(names, found)
 
     def _hold(self, names: list[str], found: list[Grant | None]) -> list[_Pin | None]:
@@ -192,9 +201,9 @@ class LocalReads:
         try:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
-                    var_id, _, shm_id, data_offset, text, shape = grant
+                    _, var_id, _, shm_id, data_offset, text, shape = grant
                     lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
-                    ending = functools.partial(end, grant)
+                    ending = MethodType(end, grant)
                     out[k] = hold(node, segments[shm_id], data_offset, types[text], lease, ending, shape)
         except BaseException:
             for j in range(k, len(found)):
@@ -212,13 +221,13 @@ class LocalReads:
             ftype = self._types[text] = from_datashape(text)
         return ftype
 
-    def _note_use(self, var_id: int, now: float) -> bool:
+    def _note_use(self, grant: Grant, now: float) -> bool:
         """Under the lock, for a grant whose last report is a second old or more: note
         its lease for the eviction order; True if it is the first note since the last
         report (schedule one)."""
-        self._reported[var_id] = now
+        self._reported[grant[_SERIAL]] = now
         first = not self._used
-        self._used.append(var_id)
+        self._used.append(grant[_VAR_ID])
         return first
 
     def _report_use(self, send: Callable[[dict], None] | None = None) -> None:
@@ -232,10 +241,11 @@ class LocalReads:
     def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
         """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran): its
         count goes down, or, once the grant is recalled, its lease is the YellowPages'."""
-        var_id = grant[_VAR_ID]
+        serial = grant[_SERIAL]
         with self.lock:
-            if self._by_id.get(var_id) is grant:
-                self._counts[var_id] -= 1
+            count = self._counts.get(serial)
+            if count is not None:
+                self._counts[serial] = count - 1
                 return
         self.send(lease)
 

@@ -31,6 +31,7 @@ from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
+from datafabric.reads import serve, stop_serving
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
 from worker_plugin import regions, transfers
@@ -90,6 +91,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.state = local_state(self.fabric_id)
         self.reports = UseReports(worker, USE_REPORT_EVERY, f"datafabric-uses-{self.fabric_id}")
         self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self.reports.later)
+        serve(self.fabric_id, worker, self.local_reads)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
@@ -111,6 +113,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
         died) they stay in /dev/shm for the restarted scheduler's YellowPages, to which
         this process declares the views its tasks still hold (``survivors.py``)."""
+        stop_serving(self.fabric_id, self.local_reads)  # as Dask drops the plugin: gets ask the YellowPages
         atexit.unregister(self._unlink_all)
         self.reports.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
