@@ -97,19 +97,19 @@ _GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent 
 
 def shape_of(address: int, ftype: FabricType) -> tuple[dict, np.dtype | None]:
     """What a pin of the variable at ``address`` makes its arrays from: its array
-    interface, and the dtype to view the array as (None: numpy reads it back from the
-    interface as the very same dtype).  Holds only ints, strings and tuples of them, so
-    the garbage collector stops tracking it: a worker keeps one per name published to it."""
+    interface (only ints, strings and tuples of them, which the garbage collector stops
+    tracking: a worker keeps one per name published to it), and ``cast_of`` its dtype."""
     typestr, cast = _typestr(ftype.dtype)
     return {"version": 3, "shape": ftype.shape, "typestr": typestr, "data": (address, True)}, cast
 
 
 @functools.lru_cache(maxsize=256)
 def _typestr(dtype: np.dtype) -> tuple[str, np.dtype | None]:
-    """The array interface's name of ``dtype`` when numpy reads it back as the very same
-    dtype (no view to the dtype afterwards, the cheaper first view); else raw bytes, viewed
-    as ``dtype`` afterwards, so that records keep their layout."""
-    return (dtype.str, None) if np.dtype(dtype.str) is dtype else (f"|V{dtype.itemsize}", dtype)
+    """The array interface's name of ``dtype`` when numpy reads it back as an equal dtype
+    (a scalar type: no view to the dtype afterwards); else raw bytes, viewed as ``dtype``
+    afterwards, so that records, subarrays and metadata keep their layout."""
+    same = dtype.names is None and dtype.metadata is None and np.dtype(dtype.str) == dtype
+    return (dtype.str, None) if same else (f"|V{dtype.itemsize}", dtype)
 
 
 class _Lease(weakref.ref):

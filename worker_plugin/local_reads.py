@@ -29,6 +29,8 @@ from collections.abc import Callable
 from types import MethodType
 from typing import Any
 
+import numpy as np
+
 from datafabric.messages import LocalEntry
 from datafabric.shm import Segment
 from datafabric.types import FabricType, from_datashape
@@ -38,14 +40,15 @@ USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this oft
 
 
 # A grant: one publication of one variable to this worker, as a tuple of plain values
-# (serial, var_id, name, shm_id, data_offset, type text, the pins' ``shape_of``) that the
-# garbage collector stops tracking.  A worker holds one per name its node holds (a writer
+# (serial, var_id, name, shm_id, data_offset, type text) that the garbage collector stops
+# tracking (a tuple holding a dict never is untracked: its pins' array interface is kept
+# apart, in ``LocalReads._interfaces``).  A worker holds one per name its node holds (a writer
 # of 200,000 names, 200,000 of them): objects it tracked would make every full collection
 # walk them all, and a long insert_many slow down as it grows.  Its count of live local
 # leases is ``LocalReads._counts[serial]``, there exactly while the grant is not recalled;
 # the serial, this worker's own number of the publication, tells a variable published
 # again after a recall from the grant recalled.
-Grant = tuple[int, int, str, str, int, str, tuple[dict, Any]]
+Grant = tuple[int, int, str, str, int, str]
 _SERIAL, _VAR_ID, _NAME, _SHM_ID = 0, 1, 2, 3
 
 
@@ -78,8 +81,9 @@ class LocalReads:
         self._serials = itertools.count()
         self._counts: dict[int, int] = {}  # by serial: live local leases of a grant not recalled
         self._reported: dict[int, float] = {}  # by serial: monotonic time of the last use reported
+        self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``shape_of``)
         self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
-        self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
+        self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
         self._used: list[int] = []  # var ids leased locally since the last report
         self._report = self._report_use  # bound once: a task's first get hands it to ``later``
 
@@ -96,10 +100,10 @@ class LocalReads:
             if segment is not None:
                 self._segments[shm_id] = segment
                 text, offset = entry["type"], entry["data_offset"]
-                shape = shape_of(segment.address + offset, self._type(text))
-                resolved.append((entry["var_id"], entry["name"], shm_id, offset, text, shape))
+                interface, _ = shape_of(segment.address + offset, self._type(text)[0])
+                resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, text)))
         with self.lock:
-            for var_id, *rest in resolved:
+            for interface, (var_id, *rest) in resolved:
                 if var_id in self._by_id:
                     continue
                 serial = next(self._serials)
@@ -107,6 +111,7 @@ class LocalReads:
                 # a name bound anew replaces its old grant, which a recall still finds by id
                 self._grants[grant[_NAME]] = self._by_id[var_id] = grant  # type: ignore[assignment]
                 self._counts[serial] = 0
+                self._interfaces[serial] = interface
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
         """Stop answering these names here, and report the local leases still alive; the
@@ -121,6 +126,7 @@ class LocalReads:
                 # every pin counted so far sends one, or was not counted.
                 count = self._counts.pop(grant[_SERIAL])
                 self._reported.pop(grant[_SERIAL], None)
+                del self._interfaces[grant[_SERIAL]]
                 if self._grants.get(grant[_NAME]) is grant:
                     del self._grants[grant[_NAME]]
                 if count:
@@ -134,7 +140,7 @@ class LocalReads:
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
-        serial, var_id, _, shm_id, data_offset, text, shape = grant
+        serial, var_id, _, shm_id, data_offset, text = grant
         segment = self._segments[shm_id]
         if segment.readonly is None:  # its block was unmapped (the worker closing)
             return None
@@ -144,6 +150,7 @@ class LocalReads:
             if count is None:  # recalled
                 return None
             self._counts[serial] = count + 1
+            interface = self._interfaces[serial]  # under the lock: a recall drops it
             first = False
             if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
                 self._reported[serial] = now
@@ -154,7 +161,8 @@ class LocalReads:
         lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
         end = MethodType(self._end, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
-            return self.state.pin(name, self.node, segment, data_offset, self._types[text], lease, end, shape=shape)
+            ftype, cast = self._types[text]
+            return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, shape=(interface, cast))
         except BaseException:
             end(lease)
             raise
@@ -165,10 +173,11 @@ class LocalReads:
         Every count taken is held by a pin, or ended here if making the pins fails."""
         grants, segments = self._grants, self._segments
         found: list[Grant | None] = [grants.get(name) for name in names]
+        faces: list[dict | None] = [None] * len(found)  # the counted grants' array interfaces
         now = time.monotonic()
         first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
-            counts, reported = self._counts, self._reported
+            counts, reported, interfaces = self._counts, self._reported, self._interfaces
             counted: list[int] = []
             try:
                 for k, grant in enumerate(found):
@@ -180,6 +189,7 @@ class LocalReads:
                         continue
                     counts[serial] += 1
                     counted.append(serial)
+                    faces[k] = interfaces[serial]  # under the lock: a recall drops it
                     if now - reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
                         first = self._note_use(grant, now) or first
             except BaseException:
@@ -188,9 +198,9 @@ class LocalReads:
                 raise
         if first:
             self.later(self._report)
-        return self._hold(names, found)
+        return self._hold(names, found, faces)
 
-    def _hold(self, names: list[str], found: list[Grant | None]) -> list[_Pin | None]:
+    def _hold(self, names: list[str], found: list[Grant | None], faces: list[dict | None]) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
@@ -201,10 +211,11 @@ class LocalReads:
         try:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
-                    _, var_id, _, shm_id, data_offset, text, shape = grant
+                    _, var_id, _, shm_id, data_offset, text = grant
                     lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
                     ending = MethodType(end, grant)
-                    out[k] = hold(node, segments[shm_id], data_offset, types[text], lease, ending, shape)
+                    ftype, cast = types[text]
+                    out[k] = hold(node, segments[shm_id], data_offset, ftype, lease, ending, (faces[k], cast))
         except BaseException:
             for j in range(k, len(found)):
                 grant = found[j]
@@ -215,11 +226,15 @@ class LocalReads:
         self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
         return out
 
-    def _type(self, text: str) -> FabricType:
-        ftype = self._types.get(text)  # parsed once: a dataset's chunks share a few types
-        if ftype is None:
-            ftype = self._types[text] = from_datashape(text)
-        return ftype
+    def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
+        """The type and its pins' cast (``shape_of``), parsed once: a dataset's chunks
+        share a few types.  Kept apart from the grants: a dtype is an object the garbage
+        collector may track, and a tuple holding one stays tracked."""
+        known = self._types.get(text)
+        if known is None:
+            ftype = from_datashape(text)
+            known = self._types[text] = (ftype, shape_of(0, ftype)[1])
+        return known
 
     def _note_use(self, grant: Grant, now: float) -> bool:
         """Under the lock, for a grant whose last report is a second old or more: note
