@@ -1,8 +1,8 @@
 """Reads with no round trip: local leases in a task, and ``get_many``.
 
 In a task (or any thread of a worker's process), a name its worker's node holds is leased
-in process from what the YellowPages pushed to that worker (``worker_plugin.local_reads``), with no RPC even the first time.
-``get_many`` takes every view it can that way (or from this process's cache) and the rest
+in process from what the YellowPages pushed to that worker (``worker_plugin.local_reads``),
+with no RPC even the first time.  ``get_many`` takes every view it can that way (or from this process's cache) and the rest
 with one ``acquire_many`` RPC; only a name with no copy on this node costs more (the
 bytes come from another node, as with ``get``).
 """

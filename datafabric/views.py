@@ -30,7 +30,7 @@ class _Pin:
     a scheduler restart changes its ``var_id`` in place.  Small on purpose (a get_many
     makes thousands): the block's read-only buffer, shared by every pin of the block,
     keeps the mapping alive.  ``__array_interface__`` is a plain value, made once per
-    publication by a local grant (``shape_of``), which numpy reads without running any
+    publication by a local grant (``interface_of``), which numpy reads without running any
     Python: a task's first get is mostly the interpreter running cold, every step counts."""
 
     __slots__ = (
@@ -53,7 +53,7 @@ class _Pin:
         data_offset: int,
         ftype: FabricType,
         lease: dict,
-        shape: tuple[dict, np.dtype | None] | None = None,
+        interface: tuple[dict, np.dtype | None] | None = None,
     ) -> None:
         mem = segment.readonly
         if mem is None:
@@ -64,7 +64,7 @@ class _Pin:
         self.data_offset = data_offset
         self.lease = lease
         self.ftype = ftype
-        self.__array_interface__, self._cast = shape or shape_of(segment.address + data_offset, ftype)
+        self.__array_interface__, self._cast = interface or interface_of(segment.address + data_offset, ftype)
         self._last: weakref.ref[np.ndarray] | None = None
 
     @property
@@ -95,10 +95,11 @@ class _Nothing:
 _GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent is gone
 
 
-def shape_of(address: int, ftype: FabricType) -> tuple[dict, np.dtype | None]:
+def interface_of(address: int, ftype: FabricType) -> tuple[dict, np.dtype | None]:
     """What a pin of the variable at ``address`` makes its arrays from: its array
     interface (only ints, strings and tuples of them, which the garbage collector stops
-    tracking: a worker keeps one per name published to it), and ``cast_of`` its dtype."""
+    tracking: a worker keeps one per name published to it), and the dtype to view the
+    array as once numpy has read it (None: none needed, the cheaper first view)."""
     typestr, cast = _typestr(ftype.dtype)
     return {"version": 3, "shape": ftype.shape, "typestr": typestr, "data": (address, True)}, cast
 
@@ -179,13 +180,13 @@ class LocalState:
         end: Callable[[dict], None],
         *,
         cache: bool = True,
-        shape: tuple[dict, np.dtype | None] | None = None,
+        interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable).
-        ``shape``: the variable's ``shape_of``, when the caller has it already.  ``hold``'s
+        ``interface``: the variable's ``interface_of``, when the caller has it already.  ``hold``'s
         steps written out: a task's first get comes here, where each frame costs µs."""
-        pin = _Pin(segment, node, data_offset, ftype, lease, shape)
+        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease
@@ -202,12 +203,12 @@ class LocalState:
         ftype: FabricType,
         lease: dict,
         end: Callable[[dict], None],
-        shape: tuple[dict, np.dtype | None] | None = None,
+        interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin whose death ends ``lease``, not yet cached by name (``cache``).  Its weak
         reference joins ``_live`` at once (one atomic set.add): a reference nobody holds
         would die before the pin, and its callback with it."""
-        pin = _Pin(segment, node, data_offset, ftype, lease, shape)
+        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease

@@ -34,7 +34,7 @@ import numpy as np
 from datafabric.messages import LocalEntry
 from datafabric.shm import Segment
 from datafabric.types import FabricType, from_datashape
-from datafabric.views import LocalState, _Pin, shape_of
+from datafabric.views import LocalState, _Pin, interface_of
 
 USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this often
 
@@ -81,7 +81,7 @@ class LocalReads:
         self._serials = itertools.count()
         self._counts: dict[int, int] = {}  # by serial: live local leases of a grant not recalled
         self._reported: dict[int, float] = {}  # by serial: monotonic time of the last use reported
-        self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``shape_of``)
+        self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``interface_of``)
         self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
         self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
         self._used: list[int] = []  # var ids leased locally since the last report
@@ -100,7 +100,7 @@ class LocalReads:
             if segment is not None:
                 self._segments[shm_id] = segment
                 text, offset = entry["type"], entry["data_offset"]
-                interface, _ = shape_of(segment.address + offset, self._type(text)[0])
+                interface, _ = interface_of(segment.address + offset, self._type(text)[0])
                 resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, text)))
         with self.lock:
             for interface, (var_id, *rest) in resolved:
@@ -162,7 +162,7 @@ class LocalReads:
         end = MethodType(self._end, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
             ftype, cast = self._types[text]
-            return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, shape=(interface, cast))
+            return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, interface=(interface, cast))
         except BaseException:
             end(lease)
             raise
@@ -227,13 +227,13 @@ class LocalReads:
         return out
 
     def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
-        """The type and its pins' cast (``shape_of``), parsed once: a dataset's chunks
+        """The type and its pins' cast (``interface_of``), parsed once: a dataset's chunks
         share a few types.  Kept apart from the grants: a dtype is an object the garbage
         collector may track, and a tuple holding one stays tracked."""
         known = self._types.get(text)
         if known is None:
             ftype = from_datashape(text)
-            known = self._types[text] = (ftype, shape_of(0, ftype)[1])
+            known = self._types[text] = (ftype, interface_of(0, ftype)[1])
         return known
 
     def _note_use(self, grant: Grant, now: float) -> bool:
