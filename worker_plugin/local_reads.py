@@ -86,6 +86,7 @@ class LocalReads:
         self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
         self._used: list[int] = []  # var ids leased locally since the last report
         self._report = self._report_use  # bound once: a task's first get hands it to ``later``
+        self._ended = self._end  # and this to each pin, bound to its grant
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
@@ -159,7 +160,7 @@ class LocalReads:
         if first:
             self.later(self._report)
         lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
-        end = MethodType(self._end, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
+        end = MethodType(self._ended, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
             ftype, cast = self._types[text]
             return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, interface=(interface, cast))
@@ -204,7 +205,7 @@ class LocalReads:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
-        hold, node, holder, end = self.state.hold, self.node, self.holder, self._end
+        hold, node, holder, end = self.state.hold, self.node, self.holder, self._ended
         segments, types = self._segments, self._types
         out: list[_Pin | None] = [None] * len(found)
         k = 0
