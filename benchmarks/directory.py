@@ -8,7 +8,9 @@ names (once, with the CPU it costs the scheduler and the blocks' owners: robust 
 the scan of every name that ``get_list(prefix)`` was before the index (timed inside the
 scheduler), and ``delete`` one name at a time.  The insert rate of the last tenth of the
 names is compared with the first tenth's, and the scheduler's memory per variable is its
-RSS growth over the names.  A profile of the scheduler during the last tenth of the
+RSS growth over the names.  Once the names are in, a full garbage collection is timed in
+each writer's process, with the objects it walks: what a worker keeps per name makes
+every full collection of a long insert slower.  A profile of the scheduler during the last tenth of the
 inserts (``--profile``) shows where an insert's time goes.
 """
 
@@ -68,6 +70,20 @@ def fill(fabric: datafabric.Fabric, groups: list[int]) -> list[tuple[float, floa
     finally:
         gc.callbacks.remove(collected)
     return batches
+
+
+def full_collection() -> tuple[int, float]:
+    """In a writer's process once its names are in: the objects its garbage collector
+    tracks, and the median time of a full collection, which walks them all (what every
+    full collection during a long insert costs, more so the more the worker keeps per
+    name)."""
+    gc.collect()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        gc.collect()
+        times.append(time.perf_counter() - t0)
+    return len(gc.get_objects()), statistics.median(times)
 
 
 def meter_seals(dask_scheduler) -> None:
@@ -185,6 +201,7 @@ def run(names: int, reps: int, profile: bool) -> dict:
                     time.sleep(1)
                 client.run_on_scheduler(profile_start)
             batches = sorted(b for f in client.gather(futures) for b in f)
+            collections = list(client.run(full_collection).values())
             if profile:
                 report = client.run_on_scheduler(profile_stop)
             rss1 = client.run_on_scheduler(scheduler_rss)
@@ -233,6 +250,8 @@ def run(names: int, reps: int, profile: bool) -> dict:
         "task_cpu_per_name_last_tenth": statistics.median(task_cpu[-tenth:]),
         "task_gc_per_name_first_tenth": statistics.mean(task_gc[:tenth]),
         "task_gc_per_name_last_tenth": statistics.mean(task_gc[-tenth:]),
+        "writer_tracked_objects": statistics.median(n for n, _ in collections),
+        "writer_full_collection": statistics.median(t for _, t in collections),
         "seal_cpu_per_name_first_tenth": statistics.median(sealed[:tenth_s]),
         "seal_cpu_per_name_last_tenth": statistics.median(sealed[-tenth_s:]),
         "scheduler_bytes_per_variable": (rss1 - rss0) / names,
@@ -275,6 +294,9 @@ def table(r: dict) -> str:
         f"({r['task_cpu_per_name_first_tenth'] / r['task_cpu_per_name_last_tenth']:.2f}x the rate) |",
         f"| of which full garbage collections, first tenth / last tenth (µs, mean) | "
         f"{r['task_gc_per_name_first_tenth'] * 1e6:.1f} / {r['task_gc_per_name_last_tenth'] * 1e6:.1f} |",
+        f"| a full garbage collection in a writer's process, all names in (ms; objects it walks) | "
+        f"{r['writer_full_collection'] * 1e3:.1f} ({r['writer_tracked_objects']:,.0f} objects, "
+        f"{r['writer_tracked_objects'] / (r['names'] / 2):.2f} per name written there) |",
         f"| scheduler's CPU per sealed name, first tenth / last tenth (µs) | "
         f"{r['seal_cpu_per_name_first_tenth'] * 1e6:.1f} / {r['seal_cpu_per_name_last_tenth'] * 1e6:.1f} "
         f"({r['seal_cpu_per_name_first_tenth'] / r['seal_cpu_per_name_last_tenth']:.2f}x the rate) |",

@@ -29,11 +29,32 @@ class _Pin:
     """``lease`` is the release message its finalizer sends; a lease declared again after
     a scheduler restart changes its ``var_id`` in place.  Small on purpose (a get_many
     makes thousands): the block's read-only buffer, shared by every pin of the block,
-    keeps the mapping alive; the array interface is built only when a view is made."""
+    keeps the mapping alive.  ``__array_interface__`` is a plain value, made once per
+    publication by a local grant (``interface_of``), which numpy reads without running any
+    Python: a task's first get is mostly the interpreter running cold, every step counts."""
 
-    __slots__ = ("_mem", "segment", "node", "data_offset", "lease", "ftype", "_last", "__weakref__")
+    __slots__ = (
+        "_mem",
+        "segment",
+        "node",
+        "data_offset",
+        "lease",
+        "ftype",
+        "__array_interface__",
+        "_cast",
+        "_last",
+        "__weakref__",
+    )
 
-    def __init__(self, segment: Segment, node: str, data_offset: int, ftype: FabricType, lease: dict) -> None:
+    def __init__(
+        self,
+        segment: Segment,
+        node: str,
+        data_offset: int,
+        ftype: FabricType,
+        lease: dict,
+        interface: tuple[dict, np.dtype | None] | None = None,
+    ) -> None:
         mem = segment.readonly
         if mem is None:
             raise ValueError(f"block {segment.name} was unmapped")  # as a released buffer would say
@@ -43,16 +64,8 @@ class _Pin:
         self.data_offset = data_offset
         self.lease = lease
         self.ftype = ftype
+        self.__array_interface__, self._cast = interface or interface_of(segment.address + data_offset, ftype)
         self._last: weakref.ref[np.ndarray] | None = None
-
-    @property
-    def __array_interface__(self) -> dict:
-        return {
-            "version": 3,
-            "shape": self.ftype.shape,
-            "typestr": _typestr(self.ftype.dtype),
-            "data": (self.segment.address + self.data_offset, True),
-        }
 
     @property
     def var_id(self) -> int:
@@ -66,9 +79,8 @@ class _Pin:
         last = self._last() if self._last is not None else None
         if last is not None:
             return last.view()
-        fresh = np.asarray(self)
-        dtype = self.ftype.dtype
-        fresh = fresh.view(FabricView) if fresh.dtype is dtype else fresh.view(dtype, FabricView)
+        cast = self._cast
+        fresh = np.asarray(self).view(FabricView) if cast is None else np.asarray(self).view(cast, FabricView)
         if self._last is None:
             self._last = _GONE  # dead: the next view makes the model
             return fresh
@@ -83,12 +95,22 @@ class _Nothing:
 _GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent is gone
 
 
+def interface_of(address: int, ftype: FabricType) -> tuple[dict, np.dtype | None]:
+    """What a pin of the variable at ``address`` makes its arrays from: its array
+    interface (only ints, strings and tuples of them, which the garbage collector stops
+    tracking: a worker keeps one per name published to it), and the dtype to view the
+    array as once numpy has read it (None: none needed, the cheaper first view)."""
+    typestr, cast = _typestr(ftype.dtype)
+    return {"version": 3, "shape": ftype.shape, "typestr": typestr, "data": (address, True)}, cast
+
+
 @functools.lru_cache(maxsize=256)
-def _typestr(dtype: np.dtype) -> str:
-    """The array interface's name of ``dtype`` when numpy reads it back as the very same
-    dtype (no view to the dtype afterwards, the cheaper first view); else raw bytes, viewed
-    as ``dtype`` afterwards, so that records keep their layout."""
-    return dtype.str if np.dtype(dtype.str) is dtype else f"|V{dtype.itemsize}"
+def _typestr(dtype: np.dtype) -> tuple[str, np.dtype | None]:
+    """The array interface's name of ``dtype`` when numpy reads it back as an equal dtype
+    (a scalar type: no view to the dtype afterwards); else raw bytes, viewed as ``dtype``
+    afterwards, so that records, subarrays and metadata keep their layout."""
+    same = dtype.names is None and dtype.metadata is None and np.dtype(dtype.str) == dtype
+    return (dtype.str, None) if same else (f"|V{dtype.itemsize}", dtype)
 
 
 class _Lease(weakref.ref):
@@ -158,21 +180,35 @@ class LocalState:
         end: Callable[[dict], None],
         *,
         cache: bool = True,
+        interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
-        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
-        pin = self.hold(node, segment, data_offset, ftype, lease, end)
+        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable).
+        ``interface``: the variable's ``interface_of``, when the caller has it already.  ``hold``'s
+        steps written out: a task's first get comes here, where each frame costs µs."""
+        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
+        ref = _Lease(pin, self._on_end)
+        ref.end = end
+        ref.lease = lease
+        self._live.add(ref)
         if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
             self._pins[name] = weakref.ref(pin)
         return pin
 
     def hold(
-        self, node: str, segment: Segment, data_offset: int, ftype: FabricType, lease: dict, end: Callable[[dict], None]
+        self,
+        node: str,
+        segment: Segment,
+        data_offset: int,
+        ftype: FabricType,
+        lease: dict,
+        end: Callable[[dict], None],
+        interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin whose death ends ``lease``, not yet cached by name (``cache``).  Its weak
         reference joins ``_live`` at once (one atomic set.add): a reference nobody holds
         would die before the pin, and its callback with it."""
-        pin = _Pin(segment, node, data_offset, ftype, lease)
+        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease

@@ -22,38 +22,34 @@ of the task, tens of µs); the plugin sends the notes when the task ends, ahead 
 
 from __future__ import annotations
 
-import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
+from types import MethodType
 from typing import Any
+
+import numpy as np
 
 from datafabric.messages import LocalEntry
 from datafabric.shm import Segment
 from datafabric.types import FabricType, from_datashape
-from datafabric.views import LocalState, _Pin
+from datafabric.views import LocalState, _Pin, interface_of
 
 USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this often
 
 
-class Grant:
-    """One publication of one variable to this worker: the location, and how many live
-    pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
-
-    __slots__ = ("var_id", "name", "segment", "data_offset", "ftype", "count", "recalled", "reported", "end")
-
-    def __init__(
-        self, entry: LocalEntry, segment: Segment, ftype: FabricType, end: Callable[[Grant, dict], None]
-    ) -> None:
-        self.var_id = entry["var_id"]
-        self.name = entry["name"]
-        self.segment = segment  # mapped when published, on the event loop: not on the read path
-        self.data_offset = entry["data_offset"]
-        self.ftype = ftype
-        self.count = 0
-        self.recalled = False
-        self.reported = -USE_REPORT_EVERY  # monotonic time of the last use reported
-        self.end = functools.partial(end, self)  # what each pin's death calls: one per grant, not per pin
+# A grant: one publication of one variable to this worker, as a tuple of plain values
+# (serial, var_id, name, shm_id, data_offset, type text) that the garbage collector stops
+# tracking (a tuple holding a dict never is untracked: its pins' array interface is kept
+# apart, in ``LocalReads._interfaces``).  A worker holds one per name its node holds (a writer
+# of 200,000 names, 200,000 of them): objects it tracked would make every full collection
+# walk them all, and a long insert_many slow down as it grows.  Its count of live local
+# leases is ``LocalReads._counts[serial]``, there exactly while the grant is not recalled;
+# the serial, this worker's own number of the publication, tells a variable published
+# again after a recall from the grant recalled.
+Grant = tuple[int, int, str, str, int, str]
+_SERIAL, _VAR_ID, _NAME, _SHM_ID = 0, 1, 2, 3
 
 
 class LocalReads:
@@ -82,28 +78,41 @@ class LocalReads:
         self.lock = threading.RLock()
         self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
         self._by_id: dict[int, Grant] = {}
-        self._types: dict[str, FabricType] = {}  # parsed once: a dataset's chunks share a few types
+        self._serials = itertools.count()
+        self._counts: dict[int, int] = {}  # by serial: live local leases of a grant not recalled
+        self._reported: dict[int, float] = {}  # by serial: monotonic time of the last use reported
+        self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``interface_of``)
+        self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
+        self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
         self._used: list[int] = []  # var ids leased locally since the last report
+        self._report = self._report_use  # bound once: a task's first get hands it to ``later``
+        self._ended = self._end  # and this to each pin, bound to its grant
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
-        """The blocks are mapped and the types parsed here, before the lock is taken (a
-        pin's finalizer, run by a collection inside the state's lock, takes this lock: the
-        two are never taken the other way round).  A name this process cannot map gets no
-        grant: its gets ask the YellowPages."""
+        """The blocks are mapped, the types parsed and the pins' array interfaces made
+        here, before the lock is taken (a pin's finalizer, run by a collection inside the
+        state's lock, takes this lock: the two are never taken the other way round).  A
+        name this process cannot map gets no grant: its gets ask the YellowPages."""
         resolved = []
         for entry in entries:
-            segment = self.state.segment(self.node, entry["shm_id"])
+            shm_id = entry["shm_id"]
+            segment = self.state.segment(self.node, shm_id)
             if segment is not None:
-                resolved.append((entry, segment, self._type(entry["type"])))
+                self._segments[shm_id] = segment
+                text, offset = entry["type"], entry["data_offset"]
+                interface, _ = interface_of(segment.address + offset, self._type(text)[0])
+                resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, text)))
         with self.lock:
-            for entry, segment, ftype in resolved:
-                if entry["var_id"] in self._by_id:
+            for interface, (var_id, *rest) in resolved:
+                if var_id in self._by_id:
                     continue
-                grant = Grant(
-                    entry, segment, ftype, self._end
-                )  # a name bound anew replaces its old grant, which a recall still finds
-                self._grants[grant.name] = self._by_id[grant.var_id] = grant
+                serial = next(self._serials)
+                grant = (serial, var_id, *rest)
+                # a name bound anew replaces its old grant, which a recall still finds by id
+                self._grants[grant[_NAME]] = self._by_id[var_id] = grant  # type: ignore[assignment]
+                self._counts[serial] = 0
+                self._interfaces[serial] = interface
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
         """Stop answering these names here, and report the local leases still alive; the
@@ -114,10 +123,13 @@ class LocalReads:
                 grant = self._by_id.pop(var_id, None)
                 if grant is None:
                     continue
-                grant.recalled = True  # first: a pin ending from here on sends its release
-                count = grant.count  # then: so every pin counted sends one, or was not counted
-                if self._grants.get(grant.name) is grant:
-                    del self._grants[grant.name]
+                # One step: a pin ending from here on finds no count and sends its release;
+                # every pin counted so far sends one, or was not counted.
+                count = self._counts.pop(grant[_SERIAL])
+                self._reported.pop(grant[_SERIAL], None)
+                del self._interfaces[grant[_SERIAL]]
+                if self._grants.get(grant[_NAME]) is grant:
+                    del self._grants[grant[_NAME]]
                 if count:
                     leases.append([var_id, count])
             reply({"op": "datafabric_recalled", "token": token, "leases": leases})
@@ -125,89 +137,113 @@ class LocalReads:
     # -- from tasks, any thread ---------------------------------------------------------
     def pin(self, name: str) -> _Pin | None:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
-        YellowPages), or recalled while this ran."""
+        YellowPages), or recalled while this ran.  A task's first get: few steps."""
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
-        if grant is None or grant.segment.readonly is None:  # or its block was unmapped (the worker closing)
+        if grant is None:
+            return None
+        serial, var_id, _, shm_id, data_offset, text = grant
+        segment = self._segments[shm_id]
+        if segment.readonly is None:  # its block was unmapped (the worker closing)
             return None
         now = time.monotonic()
         with self.lock:
-            if grant.recalled:
+            count = self._counts.get(serial)
+            if count is None:  # recalled
                 return None
-            grant.count += 1
-            first = self._note_use(grant, now)
+            self._counts[serial] = count + 1
+            interface = self._interfaces[serial]  # under the lock: a recall drops it
+            first = False
+            if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
+                self._reported[serial] = now
+                first = not self._used
+                self._used.append(var_id)
         if first:
-            self.later(self._report_use)
-        lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
+            self.later(self._report)
+        lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
+        end = MethodType(self._ended, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
-            return self.state.pin(name, self.node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
+            ftype, cast = self._types[text]
+            return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, interface=(interface, cast))
         except BaseException:
-            grant.end(lease)
+            end(lease)
             raise
 
     def pin_many(self, names: list[str]) -> list[_Pin | None]:
         """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
         dataset's chunks, a get_many): the grants are counted together, then the pins made.
         Every count taken is held by a pin, or ended here if making the pins fails."""
-        grants = self._grants
+        grants, segments = self._grants, self._segments
         found: list[Grant | None] = [grants.get(name) for name in names]
+        faces: list[dict | None] = [None] * len(found)  # the counted grants' array interfaces
         now = time.monotonic()
         first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
-            counted: list[Grant] = []
+            counts, reported, interfaces = self._counts, self._reported, self._interfaces
+            counted: list[int] = []
             try:
                 for k, grant in enumerate(found):
                     if grant is None:
                         continue
-                    if grant.recalled or grant.segment.readonly is None:
+                    serial = grant[_SERIAL]
+                    if serial not in counts or segments[grant[_SHM_ID]].readonly is None:
                         found[k] = None
                         continue
-                    grant.count += 1
-                    counted.append(grant)
-                    first = self._note_use(grant, now) or first
+                    counts[serial] += 1
+                    counted.append(serial)
+                    faces[k] = interfaces[serial]  # under the lock: a recall drops it
+                    if now - reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
+                        first = self._note_use(grant, now) or first
             except BaseException:
-                for grant in counted:
-                    grant.count -= 1
+                for serial in counted:
+                    counts[serial] -= 1
                 raise
         if first:
-            self.later(self._report_use)
-        return self._hold(names, found)
+            self.later(self._report)
+        return self._hold(names, found, faces)
 
-    def _hold(self, names: list[str], found: list[Grant | None]) -> list[_Pin | None]:
+    def _hold(self, names: list[str], found: list[Grant | None], faces: list[dict | None]) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
-        hold, node, holder = self.state.hold, self.node, self.holder
+        hold, node, holder, end = self.state.hold, self.node, self.holder, self._ended
+        segments, types = self._segments, self._types
         out: list[_Pin | None] = [None] * len(found)
         k = 0
         try:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
-                    lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": holder}
-                    out[k] = hold(node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
+                    _, var_id, _, shm_id, data_offset, text = grant
+                    lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
+                    ending = MethodType(end, grant)
+                    ftype, cast = types[text]
+                    out[k] = hold(node, segments[shm_id], data_offset, ftype, lease, ending, (faces[k], cast))
         except BaseException:
             for j in range(k, len(found)):
                 grant = found[j]
                 if grant is not None and out[j] is None:
-                    grant.end({"op": "datafabric_release", "var_id": grant.var_id, "holder": holder})
+                    end(grant, {"op": "datafabric_release", "var_id": grant[_VAR_ID], "holder": holder})
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
         self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
         return out
 
-    def _type(self, text: str) -> FabricType:
-        ftype = self._types.get(text)  # parsed once: a dataset's chunks share a few types
-        if ftype is None:
-            ftype = self._types[text] = from_datashape(text)
-        return ftype
+    def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
+        """The type and its pins' cast (``interface_of``), parsed once: a dataset's chunks
+        share a few types.  Kept apart from the grants: a dtype is an object the garbage
+        collector may track, and a tuple holding one stays tracked."""
+        known = self._types.get(text)
+        if known is None:
+            ftype = from_datashape(text)
+            known = self._types[text] = (ftype, interface_of(0, ftype)[1])
+        return known
 
     def _note_use(self, grant: Grant, now: float) -> bool:
-        """Under the lock: note the grant's first lease in a second for the eviction
-        order; True if it is the first note since the last report (schedule one)."""
-        if now - grant.reported < USE_REPORT_EVERY:
-            return False
-        grant.reported = now
+        """Under the lock, for a grant whose last report is a second old or more: note
+        its lease for the eviction order; True if it is the first note since the last
+        report (schedule one)."""
+        self._reported[grant[_SERIAL]] = now
         first = not self._used
-        self._used.append(grant.var_id)
+        self._used.append(grant[_VAR_ID])
         return first
 
     def _report_use(self, send: Callable[[dict], None] | None = None) -> None:
@@ -219,10 +255,13 @@ class LocalReads:
             (send or self.send)({"op": "datafabric_used", "var_ids": used})
 
     def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
-        """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran)."""
+        """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran): its
+        count goes down, or, once the grant is recalled, its lease is the YellowPages'."""
+        serial = grant[_SERIAL]
         with self.lock:
-            if not grant.recalled:
-                grant.count -= 1
+            count = self._counts.get(serial)
+            if count is not None:
+                self._counts[serial] = count - 1
                 return
         self.send(lease)
 

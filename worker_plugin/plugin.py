@@ -14,12 +14,10 @@ import collections
 import logging
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from distributed.diagnostics.plugin import WorkerPlugin
-from tornado.ioloop import PeriodicCallback
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
@@ -34,6 +32,7 @@ from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
+from datafabric.reads import serve, stop_serving
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
 from datafabric.views import local_state
 from worker_plugin import regions, transfers
@@ -44,6 +43,7 @@ from worker_plugin.memory import exclude_shared_memory_in_worker
 from worker_plugin.restarts import nanny_restarts
 from worker_plugin.signals import leave_group_signals_to_the_nanny
 from worker_plugin.survivors import declare_when_back
+from worker_plugin.use_reports import UseReports
 
 logger = logging.getLogger("datafabric.worker")
 
@@ -90,14 +90,9 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.blocks: dict[str, OwnedBlock] = {}
         self.lock = threading.Lock()
         self.state = local_state(self.fabric_id)
-        # Use reports, run as ``report(send)`` on the loop without waking it from a task's read
-        # (a wake hands the interpreter lock to the loop thread mid-task): when the task ends,
-        # before its result is sent (``transition``), or within a second (reads outside tasks).
-        self._due: collections.deque[Callable[..., None]] = collections.deque()  # append: atomic
-        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self._due.append)
-        self._flush = PeriodicCallback(self._run_due, USE_REPORT_EVERY * 1000)  # reads outside tasks
-        self._flush.start()  # stopped at teardown (Dask stops it with the worker otherwise)
-        worker.periodic_callbacks[f"datafabric-uses-{self.fabric_id}"] = self._flush
+        self.reports = UseReports(worker, USE_REPORT_EVERY, f"datafabric-uses-{self.fabric_id}")
+        self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self.reports.later)
+        serve(self.fabric_id, worker, self.local_reads)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
@@ -119,8 +114,9 @@ class FabricWorkerPlugin(WorkerPlugin):
         worker's successor, as the YellowPages decides.  Without an answer (the scheduler
         died) they stay in /dev/shm for the restarted scheduler's YellowPages, to which
         this process declares the views its tasks still hold (``survivors.py``)."""
+        stop_serving(self.fabric_id, self.local_reads)  # as Dask drops the plugin: gets ask the YellowPages
         atexit.unregister(self._unlink_all)
-        self._flush.stop()
+        self.reports.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
         answer = await self._handoff(worker)
         decision = answer.get("decision", "keep")
@@ -377,15 +373,7 @@ class FabricWorkerPlugin(WorkerPlugin):
     def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
         """Dask calls this on the event loop for every task transition of this worker,
         before it sends what the transition decided (a finished task's result)."""
-        if self._due:
-            self._run_due()
-
-    def _run_due(self) -> None:
-        try:
-            while self._due:
-                self._due.popleft()(self.worker.batched_stream.send)
-        except (OSError, AttributeError):
-            pass  # worker closing (its stream closed): what it would report no longer matters
+        self.reports.run_if_due()
 
     def _unlink_all(self) -> None:
         with self.lock:

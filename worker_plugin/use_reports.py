@@ -1,0 +1,44 @@
+"""When a worker's local reads reach the YellowPages: on the event loop, never from the read.
+
+A task's local lease notes its use for the eviction order (``LocalReads``) and asks for a
+report with ``later``.  Waking the event loop from the read would hand the interpreter lock
+to the loop thread in the middle of the task (tens of µs), so the report waits: for the end
+of the reading task (Dask calls the plugin's ``transition`` on the loop before it sends the
+task's result, so the note travels ahead of it), or a second at most (reads outside tasks).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from tornado.ioloop import PeriodicCallback
+
+
+class UseReports:
+    """The reports due on one worker, each run as ``report(send)`` with the worker's
+    stream's own ``send``, which puts the message on the stream at once."""
+
+    def __init__(self, worker: Any, every_s: float, key: str) -> None:
+        self._worker = worker
+        self._due: collections.deque[Callable[..., None]] = collections.deque()
+        self.later: Callable[[Callable[..., None]], None] = self._due.append  # any thread: atomic
+        self._flush = PeriodicCallback(self.run, every_s * 1000)  # reads outside tasks
+        self._flush.start()  # stopped by ``stop`` (Dask stops it with the worker otherwise)
+        worker.periodic_callbacks[key] = self._flush
+
+    def stop(self) -> None:
+        self._flush.stop()
+
+    def run_if_due(self) -> None:
+        """On the loop, at every task transition: costs one test when nothing is due."""
+        if self._due:
+            self.run()
+
+    def run(self) -> None:
+        try:
+            while self._due:
+                self._due.popleft()(self._worker.batched_stream.send)
+        except (OSError, AttributeError):
+            pass  # worker closing (its stream closed): what it would report no longer matters
