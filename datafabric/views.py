@@ -27,13 +27,17 @@ from datafabric.types import FabricType
 
 class _Pin:
     """``lease`` is the release message its finalizer sends; a lease declared again after
-    a scheduler restart changes its ``var_id`` in place.  Small on purpose (a get_many
+    a scheduler restart changes its ``var_id`` in place.  ``extent_id`` is the id in the
+    header of the extent it views: declared after a restart with its location, it tells
+    the variable it views from one placed there since.  Small on purpose (a get_many
     makes thousands): the block's read-only buffer, shared by every pin of the block,
     keeps the mapping alive; the array interface is built only when a view is made."""
 
-    __slots__ = ("_mem", "segment", "node", "data_offset", "lease", "ftype", "_last", "__weakref__")
+    __slots__ = ("_mem", "segment", "node", "data_offset", "extent_id", "lease", "ftype", "_last", "__weakref__")
 
-    def __init__(self, segment: Segment, node: str, data_offset: int, ftype: FabricType, lease: dict) -> None:
+    def __init__(
+        self, segment: Segment, node: str, data_offset: int, extent_id: int, ftype: FabricType, lease: dict
+    ) -> None:
         mem = segment.readonly
         if mem is None:
             raise ValueError(f"block {segment.name} was unmapped")  # as a released buffer would say
@@ -41,6 +45,7 @@ class _Pin:
         self.segment = segment
         self.node = node
         self.data_offset = data_offset
+        self.extent_id = extent_id
         self.lease = lease
         self.ftype = ftype
         self._last: weakref.ref[np.ndarray] | None = None
@@ -153,6 +158,7 @@ class LocalState:
         node: str,
         segment: Segment,
         data_offset: int,
+        extent_id: int,
         ftype: FabricType,
         lease: dict,
         end: Callable[[dict], None],
@@ -161,18 +167,25 @@ class LocalState:
     ) -> _Pin:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable)."""
-        pin = self.hold(node, segment, data_offset, ftype, lease, end)
+        pin = self.hold(node, segment, data_offset, extent_id, ftype, lease, end)
         if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
             self._pins[name] = weakref.ref(pin)
         return pin
 
     def hold(
-        self, node: str, segment: Segment, data_offset: int, ftype: FabricType, lease: dict, end: Callable[[dict], None]
+        self,
+        node: str,
+        segment: Segment,
+        data_offset: int,
+        extent_id: int,
+        ftype: FabricType,
+        lease: dict,
+        end: Callable[[dict], None],
     ) -> _Pin:
         """A pin whose death ends ``lease``, not yet cached by name (``cache``).  Its weak
         reference joins ``_live`` at once (one atomic set.add): a reference nobody holds
         would die before the pin, and its callback with it."""
-        pin = _Pin(segment, node, data_offset, ftype, lease)
+        pin = _Pin(segment, node, data_offset, extent_id, ftype, lease)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease

@@ -40,7 +40,18 @@ class Grant:
     """One publication of one variable to this worker: the location, and how many live
     pins took a local lease under it.  ``recalled``: those leases are the YellowPages'."""
 
-    __slots__ = ("var_id", "name", "segment", "data_offset", "ftype", "count", "recalled", "reported", "end")
+    __slots__ = (
+        "var_id",
+        "name",
+        "segment",
+        "data_offset",
+        "extent_id",
+        "ftype",
+        "count",
+        "recalled",
+        "reported",
+        "end",
+    )
 
     def __init__(
         self, entry: LocalEntry, segment: Segment, ftype: FabricType, end: Callable[[Grant, dict], None]
@@ -49,6 +60,7 @@ class Grant:
         self.name = entry["name"]
         self.segment = segment  # mapped when published, on the event loop: not on the read path
         self.data_offset = entry["data_offset"]
+        self.extent_id = entry["extent_id"]
         self.ftype = ftype
         self.count = 0
         self.recalled = False
@@ -139,7 +151,9 @@ class LocalReads:
             self.later(self._report_use)
         lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": self.holder}
         try:
-            return self.state.pin(name, self.node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
+            return self.state.pin(
+                name, self.node, grant.segment, grant.data_offset, grant.extent_id, grant.ftype, lease, grant.end
+            )
         except BaseException:
             grant.end(lease)
             raise
@@ -183,7 +197,9 @@ class LocalReads:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
                     lease = {"op": "datafabric_release", "var_id": grant.var_id, "holder": holder}
-                    out[k] = hold(node, grant.segment, grant.data_offset, grant.ftype, lease, grant.end)
+                    out[k] = hold(
+                        node, grant.segment, grant.data_offset, grant.extent_id, grant.ftype, lease, grant.end
+                    )
         except BaseException:
             for j in range(k, len(found)):
                 grant = found[j]
