@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 import uuid
 import weakref
@@ -19,10 +20,12 @@ from typing import Any
 import distributed
 from distributed.utils import sync
 
-from datafabric.errors import FabricError, NoFabricError, WorkerLostError
+from datafabric.errors import FabricError, KeptViewLostError, NoFabricError, WorkerLostError
 from datafabric.node import configured_node
 from datafabric.protocol import EVENT_TOPIC, WORKER_PLUGIN, raise_if_refused
 from datafabric.views import all_states
+
+logger = logging.getLogger("datafabric")
 
 
 class Context:
@@ -142,7 +145,7 @@ def _subscribe(client: Any) -> None:
 def _on_event(client: Any, event: tuple) -> Any:
     _, msg = event
     if msg.get("op") == "datafabric_took_back":
-        return _declare_kept_views(client, uuid.UUID(msg["fabric_id"]), msg["first_id"])
+        return _declare_kept_views(client, uuid.UUID(msg["fabric_id"]), msg["first_id"], msg["round"])
     for state in all_states():
         if msg.get("op") == "datafabric_invalidate":
             state.invalidate(msg["var_ids"])
@@ -151,18 +154,28 @@ def _on_event(client: Any, event: tuple) -> Any:
     return None
 
 
-async def _declare_kept_views(client: Any, fabric_id: uuid.UUID, first_id: int) -> None:
+async def _declare_kept_views(client: Any, fabric_id: uuid.UUID, first_id: int, round: int) -> None:
     """The scheduler restarted and its YellowPages took blocks back, knowing no lease:
-    every view this process kept gets its lease again, by location, so nothing moves or
-    frees the memory under it.  Views on blocks not back yet are declared at the next
-    such event; a view that died meanwhile releases the new lease through its pin."""
+    every view this process kept gets its lease again, by location and extent id, so
+    nothing moves or frees the memory under it; then the YellowPages is told, and stops
+    holding that memory for this process (``yp/declarations.py``).  Views on blocks not
+    back yet are declared at the next such event; a view that died meanwhile releases the
+    new lease through its pin.  A view whose extent is gone (declared too late) is left
+    unleased, and said so."""
     for state in all_states():
         if state.fabric_id != fabric_id:
             continue
         for pin in state.pins_leased_before(first_id):
-            location = {"node": pin.node, "shm_id": pin.segment.name.lstrip("/"), "offset": pin.data_offset}
+            where = {"node": pin.node, "shm_id": pin.segment.name.lstrip("/"), "offset": pin.data_offset}
             try:
-                info = raise_if_refused(await client.scheduler.datafabric_acquire_at(**location, holder=client.id))
-            except (FabricError, OSError):
+                info = raise_if_refused(
+                    await client.scheduler.datafabric_acquire_at(**where, extent_id=pin.extent_id, holder=client.id)
+                )
+            except KeptViewLostError as exc:
+                logger.warning("a view kept through the scheduler's restart is not leased again: %s", exc)
                 continue
+            except (FabricError, OSError):
+                continue  # its block is not back yet, or the scheduler is gone again
             pin.lease["var_id"] = info["var_id"]
+    with contextlib.suppress(FabricError, OSError):
+        raise_if_refused(await client.scheduler.datafabric_declared(holder=client.id, round=round))

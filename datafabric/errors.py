@@ -61,6 +61,12 @@ class ReferenceGoneError(FabricError, LookupError):
     memory is gone: it was deleted and no process held a view of it any more."""
 
 
+class KeptViewLostError(FabricError, LookupError):
+    """A view kept through a scheduler restart was declared after its variable's memory was
+    freed or moved (another extent, or none, is at its location now): it holds no lease, and
+    its bytes may change under it."""
+
+
 class NotOnThisNodeError(FabricError, LookupError):
     """The memory asked for is not mapped on this process's node."""
 

@@ -209,7 +209,10 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
         if ctx.node is not None and node != ctx.node:
             raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
         info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=offset, holder=ctx.holder)
-        info["locations"] = [[node, shm_id, offset]]
+        [extent_id] = [
+            e for (_, s, o), e in zip(info["locations"], info["extent_ids"], strict=True) if (s, o) == (shm_id, offset)
+        ]
+        info["locations"], info["extent_ids"] = [[node, shm_id, offset]], [extent_id]
         pin = self._local_pin(ctx, info, info["name"])
         if pin is None:
             ctx.send(_release_msg(ctx, info))
@@ -218,12 +221,13 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
 
     def _local_pin(self, ctx: Context, info: dict, name: str) -> _Pin | None:
         ftype = from_datashape(info["type"])
-        for node, shm_id, offset in info["locations"]:
+        for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
             if ctx.node is not None and node != ctx.node:
                 continue
             segment = self._state.segment(node, shm_id)
             if segment is not None:
-                return self._state.pin(name, node, segment, offset, ftype, _release_msg(ctx, info), ctx.send)
+                lease = _release_msg(ctx, info)
+                return self._state.pin(name, node, segment, offset, extent_id, ftype, lease, ctx.send)
         return None
 
     def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:

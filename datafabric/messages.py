@@ -53,6 +53,7 @@ class VariableInfo(TypedDict):
     nbytes: int
     locations: list[Location]
     workers: list[str | None]  # each location's owner; None while its block is orphaned
+    extent_ids: list[int]  # each location's extent id: a view kept through a restart is declared with it
 
 
 class ReferenceGrant(TypedDict):
@@ -71,6 +72,7 @@ class LocalEntry(TypedDict):
     type: str
     shm_id: str
     data_offset: int
+    extent_id: int
 
 
 class Recalled(TypedDict):
@@ -88,6 +90,7 @@ class KeptView(TypedDict):
     node: str
     shm_id: str
     offset: int  # the view's data offset in the block
+    extent_id: int  # the id in its extent's header: a variable placed there since has another
 
 
 class ExtentInfo(TypedDict):

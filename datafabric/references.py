@@ -153,12 +153,12 @@ def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool) ->
     from datafabric.types import from_datashape
 
     ftype = from_datashape(info["type"])
-    for node, shm_id, offset in info["locations"]:
+    for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
         if ctx.node is not None and node != ctx.node:
             continue
         segment = state.segment(node, shm_id)
         if segment is not None:
-            return state.pin(info["name"], node, segment, offset, ftype, lease, ctx.send, cache=cache)
+            return state.pin(info["name"], node, segment, offset, extent_id, ftype, lease, ctx.send, cache=cache)
     return None
 
 

@@ -27,7 +27,9 @@ from datafabric.types import FabricType
 
 class _Pin:
     """``lease`` is the release message its finalizer sends; a lease declared again after
-    a scheduler restart changes its ``var_id`` in place.  Small on purpose (a get_many
+    a scheduler restart changes its ``var_id`` in place.  ``extent_id`` is the id in the
+    header of the extent it views: declared after a restart with its location, it tells
+    the variable it views from one placed there since.  Small on purpose (a get_many
     makes thousands): the block's read-only buffer, shared by every pin of the block,
     keeps the mapping alive.  ``__array_interface__`` is a plain value, made once per
     publication by a local grant (``interface_of``), which numpy reads without running any
@@ -38,6 +40,7 @@ class _Pin:
         "segment",
         "node",
         "data_offset",
+        "extent_id",
         "lease",
         "ftype",
         "__array_interface__",
@@ -51,6 +54,7 @@ class _Pin:
         segment: Segment,
         node: str,
         data_offset: int,
+        extent_id: int,
         ftype: FabricType,
         lease: dict,
         interface: tuple[dict, np.dtype | None] | None = None,
@@ -62,6 +66,7 @@ class _Pin:
         self.segment = segment
         self.node = node
         self.data_offset = data_offset
+        self.extent_id = extent_id
         self.lease = lease
         self.ftype = ftype
         self.__array_interface__, self._cast = interface or interface_of(segment.address + data_offset, ftype)
@@ -175,6 +180,7 @@ class LocalState:
         node: str,
         segment: Segment,
         data_offset: int,
+        extent_id: int,
         ftype: FabricType,
         lease: dict,
         end: Callable[[dict], None],
@@ -186,7 +192,7 @@ class LocalState:
         ``cache``: later gets of ``name`` may answer with it (not for a deleted variable).
         ``interface``: the variable's ``interface_of``, when the caller has it already.  ``hold``'s
         steps written out: a task's first get comes here, where each frame costs µs."""
-        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
+        pin = _Pin(segment, node, data_offset, extent_id, ftype, lease, interface)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease
@@ -200,6 +206,7 @@ class LocalState:
         node: str,
         segment: Segment,
         data_offset: int,
+        extent_id: int,
         ftype: FabricType,
         lease: dict,
         end: Callable[[dict], None],
@@ -208,7 +215,7 @@ class LocalState:
         """A pin whose death ends ``lease``, not yet cached by name (``cache``).  Its weak
         reference joins ``_live`` at once (one atomic set.add): a reference nobody holds
         would die before the pin, and its callback with it."""
-        pin = _Pin(segment, node, data_offset, ftype, lease, interface)
+        pin = _Pin(segment, node, data_offset, extent_id, ftype, lease, interface)
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = lease

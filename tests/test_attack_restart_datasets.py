@@ -116,11 +116,6 @@ def test_a_delete_cut_by_a_crash_returns_the_dataset_whole_or_nothing_of_it(proc
         again.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the rebuild deletes (and frees) a cut delete's chunks at the take-back, before a client that "
-    "kept a chunk's view has heard of it and declared the view: the memory under the view is reused",
-)
 def test_a_chunk_view_kept_through_a_delete_cut_by_a_crash_keeps_its_bytes(processes, monkeypatch, tmp_path):  # noqa: F811
     """A client on node A keeps a view of a chunk of a sealed dataset; the dataset's delete
     is cut by the crash after its record was freed.  The restarted YellowPages deletes the

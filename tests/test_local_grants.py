@@ -21,7 +21,14 @@ def setup(segment, sent: list, later: list | None = None) -> tuple[LocalReads, d
     reads = LocalReads(
         LocalState(FABRIC.hex), NODE, "worker-b", sent.append, (later if later is not None else []).append
     )
-    entry = {"var_id": 7, "name": "x", "type": "1000 * uint8", "shm_id": segment.name.lstrip("/"), "data_offset": 4096}
+    entry = {
+        "var_id": 7,
+        "name": "x",
+        "type": "1000 * uint8",
+        "shm_id": segment.name.lstrip("/"),
+        "data_offset": 4096,
+        "extent_id": 1,
+    }
     return reads, entry
 
 

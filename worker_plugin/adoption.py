@@ -40,7 +40,7 @@ class HalfCreated(layout.LayoutError):
 
 def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | None) -> Adopted:
     """Open a block of this fabric and node as its new owner, keeping the extents whose
-    ids are in ``live`` (None: the sealed and the deleted ones).  Raises ``FileNotFoundError`` if it is
+    ids are in ``live`` (None: every one in use).  Raises ``FileNotFoundError`` if it is
     gone, ``HalfCreated`` if it never got its header, ``LayoutError`` if it is not ours."""
     if not is_node_block_name(shm_id, fabric_id, node):
         raise layout.LayoutError(f"not a block name of fabric {fabric_id} on node {node!r}")
@@ -72,9 +72,10 @@ def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | N
     return Adopted(segment, allocator, answer)
 
 
-# What a take-back (``live`` None) keeps: sealed variables, and extents deleted while read,
-# which a view kept through the crash may still read (the YellowPages frees the others).
-_FOUND = (ExtentState.SEALED, ExtentState.DELETED)
+# What a take-back (``live`` None) keeps: every extent in use.  A view kept through the crash
+# may still read one deleted while read, or one whose seal the crash cut before its owner
+# marked it; the YellowPages frees what no view declared (``yp/declarations.py``).
+_FOUND = (ExtentState.SEALED, ExtentState.DELETED, ExtentState.RESERVED)
 
 
 def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) -> list[ExtentInfo]:

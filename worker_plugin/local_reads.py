@@ -40,7 +40,7 @@ USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this oft
 
 
 # A grant: one publication of one variable to this worker, as a tuple of plain values
-# (serial, var_id, name, shm_id, data_offset, type text) that the garbage collector stops
+# (serial, var_id, name, shm_id, data_offset, extent_id, type text) that the garbage collector stops
 # tracking (a tuple holding a dict never is untracked: its pins' array interface is kept
 # apart, in ``LocalReads._interfaces``).  A worker holds one per name its node holds (a writer
 # of 200,000 names, 200,000 of them): objects it tracked would make every full collection
@@ -48,7 +48,7 @@ USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this oft
 # leases is ``LocalReads._counts[serial]``, there exactly while the grant is not recalled;
 # the serial, this worker's own number of the publication, tells a variable published
 # again after a recall from the grant recalled.
-Grant = tuple[int, int, str, str, int, str]
+Grant = tuple[int, int, str, str, int, int, str]
 _SERIAL, _VAR_ID, _NAME, _SHM_ID = 0, 1, 2, 3
 
 
@@ -102,7 +102,7 @@ class LocalReads:
                 self._segments[shm_id] = segment
                 text, offset = entry["type"], entry["data_offset"]
                 interface, _ = interface_of(segment.address + offset, self._type(text)[0])
-                resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, text)))
+                resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, entry["extent_id"], text)))
         with self.lock:
             for interface, (var_id, *rest) in resolved:
                 if var_id in self._by_id:
@@ -141,7 +141,7 @@ class LocalReads:
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
-        serial, var_id, _, shm_id, data_offset, text = grant
+        serial, var_id, _, shm_id, data_offset, extent_id, text = grant
         segment = self._segments[shm_id]
         if segment.readonly is None:  # its block was unmapped (the worker closing)
             return None
@@ -163,7 +163,9 @@ class LocalReads:
         end = MethodType(self._ended, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
             ftype, cast = self._types[text]
-            return self.state.pin(name, self.node, segment, data_offset, ftype, lease, end, interface=(interface, cast))
+            return self.state.pin(
+                name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
+            )
         except BaseException:
             end(lease)
             raise
@@ -212,11 +214,13 @@ class LocalReads:
         try:
             for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
                 if grant is not None:
-                    _, var_id, _, shm_id, data_offset, text = grant
+                    _, var_id, _, shm_id, data_offset, extent_id, text = grant
                     lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
                     ending = MethodType(end, grant)
                     ftype, cast = types[text]
-                    out[k] = hold(node, segments[shm_id], data_offset, ftype, lease, ending, (faces[k], cast))
+                    out[k] = hold(
+                        node, segments[shm_id], data_offset, extent_id, ftype, lease, ending, (faces[k], cast)
+                    )
         except BaseException:
             for j in range(k, len(found)):
                 grant = found[j]

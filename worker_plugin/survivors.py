@@ -34,7 +34,12 @@ HOLD_POLL = 0.5  # seconds between looks at whether any view is left
 
 def kept_views(state: LocalState) -> list[KeptView]:
     return [
-        {"node": pin.node, "shm_id": pin.segment.name.lstrip("/"), "offset": pin.data_offset}
+        {
+            "node": pin.node,
+            "shm_id": pin.segment.name.lstrip("/"),
+            "offset": pin.data_offset,
+            "extent_id": pin.extent_id,
+        }
         for pin in state.pins_leased_before(sys.maxsize)
     ]
 
@@ -74,7 +79,11 @@ async def _declare(address: str, state: LocalState) -> None:
                 logger.warning("could not declare %d views kept through the scheduler's restart: %r", len(views), exc)
                 continue
             if counts["lost"]:
-                logger.warning("%d views kept through the scheduler's restart were declared too late", counts["lost"])
+                logger.warning(
+                    "%d views kept through the scheduler's restart were declared after their memory was freed or "
+                    "moved: they hold no lease, and their bytes may change",
+                    counts["lost"],
+                )
             logger.info("declared %d views kept through the scheduler's restart: %s", len(views), counts)
             while kept_views(state) and client.status == "running" and client.scheduler_comm is stream:
                 await asyncio.sleep(HOLD_POLL)

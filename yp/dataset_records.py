@@ -16,13 +16,15 @@ SEALED before the dataset becomes visible.  What the rebuild relies on:
    the record node (its doc) from its reservation on.  Once a worker of that node has
    registered and its blocks are taken back, a chunk whose record is not among them
    belongs to a seal or a delete the scheduler's death cut short: it is deleted (freed
-   once unleased), as the seal or delete would have done.
+   once unleased: the take-back's round holds it until the views kept through the crash
+   are declared), as the seal or delete would have done.
 3. **Only a dead YellowPages' datasets are rebuilt.** Ids of this YellowPages' datasets are
    at least its ``first_id``; the rebuild looks at smaller ids only, so a seal in progress
    now (chunks sealed, record not yet) is never taken for one cut short.
 
 An unsealed dataset has no record: its homes are RESERVED extents, which every take-back
-frees, so it does not come back and its memory returns.
+frees (when its round ends, ``yp/declarations.py``), so it does not come back and its memory
+returns.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from sortedcontainers import SortedDict
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
+    KeptViewLostError,
     NameNotFoundError,
     NotOnThisNodeError,
     OutOfSpaceError,
@@ -164,10 +165,21 @@ class Directory:
             raise NameNotFoundError(f"no variable named {name!r}; fabric.get_list() shows the names")
         return var
 
-    def at_location(self, node: str, shm_id: str, offset: int) -> Variable:
+    def at_location(self, node: str, shm_id: str, offset: int, extent_id: int | None = None) -> Variable:
+        """The visible variable at a location; with ``extent_id`` (a view kept through a
+        restart), the variable whose extent there carries that id, deleted or not (a deleted
+        one is still held, so its bytes are the view's), and no other."""
         if self.block(node, shm_id).unsettled:
             raise VariableUnavailableError(
                 f"block {shm_id} of node {node} is being adopted after its owner died moving extents; try again"
+            )
+        if extent_id is not None:
+            for var, copy in self.copies_in(shm_id):
+                if copy.data_offset == offset and copy.extent_id == extent_id:
+                    return var
+            raise KeptViewLostError(
+                f"the extent {extent_id} a kept view read at offset {offset} of block {shm_id} is gone "
+                "(freed or moved before the view was declared): the view holds no lease; drop it"
             )
         for var in self.variables.values():
             if any(c.shm_id == shm_id and c.data_offset == offset for c in var.copies):
@@ -198,6 +210,7 @@ class Directory:
             "nbytes": var.nbytes,
             "locations": [(b.node, c.shm_id, c.data_offset) for b, c in copies],
             "workers": [b.worker for b, _ in copies],
+            "extent_ids": [c.extent_id for _, c in copies],
         }
 
     def nodes_of(self, var: Variable) -> set[str]:
@@ -354,14 +367,17 @@ class Directory:
                 adoption.to_free.append(self.uncount(copy))
         return adoption
 
-    def recover_block(self, block: Block, extents: list[ExtentInfo]) -> list[Copy]:
+    def recover_block(self, block: Block, extents: list[ExtentInfo]) -> list[ExtentInfo]:
         """A block found in shared memory by a restarted YellowPages: its sealed extents
-        become variables again, a second copy of a name a replica.  Returns the copies
-        that contradict a name already known (another type or size), to free."""
+        become variables again, a second copy of a name a replica.  Returns the extents that
+        are no visible variable: deleted while read, reserved, or sealed under a name
+        already known with another type or size (``KeptViews.take_back`` keeps them held
+        until the views kept through the crash are declared)."""
         self.blocks[block.shm_id] = block
-        conflicting = []
+        unnamed = []
         for e in extents:
             if e["state"] != ExtentState.SEALED:
+                unnamed.append(e)
                 continue
             copy = Copy(block.shm_id, e["extent_offset"], e["extent_size"], e["data_offset"], e["extent_id"])
             known = self.variables.get(e["name"])
@@ -371,12 +387,12 @@ class Directory:
             elif (known.type, known.nbytes) == (e["type"], e["nbytes"]):
                 known.copies.append(copy)
             else:
-                conflicting.append(self.uncount(copy))
-        return conflicting
+                unnamed.append(e)
+        return unnamed
 
     def recover_deleted(self, e: ExtentInfo, copy: Copy) -> Variable:
-        """An extent deleted while read, found by a take-back, that a kept view declared:
-        a deleted variable (no name) until its last lease ends."""
+        """An extent a take-back found that is no visible variable: a deleted variable (no
+        name) until its last lease ends."""
         var = Variable(next(self._ids), e["name"], e["doc"], e["type"], e["nbytes"], [copy], deleted=True)
         self.by_id[var.var_id] = var
         return var

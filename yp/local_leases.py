@@ -96,6 +96,7 @@ class LocalLeases:
                     "type": var.type,
                     "shm_id": copy.shm_id,
                     "data_offset": copy.data_offset,
+                    "extent_id": copy.extent_id,
                 }
                 for worker in live.get(block.node, ()):
                     if worker not in told and worker not in added and (allowed is None or worker in allowed):

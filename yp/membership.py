@@ -27,8 +27,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from datafabric.errors import FabricError
-from datafabric.messages import AdoptedBlock
+from datafabric.messages import AdoptedBlock, KeptView
 from datafabric.protocol import EVENT_TOPIC
+from yp.declarations import Declarations
 from yp.directory import Directory
 from yp.kept_views import KeptViews
 from yp.local_leases import LocalLeases
@@ -50,6 +51,7 @@ class Membership:
         self.took_back = False  # blocks found in shared memory were taken back
         self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
         self.kept = KeptViews(directory, moves)  # views processes kept through a scheduler crash
+        self.declarations = Declarations(scheduler, directory, owners, self.took_back_msg)
         # Told when a node's blocks are all known (yp/dataset_records.py rebuilds datasets then);
         # its flag says whether anything was ever taken back.  The YellowPages sets it.
         self.node_back: Callable[[str, bool], Awaitable[None]] | None = None
@@ -112,12 +114,11 @@ class Membership:
                 logger.warning("%s could not take back blocks %s: %r", worker, unknown, exc)
                 return
             found = [b for b in found if not b.get("unlinked")]  # half-created ones are gone now
-            to_free = []
+            held = []
             for b in found:  # one step: views kept through the crash are leased before anything can free or move
                 block = Block(b["shm_id"], node, worker, b["size"], b["capacity"], used=b["capacity"] - b["free"])
-                to_free += self.directory.recover_block(block, b["extents"])
-                to_free += self.kept.take_back(block, b["extents"])
-        await self.owners.free(to_free)
+                held += self.kept.take_back(block, self.directory.recover_block(block, b["extents"]))
+            self.declarations.open(held)  # still the same step: held until the kept views are declared
         self.local.publish_node(node)
         self.took_back = True
         self.scheduler.log_event(EVENT_TOPIC, self.took_back_msg())  # clients declare the views they kept
@@ -132,7 +133,18 @@ class Membership:
             await self.node_back(node, True)
 
     def took_back_msg(self) -> dict:
-        return {"op": "datafabric_took_back", "fabric_id": self.fabric_id, "first_id": self.directory.first_id}
+        return {
+            "op": "datafabric_took_back",
+            "fabric_id": self.fabric_id,
+            "first_id": self.directory.first_id,
+            "round": self.declarations.last,
+        }
+
+    async def declare_kept(self, holder: str, views: list[KeptView]) -> dict[str, int]:
+        """A worker process's client declares every view it kept, once: it answers every round."""
+        counts = await self.kept.declare(holder, views)
+        self.declarations.declared_all(holder)
+        return counts
 
     # -- departures --------------------------------------------------------------------
     def remove(self, worker: str) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -128,7 +127,8 @@ class YellowPages(SchedulerPlugin):
             "seal": self.inserts.seal,
             "acquire": self.reads.acquire,
             "acquire_at": self.reads.acquire_at,
-            "declare_kept": self.members.kept.declare,
+            "declare_kept": self.members.declare_kept,
+            "declared": self.members.declarations.declared,
             "acquire_ref": self.reads.acquire_ref,
             "acquire_many": self.reads.acquire_many,
             "names": self.datasets.names,
@@ -239,17 +239,15 @@ class YellowPages(SchedulerPlugin):
         if not self.durable:
             return
         scheduler.subscribe_topic(EVENT_TOPIC, client)
+        self.members.declarations.joined(client)  # take-backs still waiting for declarations wait for it too
         if self.members.took_back:
             # Not now: the client's stream does not exist yet, and its first batch must hold
             # "stream-start" alone (batches go out every 2 ms).
-            scheduler.loop.call_later(0.5, self._tell_took_back, client)
-
-    def _tell_took_back(self, client: str) -> None:
-        event = (time.time(), self.members.took_back_msg())
-        self.scheduler.report({"op": "event", "topic": EVENT_TOPIC, "event": event}, client=client)
+            scheduler.loop.call_later(0.5, self.members.declarations.tell, client)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         if self.running:
             self.members.kept.forget(client)
+            self.members.declarations.left(client)
             self.owners.free_later(self.directory.drop_holder(client))
             self.datasets.left(client, self.scheduler.loop.add_callback)

@@ -56,9 +56,13 @@ class Reads:
             self.directory.acquire(var, holder)
         return [self.directory.info(var) for var in variables]
 
-    async def acquire_at(self, node: str, shm_id: str, offset: int, holder: str) -> VariableInfo:
+    async def acquire_at(
+        self, node: str, shm_id: str, offset: int, holder: str, extent_id: int | None = None
+    ) -> VariableInfo:
+        """A lease on the variable at a location.  ``extent_id``: a view kept through a
+        restart, leased only if that extent is still there (``Directory.at_location``)."""
         await self.moves.settled(lambda: [shm_id])
-        var = self.directory.at_location(node, shm_id, offset)
+        var = self.directory.at_location(node, shm_id, offset, extent_id)
         self.directory.acquire(var, holder)
         return self.directory.info(var)
 
