@@ -147,8 +147,8 @@ def in_process_rows(rounds: int) -> dict:
         reads = LocalReads(LocalState(fabric_id.hex), "bench", "bench-worker", lambda msg: None, lambda report: None)
         shm_id = segment.name.lstrip("/")
         reads.publish(
-            [{"var_id": i, "name": f"n/{i}", "type": "1024 * uint8", "shm_id": shm_id, "data_offset": 4096 + KiB * i}
-             for i in range(MANY)]
+            [{"var_id": i, "name": f"n/{i}", "type": "1024 * uint8", "shm_id": shm_id, "data_offset": 4096 + KiB * i,
+              "extent_id": i} for i in range(MANY)]
         )  # fmt: skip
         names = [f"n/{i}" for i in range(MANY)]
         leased, batched, raw = [], [], []
