@@ -85,14 +85,7 @@ class ChunkHomes:
 
         async def fill(block: Block, copy: Copy) -> None:
             if filled:
-                await self.owners.ask(
-                    block.worker,
-                    "fill_extent",
-                    shm_id=block.shm_id,
-                    extent_offset=copy.extent_offset,
-                    extent_id=copy.extent_id,
-                    value=record.fillvalue,
-                )
+                await self._fill(block.worker, copy, record.fillvalue)
             if record.state not in (WRITING, SEALING):
                 raise FabricError(f"dataset {record.name!r} ended while its chunk {flat} was being placed")
 
@@ -157,14 +150,7 @@ class ChunkHomes:
                 try:
                     if block is None or block.worker is None:
                         raise FabricError(f"the block of chunk {flat}'s home has no owner now")
-                    await self.owners.ask(
-                        block.worker,
-                        "fill_extent",
-                        shm_id=copy.shm_id,
-                        extent_offset=copy.extent_offset,
-                        extent_id=copy.extent_id,
-                        value=record.fillvalue,
-                    )
+                    await self._fill(block.worker, copy, record.fillvalue)
                 except FabricError:
                     del record.homes[flat]
                     dropped = self.directory.drop_pending(copy.shm_id, copy.extent_offset)
@@ -173,6 +159,18 @@ class ChunkHomes:
                     continue
             self.reclaimable.add((record.dataset_id, flat))
         return lost
+
+    async def _fill(self, worker: str, copy: Copy, value: bytes) -> None:
+        """The home's owner writes the fill value over all of it (``fill_extent``, which
+        acts only on an extent that still carries the copy's id)."""
+        await self.owners.ask(
+            worker,
+            "fill_extent",
+            shm_id=copy.shm_id,
+            extent_offset=copy.extent_offset,
+            extent_id=copy.extent_id,
+            value=value,
+        )
 
     def claimable(self, record: DatasetRecord, flat: int) -> bool:
         """Whether a write-once ticket may claim the chunk: no claim, no placement in
