@@ -103,6 +103,11 @@ def test_a_random_bulk_free_is_freeing_one_at_a_time_and_a_fresh_walk(seed):
         kept = check_block(bulk_seg, bulk)
         assert set(kept) == before - freed_ids
         assert bulk.largest_free == max((s for _, s, st in bulk.extents() if st is ExtentState.FREE), default=0)
+        # the figures stay true once the merged free extents are handed out again
+        rng = random.Random(seed + 2)
+        while bulk.largest_free > 8 * KiB:
+            put(bulk_seg, bulk, "again", rng.randrange(1, bulk.largest_free - 4 * KiB))
+            assert figures(bulk) == figures(BlockAllocator(bulk_seg.buf, SIZE, fresh=False))
 
 
 def test_runs_split_by_one_sealed_or_reserved_extent_stay_split():
