@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from datafabric.layout import ExtentState
 from tests.directories import CAPACITY, directory, extent, ids, reservation
 from tests.test_kept_views import declarations, view
@@ -109,13 +107,6 @@ def test_a_round_whose_client_never_declares_ends_at_its_deadline_with_its_lease
     assert rounds.declared("silent", n) == {} and rounds.rounds == {}  # a late declaration: nothing to settle
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KeptViews.declare records a view as waiting for its block after an await (moves.settled on an "
-    "earlier block), during which the declarer may have left and been forgotten (remove_client: forget, "
-    "drop_holder): the entry is added after forget ran, so a departed holder's view waits in "
-    "KeptViews.waiting until that block comes back (forever if it never does)",
-)
 def test_a_declarer_that_leaves_while_its_declaration_awaits_a_move_leaves_nothing_waiting():
     d = directory(("R", "n2", "w2"))
     moves = BlockMoves()
@@ -141,5 +132,5 @@ def test_a_declarer_that_leaves_while_its_declaration_awaits_a_move_leaves_nothi
         return await declaring
 
     counts = asyncio.run(race())
-    assert counts["lost"] == 1  # R's view: its holder is gone
+    assert counts["lost"] == 2  # its holder is gone: neither view leases or waits for anything
     assert kept.waiting == {}

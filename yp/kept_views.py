@@ -47,6 +47,9 @@ class KeptViews:
         for view in views:
             by_block.setdefault(view["shm_id"], []).append((view["offset"], view["extent_id"]))
         for shm_id, keys in by_block.items():
+            if holder in self.directory.departed:  # it left while an earlier block settled
+                counts["lost"] += len(keys)
+                continue
             if shm_id not in self.directory.blocks:
                 waiting = self.waiting.setdefault(shm_id, {})
                 for key in keys:
