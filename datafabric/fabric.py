@@ -155,8 +155,8 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
             if view is not None:
                 return view
             reads = task_reads(self.fabric_id, self.address)
-            if reads is not None and (pin := reads.pin(name)) is not None:  # a task on a node holding it: no RPC
-                return pin.view()
+            if reads is not None and (view := reads.view(name)) is not None:  # a task on a node holding it: no RPC
+                return view
         validate_name(name)
         ctx = self._ctx()
         info = ctx.call("acquire", name=name, holder=ctx.holder)

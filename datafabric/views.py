@@ -222,6 +222,15 @@ class LocalState:
         self._live.add(ref)
         return pin
 
+    def take(self, name: str, pin: _Pin, end: Callable[[dict], None]) -> None:
+        """A pin made ahead with no lease (``LocalReads`` readies the first views of new
+        names) holds ``pin.lease`` from now on: its death ends it, as ``pin``'s does."""
+        ref = _Lease(pin, self._on_end)
+        ref.end = end
+        ref.lease = pin.lease
+        self._live.add(ref)
+        self._pins[name] = weakref.ref(pin)
+
     def cache(self, names: list[str], pins: list[_Pin]) -> None:
         """Later gets of these names answer with these pins' views (one lock for a batch)."""
         ref = weakref.ref

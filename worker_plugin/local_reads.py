@@ -37,6 +37,7 @@ from datafabric.types import FabricType, from_datashape
 from datafabric.views import LocalState, _Pin, interface_of
 
 USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this often
+READY = 256  # the newest grants whose first view is made ahead (``_make_ready``)
 
 
 # A grant: one publication of one variable to this worker, as a tuple of plain values
@@ -84,6 +85,9 @@ class LocalReads:
         self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``interface_of``)
         self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
         self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
+        # by serial, for the newest grants: a pin with no lease yet and its first view
+        # (``_make_ready``); only grants not recalled have one
+        self._ready: dict[int, tuple[_Pin, np.ndarray]] = {}
         self._used: list[int] = []  # var ids leased locally since the last report
         self._report = self._report_use  # bound once: a task's first get hands it to ``later``
         self._ended = self._end  # and this to each pin, bound to its grant
@@ -103,6 +107,7 @@ class LocalReads:
                 text, offset = entry["type"], entry["data_offset"]
                 interface, _ = interface_of(segment.address + offset, self._type(text)[0])
                 resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, entry["extent_id"], text)))
+        fresh = []
         with self.lock:
             for interface, (var_id, *rest) in resolved:
                 if var_id in self._by_id:
@@ -113,6 +118,41 @@ class LocalReads:
                 self._grants[grant[_NAME]] = self._by_id[var_id] = grant  # type: ignore[assignment]
                 self._counts[serial] = 0
                 self._interfaces[serial] = interface
+                fresh.append((grant, interface))
+        self._make_ready(fresh[-READY:])
+
+    def _make_ready(self, fresh: list[tuple[Grant, dict]]) -> None:
+        """The first views of the newest grants, made ahead here on the event loop: a
+        task's first get of a name just published takes one and makes no array, its
+        dearest step while the interpreter runs cold (a producer's result, read by the
+        next task, is the common case).  A ready pin holds no lease and has no finalizer:
+        a get counts the lease under the lock as it takes the pin (``view``), and a recall
+        drops it with its grant.  Made outside the lock (making arrays may collect a pin,
+        whose finalizer takes it); recalls run on this loop too, so none comes between."""
+        made = []
+        for grant, interface in fresh:
+            serial, var_id, _, shm_id, data_offset, extent_id, text = grant
+            segment = self._segments[shm_id]
+            if segment.readonly is None:
+                continue
+            ftype, cast = self._types[text]
+            lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
+            pin = _Pin(segment, self.node, data_offset, extent_id, ftype, lease, (interface, cast))
+            made.append((serial, pin, pin.view()))
+        dropped = []
+        with self.lock:
+            for serial, pin, view in made:
+                if serial in self._counts:
+                    self._ready[serial] = (pin, view)
+            while len(self._ready) > READY:
+                dropped.append(self._ready.pop(next(iter(self._ready))))
+        del dropped  # they die here, outside the lock
+
+    def close(self) -> None:
+        """At the plugin's teardown: the ready pins let go of their blocks' mappings."""
+        with self.lock:
+            ready, self._ready = self._ready, {}
+        del ready
 
     def recall(self, token: int, var_ids: list[int], reply: Callable[[dict], None]) -> None:
         """Stop answering these names here, and report the local leases still alive; the
@@ -127,6 +167,7 @@ class LocalReads:
                 # every pin counted so far sends one, or was not counted.
                 count = self._counts.pop(grant[_SERIAL])
                 self._reported.pop(grant[_SERIAL], None)
+                self._ready.pop(grant[_SERIAL], None)
                 del self._interfaces[grant[_SERIAL]]
                 if self._grants.get(grant[_NAME]) is grant:
                     del self._grants[grant[_NAME]]
@@ -135,6 +176,38 @@ class LocalReads:
             reply({"op": "datafabric_recalled", "token": token, "leases": leases})
 
     # -- from tasks, any thread ---------------------------------------------------------
+    def view(self, name: str) -> np.ndarray | None:
+        """``pin(name).view()``, or None as ``pin`` says: a task's get.  A first view made
+        ahead (``_make_ready``) is taken under the lock with the count of its lease, so a
+        recall finds either the ready pin (and drops it) or its lease counted."""
+        grant = self._grants.get(name)  # one dict read: atomic, and the hot path
+        if grant is None:
+            return None
+        serial = grant[_SERIAL]
+        ready = None
+        if serial in self._ready and self._segments[grant[_SHM_ID]].readonly is not None:  # a peek
+            now = time.monotonic()
+            first = False
+            with self.lock:
+                ready = self._ready.pop(serial, None)
+                if ready is not None:  # so not recalled: its count is there
+                    self._counts[serial] += 1
+                    if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
+                        first = self._note_use(grant, now)
+            if first:
+                self.later(self._report)
+        if ready is None:  # none made ahead, or taken by another thread, or recalled meanwhile
+            pin = self.pin(name)
+            return None if pin is None else pin.view()
+        pin, view = ready
+        end = MethodType(self._ended, grant)
+        try:
+            self.state.take(name, pin, end)
+        except BaseException:
+            end(pin.lease)
+            raise
+        return view
+
     def pin(self, name: str) -> _Pin | None:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
         YellowPages), or recalled while this ran.  A task's first get: few steps."""

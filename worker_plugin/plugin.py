@@ -115,6 +115,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         died) they stay in /dev/shm for the restarted scheduler's YellowPages, to which
         this process declares the views its tasks still hold (``survivors.py``)."""
         stop_serving(self.fabric_id, self.local_reads)  # as Dask drops the plugin: gets ask the YellowPages
+        self.local_reads.close()
         atexit.unregister(self._unlink_all)
         self.reports.stop()
         self.closing = True  # from now on it adopts nothing: it could not hand it on
