@@ -5,14 +5,13 @@ of a batch or none, and a batch that fails part way leaves no count behind."""
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 import numpy as np
 import pytest
 
 from tests.blocks import shm_block
-from tests.test_local_grants import recall, setup
+from tests.grants import churn_against_recalls, recall, setup
 
 MiB = 2**20
 
@@ -75,35 +74,19 @@ def test_threads_batching_while_recalls_come_keep_the_count_exact():
         sent: list = []
         reads, entry = setup(segment, sent)
         reads.publish([entry])
-        stop = threading.Event()
-        alive: list = []
-        lock = threading.Lock()
 
-        def churn(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            while not stop.is_set():
-                pins = reads.pin_many(["x"] * int(rng.integers(1, 6)))
-                if pins[0] is None:
-                    reads.publish([entry])
-                    continue
-                with lock:
-                    if rng.random() < 0.3:
-                        alive.extend(p.view() for p in pins if p is not None)
-                    elif alive:
-                        del alive[: int(rng.integers(0, len(alive) + 1))]
+        def take(rng: np.random.Generator) -> list | None:
+            pins = reads.pin_many(["x"] * int(rng.integers(1, 6)))
+            if pins[0] is None:
+                reads.publish([entry])
+                return None
+            return [p.view() for p in pins if p is not None]
 
-        threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        reported = 0
-        for _ in range(200):
+        def recall_round(_: int) -> int:
             time.sleep(0.001)  # the batching threads run between recalls
-            reported += sum(count for _, count in recall(reads, 7))
-        stop.set()
-        for t in threads:
-            t.join()
-        gc.collect()
+            return sum(count for _, count in recall(reads, 7))
+
+        reported, alive = churn_against_recalls(take, recall_round)
         last = sum(count for _, count in recall(reads, 7))
-        with lock:
-            still = len(alive)
+        still = len(alive)
         assert reported > 0 and reported + last - len(sent) == still

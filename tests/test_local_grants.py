@@ -4,38 +4,14 @@ sends a release, whatever order publications, gets, recalls and collections come
 from __future__ import annotations
 
 import gc
-import threading
 import time
 
 import numpy as np
 
-from datafabric.views import LocalState
-from tests.blocks import FABRIC, NODE, shm_block
-from worker_plugin.local_reads import LocalReads
+from tests.blocks import shm_block
+from tests.grants import churn_against_recalls, recall, setup
 
 MiB = 2**20
-
-
-def setup(segment, sent: list, later: list | None = None) -> tuple[LocalReads, dict]:
-    """``later`` collects what would run on the event loop (the use reports)."""
-    reads = LocalReads(
-        LocalState(FABRIC.hex), NODE, "worker-b", sent.append, (later if later is not None else []).append
-    )
-    entry = {
-        "var_id": 7,
-        "name": "x",
-        "type": "1000 * uint8",
-        "shm_id": segment.name.lstrip("/"),
-        "data_offset": 4096,
-        "extent_id": 1,
-    }
-    return reads, entry
-
-
-def recall(reads: LocalReads, var_id: int) -> list:
-    answers: list = []
-    reads.recall(1, [var_id], answers.append)
-    return answers[0]["leases"]
 
 
 def test_a_recall_reports_the_live_local_leases_and_only_they_send_releases():
@@ -103,38 +79,17 @@ def test_many_threads_getting_and_dropping_while_recalls_come_keep_the_count_exa
         sent: list = []
         reads, entry = setup(segment, sent)
         reads.publish([entry])
-        stop = threading.Event()
-        alive: list = []
-        lock = threading.Lock()
 
-        def churn(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            while not stop.is_set():
-                pin = reads.pin("x")
-                if pin is None:
-                    reads.publish([entry])
-                    continue
-                if rng.random() < 0.1:
-                    with lock:
-                        alive.append(pin.view())
-                elif rng.random() < 0.2:
-                    with lock:
-                        if alive:
-                            alive.pop(int(rng.integers(len(alive))))
+        def take(rng: np.random.Generator) -> list | None:
+            pin = reads.pin("x")
+            if pin is None:
+                reads.publish([entry])
+                return None
+            return [pin.view()] if rng.random() < 0.5 else []
 
-        threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        reported = 0
-        for _ in range(200):
-            reported += sum(count for _, count in recall(reads, 7))
-        stop.set()
-        for t in threads:
-            t.join()
-        gc.collect()
+        reported, alive = churn_against_recalls(take, lambda _: sum(count for _, count in recall(reads, 7)))
         last = sum(count for _, count in recall(reads, 7))  # the grant in force now
-        with lock:
-            still = len(alive)
+        still = len(alive)
         released = len(sent)
         # Live pins under recalled grants are counted and have not released; those under
         # the last grant are counted by the last recall.

@@ -7,13 +7,12 @@ collections come in."""
 from __future__ import annotations
 
 import gc
-import threading
 
 import numpy as np
 
 from datafabric.references import FabricView, pin_of
 from tests.blocks import shm_block
-from tests.test_local_grants import recall, setup
+from tests.grants import churn_against_recalls, recall, setup
 from worker_plugin.local_reads import READY
 
 MiB = 2**20
@@ -91,44 +90,27 @@ def test_threads_taking_ready_views_while_recalls_and_publications_come_keep_cou
         names = entries_for(entry, 8)
         fill(segment, names)
         reads.publish(names)
-        stop = threading.Event()
-        alive: list = []
         wrong: list = []
-        lock = threading.Lock()
+        order = np.random.default_rng(99)
 
-        def churn(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            while not stop.is_set():
-                e = names[int(rng.integers(len(names)))]
-                view = reads.view(e["name"])
-                if view is None:
-                    continue
-                if not (view == e["var_id"] % 256).all():
-                    wrong.append(e["name"])
-                if rng.random() < 0.3:
-                    with lock:
-                        alive.append(view)
-                elif rng.random() < 0.5:
-                    with lock:
-                        if alive:
-                            alive.pop(int(rng.integers(len(alive))))
-
-        threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
-        for t in threads:
-            t.start()
-        reported = 0
-        rng = np.random.default_rng(99)
-        for _ in range(300):  # the event loop: recalls, and publications made ready again
+        def take(rng: np.random.Generator) -> list | None:
             e = names[int(rng.integers(len(names)))]
-            reported += sum(count for _, count in recall(reads, e["var_id"]))
+            view = reads.view(e["name"])
+            if view is None:
+                return None
+            if not (view == e["var_id"] % 256).all():
+                wrong.append(e["name"])
+            return [view]
+
+        def recall_round(_: int) -> int:  # the event loop: a recall, and a publication made ready again
+            e = names[int(order.integers(len(names)))]
+            reported = sum(count for _, count in recall(reads, e["var_id"]))
             reads.publish([e])
-        stop.set()
-        for t in threads:
-            t.join()
-        gc.collect()
+            return reported
+
+        reported, alive = churn_against_recalls(take, recall_round, rounds=300)
         last = sum(sum(count for _, count in recall(reads, e["var_id"])) for e in names)
-        with lock:
-            still = len(alive)
+        still = len(alive)
         assert wrong == []
         assert reads._ready == {}  # every grant recalled: nothing ready is left
         assert reported + last - len(sent) == still
