@@ -9,16 +9,14 @@ walked as it was left, must show every run as it was or merged, never torn."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 
 import pytest
 
 from datafabric import layout
 from datafabric.layout import ExtentState
 from tests.blocks import check_block, put, shm_block
-from tests.test_bulk_free_killed import owner
+from tests.test_bulk_free_killed import free_in_child, owner
 from worker_plugin.allocator import BlockAllocator
 
 KiB = 1 << 10
@@ -195,29 +193,11 @@ def runs_of(before, freed: set[int]) -> list[list[int]]:
 
 
 def kill_at(segment, allocator, batch, stop_at):
+    """The owner frees ``batch`` in a child stopped, then killed, before its ``stop_at``-th
+    store; the stores it made when not stopped, or None."""
     name = segment.name.lstrip("/")
-    plugin = owner(name, segment, allocator)
-    pid = os.fork()
-    if pid == 0:
-        store, calls = layout._store, []
-
-        def counted(*args):
-            if len(calls) == stop_at:
-                os.kill(os.getpid(), signal.SIGSTOP)
-            calls.append(args)
-            store(*args)
-
-        layout._store = counted
-        try:
-            plugin.free([(name, o, i) for o, i in batch])
-        finally:
-            os._exit(len(calls) if stop_at is None else 0)
-    _, status = os.waitpid(pid, os.WUNTRACED)
-    if os.WIFSTOPPED(status):
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        return None
-    return os.WEXITSTATUS(status)
+    stores = free_in_child(owner(name, segment, allocator), name, batch, stop_at)
+    return None if stores < 0 else stores
 
 
 @pytest.mark.parametrize("seed", (0, 1, 3))
