@@ -256,11 +256,6 @@ def test_a_failure_at_the_start_of_the_lease_hand_over_ends_the_count_once(monke
         assert live_pins(segment) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LocalState.take/pin register the lease's weak reference before the cache entry: a failure "
-    "after it has the caller end the count, and the pin's death ends it again (count -1)",
-)
 @pytest.mark.parametrize("get", [get_view, get_pin])
 def test_a_failure_at_the_last_step_of_the_lease_hand_over_ends_the_count_once(monkeypatch, get):
     """The lease's weak reference is registered, then the name's cache entry fails (an
