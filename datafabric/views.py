@@ -265,6 +265,22 @@ class LocalState:
         with self.lock:
             return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
 
+    def uncache(self, name: str, pin: _Pin) -> None:
+        """``name`` no longer answers with ``pin`` (if it still does: a later entry stays).
+
+        A local get (``LocalReads``) caches its pin after it counted the lease, so the event
+        loop may run in between: recall the grant, receive the invalidation of the
+        variable's deletion (sent once the recall is answered) and publish the name bound
+        to another variable.  An entry written after that invalidation would answer later
+        gets of the name with the deleted variable.  So the get looks, after writing the
+        entry, whether its grant is still the name's: if so, no recall came before the
+        write, so an invalidation comes after it and drops it; if not, it drops its own
+        entry here."""
+        with self.lock:
+            ref = self._pins.get(name)
+            if ref is not None and ref() is pin:
+                del self._pins[name]
+
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)
         with self.lock:

@@ -277,11 +277,6 @@ def test_a_failure_at_the_last_step_of_the_lease_hand_over_ends_the_count_once(m
         assert recall(reads, 7) == [] and sent == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cache entry is written after the count: a recall, the deletion's invalidation and the name's "
-    "new publication coming in between leave the deleted variable's pin cached under the name",
-)
 @pytest.mark.parametrize("get", [get_view, get_pin, get_batch])
 def test_a_name_deleted_and_bound_anew_while_its_old_grant_is_taken_is_not_cached_stale(get):
     """Between a get's count and its cache entry the event loop recalls the old grant

@@ -206,6 +206,8 @@ class LocalReads:
         except BaseException:
             end(pin.lease)
             raise
+        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
+            self.state.uncache(name, pin)
         return view
 
     def pin(self, name: str) -> _Pin | None:
@@ -236,12 +238,15 @@ class LocalReads:
         end = MethodType(self._ended, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
         try:
             ftype, cast = self._types[text]
-            return self.state.pin(
+            pin = self.state.pin(
                 name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
             )
         except BaseException:
             end(lease)
             raise
+        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
+            self.state.uncache(name, pin)
+        return pin
 
     def pin_many(self, names: list[str]) -> list[_Pin | None]:
         """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
@@ -302,6 +307,10 @@ class LocalReads:
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
         self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
+        grants = self._grants
+        for i in made:
+            if grants.get(names[i]) is not found[i]:  # its grant went meanwhile: ``LocalState.uncache``
+                self.state.uncache(names[i], out[i])  # type: ignore[arg-type]
         return out
 
     def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
