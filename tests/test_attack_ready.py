@@ -256,12 +256,6 @@ def test_a_failure_at_the_start_of_the_lease_hand_over_ends_the_count_once(monke
         assert live_pins(segment) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LocalReads.view/pin bind the pin's end (MethodType) after counting the lease and outside the "
-    "try that ends it on a failure: a failure there leaves a count no pin holds, which a recall reports "
-    "as a lease that never ends",
-)
 @pytest.mark.parametrize("get", [get_view, get_pin])
 def test_a_failure_between_the_count_and_the_hand_over_ends_the_count(monkeypatch, get):
     with shm_block(MiB) as segment:
