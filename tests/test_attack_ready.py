@@ -2,7 +2,8 @@
 a ready pin holds no lease, a recall finds either it (dropped, no view of it outside the
 table) or its lease counted, a taken view's death sends one release iff a recall reported
 it, it shows its own variable's bytes, and nothing leaks, whatever threads, collections
-and failures come in the middle.  Unit level on a real block first, then a real cluster."""
+and failures come in the middle.  Unit level, on a real block; the cluster attacks are in
+``test_attack_ready_cluster.py``."""
 
 from __future__ import annotations
 
