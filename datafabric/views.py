@@ -126,6 +126,10 @@ class _Lease(weakref.ref):
     __slots__ = ("end", "lease")
 
 
+def _end_nothing(lease: dict) -> None:
+    """The end of a lease whose pin failed to be handed out: its caller ended it."""
+
+
 class LocalState:
     """Per process and fabric; shared by every thread and every Fabric object."""
 
@@ -198,7 +202,7 @@ class LocalState:
         ref.lease = lease
         self._live.add(ref)
         if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
-            self._pins[name] = weakref.ref(pin)
+            self._cache_held(name, pin, ref)
         return pin
 
     def hold(
@@ -224,12 +228,25 @@ class LocalState:
 
     def take(self, name: str, pin: _Pin, end: Callable[[dict], None]) -> None:
         """A pin made ahead with no lease (``LocalReads`` readies the first views of new
-        names) holds ``pin.lease`` from now on: its death ends it, as ``pin``'s does."""
+        names) holds ``pin.lease`` from now on: its death ends it, as ``pin``'s does.  If
+        this raises, the pin holds no lease (the caller ends it), as with ``pin``."""
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = pin.lease
         self._live.add(ref)
-        self._pins[name] = weakref.ref(pin)
+        self._cache_held(name, pin, ref)
+
+    def _cache_held(self, name: str, pin: _Pin, ref: _Lease) -> None:
+        """Cache ``pin`` by name once its lease's weak reference ``ref`` is registered.  A
+        failure here (an allocation) disarms ``ref`` before it propagates: whoever asked
+        for the pin ends the lease on a failure, so its death must not end it too (the
+        failure's frames may keep ``ref`` alive until after the pin dies)."""
+        try:
+            self._pins[name] = weakref.ref(pin)
+        except BaseException:
+            self._live.discard(ref)
+            ref.end = _end_nothing
+            raise
 
     def cache(self, names: list[str], pins: list[_Pin]) -> None:
         """Later gets of these names answer with these pins' views (one lock for a batch)."""
@@ -247,6 +264,22 @@ class LocalState:
         """Live pins whose lease a YellowPages older than ids from ``var_id`` granted."""
         with self.lock:
             return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
+
+    def uncache(self, name: str, pin: _Pin) -> None:
+        """``name`` no longer answers with ``pin`` (if it still does: a later entry stays).
+
+        A local get (``LocalReads``) caches its pin after it counted the lease, so the event
+        loop may run in between: recall the grant, receive the invalidation of the
+        variable's deletion (sent once the recall is answered) and publish the name bound
+        to another variable.  An entry written after that invalidation would answer later
+        gets of the name with the deleted variable.  So the get looks, after writing the
+        entry, whether its grant is still the name's: if so, no recall came before the
+        write, so an invalidation comes after it and drops it; if not, it drops its own
+        entry here."""
+        with self.lock:
+            ref = self._pins.get(name)
+            if ref is not None and ref() is pin:
+                del self._pins[name]
 
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)

@@ -185,27 +185,28 @@ class LocalReads:
             return None
         serial = grant[_SERIAL]
         ready = None
+        first = False
         if serial in self._ready and self._segments[grant[_SHM_ID]].readonly is not None:  # a peek
             now = time.monotonic()
-            first = False
             with self.lock:
                 ready = self._ready.pop(serial, None)
                 if ready is not None:  # so not recalled: its count is there
-                    self._counts[serial] += 1
                     if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
                         first = self._note_use(grant, now)
-            if first:
-                self.later(self._report)
+                    self._counts[serial] += 1  # the last step that may fail: none leaves a count
         if ready is None:  # none made ahead, or taken by another thread, or recalled meanwhile
             pin = self.pin(name)
             return None if pin is None else pin.view()
         pin, view = ready
-        end = MethodType(self._ended, grant)
-        try:
-            self.state.take(name, pin, end)
+        try:  # from the count on, every step that may fail ends it on failure
+            if first:
+                self.later(self._report)
+            self.state.take(name, pin, MethodType(self._ended, grant))
         except BaseException:
-            end(pin.lease)
+            self._end(grant, pin.lease)
             raise
+        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
+            self.state.uncache(name, pin)
         return view
 
     def pin(self, name: str) -> _Pin | None:
@@ -223,25 +224,29 @@ class LocalReads:
             count = self._counts.get(serial)
             if count is None:  # recalled
                 return None
-            self._counts[serial] = count + 1
             interface = self._interfaces[serial]  # under the lock: a recall drops it
             first = False
             if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
                 self._reported[serial] = now
                 first = not self._used
                 self._used.append(var_id)
-        if first:
-            self.later(self._report)
-        lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
-        end = MethodType(self._ended, grant)  # end(lease) is self._end(grant, lease): one object, the lightest
-        try:
+            self._counts[serial] = count + 1  # the last step that may fail: none leaves a count
+        try:  # from the count on, every step that may fail ends it on failure
+            if first:
+                self.later(self._report)
+            lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
+            # end(lease) is self._end(grant, lease): one object, the lightest
+            end = MethodType(self._ended, grant)
             ftype, cast = self._types[text]
-            return self.state.pin(
+            pin = self.state.pin(
                 name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
             )
         except BaseException:
-            end(lease)
+            self._end(grant, {"op": "datafabric_release", "var_id": var_id, "holder": self.holder})
             raise
+        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
+            self.state.uncache(name, pin)
+        return pin
 
     def pin_many(self, names: list[str]) -> list[_Pin | None]:
         """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
@@ -272,9 +277,10 @@ class LocalReads:
                 for serial in counted:
                     counts[serial] -= 1
                 raise
-        if first:
+        out = self._hold(names, found, faces)
+        if first:  # after the pins hold the counts: a failure here ends them as the pins die
             self.later(self._report)
-        return self._hold(names, found, faces)
+        return out
 
     def _hold(self, names: list[str], found: list[Grant | None], faces: list[dict | None]) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
@@ -302,6 +308,10 @@ class LocalReads:
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
         self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
+        grants = self._grants
+        for i in made:
+            if grants.get(names[i]) is not found[i]:  # its grant went meanwhile: ``LocalState.uncache``
+                self.state.uncache(names[i], out[i])  # type: ignore[arg-type]
         return out
 
     def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
