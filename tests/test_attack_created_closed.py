@@ -78,19 +78,7 @@ def back_to_two(client, fabric) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "then",
-    [
-        pytest.param(
-            "refuse",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="an undone allocate forgets a created block whose owner died: its segment leaks, then is taken back",
-            ),
-        ),
-        "create",
-    ],
-)
+@pytest.mark.parametrize("then", ["refuse", "create"])
 def test_the_large_block_s_owner_killed_after_answering_leaves_all_or_none(then):
     """The large block exists and its creator has answered; it is SIGKILLed while the small
     block is still being made, and inserts race from a task of the other worker and from the

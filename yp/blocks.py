@@ -102,16 +102,21 @@ class Inventory:
         return results
 
     async def _undo(self, plan: list[tuple], results: list[Any]) -> None:
-        """A refused allocate: unlink what was created; a creator that was lost leaves its
-        name to the peer that adopts its node, every other name is forgotten."""
+        """A refused allocate: unlink what was created; a creator that was lost, before it
+        answered or after (it cannot unlink), leaves its name, still being created, to the
+        peer that adopts its node, which unlinks what is there; every other name is
+        forgotten.  The names stay recorded until the unlinks are answered: the adoption a
+        death schedules waits for ``changing``, which the allocate holds."""
         unlink = []
         for (worker, _, _, shm_id), r in zip(plan, results, strict=True):
-            if isinstance(r, WorkerLostError):
-                continue
-            self.directory.remove_block(shm_id)
             if not isinstance(r, BaseException):
                 unlink.append((worker, "unlink_block", {"shm_id": shm_id}))
-        await self.owners.ask_each(unlink, "undo allocate")
+            elif not isinstance(r, WorkerLostError):
+                self.directory.remove_block(shm_id)
+        answers = await self.owners.ask_each(unlink, "undo allocate")
+        for (_, _, kwargs), answer in zip(unlink, answers, strict=True):
+            if not isinstance(answer, WorkerLostError):
+                self.directory.remove_block(kwargs["shm_id"])
 
     async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         block = self.directory.block(node, shm_id)
