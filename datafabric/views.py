@@ -6,7 +6,10 @@ holds the block's read-only buffer (one per block, ``Segment.readonly``), which 
 mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends
 the release to the YellowPages without waiting.  The pin is cached by name so that later gets in this
 process cost no RPC while any view is alive; the YellowPages invalidates the cache when
-the name is deleted.
+the name is deleted.  A lease is taken before its pin is cached, and the invalidation of a
+variable deleted in between may arrive first: so every invalidation advances ``epoch``,
+each get reads it before it takes its lease, and a pin is cached only if no invalidation
+came since (a name deleted and bound anew is never answered with the deleted variable).
 """
 
 from __future__ import annotations
@@ -135,6 +138,9 @@ class LocalState:
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
+        # Invalidations so far: a get reads it before its lease, and caches its pin only if
+        # it has not changed since (``pin``, ``cache``).
+        self.epoch = 0
         # Every pin alive, each holding a lease: a weak reference whose callback releases it
         # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
         self._live: set[_Lease] = set()
@@ -186,10 +192,12 @@ class LocalState:
         end: Callable[[dict], None],
         *,
         cache: bool = True,
+        since: int = -1,
         interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
-        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable).
+        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable),
+        if no invalidation came since ``epoch`` was ``since``, read before the lease was taken.
         ``interface``: the variable's ``interface_of``, when the caller has it already.  ``hold``'s
         steps written out: a task's first get comes here, where each frame costs µs."""
         pin = _Pin(segment, node, data_offset, extent_id, ftype, lease, interface)
@@ -198,7 +206,11 @@ class LocalState:
         ref.lease = lease
         self._live.add(ref)
         if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
-            self._pins[name] = weakref.ref(pin)
+            cached = self._pins[name] = weakref.ref(pin)
+            if self.epoch != since:  # an invalidation came since the lease: read before its drop, or after
+                with self.lock:
+                    if self._pins.get(name) is cached:
+                        del self._pins[name]
         return pin
 
     def hold(
@@ -222,10 +234,13 @@ class LocalState:
         self._live.add(ref)
         return pin
 
-    def cache(self, names: list[str], pins: list[_Pin]) -> None:
-        """Later gets of these names answer with these pins' views (one lock for a batch)."""
+    def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
+        """Later gets of these names answer with these pins' views (one lock for a batch),
+        unless an invalidation came since ``epoch`` was ``since``, before their leases."""
         ref = weakref.ref
         with self.lock:
+            if self.epoch != since:
+                return
             for name, pin in zip(names, pins, strict=True):
                 self._pins[name] = ref(pin)
 
@@ -242,6 +257,7 @@ class LocalState:
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)
         with self.lock:
+            self.epoch += 1  # before the drop: a pin cached meanwhile sees it, or is dropped
             for name, ref in list(self._pins.items()):
                 pin = ref()
                 if pin is None or pin.var_id in drop:
@@ -249,10 +265,12 @@ class LocalState:
 
     def forget(self, name: str) -> None:
         with self.lock:
+            self.epoch += 1
             self._pins.pop(name, None)
 
     def forget_prefix(self, prefix: str) -> None:
         with self.lock:
+            self.epoch += 1
             for name in [n for n in self._pins if n.startswith(prefix)]:
                 del self._pins[name]
 

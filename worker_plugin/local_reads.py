@@ -138,6 +138,7 @@ class LocalReads:
     def pin(self, name: str) -> _Pin | None:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
         YellowPages), or recalled while this ran.  A task's first get: few steps."""
+        since = self.state.epoch  # before the count: an invalidation after it keeps the pin uncached
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
@@ -164,7 +165,16 @@ class LocalReads:
         try:
             ftype, cast = self._types[text]
             return self.state.pin(
-                name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
+                name,
+                self.node,
+                segment,
+                data_offset,
+                extent_id,
+                ftype,
+                lease,
+                end,
+                since=since,
+                interface=(interface, cast),
             )
         except BaseException:
             end(lease)
@@ -174,6 +184,7 @@ class LocalReads:
         """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
         dataset's chunks, a get_many): the grants are counted together, then the pins made.
         Every count taken is held by a pin, or ended here if making the pins fails."""
+        since = self.state.epoch  # before the counts: the pins are cached only if no invalidation came since
         grants, segments = self._grants, self._segments
         found: list[Grant | None] = [grants.get(name) for name in names]
         faces: list[dict | None] = [None] * len(found)  # the counted grants' array interfaces
@@ -201,9 +212,11 @@ class LocalReads:
                 raise
         if first:
             self.later(self._report)
-        return self._hold(names, found, faces)
+        return self._hold(names, found, faces, since)
 
-    def _hold(self, names: list[str], found: list[Grant | None], faces: list[dict | None]) -> list[_Pin | None]:
+    def _hold(
+        self, names: list[str], found: list[Grant | None], faces: list[dict | None], since: int
+    ) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
@@ -228,7 +241,7 @@ class LocalReads:
                     end(grant, {"op": "datafabric_release", "var_id": grant[_VAR_ID], "holder": holder})
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
-        self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
+        self.state.cache([names[i] for i in made], [out[i] for i in made], since)  # type: ignore[misc]
         return out
 
     def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
