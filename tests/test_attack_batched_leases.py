@@ -7,15 +7,22 @@ its name's bytes (``tests/churn.py``: a name's bytes are a function of the name 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 
 import cloudpickle
 import numpy as np
+import psutil
 import pytest
-from distributed import get_worker
+from distributed import Client, get_worker
 
+import datafabric
+from datafabric.errors import OutOfSpaceError
 from datafabric.views import local_state
+from tests.churn import content, differing
+from tests.conftest import local_cluster
 from tests.test_lifecycle import total_free, workers
 from tests.test_local_reads import wait_published
 from tests.waiting import wait_for
@@ -99,3 +106,69 @@ def test_a_name_bound_anew_while_a_local_lease_is_being_cached_is_read_anew(clie
     fabric.delete(name)
     wait_for(lambda: total_free(fabric) == free, "the memory back")
     assert wrong == 0, f"a get after {name!r} was bound anew read {wrong} of 1000 values of the deleted variable"
+
+
+# -- a worker SIGKILLed holding batched local leases ----------------------------------
+NAMES = [f"bk/{i}/{MiB}" for i in range(8)]  # tests/churn.py names: the size travels in the name
+
+
+def hold_many(fabric, names: list[str]) -> tuple[int, int]:
+    """A task's get_many (local leases, one lock for the batch), the views kept in the
+    worker; (this process's id, bytes that differ from the names' own)."""
+    views = fabric.get_many(names)
+    held().setdefault("many", []).extend(zip(names, views, strict=True))
+    return os.getpid(), sum(differing(n, v) for n, v in zip(names, views, strict=True))
+
+
+def held_differ() -> int:
+    return sum(differing(n, v) for n, v in held().get("many", []))
+
+
+def fill_node(fabric) -> int:
+    """Insert 1 MiB variables until nothing more fits: memory freed under a view is written
+    over.  Returns how many."""
+    n = 0
+    while True:
+        try:
+            fabric.insert(f"bk-fill/{n}", "", np.uint8, np.full(MiB, 0xA5, np.uint8))
+        except OutOfSpaceError:
+            return n
+        n += 1
+
+
+def test_a_worker_killed_holding_batched_local_leases_frees_only_what_nobody_else_holds():
+    """Worker a holds a get_many of every name, some twice, partly reported (a defragment
+    recalled them) and partly not (taken again after); worker b and the client hold views
+    of overlapping halves.  a is SIGKILLed, every name deleted, the node filled and
+    defragmented: the views of b and of the client keep their bytes, and once they are
+    dropped every byte of the fabric comes back."""
+    with local_cluster() as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=32)
+        try:
+            a, b = workers(client)
+            free = total_free(fabric)
+            for name in NAMES:
+                fabric.insert(name, "", np.uint8, content(name))
+            wait_published(client, a, NAMES)
+            wait_published(client, b, NAMES)
+            pid, wrong = client.submit(hold_many, fabric, NAMES + NAMES[:3], workers=[a], pure=False).result()
+            assert wrong == 0
+            assert client.submit(hold_many, fabric, NAMES[2:6], workers=[b], pure=False).result()[1] == 0
+            mine = list(zip(NAMES[4:], fabric.get_many(NAMES[4:]), strict=True))
+            fabric.defragment()  # recalls them all: the local counts become leases the YellowPages holds
+            wait_published(client, a, NAMES)
+            assert client.submit(hold_many, fabric, NAMES[::-1], workers=[a], pure=False).result()[1] == 0
+            os.kill(pid, signal.SIGKILL)
+            psutil.Process(pid).wait(timeout=30)
+            fabric.delete_many(NAMES)
+            filled = fill_node(fabric)
+            fabric.defragment()
+            assert filled > 0
+            assert client.submit(held_differ, workers=[b], pure=False).result() == 0
+            assert sum(differing(n, v) for n, v in mine) == 0
+            client.submit(drop_all, workers=[b], pure=False).result()
+            del mine
+            fabric.delete_prefix("bk-fill/")
+            wait_for(lambda: total_free(fabric) == free, "every byte back once the views are dropped")
+        finally:
+            fabric.shutdown()
