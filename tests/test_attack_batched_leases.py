@@ -8,9 +8,12 @@ its name's bytes (``tests/churn.py``: a name's bytes are a function of the name 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
+import time
+from collections import Counter, deque
 
 import cloudpickle
 import numpy as np
@@ -19,7 +22,7 @@ import pytest
 from distributed import Client, get_worker
 
 import datafabric
-from datafabric.errors import OutOfSpaceError
+from datafabric.errors import NameNotFoundError, OutOfSpaceError
 from datafabric.views import local_state
 from tests.churn import content, differing
 from tests.conftest import local_cluster
@@ -172,3 +175,97 @@ def test_a_worker_killed_holding_batched_local_leases_frees_only_what_nobody_els
             wait_for(lambda: total_free(fabric) == free, "every byte back once the views are dropped")
         finally:
             fabric.shutdown()
+
+
+# -- batches of overlapping names racing deletes, new bindings and defragments ---------
+BASE = [f"bg/{i}/{64 * 1024 * (1 + i % 4)}" for i in range(16)]  # churn names: the size in the name
+MISSING = "bg/never/4096"
+
+
+def generation_data(name: str, gen: int) -> np.ndarray:
+    """The name's own bytes, its first word the generation of this binding of it."""
+    data = content(name).copy()
+    data[:8] = np.frombuffer(np.uint64(gen).tobytes(), np.uint8)
+    return data
+
+
+def generation_of(name: str, view: np.ndarray) -> int:
+    """The view's generation, or -1 if any other byte is not the name's own."""
+    data = np.asarray(view).reshape(-1).view(np.uint8)
+    want = content(name)
+    if data.size != want.size or not np.array_equal(data[8:], want[8:]):
+        return -1
+    return int(data[:8].view(np.uint64)[0])
+
+
+def batch_reader(fabric, seed: int, seconds: float) -> dict:
+    """get_many of random overlapping sets (duplicates, and now and then a name that does not
+    exist, which refuses the whole batch): every view holds its name's bytes, each name's
+    generation never goes back within this process, and kept views never change."""
+    rng = random.Random(seed)
+    counts: Counter[str] = Counter()
+    bad: list[str] = []
+    latest: dict[str, int] = {}
+    kept: deque[tuple[str, np.ndarray, int]] = deque()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.002)  # the worker's event loop runs: recalls are answered meanwhile
+        names = rng.choices(BASE, k=rng.randint(1, 10))
+        if rng.random() < 0.15:
+            names.insert(rng.randrange(len(names) + 1), MISSING)
+        try:
+            views = fabric.get_many(names)
+        except NameNotFoundError:
+            counts["refused"] += 1
+            continue
+        counts["batches"] += 1
+        for name, view in zip(names, views, strict=True):
+            gen = generation_of(name, view)
+            if gen < latest.get(name, 0):
+                bad.append(f"{name}: generation {gen} after {latest.get(name)}")
+            latest[name] = max(gen, latest.get(name, 0))
+            if rng.random() < 0.2:
+                kept.append((name, view, gen))
+        while len(kept) > 12:
+            name, view, gen = kept.popleft()
+            if generation_of(name, view) != gen:
+                bad.append(f"{name}: changed under a view of generation {gen}")
+    counts["kept"] = len(kept)
+    for name, view, gen in kept:
+        if generation_of(name, view) != gen:
+            bad.append(f"{name}: changed under a view of generation {gen}")
+    return {"counts": dict(counts), "bad": bad[:20]}
+
+
+def test_batches_of_overlapping_names_racing_deletes_new_bindings_and_defragments(client, fabric):
+    """Two tasks per worker read batches of the same names while the client deletes them,
+    binds them anew with the next generation, fills freed memory and defragments."""
+    free = total_free(fabric)
+    gens = dict.fromkeys(BASE, 1)
+    for name in BASE:
+        fabric.insert(name, "", np.uint8, generation_data(name, 1))
+    rng = random.Random(7)
+    readers = [
+        client.submit(batch_reader, fabric, 100 + k, 8.0, workers=[w], pure=False)
+        for k, w in enumerate(workers(client) * 2)
+    ]
+    deadline, rounds = time.monotonic() + 8.0, Counter()
+    while time.monotonic() < deadline:
+        name = rng.choice(BASE)
+        fabric.delete(name)
+        if rng.random() < 0.5:  # its memory reused at once by other bytes (freed unless held)
+            fabric.insert("bg-filler", "", np.uint8, np.full(int(name.rsplit("/", 1)[1]), 0x5A, np.uint8))
+            fabric.delete("bg-filler")
+        gens[name] += 1
+        fabric.insert(name, "", np.uint8, generation_data(name, gens[name]))
+        rounds["rebound"] += 1
+        if rng.random() < 0.2:
+            fabric.defragment()
+            rounds["defragment"] += 1
+    results = client.gather(readers)
+    bad = [b for r in results for b in r["bad"]]
+    assert not bad, bad
+    assert all(r["counts"].get("batches", 0) > 10 and r["counts"].get("refused", 0) > 0 for r in results), results
+    assert rounds["rebound"] > 20, rounds
+    fabric.delete_many(BASE)
+    wait_for(lambda: total_free(fabric) == free, "every byte back once the readers are done")
