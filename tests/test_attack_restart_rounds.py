@@ -40,9 +40,6 @@ def incarnation(dask_scheduler) -> tuple[int, int, int, float]:
     return yp.directory.first_id, declarations.last, len(declarations.rounds), declarations.started
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a client's 'declared' names a round number only, and a stale one settles another incarnation's"
-)
 def test_a_declaration_meant_for_an_earlier_incarnation_ends_no_round_of_this_one(processes, monkeypatch):  # noqa: F811
     """A client keeps a view of "x" through a crash and declares it to the restarted
     scheduler (its lease there).  That scheduler dies too.  A declaration answering the
