@@ -11,22 +11,27 @@ Real worker processes (with nannies, which restart a killed worker) and real sha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import sys
 import threading
+import time
 import zlib
 
 import cloudpickle
 import numpy as np
 import pytest
 from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
 
 import datafabric
 from datafabric.errors import FabricError, OutOfSpaceError
+from datafabric.protocol import HANDLER_PREFIX
 from tests.conftest import SHM_DIR, local_cluster
 from tests.test_attack_allocate import (
+    SMALL,
     SlowSmallBlocks,
     _try,
     fabric_workers,
@@ -122,3 +127,79 @@ def test_the_large_block_s_owner_killed_after_answering_leaves_all_or_none(then)
             assert np.array_equal(fabric.get(name), values(name, MiB)), name
         fabric.shutdown()
         wait_for(lambda: own_segments(fabric) == [], f"segments left after the shutdown: {own_segments(fabric)}")
+
+
+OPEN_LATE = 2.0  # seconds the allocate's opening of a new small block takes to arrive
+UNLINK_LATE = 6.0  # seconds an unlink takes to arrive
+
+
+class LateOpenSlowUnlink(WorkerPlugin):
+    """The allocate's opening of a new small block (``retire_block`` with ``retiring=False``,
+    the first for the block) arrives ``OPEN_LATE`` s late, and every ``unlink_block``
+    ``UNLINK_LATE`` s late: messages on different connections, in an order nothing forbids."""
+
+    name = "late-open-slow-unlink"
+
+    def setup(self, worker) -> None:
+        retire = worker.handlers[f"{HANDLER_PREFIX}retire_block"]
+        unlink = worker.handlers[f"{HANDLER_PREFIX}unlink_block"]
+        opened: set[str] = set()
+
+        async def retire_block(**kwargs):
+            if kwargs.get("retiring") is False and kwargs["shm_id"] not in opened:
+                opened.add(kwargs["shm_id"])
+                await asyncio.sleep(OPEN_LATE)
+            return retire(**kwargs)
+
+        async def unlink_block(**kwargs):
+            await asyncio.sleep(UNLINK_LATE)
+            return unlink(**kwargs)
+
+        worker.handlers[f"{HANDLER_PREFIX}retire_block"] = retire_block
+        worker.handlers[f"{HANDLER_PREFIX}unlink_block"] = unlink_block
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the allocate's late opening reopens a block a deallocate closed; a seal lands there and the unlink drops it",
+)
+def test_a_block_deallocated_while_its_allocate_opens_it_loses_no_sealed_variable():
+    """A client deallocates a new small block as soon as ``status`` shows it, before its
+    allocate has opened it; the allocate's opening arrives after the deallocate closed it,
+    and a task of its owner inserts a variable that fits only there.  Whatever the outcome
+    of each, a variable whose insert returned reads back its bytes afterwards."""
+    with removing_own_segments() as own, local_cluster() as cluster, Client(cluster) as client:
+        fabric = own.fabric = datafabric.start(client, mb=8)
+        client.run(lambda: None)
+        before = {b["shm_id"] for b in fabric.status()}
+        client.register_plugin(LateOpenSlowUnlink())
+        allocated: list = []
+        allocating = threading.Thread(target=lambda: allocated.append(_try(fabric.allocate, 96)))
+        allocating.start()
+        try:
+            small = wait_for(
+                lambda: [b for b in fabric.status() if b["shm_id"] not in before and b["size"] < SMALL],
+                "the new small block in the status",
+            )[0]
+            dealloc: list = []
+            deallocating = threading.Thread(
+                target=lambda: dealloc.append(_try(fabric.deallocate, small["node"], small["shm_id"]))
+            )
+            deallocating.start()
+            time.sleep(OPEN_LATE + 0.5)  # the allocate's opening has arrived
+            racing = client.submit(insert_checked, fabric, "racing", 10 * MiB, workers=[small["worker"]], pure=False)
+            try:
+                outcome = racing.result()
+            except Exception as exc:  # not a FabricError: a defect of its own
+                outcome = f"raised {exc!r}"
+            deallocating.join()
+        finally:
+            allocating.join()
+        assert outcome in ("inserted", "OutOfSpaceError"), outcome
+        if outcome == "inserted":
+            try:
+                read = np.array_equal(fabric.get("racing"), values("racing", 10 * MiB))
+            except FabricError as exc:
+                read = repr(exc)
+            assert read is True, f"the sealed 'racing' is lost (deallocate: {dealloc[0]!r}): {read}"
+        fabric.shutdown()
