@@ -159,10 +159,6 @@ class LateOpenSlowUnlink(WorkerPlugin):
         worker.handlers[f"{HANDLER_PREFIX}unlink_block"] = unlink_block
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the allocate's late opening reopens a block a deallocate closed; a seal lands there and the unlink drops it",
-)
 def test_a_block_deallocated_while_its_allocate_opens_it_loses_no_sealed_variable():
     """A client deallocates a new small block as soon as ``status`` shows it, before its
     allocate has opened it; the allocate's opening arrives after the deallocate closed it,
