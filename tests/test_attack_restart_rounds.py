@@ -9,6 +9,9 @@ Real processes as ``tests/test_restart.py`` runs them (``tests/processes.py``).
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -24,12 +27,15 @@ from datafabric import context
 from datafabric.protocol import SCHEDULER_PLUGIN
 from tests.test_attack_restart_views import replace_and_churn, used
 from tests.test_restart import NODES, listed, pin_of, processes, worker_of  # noqa: F401  (fixture)
+from tests.test_restart_kept_views import NODE as KEPT_NODE
+from tests.test_restart_kept_views import digest, fill_up, insert_here, quietly
+from tests.test_restart_kept_views import processes as kept_processes  # noqa: F401  (fixture)
 from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 WAIT = 8  # the restarted schedulers' datafabric.kept-views-wait, in seconds
-WORKERS_LATE = 5  # seconds after the third scheduler's start its workers are started
+WORKERS_LATE = 6  # seconds after the third scheduler's start its workers are started
 declare = context._declare_kept_views  # a client's declaration, called here by the test
 
 
@@ -72,11 +78,15 @@ def test_a_declaration_meant_for_an_earlier_incarnation_ends_no_round_of_this_on
         monkeypatch.setattr(context, "_declare_kept_views", lambda *args: events.append(args))
         processes.crash_scheduler()
         processes.start_scheduler()
-        time.sleep(WORKERS_LATE)  # the take-backs come late: their rounds' deadlines with them
+        third_id, _, _, started = wait_for(
+            lambda: (i := quietly(lambda: client.run_on_scheduler(incarnation), None)) and i[0] != first_id and i,
+            "the third scheduler",
+        )
+        time.sleep(max(0.0, started + WORKERS_LATE - time.monotonic()))  # late take-backs, late deadlines
         processes.start_workers()
         client.wait_for_workers(2)
         wait_for(lambda: listed(fabric) == ["x"], "x came back")
-        third_id, _, open_rounds, started = client.run_on_scheduler(incarnation)
+        open_rounds = client.run_on_scheduler(incarnation)[2]
         assert open_rounds > 0, "the third scheduler's rounds ended before the test could look"
         # Its rounds may end early once WAIT s have passed since it started, and every client
         # they wait for has declared: the stale declaration comes then, before their deadlines.
@@ -100,4 +110,88 @@ def test_a_declaration_meant_for_an_earlier_incarnation_ends_no_round_of_this_on
         np.testing.assert_array_equal(view, data, err_msg="the kept view changed")
         del view
         wait_for(lambda: used(fabric) == 0, f"memory still held once the view was dropped: {fabric.status()}")
+        fabric.shutdown()
+
+
+# -- a task's batch of views, a client that never comes back, a delete right after ------
+HOLDER_SCRIPT = """
+import sys, time, numpy as np, dask
+from distributed import Client
+import datafabric
+dask.config.set({"datafabric.node-id": sys.argv[2]})
+with Client(sys.argv[1], timeout=60) as client:
+    fabric = datafabric.connect(client)
+    view = fabric.get("gone-client")
+    assert not view.flags.owndata
+    open(sys.argv[3], "w").write("holding")
+    time.sleep(600)
+"""
+
+
+def hold_batch(fabric, names, started, stop, out):
+    """A task: one get_many of ``names`` (duplicates included: local leases, one lock), the
+    digests seen until told to stop written to ``out``."""
+    views = fabric.get_many(names)
+    seen = {n: set() for n in names}
+    with open(started, "w") as f:
+        f.write("holding")
+    deadline = time.time() + 180
+    while not os.path.exists(stop) and time.time() < deadline:
+        for n, v in zip(names, views, strict=True):
+            seen[n].add(digest(v))
+        time.sleep(0.05)
+    with open(out, "w") as f:
+        json.dump({n: sorted(s) for n, s in seen.items()}, f)
+
+
+def test_a_task_s_batch_kept_through_a_restart_while_a_client_never_comes_back(kept_processes, tmp_path):  # noqa: F811
+    """A task holds one get_many of three variables (one of them twice, one deleted while
+    read); another client process holds a view of a fourth, deleted too, and is SIGKILLed
+    while the scheduler is down: it never comes back.  As soon as the restarted scheduler
+    lists the names, they are deleted, the block defragmented and filled.  The task's
+    checksums never change, and once the old worker process is gone and the rounds are over,
+    every byte comes back."""
+    rng = np.random.default_rng(5)
+    data = {n: rng.random(50_000) for n in ("gap", "a", "b", "doomed", "gone-client")}
+    names = ["a", "b", "a", "doomed"]
+    expected = {n: digest(data[n]) for n in names}
+    started, stop, out, ready = (str(tmp_path / n) for n in ("started", "stop", "out.json", "ready"))
+    with Client(kept_processes.address, timeout=90) as client:
+        client.wait_for_workers(1)
+        fabric = datafabric.start(client, mb=32)
+        client.submit(insert_here, fabric, data).result()
+        fabric.delete("gap")  # a hole first: a compaction would move anything unleased
+        running = client.submit(hold_batch, fabric, names, started, stop, out, pure=False)
+        wait_for(lambda: os.path.exists(started), "the task to hold its batch")
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER_SCRIPT, kept_processes.address, KEPT_NODE, ready], start_new_session=True
+        )
+        try:
+            wait_for(lambda: os.path.exists(ready), "the other client to hold its view")
+            fabric.delete("doomed")
+            fabric.delete("gone-client")  # both deleted while read: their headers say DELETED
+
+            closing = kept_processes.lose_scheduler()
+            del running
+            holder.kill()  # it never comes back
+            holder.wait()
+            kept_processes.start()
+            wait_for(lambda: set(quietly(fabric.get_list, [])) == {"a", "b"}, "the block taken back")
+            fabric.delete("a")
+            fabric.defragment()
+            assert client.submit(fill_up, fabric, pure=False).result() > 0
+            with open(stop, "w") as f:
+                f.write("stop")
+            for proc in closing:
+                proc.wait(60)
+        finally:
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        with open(out) as f:
+            seen = json.load(f)
+        assert seen == {n: [expected[n]] for n in expected}, "the bytes under the task's views changed"
+        fabric.delete_prefix("filler/")
+        fabric.delete("b")
+        wait_for(lambda: all(b["used"] == 0 for b in fabric.status()), f"memory still held: {fabric.status()}")
         fabric.shutdown()
