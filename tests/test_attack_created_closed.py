@@ -199,3 +199,66 @@ def test_a_block_deallocated_while_its_allocate_opens_it_loses_no_sealed_variabl
                 read = repr(exc)
             assert read is True, f"the sealed 'racing' is lost (deallocate: {dealloc[0]!r}): {read}"
         fabric.shutdown()
+
+
+class KillLargeCreator(WorkerPlugin):
+    """SIGKILLs the creator of a block of ``SMALL`` or more at ``stage``: as ``create_block``
+    arrives ("asked", no segment yet), once its segment and header exist before it answers
+    ("made"), or as the allocate's opening of it arrives ("opening", the block confirmed)."""
+
+    name = "kill-large-creator"
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def setup(self, worker) -> None:
+        create = worker.handlers[f"{HANDLER_PREFIX}create_block"]
+        retire = worker.handlers[f"{HANDLER_PREFIX}retire_block"]
+        large: set[str] = set()
+
+        async def create_block(**kwargs):
+            if kwargs["size"] >= SMALL:
+                large.add(kwargs["shm_id"])
+                if self.stage == "asked":
+                    kill_me()
+            answer = await create(**kwargs)
+            if kwargs["size"] >= SMALL and self.stage == "made":
+                kill_me()
+            return answer
+
+        def retire_block(**kwargs):
+            if kwargs["shm_id"] in large and kwargs.get("retiring") is False and self.stage == "opening":
+                kill_me()
+            return retire(**kwargs)
+
+        worker.handlers[f"{HANDLER_PREFIX}create_block"] = create_block
+        worker.handlers[f"{HANDLER_PREFIX}retire_block"] = retire_block
+
+
+@pytest.mark.parametrize("stage", ["asked", "made", "opening"])
+def test_the_large_block_s_creator_killed_at_each_stage_leaves_all_or_none(stage):
+    """Killed before the allocate has confirmed the block, the allocate is refused and leaves
+    no block and no segment; killed as it opens the block, the allocate stands and the block
+    is adopted by the node's other worker, which places inserts there.  Either way the next
+    allocate works, and a shutdown leaves nothing in /dev/shm."""
+    with removing_own_segments() as own, local_cluster() as cluster, Client(cluster) as client:
+        fabric = own.fabric = datafabric.start(client, mb=8)
+        client.run(lambda: None)
+        before_segments, before_ids = own_segments(fabric), sorted(b["shm_id"] for b in fabric.status())
+        client.register_plugin(KillLargeCreator(stage))
+        outcome = _try(fabric.allocate, 96)
+        client.unregister_worker_plugin(KillLargeCreator.name)  # the restarted worker does not kill itself
+        back_to_two(client, fabric)
+        if stage == "opening":
+            assert not isinstance(outcome, BaseException), outcome
+            wait_for(lambda: all(b["worker"] for b in fabric.status()), "the killed creator's block adopted")
+            assert len(fabric.status()) == len(before_ids) + 2
+            assert insert_checked(fabric, "in-the-large-block", 40 * MiB) == "inserted"
+        else:
+            assert isinstance(outcome, FabricError), outcome
+            wait_for(lambda: own_segments(fabric) == before_segments, "the refused allocate's segments gone", 20)
+            assert sorted(b["shm_id"] for b in fabric.status()) == before_ids
+        fabric.allocate(96)
+        assert insert_checked(fabric, "after", 40 * MiB) == "inserted"
+        fabric.shutdown()
+        wait_for(lambda: own_segments(fabric) == [], f"segments left after the shutdown: {own_segments(fabric)}")
