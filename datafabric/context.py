@@ -178,4 +178,5 @@ async def _declare_kept_views(client: Any, fabric_id: uuid.UUID, first_id: int, 
                 continue  # its block is not back yet, or the scheduler is gone again
             pin.lease["var_id"] = info["var_id"]
     with contextlib.suppress(FabricError, OSError):
-        raise_if_refused(await client.scheduler.datafabric_declared(holder=client.id, round=round))
+        answer = await client.scheduler.datafabric_declared(holder=client.id, round=round, first_id=first_id)
+        raise_if_refused(answer)

@@ -159,15 +159,16 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
                 return view
         validate_name(name)
         ctx = self._ctx()
+        since = self._state.epoch  # before the lease: see ``LocalState.pin``
         info = ctx.call("acquire", name=name, holder=ctx.holder)
-        pin = self._local_pin(ctx, info, name)
+        pin = self._local_pin(ctx, info, name, since)
         if pin is None and cache and ctx.node is not None:
             try:
                 info = ctx.call("replicate_to", name=name, node=ctx.node)
             except (NotOnThisNodeError, OutOfSpaceError):
                 pass  # no room or no blocks here: read a private copy instead
             else:
-                pin = self._local_pin(ctx, info, name)
+                pin = self._local_pin(ctx, info, name, since)
         if pin is not None:
             return pin.view()
         lease = _release_msg(ctx, info)
@@ -208,18 +209,21 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
         ctx = self._ctx()
         if ctx.node is not None and node != ctx.node:
             raise NotOnThisNodeError(f"location is on node {node!r}, this process is on node {ctx.node!r}")
+        since = self._state.epoch
         info = ctx.call("acquire_at", node=node, shm_id=shm_id, offset=offset, holder=ctx.holder)
         [extent_id] = [
             e for (_, s, o), e in zip(info["locations"], info["extent_ids"], strict=True) if (s, o) == (shm_id, offset)
         ]
         info["locations"], info["extent_ids"] = [[node, shm_id, offset]], [extent_id]
-        pin = self._local_pin(ctx, info, info["name"])
+        pin = self._local_pin(ctx, info, info["name"], since)
         if pin is None:
             ctx.send(_release_msg(ctx, info))
             raise NotOnThisNodeError(f"block {shm_id} of node {node!r} cannot be mapped by this process")
         return Pointer(ndt(info["type"]), pin)
 
-    def _local_pin(self, ctx: Context, info: dict, name: str) -> _Pin | None:
+    def _local_pin(self, ctx: Context, info: dict, name: str, since: int) -> _Pin | None:
+        """A pin of the copy on this process's node, cached under ``name`` if no
+        invalidation came since the state's ``epoch`` was ``since`` (read before the lease)."""
         ftype = from_datashape(info["type"])
         for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
             if ctx.node is not None and node != ctx.node:
@@ -227,7 +231,7 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
             segment = self._state.segment(node, shm_id)
             if segment is not None:
                 lease = _release_msg(ctx, info)
-                return self._state.pin(name, node, segment, offset, extent_id, ftype, lease, ctx.send)
+                return self._state.pin(name, node, segment, offset, extent_id, ftype, lease, ctx.send, since=since)
         return None
 
     def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:

@@ -104,11 +104,12 @@ class ManyReads:
             validate_name(names[i])
         ctx = self._ctx()  # type: ignore[attr-defined]
         if remaining:
+            since = self._state.epoch  # before the leases: see ``LocalState.pin``
             infos = ctx.call("acquire_many", names=[names[i] for i in remaining], holder=ctx.holder)
             leases = [{"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder} for info in infos]
             try:
                 for k, (i, info) in enumerate(zip(remaining, infos, strict=True)):
-                    pin = self._local_pin(ctx, info, names[i])  # type: ignore[attr-defined]
+                    pin = self._local_pin(ctx, info, names[i], since)  # type: ignore[attr-defined]
                     leases[k] = None  # the pin holds it now, or it is released below
                     if pin is None:  # no copy here: fetched like get (a replica, or a private copy)
                         ctx.send({"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder})

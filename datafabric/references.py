@@ -131,10 +131,11 @@ def materialise(ref: ViewReference) -> Any:
 
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
+    since = state.epoch  # before the lease: see ``LocalState.pin``
     grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
     info = grant["info"]
     lease = {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
-    pin = _local_pin(ctx, state, info, lease, cache=not grant["deleted"])
+    pin = _local_pin(ctx, state, info, lease, cache=not grant["deleted"], since=since)
     if pin is not None:
         return _slice(pin.view(), ref).view(FabricView)
     try:
@@ -149,7 +150,7 @@ def _materialise_fields(*fields: Any) -> Any:
     return materialise(ViewReference(*fields))
 
 
-def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool) -> Any:
+def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool, since: int) -> Any:
     from datafabric.types import from_datashape
 
     ftype = from_datashape(info["type"])
@@ -158,7 +159,9 @@ def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool) ->
             continue
         segment = state.segment(node, shm_id)
         if segment is not None:
-            return state.pin(info["name"], node, segment, offset, extent_id, ftype, lease, ctx.send, cache=cache)
+            return state.pin(
+                info["name"], node, segment, offset, extent_id, ftype, lease, ctx.send, cache=cache, since=since
+            )
     return None
 
 

@@ -6,7 +6,10 @@ holds the block's read-only buffer (one per block, ``Segment.readonly``), which 
 mapping alive, and the lease: when the last view of a pin is collected, a finalizer sends
 the release to the YellowPages without waiting.  The pin is cached by name so that later gets in this
 process cost no RPC while any view is alive; the YellowPages invalidates the cache when
-the name is deleted.
+the name is deleted.  A lease is taken before its pin is cached, and the invalidation of a
+variable deleted in between may arrive first: so every invalidation advances ``epoch``,
+each get reads it before it takes its lease, and a pin is cached only if no invalidation
+came since (a name deleted and bound anew is never answered with the deleted variable).
 """
 
 from __future__ import annotations
@@ -139,6 +142,9 @@ class LocalState:
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
+        # Invalidations so far: a get reads it before its lease, and caches its pin only if
+        # it has not changed since (``pin``, ``cache``).
+        self.epoch = 0
         # Every pin alive, each holding a lease: a weak reference whose callback releases it
         # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
         self._live: set[_Lease] = set()
@@ -190,10 +196,12 @@ class LocalState:
         end: Callable[[dict], None],
         *,
         cache: bool = True,
+        since: int = -1,
         interface: tuple[dict, np.dtype | None] | None = None,
     ) -> _Pin:
         """A pin holding ``lease``; ``end(lease)`` ends it when the last view dies.
-        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable).
+        ``cache``: later gets of ``name`` may answer with it (not for a deleted variable),
+        if no invalidation came since ``epoch`` was ``since``, read before the lease was taken.
         ``interface``: the variable's ``interface_of``, when the caller has it already.  ``hold``'s
         steps written out: a task's first get comes here, where each frame costs µs."""
         pin = _Pin(segment, node, data_offset, extent_id, ftype, lease, interface)
@@ -202,7 +210,7 @@ class LocalState:
         ref.lease = lease
         self._live.add(ref)
         if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
-            self._cache_held(name, pin, ref)
+            self._cache_held(name, pin, ref, since)
         return pin
 
     def hold(
@@ -226,32 +234,43 @@ class LocalState:
         self._live.add(ref)
         return pin
 
-    def take(self, name: str, pin: _Pin, end: Callable[[dict], None]) -> None:
+    def take(self, name: str, pin: _Pin, end: Callable[[dict], None], since: int) -> None:
         """A pin made ahead with no lease (``LocalReads`` readies the first views of new
-        names) holds ``pin.lease`` from now on: its death ends it, as ``pin``'s does.  If
-        this raises, the pin holds no lease (the caller ends it), as with ``pin``."""
+        names) holds ``pin.lease`` from now on: its death ends it, as ``pin``'s does; it is
+        cached as ``pin`` caches.  If this raises, the pin holds no lease (the caller ends
+        it), as with ``pin``."""
         ref = _Lease(pin, self._on_end)
         ref.end = end
         ref.lease = pin.lease
         self._live.add(ref)
-        self._cache_held(name, pin, ref)
+        self._cache_held(name, pin, ref, since)
 
-    def _cache_held(self, name: str, pin: _Pin, ref: _Lease) -> None:
-        """Cache ``pin`` by name once its lease's weak reference ``ref`` is registered.  A
-        failure here (an allocation) disarms ``ref`` before it propagates: whoever asked
-        for the pin ends the lease on a failure, so its death must not end it too (the
-        failure's frames may keep ``ref`` alive until after the pin dies)."""
+    def _cache_held(self, name: str, pin: _Pin, ref: _Lease, since: int) -> None:
+        """Cache ``pin`` by name once its lease's weak reference ``ref`` is registered,
+        unless an invalidation came since ``epoch`` was ``since`` (read before the lease):
+        such an entry could be written after that invalidation dropped the name, and
+        answer later gets with a deleted variable.  A failure here (an allocation) disarms
+        ``ref`` before it propagates: whoever asked for the pin ends the lease on a
+        failure, so its death must not end it too (the failure's frames may keep ``ref``
+        alive until after the pin dies)."""
         try:
-            self._pins[name] = weakref.ref(pin)
+            cached = self._pins[name] = weakref.ref(pin)
         except BaseException:
             self._live.discard(ref)
             ref.end = _end_nothing
             raise
+        if self.epoch != since:  # an invalidation came since the lease: read before its drop, or after
+            with self.lock:
+                if self._pins.get(name) is cached:
+                    del self._pins[name]
 
-    def cache(self, names: list[str], pins: list[_Pin]) -> None:
-        """Later gets of these names answer with these pins' views (one lock for a batch)."""
+    def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
+        """Later gets of these names answer with these pins' views (one lock for a batch),
+        unless an invalidation came since ``epoch`` was ``since``, before their leases."""
         ref = weakref.ref
         with self.lock:
+            if self.epoch != since:
+                return
             for name, pin in zip(names, pins, strict=True):
                 self._pins[name] = ref(pin)
 
@@ -265,25 +284,10 @@ class LocalState:
         with self.lock:
             return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
 
-    def uncache(self, name: str, pin: _Pin) -> None:
-        """``name`` no longer answers with ``pin`` (if it still does: a later entry stays).
-
-        A local get (``LocalReads``) caches its pin after it counted the lease, so the event
-        loop may run in between: recall the grant, receive the invalidation of the
-        variable's deletion (sent once the recall is answered) and publish the name bound
-        to another variable.  An entry written after that invalidation would answer later
-        gets of the name with the deleted variable.  So the get looks, after writing the
-        entry, whether its grant is still the name's: if so, no recall came before the
-        write, so an invalidation comes after it and drops it; if not, it drops its own
-        entry here."""
-        with self.lock:
-            ref = self._pins.get(name)
-            if ref is not None and ref() is pin:
-                del self._pins[name]
-
     def invalidate(self, var_ids: list[int]) -> None:
         drop = set(var_ids)
         with self.lock:
+            self.epoch += 1  # before the drop: a pin cached meanwhile sees it, or is dropped
             for name, ref in list(self._pins.items()):
                 pin = ref()
                 if pin is None or pin.var_id in drop:
@@ -291,10 +295,12 @@ class LocalState:
 
     def forget(self, name: str) -> None:
         with self.lock:
+            self.epoch += 1
             self._pins.pop(name, None)
 
     def forget_prefix(self, prefix: str) -> None:
         with self.lock:
+            self.epoch += 1
             for name in [n for n in self._pins if n.startswith(prefix)]:
                 del self._pins[name]
 

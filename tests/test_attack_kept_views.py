@@ -39,19 +39,19 @@ def test_declaring_twice_for_a_later_round_and_leaving_mid_round_end_every_round
     rounds, owners = declarations(d, ["c1", "c2", "c3"])
     first = rounds.open(held_a)
     d.acquire(d.lookup("a0"), "c1")
-    rounds.declared("c1", first)
-    rounds.declared("c1", first)  # twice: nothing changes
-    rounds.declared("c1", first + 10)  # for a round not opened yet: answers the open ones only
+    rounds.declared("c1", first, d.first_id)
+    rounds.declared("c1", first, d.first_id)  # twice: nothing changes
+    rounds.declared("c1", first + 10, d.first_id)  # for a round not opened yet: answers the open ones only
     assert rounds.rounds[first].pending == {"c2", "c3"}
     b, held_b = taken_back(d, kept, "S", ["b0", "b1"])  # a second take-back while the first round is open
     second = rounds.open(held_b)
     assert rounds.rounds[second].pending == {"c1", "c2", "c3"}  # c1 declared before S was back
     assert d.delete(d.lookup("a1")) == [] and d.delete(d.lookup("b1")) == []  # both held by their rounds
     rounds.left("c2")  # mid-round
-    rounds.declared("c3", first)
+    rounds.declared("c3", first, d.first_id)
     assert first not in rounds.rounds and second in rounds.rounds
     assert ids(owners.freed) == [a[1].extent_id]  # a1: deleted, no longer held
-    rounds.declared("c1", second)
+    rounds.declared("c1", second, d.first_id)
     assert second in rounds.rounds  # c3 still pending on the second
     rounds.left("c3")
     assert rounds.rounds == {} and round_leases(d) == {}
@@ -104,7 +104,9 @@ def test_a_round_whose_client_never_declares_ends_at_its_deadline_with_its_lease
     asyncio.run(asyncio.wait_for(watch(*args), 5))  # W = 0: the deadline has passed at the first look
     assert n not in rounds.rounds and round_leases(d) == {}
     assert ids(owners.freed) == [a[0].extent_id]
-    assert rounds.declared("silent", n) == {} and rounds.rounds == {}  # a late declaration: nothing to settle
+    assert (
+        rounds.declared("silent", n, d.first_id) == {} and rounds.rounds == {}
+    )  # a late declaration: nothing to settle
 
 
 def test_a_declarer_that_leaves_while_its_declaration_awaits_a_move_leaves_nothing_waiting():
@@ -134,3 +136,19 @@ def test_a_declarer_that_leaves_while_its_declaration_awaits_a_move_leaves_nothi
     counts = asyncio.run(race())
     assert counts["lost"] == 2  # its holder is gone: neither view leases or waits for anything
     assert kept.waiting == {}
+
+
+def test_a_declaration_answering_another_incarnation_s_event_settles_no_round_here():
+    """Round numbers start again in every incarnation: a client's ``declared`` answering an
+    earlier YellowPages' took-back event (its ``first_id``), reaching this one late, leaves
+    this one's rounds waiting for the client; its own event's declaration settles them."""
+    d = directory()
+    kept = KeptViews(d, BlockMoves())
+    _, held = taken_back(d, kept, "R", ["x"])
+    rounds, owners = declarations(d, ["c1"])
+    first = rounds.open(held)
+    assert d.delete(d.lookup("x")) == []  # held by the round
+    rounds.declared("c1", first + 1, d.first_id - 1_000)  # an earlier incarnation's ids start lower
+    assert rounds.rounds[first].pending == {"c1"} and owners.freed == []
+    rounds.declared("c1", first, d.first_id)
+    assert rounds.rounds == {} and len(owners.freed) == 1

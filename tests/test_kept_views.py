@@ -120,10 +120,10 @@ def test_a_round_holds_the_taken_back_block_until_every_client_declared_or_left(
     rounds.joined("client-3")  # reconnected while the round waits: waited for too
     assert d.at_location("n2", "R", c[0].data_offset, c[0].extent_id) is x  # deleted, still held: declarable
     d.acquire(x, "client-1")  # client-1 declares its view of x
-    rounds.declared("client-1", first)
+    rounds.declared("client-1", first, d.first_id)
     rounds.left("client-2")
     assert owners.freed == [] and first in rounds.rounds
-    rounds.declared("client-3", first + 5)
+    rounds.declared("client-3", first + 5, d.first_id)
     assert first not in rounds.rounds and owners.freed == []  # x is still client-1's
     assert d.lookup("y").leases == {} and x.leases == {"client-1": 1}
     assert ids(d.release(x.var_id, "client-1")) == [c[0].extent_id]

@@ -180,6 +180,7 @@ class LocalReads:
         """``pin(name).view()``, or None as ``pin`` says: a task's get.  A first view made
         ahead (``_make_ready``) is taken under the lock with the count of its lease, so a
         recall finds either the ready pin (and drops it) or its lease counted."""
+        since = self.state.epoch  # before the count: an invalidation after it keeps the pin uncached
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
@@ -201,17 +202,16 @@ class LocalReads:
         try:  # from the count on, every step that may fail ends it on failure
             if first:
                 self.later(self._report)
-            self.state.take(name, pin, MethodType(self._ended, grant))
+            self.state.take(name, pin, MethodType(self._ended, grant), since)
         except BaseException:
             self._end(grant, pin.lease)
             raise
-        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
-            self.state.uncache(name, pin)
         return view
 
     def pin(self, name: str) -> _Pin | None:
         """A pin of ``name`` under a local lease, or None: not published here (ask the
         YellowPages), or recalled while this ran.  A task's first get: few steps."""
+        since = self.state.epoch  # before the count: an invalidation after it keeps the pin uncached
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
@@ -238,20 +238,27 @@ class LocalReads:
             # end(lease) is self._end(grant, lease): one object, the lightest
             end = MethodType(self._ended, grant)
             ftype, cast = self._types[text]
-            pin = self.state.pin(
-                name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
+            return self.state.pin(
+                name,
+                self.node,
+                segment,
+                data_offset,
+                extent_id,
+                ftype,
+                lease,
+                end,
+                since=since,
+                interface=(interface, cast),
             )
         except BaseException:
             self._end(grant, {"op": "datafabric_release", "var_id": var_id, "holder": self.holder})
             raise
-        if self._grants.get(name) is not grant:  # its grant went meanwhile: ``LocalState.uncache``
-            self.state.uncache(name, pin)
-        return pin
 
     def pin_many(self, names: list[str]) -> list[_Pin | None]:
         """``[pin(n) for n in names]`` with one acquisition of the lock for the batch (a
         dataset's chunks, a get_many): the grants are counted together, then the pins made.
         Every count taken is held by a pin, or ended here if making the pins fails."""
+        since = self.state.epoch  # before the counts: the pins are cached only if no invalidation came since
         grants, segments = self._grants, self._segments
         found: list[Grant | None] = [grants.get(name) for name in names]
         faces: list[dict | None] = [None] * len(found)  # the counted grants' array interfaces
@@ -277,12 +284,14 @@ class LocalReads:
                 for serial in counted:
                     counts[serial] -= 1
                 raise
-        out = self._hold(names, found, faces)
+        out = self._hold(names, found, faces, since)
         if first:  # after the pins hold the counts: a failure here ends them as the pins die
             self.later(self._report)
         return out
 
-    def _hold(self, names: list[str], found: list[Grant | None], faces: list[dict | None]) -> list[_Pin | None]:
+    def _hold(
+        self, names: list[str], found: list[Grant | None], faces: list[dict | None], since: int
+    ) -> list[_Pin | None]:
         """The pins of the counted grants in ``found``; made one by one, each held by its
         weak reference as soon as it exists, so a failure part way ends the counts of the
         pins not made yet and leaves the made ones to end as they die."""
@@ -307,11 +316,7 @@ class LocalReads:
                     end(grant, {"op": "datafabric_release", "var_id": grant[_VAR_ID], "holder": holder})
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
-        self.state.cache([names[i] for i in made], [out[i] for i in made])  # type: ignore[misc]
-        grants = self._grants
-        for i in made:
-            if grants.get(names[i]) is not found[i]:  # its grant went meanwhile: ``LocalState.uncache``
-                self.state.uncache(names[i], out[i])  # type: ignore[arg-type]
+        self.state.cache([names[i] for i in made], [out[i] for i in made], since)  # type: ignore[misc]
         return out
 
     def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:

@@ -39,6 +39,10 @@ class Inventory:
         self.owners = owners
         self.members = members
         self.copies = copies
+        # Blocks confirmed whose allocate has not opened them yet: a deallocate is refused
+        # until it has (the opening, arriving after the deallocate closed the block, would
+        # open it again for inserts the unlink would then drop).
+        self.opening: set[str] = set()
 
     async def allocate(self, mb: float) -> list[tuple[str, str]]:
         if isinstance(mb, bool) or not isinstance(mb, int | float) or not math.isfinite(mb) or mb <= 0:
@@ -69,10 +73,15 @@ class Inventory:
                 self.directory.confirm_block(r["shm_id"], r["size"], r["capacity"])
             # Only now may their owners place a task's insert there (a seal in a block not
             # confirmed is refused, and an undone allocate cannot unlink a block written to).
-            await self.owners.ask_each(
-                [(worker, "retire_block", {"shm_id": shm_id, "retiring": False}) for worker, _, _, shm_id in plan],
-                "open the allocated blocks",
-            )
+            shm_ids = [shm_id for _, _, _, shm_id in plan]
+            self.opening.update(shm_ids)  # the step that confirmed them: no deallocate saw them before
+            try:
+                await self.owners.ask_each(
+                    [(worker, "retire_block", {"shm_id": shm_id, "retiring": False}) for worker, _, _, shm_id in plan],
+                    "open the allocated blocks",
+                )
+            finally:
+                self.opening.difference_update(shm_ids)
         return [(node, shm_id) for _, node, _, shm_id in plan]
 
     async def _create(self, plan: list[tuple[str, str, int, str]]) -> list[Any]:
@@ -102,19 +111,29 @@ class Inventory:
         return results
 
     async def _undo(self, plan: list[tuple], results: list[Any]) -> None:
-        """A refused allocate: unlink what was created; a creator that was lost leaves its
-        name to the peer that adopts its node, every other name is forgotten."""
+        """A refused allocate: unlink what was created; a creator that was lost, before it
+        answered or after (it cannot unlink), leaves its name, still being created, to the
+        peer that adopts its node, which unlinks what is there; every other name is
+        forgotten.  The names stay recorded until the unlinks are answered: the adoption a
+        death schedules waits for ``changing``, which the allocate holds."""
         unlink = []
         for (worker, _, _, shm_id), r in zip(plan, results, strict=True):
-            if isinstance(r, WorkerLostError):
-                continue
-            self.directory.remove_block(shm_id)
             if not isinstance(r, BaseException):
                 unlink.append((worker, "unlink_block", {"shm_id": shm_id}))
-        await self.owners.ask_each(unlink, "undo allocate")
+            elif not isinstance(r, WorkerLostError):
+                self.directory.remove_block(shm_id)
+        answers = await self.owners.ask_each(unlink, "undo allocate")
+        for (_, _, kwargs), answer in zip(unlink, answers, strict=True):
+            if not isinstance(answer, WorkerLostError):
+                self.directory.remove_block(kwargs["shm_id"])
 
     async def deallocate(self, node: str, shm_id: str, migrate: bool = False) -> dict:
         block = self.directory.block(node, shm_id)
+        if shm_id in self.opening:
+            raise BlockInUseError(
+                f"block {shm_id} on node {node} is being opened by the allocate that made it; "
+                "deallocate it once that allocate has returned"
+            )
         if block.worker is None:
             raise BlockInUseError(f"block {shm_id} of node {node} has no live owner; start a worker on {node} first")
         held = [v for v, _ in self.directory.copies_in(shm_id)]

@@ -18,7 +18,9 @@ at the latest (logged, naming the clients that did not declare), and earlier onl
   list of them survives the crash; and
 - every client connected when the round opened, or connecting while it is open, has
   declared: a client by ``declared`` once its views are leased again (one declaration
-  answers every round up to the one it names), a worker process's client by its one
+  answers every round up to the one it names, of the incarnation it names: round numbers
+  start again in each, and a client's declaration answering an earlier incarnation's event
+  may reach this one, on the same address, late), a worker process's client by its one
   ``declare_kept`` (which covers every block, back or not), or has left.
 
 Its leases then end as any lease does: what nobody else leases is freed.  While it waits, the
@@ -86,8 +88,13 @@ class Declarations:
             self.scheduler.loop.add_callback(self._watch, n)
         return n
 
-    def declared(self, holder: str, round: int) -> dict:
-        """``holder`` has leased again every view it kept on the blocks of rounds up to ``round``."""
+    def declared(self, holder: str, round: int, first_id: int) -> dict:
+        """``holder`` has leased again every view it kept on the blocks of rounds up to
+        ``round`` of the YellowPages whose ids start at ``first_id`` (its took-back event's).
+        Another's says nothing of this one's rounds: the views it covered were declared to
+        an incarnation that is gone, and this one's event is answered on its own."""
+        if first_id != self.directory.first_id:
+            return {}
         for n in [n for n in self.rounds if n <= round]:
             self._settle(n, holder)
         return {}
