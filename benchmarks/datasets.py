@@ -114,7 +114,8 @@ def _cluster_cpu(client) -> float:
 
 def _chunk_sum(ds) -> dict:
     """In a worker: sums of 16 chunks' shared-memory views (256 MiB, past any cache)
-    against sums of private copies of them in the heap, medians of 5 passes.  numpy asks
+    against sums of private copies of them in the heap, the CPU time of this thread (a
+    loaded machine's waits left out), medians of 15 passes taking turns.  numpy asks
     for transparent huge pages for its large arrays; a block has them where the kernel
     let ``MADV_COLLAPSE`` make them (``datafabric.hugepages``), so this is what the pages
     alone cost a read of the same bytes, beside how much of the block is mapped in them."""
@@ -125,9 +126,15 @@ def _chunk_sum(ds) -> dict:
         for a in arrays:
             a.sum()
 
+    def cpu_seconds(arrays: list) -> float:
+        t0 = time.thread_time()
+        sum_all(arrays)
+        return time.thread_time() - t0
+
     sum_all(views), sum_all(heaps)  # faulted in, both
-    shm_s = statistics.median(seconds(lambda: sum_all(views)) for _ in range(5)) / len(views)
-    heap_s = statistics.median(seconds(lambda: sum_all(heaps)) for _ in range(5)) / len(views)
+    passes = [(cpu_seconds(views), cpu_seconds(heaps)) for _ in range(15)]  # interleaved: the same load on both
+    shm_s = statistics.median(p[0] for p in passes) / len(views)
+    heap_s = statistics.median(p[1] for p in passes) / len(views)
     huge = _huge_mapped_fraction(views[0].ctypes.data)
     return {
         "shm_ms": shm_s * 1e3,
