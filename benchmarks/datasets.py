@@ -5,8 +5,9 @@
   dask array persisted in worker memory, and against ``da.from_zarr`` of an uncompressed
   zarr store on /dev/shm; and the workers' USS growth during the fabric's read; the tasks
   each graph runs; and, in a worker, the sum of one chunk's view against a heap copy of it
-  (numpy's large arrays get transparent huge pages, shared memory only if the kernel's
-  ``shmem_enabled`` allows: what the page size alone costs); and the CPU time the workers
+  (numpy's large arrays get transparent huge pages; blocks get them through
+  ``MADV_COLLAPSE`` where the kernel allows, and the part of the block's mapping in
+  huge pages is printed: what the page size alone costs); and the CPU time the workers
   and the scheduler spend on each sum, steadier than wall time on a loaded machine.
 - ``fabric.from_dask`` of a computed array against ``array.persist()`` of the same.
 - a warm ``ds[sel]`` inside one chunk in the client; the first read of a chunk in a task,
@@ -113,10 +114,11 @@ def _cluster_cpu(client) -> float:
 
 def _chunk_sum(ds) -> dict:
     """In a worker: sums of 16 chunks' shared-memory views (256 MiB, past any cache)
-    against sums of private copies of them in the heap, medians of 5 passes.  numpy asks
-    for transparent huge pages for its large arrays; shared memory has them only if the
-    kernel's ``shmem_enabled`` allows, so this is what the pages alone cost a read of the
-    same bytes."""
+    against sums of private copies of them in the heap, the CPU time of this thread (a
+    loaded machine's waits left out), medians of 15 passes taking turns.  numpy asks
+    for transparent huge pages for its large arrays; a block has them where the kernel
+    let ``MADV_COLLAPSE`` make them (``datafabric.hugepages``), so this is what the pages
+    alone cost a read of the same bytes, beside how much of the block is mapped in them."""
     views = [ds.chunk(i) for i in itertools.islice(np.ndindex(*ds._grid), 16)]
     heaps = [np.array(v) for v in views]
 
@@ -124,10 +126,41 @@ def _chunk_sum(ds) -> dict:
         for a in arrays:
             a.sum()
 
+    def cpu_seconds(arrays: list) -> float:
+        t0 = time.thread_time()
+        sum_all(arrays)
+        return time.thread_time() - t0
+
     sum_all(views), sum_all(heaps)  # faulted in, both
-    shm_s = statistics.median(seconds(lambda: sum_all(views)) for _ in range(5)) / len(views)
-    heap_s = statistics.median(seconds(lambda: sum_all(heaps)) for _ in range(5)) / len(views)
-    return {"shm_ms": shm_s * 1e3, "heap_ms": heap_s * 1e3, "heap_over_shm": heap_s / shm_s, **_thp()}
+    passes = [(cpu_seconds(views), cpu_seconds(heaps)) for _ in range(15)]  # interleaved: the same load on both
+    shm_s = statistics.median(p[0] for p in passes) / len(views)
+    heap_s = statistics.median(p[1] for p in passes) / len(views)
+    huge = _huge_mapped_fraction(views[0].ctypes.data)
+    return {
+        "shm_ms": shm_s * 1e3,
+        "heap_ms": heap_s * 1e3,
+        "heap_over_shm": heap_s / shm_s,
+        "shm_huge_mapped_fraction": huge,
+        **_thp(),
+    }
+
+
+def _huge_mapped_fraction(address: int) -> float | None:
+    """Of this process's mapping holding ``address`` (a block), the part mapped in huge
+    pages (``ShmemPmdMapped`` of /proc/self/smaps over its ``Rss``)."""
+    inside, figures = False, {}
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=1)[0]
+                if not first.endswith(":"):  # a mapping's first line: its address range
+                    low, high = (int(x, 16) for x in first.split("-"))
+                    inside = low <= address < high
+                elif inside and line.endswith(" kB\n"):
+                    figures[first[:-1]] = int(line.split()[1])
+    except OSError:
+        return None
+    return figures.get("ShmemPmdMapped", 0) / figures["Rss"] if figures.get("Rss") else None
 
 
 def _thp() -> dict:

@@ -6,6 +6,15 @@ which zarr copies once into the result; the LocalStore reads each chunk file int
 memory, and zarr copies that into the result.  Also ``da.from_zarr(...).sum()`` on the
 workers through each store.
 
+``z[:]`` gets its result from fresh memory, whose page faults (the kernel zeroing it) are
+most of a read and swing from round to round with the machine's free memory (in a VM
+whose free pages are reported to the host, fresh memory may first be faulted in by the
+host), the same for both stores.  So each read's CPU time in this process, user and
+system apart, is recorded, and a second read takes the result in an array made and
+touched once before the rounds, the same one for both stores (``out=``): what the store
+and zarr's copy cost alone.  The stores take turns going first from one round to the
+next, so neither always reads after the other freed its memory.
+
     python -m benchmarks.zarr_store [--gib 2] [--rounds 5] [--chunk-mib 16]
 """
 
@@ -14,13 +23,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import tempfile
 
 import dask.array as da
+import numpy as np
 import zarr
 from distributed import wait
+from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
 
 from benchmarks.cluster import fabric_on, local_cluster
@@ -43,28 +55,45 @@ def bench(client, fabric, gib: float, rounds: int, chunk_mib: float) -> dict:
         da.store(source, local, lock=False)
         client.cancel(source)
         stores = {"fabric": (FabricStore(fabric), "bench/zarr"), "localstore": (LocalStore(directory), None)}
+        out = np.ones(source.shape, source.dtype)  # touched: its pages are in place for every round
+        into = default_buffer_prototype().nd_buffer.from_numpy_array(out)
         reads: dict[str, list[float]] = {name: [] for name in stores}
+        cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in stores}
+        reads_into: dict[str, list[float]] = {name: [] for name in stores}
         sums: dict[str, list[float]] = {name: [] for name in stores}
-        for _ in range(rounds):
-            for name, (store, path) in stores.items():
+        for turn in range(rounds):
+            for name in list(stores)[:: 1 if turn % 2 == 0 else -1]:
+                store, path = stores[name]
                 z = zarr.open_array(store=store, path=path, mode="r")
+                before = os.times()
                 reads[name].append(seconds(lambda z=z: z[:]))  # the result is dropped at once
+                after = os.times()
+                cpu[name].append((after.user - before.user, after.system - before.system))
                 gc.collect()
+                reads_into[name].append(seconds(lambda z=z: z.get_basic_selection(..., out=into)))
                 sums[name].append(seconds(lambda s=store, p=path: da.from_zarr(s, component=p).sum().compute()))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
         fabric.delete("bench/zarr")
+    nbytes = rows * COLUMNS * 8
     read_med = {k: statistics.median(v) for k, v in reads.items()}
+    into_med = {k: statistics.median(v) for k, v in reads_into.items()}
     sum_med = {k: statistics.median(v) for k, v in sums.items()}
     return {
-        "gib": rows * COLUMNS * 8 / 2**30,
+        "gib": nbytes / 2**30,
         "chunk_mib": chunk_rows * COLUMNS * 8 / 2**20,
         "read_seconds": read_med,
         "read_ratio": read_med["localstore"] / read_med["fabric"],
-        "read_gib_per_s": {k: rows * COLUMNS * 8 / 2**30 / v for k, v in read_med.items()},
+        "read_gib_per_s": {k: nbytes / 2**30 / v for k, v in read_med.items()},
+        "read_cpu_user_system_seconds": {
+            k: [statistics.median(u for u, _ in v), statistics.median(s for _, s in v)] for k, v in cpu.items()
+        },
+        "read_into_touched_seconds": into_med,
+        "read_into_touched_ratio": into_med["localstore"] / into_med["fabric"],
         "from_zarr_sum_seconds": sum_med,
         "from_zarr_sum_ratio": sum_med["localstore"] / sum_med["fabric"],
-        "samples": {"read": reads, "from_zarr_sum": sums},
+        "loadavg": os.getloadavg(),
+        "samples": {"read": reads, "read_cpu": cpu, "read_into_touched": reads_into, "from_zarr_sum": sums},
     }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datafabric import hugepages
 from datafabric.errors import OutOfSpaceError
 
 PREFIX = "dfab_"
@@ -58,11 +59,28 @@ else:
 
 
 class _SharedMemory(SharedMemory):
-    """Closing a segment while a buffer taken from it is still alive (a ``create()``
+    """Mapped at a huge-page-aligned address where that can help (``hugepages``), so a
+    block made of huge pages is read through whole ones in every process.
+
+    Closing a segment while a buffer taken from it is still alive (a ``create()``
     buffer kept past ``shutdown()``) unmaps nothing: the mapping lives until the last
     such buffer dies, and then goes with it.  Python's own class says so on stderr from
     its finalizer (``BufferError: cannot close exported pointers exist``); this one
     drops its file descriptor and its references instead, silently."""
+
+    def __init__(self, name: str, create: bool = False, size: int = 0, **kwargs) -> None:
+        super().__init__(name, create, size, **kwargs)
+        try:
+            aligned = hugepages.AlignedMapping.of(self._fd, self._size)
+        except BaseException:
+            self.close()
+            if create:
+                self.unlink()
+            raise
+        if aligned is not None:  # Python's mapping, untouched and unexported, is swapped for it
+            self._buf.release()
+            self._mmap.close()
+            self._mmap, self._buf = aligned, aligned.buffer()
 
     def close(self) -> None:
         try:
@@ -133,8 +151,9 @@ class Segment:
 
     @classmethod
     def create(cls, name: str, size: int) -> Segment:
-        """Create (O_EXCL, mode 0600) and pre-fault, so no insert ever takes a page fault
-        and a full tmpfs is an error here rather than a SIGBUS later."""
+        """Create (O_EXCL, mode 0600), in huge pages where the kernel gives them
+        (``hugepages``), and pre-fault, so no insert ever takes a page fault and a full
+        tmpfs is an error here rather than a SIGBUS later."""
         if not is_block_name(name):
             raise ValueError(f"not a fabric block name: {name!r}")
         shm = None
@@ -147,6 +166,7 @@ class Segment:
                         f"{budget.explain()}. Allocate fewer megabytes, or free memory on this machine."
                     )
                 shm = _SharedMemory(name, create=True, size=size, **_UNTRACKED)  # unlinks itself if it fails
+                hugepages.collapse(shm._fd, shm._mmap, size)
                 os.posix_fallocate(shm._fd, 0, size)  # reserve tmpfs pages now: ENOSPC, not SIGBUS
             _populate(shm)
         except FileExistsError:
