@@ -81,6 +81,8 @@ class PendingWrite:
                 self.res["worker"],
                 "write",
                 shm_id=self.res["shm_id"],
+                extent_offset=self.res["extent_offset"],
+                extent_id=self.res["extent_id"],
                 data_offset=self.res["data_offset"] + start,
                 data=to_serialize(chunk.data),
             )
@@ -120,7 +122,8 @@ class PendingWrite:
         if self.local:
             self.ctx.plugin.free_local(self.res["shm_id"], self.res["extent_offset"], self.res["extent_id"])
         elif not self.ctx.gone:  # else the scheduler gives a departed holder's reservations back itself
-            self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
+            r = self.res
+            self.ctx.call("abort", shm_id=r["shm_id"], extent_offset=r["extent_offset"], extent_id=r["extent_id"])
 
 
 def seal_all(writes: list[PendingWrite]) -> list[VariableInfo]:

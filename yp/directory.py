@@ -115,11 +115,16 @@ class Directory(Recovery):
         self.blocks[shm_id].used += copy.extent_size
         return copy
 
-    def drop_pending(self, shm_id: str, extent_offset: int) -> Copy | None:
-        """A reservation given back: its copy is to free."""
-        entry = self.pending.pop((shm_id, extent_offset), None)
+    def drop_pending(self, shm_id: str, extent_offset: int, extent_id: int | None = None) -> Copy | None:
+        """A reservation given back: its copy is to free.  With ``extent_id`` (a writer's
+        abort), only the reservation carrying that id: a late abort of one that ended and
+        whose memory was reserved again never ends the new one."""
+        entry = self.pending.get((shm_id, extent_offset))
+        if entry is None or (extent_id is not None and entry.copy.extent_id != extent_id):
+            return None
+        del self.pending[(shm_id, extent_offset)]
         block = self.blocks.get(shm_id)
-        if entry is None or block is None:
+        if block is None:
             return None
         block.used -= entry.copy.extent_size
         return entry.copy

@@ -38,8 +38,8 @@ class Inserts:
         block, r = await self.placement.reserve(name, type, doc, nbytes, node, holder)
         return {**r, "worker": block.worker, "node": block.node}
 
-    async def abort(self, shm_id: str, extent_offset: int) -> dict:
-        copy = self.directory.drop_pending(shm_id, extent_offset)
+    async def abort(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
+        copy = self.directory.drop_pending(shm_id, extent_offset, extent_id)
         if copy is not None:
             await self.owners.free([copy])
         return {}
@@ -48,9 +48,15 @@ class Inserts:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
         for item in items:  # a task's own reservations reach the YellowPages first here
             validate_new_name(item["name"])
-        local = [
-            item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in self.directory.pending
-        ]
+        pending = self.directory.pending
+        for item in items:
+            entry = pending.get((item["shm_id"], item["extent_offset"]))
+            if entry is not None and (entry.copy.extent_id != item["extent_id"] or entry.holder != holder):
+                raise WorkerLostError(
+                    f"the reservation {holder} wrote {item['name']!r} into ended before its seal (its writer "
+                    "left the scheduler) and the memory is reserved for another writer now; insert it again"
+                )
+        local = [item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in pending]
         self.directory.check_present(holder)
         if local and holder not in self.members.node_of:
             # Reserved in the writer's own block, which a peer has adopted (or is adopting)
