@@ -20,6 +20,7 @@ from datafabric.context import Context
 from datafabric.errors import NotOnThisNodeError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement, Reservation, SealItem, VariableInfo
+from datafabric.processes import this_process
 from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
@@ -53,6 +54,7 @@ class PendingWrite:
                 nbytes=ftype.nbytes,
                 node=ctx.node,
                 holder=ctx.holder,
+                process=this_process(),  # it may map the block: kept while it lives, if it leaves
             )
         self.res: Reservation | Placement = res
         self._lock = threading.Lock()

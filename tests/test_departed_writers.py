@@ -12,11 +12,14 @@ really SIGKILLed.  (The writer that departs and comes back alive is in
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from distributed.protocol import to_serialize
 
 import datafabric
+from datafabric import processes
 from datafabric.errors import InvalidArgumentError, VariableUnavailableError, WorkerLostError
 from tests.waiting import wait_for
 
@@ -78,3 +81,88 @@ def test_a_seal_or_abort_of_a_reservation_names_it_by_its_id(client):
         wait_for(lambda: used(fabric) == before, "the memory to return")
     finally:
         fabric.shutdown()
+
+
+CREATOR = """
+import sys, time
+from distributed import Client
+import datafabric
+client = Client(sys.argv[1])
+fabric = datafabric.connect(client)
+creation = fabric.create("departed/killed", "", "65536 * float64")
+print(client.id, flush=True)
+while True:  # it goes on writing until SIGKILLed, after its stream was cut too
+    creation.array[...] = time.time()
+    time.sleep(0.01)
+"""
+
+
+def test_a_departed_writer_s_reservation_returns_once_its_process_is_killed(client, tmp_path):
+    """A producer whose client's stream breaks stays alive and writing: its reservation is
+    kept through several rounds of the owner's check.  SIGKILLed, it is proven gone
+    (pid and start time) and its memory returns: kept, not leaked."""
+    import subprocess
+    import sys
+
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    script = tmp_path / "creator.py"
+    script.write_text(CREATOR)
+    creator = subprocess.Popen(
+        [sys.executable, str(script), client.scheduler.address], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        creator_id = creator.stdout.readline().strip()
+        assert creator_id, "the creator did not start"
+        reserved = used(fabric)
+        assert reserved > before
+        client.run_on_scheduler(cut_stream, client_id=creator_id)
+        wait_for(lambda: client.run_on_scheduler(has_left, client_id=creator_id), "the departure")
+        time.sleep(3)  # the departed writer is checked at 0.5, 1 and 2 s: alive each time
+        assert used(fabric) == reserved, "a live writer's reservation was given back"
+        assert client.run_on_scheduler(stranded) == 1
+        creator.kill()
+        creator.wait(30)
+        wait_for(lambda: used(fabric) == before, f"the killed writer's reservation to return: {fabric.status()}")
+        assert client.run_on_scheduler(stranded) == 0
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+            creator.wait(30)
+        fabric.shutdown()
+
+
+def cut_stream(dask_scheduler, client_id: str) -> None:
+    dask_scheduler.client_comms[client_id].abort()
+
+
+def has_left(dask_scheduler, client_id: str) -> bool:
+    return any(e.get("action") == "remove-client" for _, e in dask_scheduler.get_events(client_id))
+
+
+def stranded(dask_scheduler) -> int:
+    return len(dask_scheduler.plugins["datafabric-yellowpages"].directory.stranded())
+
+
+def test_a_process_is_gone_only_when_proven(tmp_path):
+    """``processes.gone``: alive is never gone; exited (reaped, or a zombie), a reused pid
+    (another start time) or another machine is; another pid namespace cannot be judged
+    and counts as alive."""
+    import subprocess
+
+    here = processes.this_process()
+    assert here is not None and not processes.gone(here)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        them = here | {"pid": child.pid, "started": processes.start_time(child.pid)}
+        assert not processes.gone(them)
+        assert processes.gone(them | {"started": them["started"] + 1})  # the pid of another process now
+        assert processes.gone(them | {"boot": "another-machine"})
+        assert not processes.gone(them | {"pid_ns": "pid:[1]"})
+        child.kill()
+        wait_for(lambda: processes.gone(them), "the killed child, a zombie until reaped, to count as gone")
+    finally:
+        child.kill()
+        child.wait()
+    assert processes.gone(them)
+    assert processes.processes_gone([here, them]) == [False, True]

@@ -31,6 +31,7 @@ from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
+from datafabric.processes import processes_gone
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
 from datafabric.reads import serve, stop_serving
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -94,6 +95,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self.reports.later)
         serve(self.fabric_id, worker, self.local_reads)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
+        worker.handlers[f"{HANDLER_PREFIX}processes_gone"] = answering_refusals(processes_gone)  # yp/departed.py
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
             datafabric_detach=self.state.detach,

@@ -310,17 +310,24 @@ class Directory(Recovery):
         return freed
 
     def drop_holder(self, holder: str) -> list[Copy]:
-        """A process is gone: its leases end and its unfinished inserts are given back."""
+        """A process left: its leases end and its unfinished inserts are given back, but
+        for those it may still be writing into through its own mapping: leaving is not
+        dying, so they stay, departed, until its process is proven gone (``yp/departed.py``)."""
         self.departed.add(holder)
         freed: list[Copy] = []
         for var in list(self.by_id.values()):
             if var.drop_lease(holder):
                 freed += self._free_if_done(var)
-        for shm_id, offset in [k for k, p in self.pending.items() if p.holder == holder]:
-            copy = self.drop_pending(shm_id, offset)
-            if copy is not None:
+        for key, entry in [(k, p) for k, p in self.pending.items() if p.holder == holder]:
+            if entry.writer is not None:
+                entry.departed = True
+            elif (copy := self.drop_pending(*key)) is not None:
                 freed.append(copy)
         return freed
+
+    def stranded(self) -> list[tuple[tuple[str, int], Pending]]:
+        """Reservations of departed writers that may still write into them."""
+        return [(k, p) for k, p in self.pending.items() if p.departed]
 
     def orphan_blocks(self, worker: str) -> list[str]:
         """The worker died; its blocks stay in shared memory, waiting for a worker of the

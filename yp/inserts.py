@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from datafabric.errors import WorkerLostError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement as PlacementMsg
-from datafabric.messages import SealItem, VariableInfo
+from datafabric.messages import ProcessId, SealItem, VariableInfo
 from datafabric.names import validate_new_name
 from yp.directory import Directory
 from yp.placement import Placement
@@ -33,9 +33,24 @@ class Inserts:
     members: Membership
     local: LocalLeases
 
-    async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
+    async def reserve(
+        self,
+        name: str,
+        type: str,
+        doc: str,
+        nbytes: int,
+        node: str | None,
+        holder: str,
+        process: ProcessId | None = None,
+    ) -> PlacementMsg:
+        """``process``: the writer's, which maps the block when ``node`` is the block's or
+        None (``writer.PendingWrite``); its reservation then outlives its departure while
+        the process lives (``yp/departed.py``).  Recorded in the step that records the
+        reservation: nothing runs between ``placement.reserve``'s last step and this one."""
         validate_new_name(name)
         block, r = await self.placement.reserve(name, type, doc, nbytes, node, holder)
+        if process is not None and node in (None, block.node):
+            self.directory.pending[(block.shm_id, r["extent_offset"])].writer = process
         return {**r, "worker": block.worker, "node": block.node}
 
     async def abort(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from datafabric.layout import ExtentState
+from datafabric.messages import ProcessId
 
 
 @dataclass
@@ -115,6 +116,12 @@ class Pending:
 
     holder: str
     copy: Copy
+    # The process writing into it through its own mapping of the block, if it may (on the
+    # block's node); None: its bytes pass through the block's owner, or the fabric's own.
+    writer: ProcessId | None = None
+    # Its holder left the scheduler while ``writer`` may still write: kept out of reuse
+    # until the block's owner proves that process gone, or it seals or aborts (yp/departed.py).
+    departed: bool = False
 
 
 @dataclass
