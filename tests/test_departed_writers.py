@@ -20,7 +20,13 @@ from distributed.protocol import to_serialize
 
 import datafabric
 from datafabric import processes
-from datafabric.errors import InvalidArgumentError, VariableUnavailableError, WorkerLostError
+from datafabric.errors import (
+    InvalidArgumentError,
+    NameNotFoundError,
+    OutOfSpaceError,
+    VariableUnavailableError,
+    WorkerLostError,
+)
 from tests.waiting import wait_for
 
 
@@ -166,3 +172,112 @@ def test_a_process_is_gone_only_when_proven(tmp_path):
         child.wait()
     assert processes.gone(them)
     assert processes.processes_gone([here, them]) == [False, True]
+
+
+CHURNER = """
+import random, sys, time
+from distributed import Client
+import datafabric
+from datafabric.errors import FabricError
+client = Client(sys.argv[1])
+fabric = datafabric.connect(client)
+me = int(sys.argv[2])
+rng = random.Random(me)
+print("ready", flush=True)
+for i in range(10**9):
+    try:
+        creation = fabric.create(f"churn/w{me}/{i}", "", "32768 * float64", fill=None)
+    except (FabricError, OSError):
+        time.sleep(0.05)
+        continue
+    for _ in range(rng.randint(1, 30)):  # goes on writing whether or not its stream is cut
+        creation.array[...] = me * 1e6 + i
+        time.sleep(0.005)
+    try:
+        creation.abort() if rng.random() < 0.2 else creation.seal()
+    except (FabricError, OSError):
+        pass  # refused: the writer writes no more into it
+"""
+
+
+def expected(name: str) -> float:
+    """``churn/w<k>/<i>`` holds k * 1e6 + i, ``churn/mine/<j>`` holds -(j + 1)."""
+    _, who, i = name.split("/")
+    return -(int(i) + 1) if who == "mine" else int(who[1:]) * 1e6 + int(i)
+
+
+def test_writers_whose_streams_are_cut_while_writing_and_then_killed_change_nobody_s_bytes(client, tmp_path):
+    """Three writer processes create, fill (for a random while) and seal or abort variables
+    of their own constant value, without end; the test cuts their streams at random while
+    they write, inserts and deletes variables of its own meanwhile, and checks every
+    variable it sees, its own and the writers' sealed ones, holds exactly its value.  Then
+    the writers are SIGKILLed mid-write, and every byte comes back."""
+    import random
+    import subprocess
+    import sys
+
+    fabric = datafabric.start(client, mb=8)
+    before = used(fabric)
+    script = tmp_path / "churner.py"
+    script.write_text(CHURNER)
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), client.scheduler.address, str(k)], stdout=subprocess.PIPE, text=True
+        )
+        for k in (1, 2, 3)
+    ]
+    rng = random.Random(7)
+    checked = cuts = 0
+    try:
+        assert all(w.stdout.readline().strip() == "ready" for w in writers)
+        ids = client.run_on_scheduler(writer_clients, exclude=client.id)
+        assert len(ids) == 3, ids
+        mine = 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            client.run_on_scheduler(cut_stream_if_connected, client_id=rng.choice(ids))
+            cuts += 1
+            for _ in range(2):  # at once: memory a departure would free goes to these
+                try:
+                    fabric.insert(f"churn/mine/{mine}", "", "32768 * float64", np.full(32768, -(mine + 1.0)))
+                    mine += 1
+                except OutOfSpaceError:
+                    break
+            names = fabric.get_list("churn/")
+            for name in names:
+                try:
+                    view = fabric.get(name)
+                except NameNotFoundError:
+                    continue  # deleted meanwhile (an abort never shows)
+                assert (view == expected(name)).all(), f"{name} holds {np.unique(view)[:5]}: another writer's bytes"
+                del view
+                checked += 1
+            old = [n for n in names if rng.random() < 0.5]
+            for name in old:
+                fabric.delete(name)
+        for w in writers:
+            w.kill()  # most likely mid-write: it writes for up to 150 ms between its calls
+            w.wait(30)
+        for name in fabric.get_list("churn/"):
+            view = fabric.get(name)
+            assert (view == expected(name)).all(), f"{name} holds {np.unique(view)[:5]}: another writer's bytes"
+            del view
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"every byte to return: {fabric.status()}")
+        assert checked > 50 and cuts > 15, (checked, cuts)
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(30)
+        fabric.shutdown()
+
+
+def writer_clients(dask_scheduler, exclude: str) -> list[str]:
+    return sorted(c for c in dask_scheduler.clients if c != exclude and c != "fire-and-forget")
+
+
+def cut_stream_if_connected(dask_scheduler, client_id: str) -> None:
+    comm = dask_scheduler.client_comms.get(client_id)
+    if comm is not None:
+        comm.abort()

@@ -57,6 +57,25 @@ def test_a_seal_into_a_block_no_longer_known_is_refused_clearly():
     assert "x" not in d.variables and not d.by_id
 
 
+def test_a_departed_writer_that_may_map_its_reservation_keeps_it_until_it_ends_it():
+    """``drop_holder`` frees the reservations of a writer that cannot map them and keeps,
+    departed, those of a writer that may (``yp/departed.py``); a give-back naming another
+    extent id ends nothing."""
+    d = directory(("A", "n1", "w1"))
+    mapped, streamed = reservation(0, 512), reservation(4096, 512)
+    d.add_pending("client-1", "A", mapped)
+    d.add_pending("client-1", "A", streamed)
+    d.pending[("A", 0)].writer = {"boot": "b", "pid_ns": "pid:[1]", "pid": 7, "started": 9}
+    freed = d.drop_holder("client-1")
+    assert [c.extent_offset for c in freed] == [4096]
+    assert [(k, p.departed) for k, p in d.stranded()] == [(("A", 0), True)]
+    assert d.blocks["A"].used == 512 and d.live_ids("A") == [mapped["extent_id"]]
+    assert d.drop_pending("A", 0, mapped["extent_id"] ^ 1) is None and d.stranded()
+    d.arrived("client-1")  # back under its id: its seal works
+    var = d.seal(seal_item("x", "A", 0, 512, mapped["extent_id"]))
+    assert not d.stranded() and not d.pending and d.blocks["A"].used == 512 and var.copies[0].extent_offset == 0
+
+
 def test_a_reservation_given_back_is_freed_once():
     d = directory(("A", "n1", "w1"))
     r = reservation(0, 512)
