@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 
+import dask
+
 from datafabric.layout import ExtentState
 from tests.directories import CAPACITY, directory, extent, ids, reservation
-from tests.test_kept_views import declarations, view
-from yp.declarations import HOLDER_PREFIX
+from tests.test_kept_views import FakeOwners, FakeScheduler, declarations, view
+from yp.declarations import HOLDER_PREFIX, WAIT_KEY
 from yp.kept_views import KeptViews
+from yp.membership import Membership
 from yp.moves import BlockMoves
 from yp.records import Block, Copy
 
@@ -134,3 +137,39 @@ def test_a_declarer_that_leaves_while_its_declaration_awaits_a_move_leaves_nothi
     counts = asyncio.run(race())
     assert counts["lost"] == 2  # its holder is gone: neither view leases or waits for anything
     assert kept.waiting == {}
+
+
+def test_a_worker_declarer_that_leaves_mid_declaration_is_not_counted_as_having_declared():
+    """``Membership.declare_kept`` awaits a move of a block; its client leaves meanwhile
+    (its leases end).  It must not be recorded as having declared every view: a client
+    reconnecting under that id holds no lease, and later rounds wait for it."""
+    d = directory(("R", "n2", "w2"))
+    with dask.config.set({WAIT_KEY: 0}):
+        members = Membership(FakeScheduler(["c1"]), "fabric", d, FakeOwners(), BlockMoves())
+    on_r = Copy("R", **reservation(0))
+
+    async def race():
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def compaction():
+            async with members.moves.exclusive("R"):
+                held.set()
+                await release.wait()
+
+        mover = asyncio.create_task(compaction())
+        await held.wait()
+        declaring = asyncio.create_task(members.declare_kept("c1", [view("R", on_r)]))
+        await asyncio.sleep(0)  # the declaration waits for R's move
+        members.kept.forget("c1")  # the client leaves (YellowPages.remove_client)
+        members.declarations.left("c1")
+        d.drop_holder("c1")
+        release.set()
+        await mover
+        return await declaring
+
+    assert asyncio.run(race())["lost"] == 1
+    assert "c1" not in members.declarations.complete
+    d.arrived("c1")  # back under its id
+    members.declarations.joined("c1")
+    n = members.declarations.open([])
+    assert members.declarations.rounds[n].pending == {"c1"}

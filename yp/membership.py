@@ -143,7 +143,10 @@ class Membership:
     async def declare_kept(self, holder: str, views: list[KeptView]) -> dict[str, int]:
         """A worker process's client declares every view it kept, once: it answers every round."""
         counts = await self.kept.declare(holder, views)
-        self.declarations.declared_all(holder)
+        # A client that left while a block settled holds no lease now: not counted as declared,
+        # or rounds would not wait for it if it reconnects under its id.
+        if holder not in self.directory.departed:
+            self.declarations.declared_all(holder)
         return counts
 
     # -- departures --------------------------------------------------------------------
