@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import dask
+import pytest
 
+from datafabric.errors import InvalidArgumentError
 from datafabric.layout import ExtentState
 from tests.directories import CAPACITY, directory, extent, ids, reservation
 from tests.test_kept_views import FakeOwners, FakeScheduler, declarations, view
@@ -173,3 +175,17 @@ def test_a_worker_declarer_that_leaves_mid_declaration_is_not_counted_as_having_
     members.declarations.joined("c1")
     n = members.declarations.open([])
     assert members.declarations.rounds[n].pending == {"c1"}
+
+
+def test_a_declaration_naming_no_round_number_is_refused_and_changes_nothing():
+    d = directory()
+    kept = KeptViews(d, BlockMoves())
+    _, held = taken_back(d, kept, "R", ["a0"])
+    rounds, _ = declarations(d, ["c1"])
+    n = rounds.open(held)
+    for bad in ("1", None, 1.0, True, [n]):
+        with pytest.raises(InvalidArgumentError, match="round number"):
+            rounds.declared("c1", bad)
+    assert rounds.rounds[n].pending == {"c1"}
+    rounds.declared("c1", n)
+    assert rounds.rounds == {}

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 
+from datafabric.errors import InvalidArgumentError
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
 from yp.records import Variable
@@ -88,6 +89,8 @@ class Declarations:
 
     def declared(self, holder: str, round: int) -> dict:
         """``holder`` has leased again every view it kept on the blocks of rounds up to ``round``."""
+        if not isinstance(round, int) or isinstance(round, bool):
+            raise InvalidArgumentError(f"declared needs the round number the took-back event named, got {round!r}")
         for n in [n for n in self.rounds if n <= round]:
             self._settle(n, holder)
         return {}
