@@ -14,7 +14,8 @@ copies into would go to another variable:
 
 A writer in another pid namespace of this machine (a container sharing /dev/shm but not
 its pids) cannot be judged here: it counts as alive, and its reservation stays until it
-seals or aborts it.
+seals or aborts it.  The process named is the one that reserved: a child forked later that
+writes through the mapping it inherited is not.
 """
 
 from __future__ import annotations
