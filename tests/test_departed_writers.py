@@ -281,3 +281,34 @@ def cut_stream_if_connected(dask_scheduler, client_id: str) -> None:
     comm = dask_scheduler.client_comms.get(client_id)
     if comm is not None:
         comm.abort()
+
+
+def writer_of(dask_scheduler, shm_id: str, offset: int):
+    return dask_scheduler.plugins["datafabric-yellowpages"].directory.pending[(shm_id, offset)].writer
+
+
+def test_only_a_writer_that_may_map_its_reservation_is_named_with_it(client):
+    """A writer of another node cannot map the block (``PendingWrite``): its bytes go through
+    the owner's checked ``write``, so its reservation names no process and ends at its
+    departure; a writer of the block's node, or of no configured node, is named."""
+    fabric = datafabric.start(client, mb=4)
+    try:
+        ctx = fabric._ctx()
+        here = processes.this_process()
+        named = {}
+        for node in (None, "elsewhere"):
+            res = ctx.call(
+                "reserve",
+                name=f"named/{node}",
+                type="16 * uint8",
+                doc="",
+                nbytes=16,
+                node=node,
+                holder=ctx.holder,
+                process=here,
+            )
+            named[node] = client.run_on_scheduler(writer_of, shm_id=res["shm_id"], offset=res["extent_offset"])
+            ctx.call("abort", shm_id=res["shm_id"], extent_offset=res["extent_offset"], extent_id=res["extent_id"])
+        assert named == {None: here, "elsewhere": None}
+    finally:
+        fabric.shutdown()
