@@ -63,15 +63,16 @@ class Inserts:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
         for item in items:  # a task's own reservations reach the YellowPages first here
             validate_new_name(item["name"])
-        pending = self.directory.pending
-        for item in items:
+        pending, local = self.directory.pending, []
+        for item in items:  # the YellowPages' reservations are named by id and holder too
             entry = pending.get((item["shm_id"], item["extent_offset"]))
-            if entry is not None and (entry.copy.extent_id != item["extent_id"] or entry.holder != holder):
+            if entry is None:
+                local.append(item["name"])
+            elif entry.copy.extent_id != item["extent_id"] or entry.holder != holder:
                 raise WorkerLostError(
                     f"the reservation {holder} wrote {item['name']!r} into ended before its seal (its writer "
                     "left the scheduler) and the memory is reserved for another writer now; insert it again"
                 )
-        local = [item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in pending]
         self.directory.check_present(holder)
         if local and holder not in self.members.node_of:
             # Reserved in the writer's own block, which a peer has adopted (or is adopting)
