@@ -31,7 +31,7 @@ from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
-from datafabric.processes import processes_gone
+from datafabric.processes import processes_gone, this_process
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
 from datafabric.reads import serve, stop_serving
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -109,7 +109,9 @@ class FabricWorkerPlugin(WorkerPlugin):
         # know (its scheduler restarted) back into the fabric through this worker.
         found = node_segments(uuid.UUID(self.fabric_id), self.node)
         await worker.set_resources(**{node_resource(self.node): NODE_SLOTS})  # fabric.submit finds the node by it
-        await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node, segments=found)
+        await worker.scheduler.datafabric_register_worker(
+            address=worker.address, node=self.node, segments=found, process=this_process()
+        )
 
     async def teardown(self, worker: Any) -> None:
         """Hand the blocks to a peer of this node, unlink them, or leave them for the
@@ -156,7 +158,7 @@ class FabricWorkerPlugin(WorkerPlugin):
                     continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
                 if r is not None:
-                    return _reservation(shm_id, r)
+                    return r.message(shm_id)
         return None
 
     def mark(self, state: int, extents: list[tuple[str, int, int, str]]) -> dict:
@@ -219,7 +221,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         with self.lock:
             block = self.blocks.get(shm_id)
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.closed else None
-        return _reservation(shm_id, r) if r is not None else None
+        return r.message(shm_id) if r is not None else None
 
     def free(self, extents: list[tuple[str, int, int]]) -> dict:
         """Give back ``(shm_id, extent offset, extent id)`` extents: a whole delete's worth
@@ -390,13 +392,3 @@ _MARKED_FROM = {
     ExtentState.SEALED: {ExtentState.RESERVED},
     ExtentState.DELETED: {ExtentState.RESERVED, ExtentState.SEALED},  # sealed, or its writer has not marked it yet
 }
-
-
-def _reservation(shm_id: str, r: Any) -> Reservation:
-    return {
-        "shm_id": shm_id,
-        "extent_offset": r.offset,
-        "data_offset": r.data_offset,
-        "extent_size": r.size,
-        "extent_id": r.extent_id,
-    }

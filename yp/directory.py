@@ -25,7 +25,7 @@ from datafabric.errors import (
     VariableUnavailableError,
     WorkerLostError,
 )
-from datafabric.messages import Reservation, SealItem, VariableInfo
+from datafabric.messages import ProcessId, Reservation, SealItem, VariableInfo
 from yp import name_index, sizing
 from yp.records import Block, Copy, Pending, Variable
 from yp.recovery import Recovery
@@ -329,12 +329,13 @@ class Directory(Recovery):
         """Reservations of departed writers that may still write into them."""
         return [(k, p) for k, p in self.pending.items() if p.departed]
 
-    def orphan_blocks(self, worker: str) -> list[str]:
-        """The worker died; its blocks stay in shared memory, waiting for a worker of the
-        same node to adopt them.  Returns the names of variables now unavailable."""
+    def orphan_blocks(self, worker: str, process: ProcessId | None = None) -> list[str]:
+        """The worker left; its blocks stay in shared memory, waiting for a worker of the
+        same node to adopt them (once ``process``, the worker's, is proven gone, if given).
+        Returns the names of variables now unavailable."""
         for block in self.blocks.values():
             if block.worker == worker:
-                block.worker = None
+                block.worker, block.left_by = None, process
         return sorted(v.name for v in self.variables.values() if not self.available(v))
 
     def available(self, var: Variable) -> bool:

@@ -26,6 +26,9 @@ class Block:
     used: int = 0  # bytes of sealed, deleted-but-leased and pending extents known here
     creating: bool = False  # ordered but not confirmed: its creator may die half-way
     unsettled: bool = False  # its owner died moving extents: offsets unknown until it is adopted
+    # The process of an owner removed by Dask, which may still run and write into the block
+    # through its own allocator: no peer adopts the block until it is proven gone.
+    left_by: ProcessId | None = None
 
     @property
     def free(self) -> int:
