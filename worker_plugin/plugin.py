@@ -299,12 +299,17 @@ class FabricWorkerPlugin(WorkerPlugin):
         return {}
 
     def adopt(
-        self, shm_ids: list[str], live: dict[str, list[int]] | None = None, unfinished: list[str] = ()
+        self,
+        shm_ids: list[str],
+        live: dict[str, list[int]] | None = None,
+        unfinished: list[str] = (),
+        keep_reserved: list[str] = (),
     ) -> list[AdoptedBlock]:
         """Take over blocks of this node whose owner died or left, or that a restarted
         YellowPages found (``live=None``).  ``live`` lists, per block, the ids of the
         extents the directory still needs; they are kept wherever they now are, every
-        other extent is freed (with ``live=None`` the sealed and deleted ones are kept).  Each answer
+        other extent is freed (with ``live=None`` the sealed and deleted ones are kept), but
+        for the RESERVED ones of the blocks in ``keep_reserved`` (their owner is closing).  Each answer
         describes the kept extents, so the directory re-learns their offsets.
         ``unfinished`` names blocks whose creator died before confirming them: each is
         unlinked, and so is, with ``live=None``, a found segment that has no block header.
@@ -318,7 +323,8 @@ class FabricWorkerPlugin(WorkerPlugin):
             if shm_id in unfinished:
                 continue
             try:
-                adopted = open_block(shm_id, fabric_id, self.node, None if live is None else live.get(shm_id, []))
+                wanted = None if live is None else live.get(shm_id, [])
+                adopted = open_block(shm_id, fabric_id, self.node, wanted, shm_id in keep_reserved)
             except FileNotFoundError:
                 continue
             except HalfCreated as exc:

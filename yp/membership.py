@@ -59,6 +59,9 @@ class Membership:
         # Told when a node's blocks are all known (yp/dataset_records.py rebuilds datasets then);
         # its flag says whether anything was ever taken back.  The YellowPages sets it.
         self.node_back: Callable[[str, bool], Awaitable[None]] | None = None
+        # Told after an adoption, which may have kept a closing owner's own reservations as
+        # a departed writer's (yp/departed.py watches them).  The YellowPages sets it.
+        self.kept_reserved: Callable[[], None] = lambda: None
 
     # -- who is there ----------------------------------------------------------------
     def live(self) -> dict[str, list[str]]:
@@ -187,10 +190,13 @@ class Membership:
         a scheduler restart, or was removed already) keeps them for adoption."""
         async with self.changing:  # no adoption is half-recorded while this one decides
             node = self.node_of.pop(address, None)  # from now on it is published nothing
-            self.process_of.pop(address, None)
+            process = self.process_of.pop(address, None)
             if node is None:
                 return {"decision": "keep"}
             await self.local.recall_worker(address)  # its tasks may still read until it leaves
+            for block in self.directory.blocks.values():  # its tasks may still write their own reservations
+                if block.worker == address and process is not None:
+                    block.closed_by = (address, process)
             self.directory.orphan_blocks(address)
             if not self.peers(node):
                 if restarting:
@@ -269,8 +275,9 @@ class Membership:
             held = {v.var_id: v for s in ready for v, _ in self.directory.copies_in(s)}
             async with self.local.withheld(held.values(), node):  # the adopter may free and move
                 live = {s: self.directory.live_ids(s) for s in ready}
+                closing = [s for s in ready if self.directory.blocks[s].closed_by is not None]
                 answers: list[AdoptedBlock] = await self.owners.ask(
-                    peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
+                    peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished, keep_reserved=closing
                 )
                 for shm_id in unfinished:
                     self.directory.remove_block(shm_id)
@@ -285,5 +292,6 @@ class Membership:
             await self.owners.free(adoption.to_free)
             for state, named in adoption.to_mark.items():
                 await self.owners.mark(state, named)
+        self.kept_reserved()
         self.local.publish_node(node)
         logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], node)

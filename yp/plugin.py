@@ -98,6 +98,7 @@ class YellowPages(SchedulerPlugin):
         self.placement = Placement(d, self.moves, self.compaction, self.owners, self.local)
         self.inserts = Inserts(d, self.placement, self.owners, self.members, self.local)
         self.departed = DepartedWriters(d, self.owners)  # reservations that outlive their writer's departure
+        self.members.kept_reserved = self.departed.wake  # a closing worker's own, kept by its adopter
         self.reads = Reads(d, self.moves, self.owners, self.members)
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)

@@ -29,6 +29,9 @@ class Block:
     # The process of an owner removed by Dask, which may still run and write into the block
     # through its own allocator: no peer adopts the block until it is proven gone.
     left_by: ProcessId | None = None
+    # (address, process) of an owner that handed it off closing: its tasks may still write
+    # into their own reservations there, which its adopter keeps as that process's.
+    closed_by: tuple[str, ProcessId] | None = None
 
     @property
     def free(self) -> int:
