@@ -178,7 +178,9 @@ class Membership:
 
     def lost_block(self, block: Block) -> None:
         """Its owner died while moving its extents: the block is orphaned at once (its
-        offsets are unknown until the headers are read again) and adopted anew."""
+        offsets are unknown until the headers are read again) and adopted anew, once its
+        process is proven gone (a call that failed does not prove it dead)."""
+        block.left_by = self.process_of.get(block.worker) if block.worker is not None else None
         block.worker, block.unsettled = None, True
         self.scheduler.loop.add_callback(self.adopt_orphans, block.node)
 
