@@ -9,14 +9,18 @@ its blocks to a peer at once, which keeps its tasks' reservations as the closing
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 
 import datafabric
 from datafabric.errors import OutOfSpaceError
+from tests.directories import CAPACITY, directory
 from tests.test_departed_writers import stranded, used
 from tests.waiting import wait_for
+from yp.membership import Membership
+from yp.moves import BlockMoves
 
 
 def produce_when_told(fabric, flags: str) -> str:
@@ -142,3 +146,74 @@ def test_a_closing_worker_s_own_reservation_is_kept_by_its_adopter_while_its_pro
         wait_for(lambda: used(fabric) == before, f"every byte to return: {fabric.status()}")
         assert client.run_on_scheduler(stranded) == 0
         fabric.shutdown()
+
+
+class LoopScheduler:
+    """What ``Membership`` uses of Dask's scheduler here: its workers and its loop."""
+
+    def __init__(self, workers: list[str]) -> None:
+        self.workers = dict.fromkeys(workers)
+        self.unrunnable: set = set()
+        self.client_comms: dict = {}
+        self.loop = self
+        self.callbacks: list = []
+        self.timers: list = []
+
+    def add_callback(self, f, *args) -> None:
+        self.callbacks.append((f, args))
+
+    def call_later(self, delay: float, f) -> None:
+        self.timers.append((delay, f))
+
+
+class AnsweringOwners:
+    """Block owners that answer ``processes_gone`` from ``alive`` and adopt empty blocks."""
+
+    def __init__(self) -> None:
+        self.alive: set[int] = set()
+        self.asked: list[tuple[str, str]] = []
+
+    async def ask(self, worker: str, op: str, **kwargs):
+        self.asked.append((worker, op))
+        if op == "processes_gone":
+            return [p["pid"] not in self.alive for p in kwargs["processes"]]
+        assert op == "adopt"
+        return [
+            {"shm_id": s, "size": CAPACITY, "capacity": CAPACITY, "free": CAPACITY, "extents": []}
+            for s in kwargs["shm_ids"]
+        ]
+
+    async def free(self, copies) -> None:
+        pass
+
+    async def mark(self, state, named) -> None:
+        pass
+
+    def free_later(self, copies) -> None:
+        pass
+
+
+def test_a_removed_owner_s_blocks_are_adopted_only_once_a_peer_proves_its_process_gone():
+    """No cluster: ``Membership`` asks the adopting peer first, tries again later (at 0.5 s,
+    then 1 s) while the removed owner's process runs, and adopts once it is gone."""
+    d = directory(("A", "n1", "w1"))
+    scheduler, owners = LoopScheduler(["w1", "w2"]), AnsweringOwners()
+    members = Membership(scheduler, "fabric", d, owners, BlockMoves())
+    first = {"boot": "b", "pid_ns": "pid:[1]", "started": 9}
+    members.register("w1", "n1", process=first | {"pid": 1})
+    members.register("w2", "n1", process=first | {"pid": 2})
+    owners.alive = {1, 2}
+    del scheduler.workers["w1"]
+    members.remove("w1")  # missed heartbeats: its process runs on
+    assert d.blocks["A"].left_by["pid"] == 1
+    for attempt in range(2):
+        asyncio.run(members.adopt_orphans("n1"))
+        assert d.blocks["A"].worker is None and owners.asked[-1] == ("w2", "processes_gone")
+        asyncio.run(members.adopt_orphans("n1"))  # another attempt meanwhile schedules no second timer
+        assert [delay for delay, _ in scheduler.timers] == [0.5, 1.0][: attempt + 1]
+        scheduler.timers[-1][1]()  # the timer fires: the next attempt is scheduled on the loop
+        assert scheduler.callbacks[-1] == (members.adopt_orphans, ("n1",))
+    owners.alive = {2}  # w1's process exits
+    asyncio.run(members.adopt_orphans("n1"))
+    assert d.blocks["A"].worker == "w2" and d.blocks["A"].left_by is None
+    assert owners.asked[-2:] == [("w2", "processes_gone"), ("w2", "adopt")]
