@@ -93,6 +93,16 @@ class KeptView(TypedDict):
     extent_id: int  # the id in its extent's header: a variable placed there since has another
 
 
+class ProcessId(TypedDict):
+    """A process, as a block's owner on its machine can tell whether it still runs
+    (writer -> YellowPages with a reservation; YellowPages -> owner; ``datafabric/processes.py``)."""
+
+    boot: str  # /proc/sys/kernel/random/boot_id: which machine (and boot) it runs on
+    pid_ns: str  # its pid namespace (readlink /proc/self/ns/pid): where its pid means it
+    pid: int
+    started: int  # field 22 of /proc/<pid>/stat (clock ticks after boot): a reused pid has another
+
+
 class ExtentInfo(TypedDict):
     """An extent as its header describes it (block owner -> YellowPages)."""
 

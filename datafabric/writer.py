@@ -20,6 +20,7 @@ from datafabric.context import Context
 from datafabric.errors import NotOnThisNodeError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement, Reservation, SealItem, VariableInfo
+from datafabric.processes import this_process
 from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
@@ -53,6 +54,7 @@ class PendingWrite:
                 nbytes=ftype.nbytes,
                 node=ctx.node,
                 holder=ctx.holder,
+                process=this_process(),  # it may map the block: kept while it lives, if it leaves
             )
         self.res: Reservation | Placement = res
         self._lock = threading.Lock()
@@ -81,6 +83,8 @@ class PendingWrite:
                 self.res["worker"],
                 "write",
                 shm_id=self.res["shm_id"],
+                extent_offset=self.res["extent_offset"],
+                extent_id=self.res["extent_id"],
                 data_offset=self.res["data_offset"] + start,
                 data=to_serialize(chunk.data),
             )
@@ -120,7 +124,8 @@ class PendingWrite:
         if self.local:
             self.ctx.plugin.free_local(self.res["shm_id"], self.res["extent_offset"], self.res["extent_id"])
         elif not self.ctx.gone:  # else the scheduler gives a departed holder's reservations back itself
-            self.ctx.call("abort", shm_id=self.res["shm_id"], extent_offset=self.res["extent_offset"])
+            r = self.res
+            self.ctx.call("abort", shm_id=r["shm_id"], extent_offset=r["extent_offset"], extent_id=r["extent_id"])
 
 
 def seal_all(writes: list[PendingWrite]) -> list[VariableInfo]:

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import asyncio
 
+import dask
+import pytest
+
+from datafabric.errors import InvalidArgumentError
 from datafabric.layout import ExtentState
 from tests.directories import CAPACITY, directory, extent, ids, reservation
-from tests.test_kept_views import declarations, view
-from yp.declarations import HOLDER_PREFIX
+from tests.test_kept_views import FakeOwners, FakeScheduler, declarations, view
+from yp.declarations import HOLDER_PREFIX, WAIT_KEY
 from yp.kept_views import KeptViews
+from yp.membership import Membership
 from yp.moves import BlockMoves
 from yp.records import Block, Copy
 
@@ -152,3 +157,53 @@ def test_a_declaration_answering_another_incarnation_s_event_settles_no_round_he
     assert rounds.rounds[first].pending == {"c1"} and owners.freed == []
     rounds.declared("c1", first, d.first_id)
     assert rounds.rounds == {} and len(owners.freed) == 1
+
+
+def test_a_worker_declarer_that_leaves_mid_declaration_is_not_counted_as_having_declared():
+    """``Membership.declare_kept`` awaits a move of a block; its client leaves meanwhile
+    (its leases end).  It must not be recorded as having declared every view: a client
+    reconnecting under that id holds no lease, and later rounds wait for it."""
+    d = directory(("R", "n2", "w2"))
+    with dask.config.set({WAIT_KEY: 0}):
+        members = Membership(FakeScheduler(["c1"]), "fabric", d, FakeOwners(), BlockMoves())
+    on_r = Copy("R", **reservation(0))
+
+    async def race():
+        held, release = asyncio.Event(), asyncio.Event()
+
+        async def compaction():
+            async with members.moves.exclusive("R"):
+                held.set()
+                await release.wait()
+
+        mover = asyncio.create_task(compaction())
+        await held.wait()
+        declaring = asyncio.create_task(members.declare_kept("c1", [view("R", on_r)]))
+        await asyncio.sleep(0)  # the declaration waits for R's move
+        members.kept.forget("c1")  # the client leaves (YellowPages.remove_client)
+        members.declarations.left("c1")
+        d.drop_holder("c1")
+        release.set()
+        await mover
+        return await declaring
+
+    assert asyncio.run(race())["lost"] == 1
+    assert "c1" not in members.declarations.complete
+    d.arrived("c1")  # back under its id
+    members.declarations.joined("c1")
+    n = members.declarations.open([])
+    assert members.declarations.rounds[n].pending == {"c1"}
+
+
+def test_a_declaration_naming_no_round_number_is_refused_and_changes_nothing():
+    d = directory()
+    kept = KeptViews(d, BlockMoves())
+    _, held = taken_back(d, kept, "R", ["a0"])
+    rounds, _ = declarations(d, ["c1"])
+    n = rounds.open(held)
+    for bad in ("1", None, 1.0, True, [n]):
+        with pytest.raises(InvalidArgumentError, match="round number"):
+            rounds.declared("c1", bad, d.first_id)
+    assert rounds.rounds[n].pending == {"c1"}
+    rounds.declared("c1", n, d.first_id)
+    assert rounds.rounds == {}

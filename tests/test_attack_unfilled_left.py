@@ -7,8 +7,9 @@ same id, a worker removed for missed heartbeats keeps running its task until its
 waits it out.  Their threads go on copying into the memory they map.  The departure
 settles a whole-writer's tickets with nothing confirmed: its unfilled homes are filled
 and kept as the chunks' (not freed), so a copy still running lands in its own chunk,
-never in memory the fabric gave to another variable.  (A Creation's reservation is
-still freed at its producer's departure: the second test, xfail.)
+never in memory the fabric gave to another variable.  A Creation's reservation is kept
+while its departed producer's process lives (``yp/departed.py``): its late copy stays in
+its own memory, and back, it seals or aborts as if it had never left.
 
 Real cluster (worker processes), real shared memory; the writer is a second Dask client
 of the test process whose scheduler stream is cut while its ``fill_chunks`` copy waits.
@@ -19,7 +20,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pytest
 from distributed import Client
 
 import datafabric
@@ -112,13 +112,16 @@ def test_a_whole_writer_that_left_alive_never_writes_into_memory_given_to_others
         fabric.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="(older than the unfilled homes) a writer's reservations end when it leaves although the "
-    "process may be alive: a Creation's producer copying after its client reconnected writes into "
-    "memory handed to other variables",
-)
+def has_left(dask_scheduler, client_id: str) -> bool:
+    """The scheduler removed the client (its hooks, the YellowPages' among them, ran)."""
+    return any(e.get("action") == "remove-client" for _, e in dask_scheduler.get_events(client_id))
+
+
 def test_a_creator_that_left_alive_never_writes_into_memory_given_to_others(cluster, client):
+    """A Creation's producer whose client's stream breaks: its process lives and maps the
+    block, so its reservation is not freed at the departure (``yp/departed.py``).  Memory
+    taken by others meanwhile keeps their bytes when it goes on copying; reconnected, its
+    seal works and the variable holds what it wrote."""
     fabric = datafabric.start(client, mb=4)
     before = used(fabric)
     mine: list[str] = []
@@ -128,20 +131,39 @@ def test_a_creator_that_left_alive_never_writes_into_memory_given_to_others(clus
             creation = writer.create("left-alive/created", "", f"{ROWS * COLS} * float64", fill=FILL)
             assert client.run_on_scheduler(reservations_of, client_id=writer_client.id) == 1
             client.run_on_scheduler(cut_stream, client_id=writer_client.id)
-            wait_for(
-                lambda: client.run_on_scheduler(reservations_of, client_id=writer_client.id) == 0,
-                "the departure to end the reservation",
-            )
+            wait_for(lambda: client.run_on_scheduler(has_left, client_id=writer_client.id), "the departure")
             mine += take_free_memory(fabric, "left-alive/mine")
             creation.array[...] = LATE  # the producer, alive, goes on
             changed = [n for n in mine if not (fabric.get(n) == MINE).all()]
-            with pytest.raises(FabricError):  # its reservation was ended: the seal is refused
-                creation.seal()
             assert not changed, f"{len(changed)} variables of another process hold the departed creator's bytes"
+            wait_for(lambda: writer_client.status == "running", "the writer's client to reconnect", timeout=30)
+            creation.seal()  # the reservation is still its own
+            assert (fabric.get("left-alive/created") == LATE).all()
+            fabric.delete("left-alive/created")
     finally:
         for name in mine:
             fabric.delete(name)
         wait_for(lambda: used(fabric) == before, f"the memory to return: {fabric.status()}")
+        fabric.shutdown()
+
+
+def test_a_creator_that_left_and_came_back_gives_its_reservation_back_by_aborting(cluster, client):
+    """Back after its departure, the producer aborts: the reservation it no longer writes
+    returns at once, with no wait for its process to end."""
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    try:
+        with Client(cluster) as writer_client:
+            writer = Fabric(fabric.address, fabric.fabric_id, client=writer_client)
+            creation = writer.create("left-alive/aborted", "", f"{ROWS * COLS} * float64", fill=FILL)
+            client.run_on_scheduler(cut_stream, client_id=writer_client.id)
+            wait_for(lambda: client.run_on_scheduler(has_left, client_id=writer_client.id), "the departure")
+            wait_for(lambda: writer_client.status == "running", "the writer's client to reconnect", timeout=30)
+            assert used(fabric) > before  # kept while its process lives
+            creation.abort()
+            wait_for(lambda: used(fabric) == before, f"the aborted reservation to return: {fabric.status()}")
+            assert client.run_on_scheduler(reservations_of, client_id=writer_client.id) == 0
+    finally:
         fabric.shutdown()
 
 

@@ -130,6 +130,7 @@ def test_whole_writers_racing_part_writers_and_dying_leave_only_fill_or_written_
     ]
     wait(futures)
     client.wait_for_workers(len(workers))  # the nannies' new workers
+    wait_for(lambda: not any(b.get("orphaned") for b in fabric.status()), "the new workers to adopt the blocks")
     finished = [f.status == "finished" for f in futures]
     ds.seal()
 

@@ -57,6 +57,42 @@ def test_a_seal_into_a_block_no_longer_known_is_refused_clearly():
     assert "x" not in d.variables and not d.by_id
 
 
+def test_a_departed_writer_that_may_map_its_reservation_keeps_it_until_it_ends_it():
+    """``drop_holder`` frees the reservations of a writer that cannot map them and keeps,
+    departed, those of a writer that may (``yp/departed.py``); a give-back naming another
+    extent id ends nothing."""
+    d = directory(("A", "n1", "w1"))
+    mapped, streamed = reservation(0, 512), reservation(4096, 512)
+    d.add_pending("client-1", "A", mapped)
+    d.add_pending("client-1", "A", streamed)
+    d.pending[("A", 0)].writer = {"boot": "b", "pid_ns": "pid:[1]", "pid": 7, "started": 9}
+    freed = d.drop_holder("client-1")
+    assert [c.extent_offset for c in freed] == [4096]
+    assert [(k, p.departed) for k, p in d.stranded()] == [(("A", 0), True)]
+    assert d.blocks["A"].used == 512 and d.live_ids("A") == [mapped["extent_id"]]
+    assert d.drop_pending("A", 0, mapped["extent_id"] ^ 1) is None and d.stranded()
+    d.arrived("client-1")  # back under its id: its seal works
+    var = d.seal(seal_item("x", "A", 0, 512, mapped["extent_id"]))
+    assert not d.stranded() and not d.pending and d.blocks["A"].used == 512 and var.copies[0].extent_offset == 0
+
+
+def test_an_adoption_keeps_a_closing_owner_s_own_reservations_as_its_process_s():
+    """A block handed off closing (``Block.closed_by``): its RESERVED extents the directory
+    does not name are its tasks' own reservations, kept as departed writers'; any other
+    extent it does not name is freed, as for every adoption."""
+    d = directory(("A", "n1", None))
+    process = {"boot": "b", "pid_ns": "pid:[1]", "pid": 7, "started": 9}
+    d.blocks["A"].closed_by = ("w1", process)
+    own, stale = Copy("A", **reservation(0)), Copy("A", **reservation(4096))
+    found = [extent(own, "x", ExtentState.RESERVED), extent(stale, "y", ExtentState.DELETED)]
+    adoption = d.adopt("A", "w2", CAPACITY - 512, found)
+    assert ids(adoption.to_free) == [stale.extent_id]
+    [(key, entry)] = d.stranded()
+    assert key == ("A", 0) and (entry.holder, entry.writer, entry.copy.extent_id) == ("w1", process, own.extent_id)
+    assert d.blocks["A"].used == 256 and d.blocks["A"].closed_by is None
+    assert d.live_ids("A") == [own.extent_id]  # a later adoption keeps it too
+
+
 def test_a_reservation_given_back_is_freed_once():
     d = directory(("A", "n1", "w1"))
     r = reservation(0, 512)

@@ -38,7 +38,9 @@ class HalfCreated(layout.LayoutError):
     """The segment has no block header: its creator died before writing it."""
 
 
-def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | None) -> Adopted:
+def open_block(
+    shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | None, keep_reserved: bool = False
+) -> Adopted:
     """Open a block of this fabric and node as its new owner, keeping the extents whose
     ids are in ``live`` (None: every one in use).  Raises ``FileNotFoundError`` if it is
     gone, ``HalfCreated`` if it never got its header, ``LayoutError`` if it is not ours."""
@@ -60,7 +62,7 @@ def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | N
     except layout.LayoutError:
         segment.close()
         raise
-    kept = _keep(segment.buf, allocator, live)
+    kept = _keep(segment.buf, allocator, live, keep_reserved)
     answer = AdoptedBlock(
         shm_id=shm_id,
         size=header.size,
@@ -78,15 +80,20 @@ def open_block(shm_id: str, fabric_id: uuid.UUID, node: str, live: list[int] | N
 _FOUND = (ExtentState.SEALED, ExtentState.DELETED, ExtentState.RESERVED)
 
 
-def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None) -> list[ExtentInfo]:
-    """Free what is not kept; say where what is kept is."""
+def _keep(buf: memoryview, allocator: BlockAllocator, live: list[int] | None, reserved: bool) -> list[ExtentInfo]:
+    """Free what is not kept; say where what is kept is.  ``reserved``: keep every RESERVED
+    extent too (its closing owner's tasks may still write into their own reservations)."""
     wanted = set(live) if live is not None else None
     kept = []
     for offset, _, state in allocator.extents():
         if state is ExtentState.FREE:
             continue
         extent = layout.read_extent(buf, offset)
-        keep = state in _FOUND if wanted is None else extent.extent_id in wanted
+        keep = (
+            state in _FOUND
+            if wanted is None
+            else extent.extent_id in wanted or (reserved and state is ExtentState.RESERVED)
+        )
         if keep:
             kept.append(extent_info(extent))
         else:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList
 
-from datafabric import layout
+from datafabric import layout, messages
 from datafabric.layout import ExtentState
 from worker_plugin import moves
 
@@ -46,6 +46,16 @@ class Reservation:
     data_offset: int
     size: int
     extent_id: int
+
+    def message(self, shm_id: str) -> messages.Reservation:
+        """As the block's owner tells the writer (``datafabric.messages``)."""
+        return {
+            "shm_id": shm_id,
+            "extent_offset": self.offset,
+            "data_offset": self.data_offset,
+            "extent_size": self.size,
+            "extent_id": self.extent_id,
+        }
 
 
 class BlockAllocator:

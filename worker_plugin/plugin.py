@@ -31,6 +31,7 @@ from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
 from datafabric.node import worker_node
+from datafabric.processes import processes_gone, this_process
 from datafabric.protocol import HANDLER_PREFIX, WORKER_PLUGIN, answering_refusals
 from datafabric.reads import serve, stop_serving
 from datafabric.shm import Segment, fabric_segments, is_node_block_name, node_segments
@@ -94,6 +95,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.local_reads = LocalReads(self.state, self.node, worker.address, self._send, self.reports.later)
         serve(self.fabric_id, worker, self.local_reads)
         worker.handlers.update({f"{HANDLER_PREFIX}{op}": answering_refusals(getattr(self, op)) for op in _HANDLERS})
+        worker.handlers[f"{HANDLER_PREFIX}processes_gone"] = answering_refusals(processes_gone)  # yp/departed.py
         worker.stream_handlers.update(
             datafabric_invalidate=self._invalidate,
             datafabric_detach=self.state.detach,
@@ -107,7 +109,9 @@ class FabricWorkerPlugin(WorkerPlugin):
         # know (its scheduler restarted) back into the fabric through this worker.
         found = node_segments(uuid.UUID(self.fabric_id), self.node)
         await worker.set_resources(**{node_resource(self.node): NODE_SLOTS})  # fabric.submit finds the node by it
-        await worker.scheduler.datafabric_register_worker(address=worker.address, node=self.node, segments=found)
+        await worker.scheduler.datafabric_register_worker(
+            address=worker.address, node=self.node, segments=found, process=this_process()
+        )
 
     async def teardown(self, worker: Any) -> None:
         """Hand the blocks to a peer of this node, unlink them, or leave them for the
@@ -155,7 +159,7 @@ class FabricWorkerPlugin(WorkerPlugin):
                     continue
                 r = block.allocator.reserve(name, type_, doc, nbytes)
                 if r is not None:
-                    return _reservation(shm_id, r)
+                    return r.message(shm_id)
         return None
 
     def mark(self, state: int, extents: list[tuple[str, int, int, str]]) -> dict:
@@ -218,7 +222,7 @@ class FabricWorkerPlugin(WorkerPlugin):
         with self.lock:
             block = self.blocks.get(shm_id)
             r = block.allocator.reserve(name, type, doc, nbytes) if block is not None and not block.closed else None
-        return _reservation(shm_id, r) if r is not None else None
+        return r.message(shm_id) if r is not None else None
 
     def free(self, extents: list[tuple[str, int, int]]) -> dict:
         """Give back ``(shm_id, extent offset, extent id)`` extents: a whole delete's worth
@@ -296,12 +300,17 @@ class FabricWorkerPlugin(WorkerPlugin):
         return {}
 
     def adopt(
-        self, shm_ids: list[str], live: dict[str, list[int]] | None = None, unfinished: list[str] = ()
+        self,
+        shm_ids: list[str],
+        live: dict[str, list[int]] | None = None,
+        unfinished: list[str] = (),
+        keep_reserved: list[str] = (),
     ) -> list[AdoptedBlock]:
         """Take over blocks of this node whose owner died or left, or that a restarted
         YellowPages found (``live=None``).  ``live`` lists, per block, the ids of the
         extents the directory still needs; they are kept wherever they now are, every
-        other extent is freed (with ``live=None`` the sealed and deleted ones are kept).  Each answer
+        other extent is freed (with ``live=None`` the sealed and deleted ones are kept), but
+        for the RESERVED ones of the blocks in ``keep_reserved`` (their owner is closing).  Each answer
         describes the kept extents, so the directory re-learns their offsets.
         ``unfinished`` names blocks whose creator died before confirming them: each is
         unlinked, and so is, with ``live=None``, a found segment that has no block header.
@@ -315,7 +324,8 @@ class FabricWorkerPlugin(WorkerPlugin):
             if shm_id in unfinished:
                 continue
             try:
-                adopted = open_block(shm_id, fabric_id, self.node, None if live is None else live.get(shm_id, []))
+                wanted = None if live is None else live.get(shm_id, [])
+                adopted = open_block(shm_id, fabric_id, self.node, wanted, shm_id in keep_reserved)
             except FileNotFoundError:
                 continue
             except HalfCreated as exc:
@@ -389,13 +399,3 @@ _MARKED_FROM = {
     ExtentState.SEALED: {ExtentState.RESERVED},
     ExtentState.DELETED: {ExtentState.RESERVED, ExtentState.SEALED},  # sealed, or its writer has not marked it yet
 }
-
-
-def _reservation(shm_id: str, r: Any) -> Reservation:
-    return {
-        "shm_id": shm_id,
-        "extent_offset": r.offset,
-        "data_offset": r.data_offset,
-        "extent_size": r.size,
-        "extent_id": r.extent_id,
-    }

@@ -2,7 +2,9 @@
 worker of another node, pulled from one, or streamed in by a writer that cannot map this
 node's memory.  The YellowPages reserved the destination extent first; these handlers only
 move bytes, so a failure midway leaves a reservation the directory frees, never a sealed
-variable with wrong bytes.
+variable with wrong bytes.  A streamed write lands only in the extent it names, while that
+extent is still reserved under the id its writer was given: a writer whose reservation
+ended (it left the scheduler and the memory went to another variable) is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from distributed.protocol import to_serialize
 
-from datafabric.errors import NotOnThisNodeError, VariableUnavailableError
+from datafabric import layout
+from datafabric.errors import InvalidArgumentError, NotOnThisNodeError, VariableUnavailableError
+from datafabric.layout import ExtentState
 from datafabric.protocol import CHUNKS_IN_FLIGHT, TRANSFER_CHUNK
 
 if TYPE_CHECKING:
@@ -74,8 +78,28 @@ async def fetch(
     return {}
 
 
-def write(plugin: FabricWorkerPlugin, shm_id: str, data_offset: int, data: Any) -> dict:
-    """Bytes streamed by a writer that cannot map this node's memory."""
+def write(
+    plugin: FabricWorkerPlugin, shm_id: str, extent_offset: int, extent_id: int, data_offset: int, data: Any
+) -> dict:
+    """Bytes streamed by a writer that cannot map this node's memory, into its reserved
+    extent: checked under the allocator lock (as frees and marks are) to be RESERVED with
+    the id the writer was given, and the bytes to fall inside its data.  The copy follows
+    in the same step on the event loop, where every free of an extent the YellowPages
+    reserved runs too, so it is still that extent's (a task thread frees only its own
+    reservations, by their ids, and compaction never moves a RESERVED extent)."""
     view = memoryview(data).cast("B")
-    plugin.blocks[shm_id].segment.buf[data_offset : data_offset + len(view)] = view
+    with plugin.lock:
+        if not plugin._holds(shm_id, extent_offset, extent_id, {ExtentState.RESERVED}):
+            raise VariableUnavailableError(
+                f"no insert in progress at offset {extent_offset} of block {shm_id} on {plugin.worker.address} "
+                "under the id given: its reservation ended (sealed, aborted, or its writer left); insert it again"
+            )
+        buf = plugin.blocks[shm_id].segment.buf
+        extent = layout.read_extent(buf, extent_offset)
+    if not extent.data_offset <= data_offset <= data_offset + len(view) <= extent.data_offset + extent.data_size:
+        raise InvalidArgumentError(
+            f"{len(view)} bytes at offset {data_offset} fall outside the data of the extent at {extent_offset} "
+            f"({extent.data_size} bytes from {extent.data_offset})"
+        )
+    buf[data_offset : data_offset + len(view)] = view
     return {}

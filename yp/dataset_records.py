@@ -134,7 +134,10 @@ class DatasetRecords:
         }
         try:
             await self.owners.ask(
-                block.worker, "write", shm_id=block.shm_id, data_offset=r["data_offset"], data=to_serialize(data)
+                block.worker,
+                "write",
+                **{k: r[k] for k in ("shm_id", "extent_offset", "extent_id", "data_offset")},
+                data=to_serialize(data),
             )
         except BaseException:
             await self.give_back(item)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import dask
 
+from datafabric.errors import InvalidArgumentError
 from datafabric.protocol import EVENT_TOPIC
 from yp.directory import Directory
 from yp.records import Variable
@@ -93,6 +94,9 @@ class Declarations:
         ``round`` of the YellowPages whose ids start at ``first_id`` (its took-back event's).
         Another's says nothing of this one's rounds: the views it covered were declared to
         an incarnation that is gone, and this one's event is answered on its own."""
+        for value, what in ((round, "the round number"), (first_id, "the first id")):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgumentError(f"declared needs {what} the took-back event named, got {value!r}")
         if first_id != self.directory.first_id:
             return {}
         for n in [n for n in self.rounds if n <= round]:

@@ -25,7 +25,7 @@ from datafabric.errors import (
     VariableUnavailableError,
     WorkerLostError,
 )
-from datafabric.messages import Reservation, SealItem, VariableInfo
+from datafabric.messages import ProcessId, Reservation, SealItem, VariableInfo
 from yp import name_index, sizing
 from yp.records import Block, Copy, Pending, Variable
 from yp.recovery import Recovery
@@ -115,11 +115,16 @@ class Directory(Recovery):
         self.blocks[shm_id].used += copy.extent_size
         return copy
 
-    def drop_pending(self, shm_id: str, extent_offset: int) -> Copy | None:
-        """A reservation given back: its copy is to free."""
-        entry = self.pending.pop((shm_id, extent_offset), None)
+    def drop_pending(self, shm_id: str, extent_offset: int, extent_id: int | None = None) -> Copy | None:
+        """A reservation given back: its copy is to free.  With ``extent_id`` (a writer's
+        abort), only the reservation carrying that id: a late abort of one that ended and
+        whose memory was reserved again never ends the new one."""
+        entry = self.pending.get((shm_id, extent_offset))
+        if entry is None or (extent_id is not None and entry.copy.extent_id != extent_id):
+            return None
+        del self.pending[(shm_id, extent_offset)]
         block = self.blocks.get(shm_id)
-        if entry is None or block is None:
+        if block is None:
             return None
         block.used -= entry.copy.extent_size
         return entry.copy
@@ -305,24 +310,32 @@ class Directory(Recovery):
         return freed
 
     def drop_holder(self, holder: str) -> list[Copy]:
-        """A process is gone: its leases end and its unfinished inserts are given back."""
+        """A process left: its leases end and its unfinished inserts are given back, but
+        for those it may still be writing into through its own mapping: leaving is not
+        dying, so they stay, departed, until its process is proven gone (``yp/departed.py``)."""
         self.departed.add(holder)
         freed: list[Copy] = []
         for var in list(self.by_id.values()):
             if var.drop_lease(holder):
                 freed += self._free_if_done(var)
-        for shm_id, offset in [k for k, p in self.pending.items() if p.holder == holder]:
-            copy = self.drop_pending(shm_id, offset)
-            if copy is not None:
+        for key, entry in [(k, p) for k, p in self.pending.items() if p.holder == holder]:
+            if entry.writer is not None:
+                entry.departed = True
+            elif (copy := self.drop_pending(*key)) is not None:
                 freed.append(copy)
         return freed
 
-    def orphan_blocks(self, worker: str) -> list[str]:
-        """The worker died; its blocks stay in shared memory, waiting for a worker of the
-        same node to adopt them.  Returns the names of variables now unavailable."""
+    def stranded(self) -> list[tuple[tuple[str, int], Pending]]:
+        """Reservations of departed writers that may still write into them."""
+        return [(k, p) for k, p in self.pending.items() if p.departed]
+
+    def orphan_blocks(self, worker: str, process: ProcessId | None = None) -> list[str]:
+        """The worker left; its blocks stay in shared memory, waiting for a worker of the
+        same node to adopt them (once ``process``, the worker's, is proven gone, if given).
+        Returns the names of variables now unavailable."""
         for block in self.blocks.values():
             if block.worker == worker:
-                block.worker = None
+                block.worker, block.left_by = None, process
         return sorted(v.name for v in self.variables.values() if not self.available(v))
 
     def available(self, var: Variable) -> bool:

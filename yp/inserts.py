@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from datafabric.errors import WorkerLostError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement as PlacementMsg
-from datafabric.messages import SealItem, VariableInfo
+from datafabric.messages import ProcessId, SealItem, VariableInfo
 from datafabric.names import validate_new_name
 from yp.directory import Directory
 from yp.placement import Placement
@@ -33,13 +33,28 @@ class Inserts:
     members: Membership
     local: LocalLeases
 
-    async def reserve(self, name: str, type: str, doc: str, nbytes: int, node: str | None, holder: str) -> PlacementMsg:
+    async def reserve(
+        self,
+        name: str,
+        type: str,
+        doc: str,
+        nbytes: int,
+        node: str | None,
+        holder: str,
+        process: ProcessId | None = None,
+    ) -> PlacementMsg:
+        """``process``: the writer's, which maps the block when ``node`` is the block's or
+        None (``writer.PendingWrite``); its reservation then outlives its departure while
+        the process lives (``yp/departed.py``).  Recorded in the step that records the
+        reservation: nothing runs between ``placement.reserve``'s last step and this one."""
         validate_new_name(name)
         block, r = await self.placement.reserve(name, type, doc, nbytes, node, holder)
+        if process is not None and node in (None, block.node):
+            self.directory.pending[(block.shm_id, r["extent_offset"])].writer = process
         return {**r, "worker": block.worker, "node": block.node}
 
-    async def abort(self, shm_id: str, extent_offset: int) -> dict:
-        copy = self.directory.drop_pending(shm_id, extent_offset)
+    async def abort(self, shm_id: str, extent_offset: int, extent_id: int) -> dict:
+        copy = self.directory.drop_pending(shm_id, extent_offset, extent_id)
         if copy is not None:
             await self.owners.free([copy])
         return {}
@@ -48,9 +63,16 @@ class Inserts:
         """Make written variables visible, all or none (one RPC for a whole batch)."""
         for item in items:  # a task's own reservations reach the YellowPages first here
             validate_new_name(item["name"])
-        local = [
-            item["name"] for item in items if (item["shm_id"], item["extent_offset"]) not in self.directory.pending
-        ]
+        pending, local = self.directory.pending, []
+        for item in items:  # the YellowPages' reservations are named by id and holder too
+            entry = pending.get((item["shm_id"], item["extent_offset"]))
+            if entry is None:
+                local.append(item["name"])
+            elif entry.copy.extent_id != item["extent_id"] or entry.holder != holder:
+                raise WorkerLostError(
+                    f"the reservation {holder} wrote {item['name']!r} into ended before its seal (its writer "
+                    "left the scheduler) and the memory is reserved for another writer now; insert it again"
+                )
         self.directory.check_present(holder)
         if local and holder not in self.members.node_of:
             # Reserved in the writer's own block, which a peer has adopted (or is adopting)

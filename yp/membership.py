@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from datafabric.errors import FabricError
-from datafabric.messages import AdoptedBlock, KeptView
+from datafabric.messages import AdoptedBlock, KeptView, ProcessId
 from datafabric.protocol import EVENT_TOPIC
 from yp.declarations import Declarations
 from yp.directory import Directory
@@ -47,6 +47,10 @@ class Membership:
         self.directory = directory
         self.owners = owners
         self.node_of: dict[str, str] = {}  # workers that registered the fabric's plugin -> node
+        self.process_of: dict[str, ProcessId] = {}  # their processes, as they registered
+        # Nodes with blocks of a removed owner that may still run: the next adoption attempt.
+        self._retry_delay: dict[str, float] = {}
+        self._retry_scheduled: set[str] = set()
         self.changing = asyncio.Lock()
         self.took_back = False  # blocks found in shared memory were taken back
         self.local = LocalLeases.none(directory, moves)  # the YellowPages sets its own: it needs the members
@@ -55,6 +59,9 @@ class Membership:
         # Told when a node's blocks are all known (yp/dataset_records.py rebuilds datasets then);
         # its flag says whether anything was ever taken back.  The YellowPages sets it.
         self.node_back: Callable[[str, bool], Awaitable[None]] | None = None
+        # Told after an adoption, which may have kept a closing owner's own reservations as
+        # a departed writer's (yp/departed.py watches them).  The YellowPages sets it.
+        self.kept_reserved: Callable[[], None] = lambda: None
 
     # -- who is there ----------------------------------------------------------------
     def live(self) -> dict[str, list[str]]:
@@ -73,10 +80,12 @@ class Membership:
         return sorted(w for n, ws in self.live().items() if n in nodes for w in ws)
 
     # -- arrivals ----------------------------------------------------------------------
-    def register(self, address: str, node: str, segments: list[str] = ()) -> dict:
+    def register(self, address: str, node: str, segments: list[str] = (), process: ProcessId | None = None) -> dict:
         """``segments`` are the fabric's blocks the worker sees on its node; any this
         YellowPages does not know were left by its predecessor, and are taken back."""
         self.node_of[address] = node
+        if process is not None:
+            self.process_of[address] = process
         self.directory.arrived(address)  # a worker restarted at the same address
         self._schedule_waiting_for(address)
         if any(s not in self.directory.blocks for s in segments):
@@ -143,7 +152,10 @@ class Membership:
     async def declare_kept(self, holder: str, views: list[KeptView]) -> dict[str, int]:
         """A worker process's client declares every view it kept, once: it answers every round."""
         counts = await self.kept.declare(holder, views)
-        self.declarations.declared_all(holder)
+        # A client that left while a block settled holds no lease now: not counted as declared,
+        # or rounds would not wait for it if it reconnects under its id.
+        if holder not in self.directory.departed:
+            self.declarations.declared_all(holder)
         return counts
 
     # -- departures --------------------------------------------------------------------
@@ -151,7 +163,9 @@ class Membership:
         """Its leases end and its unfinished inserts go; its blocks wait for adoption."""
         node = self.node_of.pop(worker, None)
         self.local.forget(worker)
-        unavailable = self.directory.orphan_blocks(worker)
+        # Removed is not dead (missed heartbeats): its tasks may still write through its own
+        # allocator, so its blocks are adopted only once its process is proven gone.
+        unavailable = self.directory.orphan_blocks(worker, self.process_of.pop(worker, None))
         if unavailable:
             logger.warning(
                 "until a worker of its node adopts them, %d variables are unavailable: %s",
@@ -164,7 +178,9 @@ class Membership:
 
     def lost_block(self, block: Block) -> None:
         """Its owner died while moving its extents: the block is orphaned at once (its
-        offsets are unknown until the headers are read again) and adopted anew."""
+        offsets are unknown until the headers are read again) and adopted anew, once its
+        process is proven gone (a call that failed does not prove it dead)."""
+        block.left_by = self.process_of.get(block.worker) if block.worker is not None else None
         block.worker, block.unsettled = None, True
         self.scheduler.loop.add_callback(self.adopt_orphans, block.node)
 
@@ -176,9 +192,13 @@ class Membership:
         a scheduler restart, or was removed already) keeps them for adoption."""
         async with self.changing:  # no adoption is half-recorded while this one decides
             node = self.node_of.pop(address, None)  # from now on it is published nothing
+            process = self.process_of.pop(address, None)
             if node is None:
                 return {"decision": "keep"}
             await self.local.recall_worker(address)  # its tasks may still read until it leaves
+            for block in self.directory.blocks.values():  # its tasks may still write their own reservations
+                if block.worker == address and process is not None:
+                    block.closed_by = (address, process)
             self.directory.orphan_blocks(address)
             if not self.peers(node):
                 if restarting:
@@ -205,11 +225,45 @@ class Membership:
             if not orphans:
                 return
             try:
-                await self._adopt(peer, orphans)
+                orphans = await self._owners_gone(peer, node, orphans)
+                if orphans:
+                    await self._adopt(peer, orphans)
             except FabricError as exc:
                 logger.warning("%s could not adopt blocks of node %s: %r", peer, node, exc)
                 continue
             return
+
+    async def _owners_gone(self, peer: str, node: str, orphans: list[Block]) -> list[Block]:
+        """The orphans that may be adopted now: those whose removed owner ``peer``, a process
+        of their node, proves gone (``datafabric/processes.py``).  The others are tried again
+        later (0.5 s, doubling up to 8 s), for as long as their owner's process runs."""
+        left = [b for b in orphans if b.left_by is not None]
+        if left:
+            try:
+                gone = await self.owners.ask(peer, "processes_gone", processes=[b.left_by for b in left])
+            except FabricError as exc:
+                logger.warning("%s could not say whether the removed owners of %s are gone: %r", peer, node, exc)
+                gone = [False] * len(left)
+            for block, proven in zip(left, gone, strict=True):
+                if proven:
+                    block.left_by = None
+        if any(b.left_by is not None for b in orphans):
+            self._adopt_later(node)
+        else:
+            self._retry_delay.pop(node, None)
+        return [b for b in orphans if b.left_by is None]
+
+    def _adopt_later(self, node: str) -> None:
+        if node in self._retry_scheduled:
+            return
+        delay = self._retry_delay[node] = min(2 * self._retry_delay.get(node, 0.25), 8.0)
+        self._retry_scheduled.add(node)
+
+        def attempt() -> None:
+            self._retry_scheduled.discard(node)
+            self.scheduler.loop.add_callback(self.adopt_orphans, node)
+
+        self.scheduler.loop.call_later(delay, attempt)
 
     async def _adopt(self, peer: str, orphans: list[Block]) -> None:
         """Offsets change here (an adopter may roll a move forward), so the blocks are held
@@ -223,8 +277,9 @@ class Membership:
             held = {v.var_id: v for s in ready for v, _ in self.directory.copies_in(s)}
             async with self.local.withheld(held.values(), node):  # the adopter may free and move
                 live = {s: self.directory.live_ids(s) for s in ready}
+                closing = [s for s in ready if self.directory.blocks[s].closed_by is not None]
                 answers: list[AdoptedBlock] = await self.owners.ask(
-                    peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished
+                    peer, "adopt", shm_ids=ready, live=live, unfinished=unfinished, keep_reserved=closing
                 )
                 for shm_id in unfinished:
                     self.directory.remove_block(shm_id)
@@ -239,5 +294,6 @@ class Membership:
             await self.owners.free(adoption.to_free)
             for state, named in adoption.to_mark.items():
                 await self.owners.mark(state, named)
+        self.kept_reserved()
         self.local.publish_node(node)
         logger.info("%s adopted blocks %s of node %s", peer, [b["shm_id"] for b in adopted], node)

@@ -9,6 +9,7 @@ the component that owns its protocol::
     moves.py       when offsets may change and be used; compaction (defragment)
     placement.py   free -> compact -> evict, for every new extent
     inserts.py     reserve, abort, seal
+    departed.py    reservations kept while a departed writer's process may still write
     reads.py       acquire, release, info, names, where
     local_leases.py  what each node's workers lease without asking; recalling it
     deletes.py     delete
@@ -46,6 +47,7 @@ from yp.blocks import Inventory
 from yp.copies import Copies
 from yp.datasets import Datasets
 from yp.deletes import Deletes
+from yp.departed import DepartedWriters
 from yp.directory import Directory
 from yp.failover import Failover
 from yp.http import install as install_http
@@ -95,6 +97,8 @@ class YellowPages(SchedulerPlugin):
         self.compaction = Compaction(d, self.moves, self.owners, self.members.lost_block, self.local)
         self.placement = Placement(d, self.moves, self.compaction, self.owners, self.local)
         self.inserts = Inserts(d, self.placement, self.owners, self.members, self.local)
+        self.departed = DepartedWriters(d, self.owners)  # reservations that outlive their writer's departure
+        self.members.kept_reserved = self.departed.wake  # a closing worker's own, kept by its adopter
         self.reads = Reads(d, self.moves, self.owners, self.members)
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
         self.copies = Copies(d, self.reads, self.placement, self.owners, self.local)
@@ -199,6 +203,7 @@ class YellowPages(SchedulerPlugin):
             raise NoFabricError(f"fabric {fabric_id[:8]} was shut down already; {self.fabric_id[:8]} runs here now")
         self.status = Status.STOPPED
         self.http_leases.release_all()
+        self.departed.stop()
         await self.inventory.shutdown()
         self.directory.blocks.clear()
         return {}
@@ -219,6 +224,7 @@ class YellowPages(SchedulerPlugin):
         if self.running:
             self.failover.left(worker)
             self.members.remove(worker)
+            self.departed.wake()
             self.datasets.left(worker, self.scheduler.loop.add_callback)
 
     def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
@@ -250,4 +256,5 @@ class YellowPages(SchedulerPlugin):
             self.members.kept.forget(client)
             self.members.declarations.left(client)
             self.owners.free_later(self.directory.drop_holder(client))
+            self.departed.wake()
             self.datasets.left(client, self.scheduler.loop.add_callback)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from datafabric.layout import ExtentState
+from datafabric.messages import ProcessId
 
 
 @dataclass
@@ -25,6 +26,12 @@ class Block:
     used: int = 0  # bytes of sealed, deleted-but-leased and pending extents known here
     creating: bool = False  # ordered but not confirmed: its creator may die half-way
     unsettled: bool = False  # its owner died moving extents: offsets unknown until it is adopted
+    # The process of an owner removed by Dask, which may still run and write into the block
+    # through its own allocator: no peer adopts the block until it is proven gone.
+    left_by: ProcessId | None = None
+    # (address, process) of an owner that handed it off closing: its tasks may still write
+    # into their own reservations there, which its adopter keeps as that process's.
+    closed_by: tuple[str, ProcessId] | None = None
 
     @property
     def free(self) -> int:
@@ -115,6 +122,12 @@ class Pending:
 
     holder: str
     copy: Copy
+    # The process writing into it through its own mapping of the block, if it may (on the
+    # block's node); None: its bytes pass through the block's owner, or the fabric's own.
+    writer: ProcessId | None = None
+    # Its holder left the scheduler while ``writer`` may still write: kept out of reuse
+    # until the block's owner proves that process gone, or it seals or aborts (yp/departed.py).
+    departed: bool = False
 
 
 @dataclass

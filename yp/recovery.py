@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo
-from yp.records import Adoption, Block, Copy, Variable
+from yp.records import Adoption, Block, Copy, Pending, Variable
 
 if TYPE_CHECKING:
     import itertools
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 class Recovery:
     blocks: dict[str, Block]
+    pending: dict[tuple[str, int], Pending]
     variables: dict[str, Variable]
     by_id: dict[int, Variable]
     _ids: itertools.count
@@ -35,7 +36,10 @@ class Recovery:
         copy that moved before its move was reported is found again by its extent id.
         What changed while the block had no owner is settled too: an extent the
         directory stopped needing meanwhile (deleted, released, its writer gone) is to
-        free, and a header whose mark its dead owner never wrote is to mark."""
+        free, and a header whose mark its dead owner never wrote is to mark.  A RESERVED
+        extent the directory does not name in a block its owner handed off closing is that
+        owner's own reservation, which its tasks may still write: kept as a departed
+        writer's (``yp/departed.py``), freed once its process is gone."""
         block = self.blocks[shm_id]
         block.worker, block.unsettled = worker, False
         block.used = block.capacity - free
@@ -60,7 +64,12 @@ class Recovery:
         for extent_id, e in found.items():
             if extent_id not in needed:
                 copy = Copy(shm_id, e["extent_offset"], e["extent_size"], e["data_offset"], extent_id)
-                adoption.to_free.append(self.uncount(copy))
+                if block.closed_by is not None and e["state"] == ExtentState.RESERVED:
+                    holder, process = block.closed_by
+                    self.pending[(shm_id, copy.extent_offset)] = Pending(holder, copy, process, departed=True)
+                else:
+                    adoption.to_free.append(self.uncount(copy))
+        block.closed_by = None
         return adoption
 
     def recover_block(self, block: Block, extents: list[ExtentInfo]) -> list[ExtentInfo]:

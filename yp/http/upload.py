@@ -61,6 +61,8 @@ class Upload:
             p["worker"],
             "write",
             shm_id=p["shm_id"],
+            extent_offset=p["extent_offset"],
+            extent_id=p["extent_id"],
             data_offset=p["data_offset"] + start,
             data=to_serialize(bytes(self.buffer)),
         )
@@ -88,4 +90,5 @@ class Upload:
         if self.done:
             return
         self.done = True
-        await self.yp.inserts.abort(self.placed["shm_id"], self.placed["extent_offset"])
+        p = self.placed
+        await self.yp.inserts.abort(p["shm_id"], p["extent_offset"], p["extent_id"])
