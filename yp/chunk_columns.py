@@ -192,9 +192,14 @@ class Names(SortedDict):
     """Visible variables by name, sorted; a chunk still in columns counts as present and
     is materialised when looked up."""
 
-    def __init__(self, store: ColumnStore) -> None:
+    def __init__(self, store: ColumnStore | None) -> None:
         super().__init__()
         self._store = store
+
+    def __reduce__(self) -> tuple:
+        """Pickled with the plugin: the items are set before the store is (``__contains__``
+        finds no columns meanwhile), so the cycle through the store is no recursion."""
+        return (Names, (None,), {"_store": self._store}, None, iter(dict.items(self)))
 
     def __missing__(self, name: str) -> Variable:
         found = self._store.by_name(name)
@@ -209,7 +214,7 @@ class Names(SortedDict):
         return default if var is None else var
 
     def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or self._store.by_name(name) is not None
+        return dict.__contains__(self, name) or (self._store is not None and self._store.by_name(name) is not None)
 
 
 class Ids(dict):
