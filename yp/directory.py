@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from sortedcontainers import SortedDict
 
@@ -139,13 +139,13 @@ class Directory(Recovery):
     def seal_all(self, items: list[SealItem]) -> list[Variable]:
         """Written extents become visible variables, all or none."""
         self.check_new_names([item["name"] for item in items])
-        for item in items:
-            block = self.blocks.get(item["shm_id"])
-            if block is None or block.creating:
-                raise BlockNotFoundError(
-                    f"block {item['shm_id']} holding {item['name']!r} is gone (its node lost it); write it again"
-                )
+        self._check_blocks((item["shm_id"], repr(item["name"])) for item in items)
         return [self._seal(item) for item in items]
+
+    def _check_blocks(self, written: Iterable[tuple[str, str]]) -> None:
+        for shm_id, what in written:
+            if (block := self.blocks.get(shm_id)) is None or block.creating:
+                raise BlockNotFoundError(f"block {shm_id} holding {what} is gone (its node lost it); write it again")
 
     def seal(self, item: SealItem) -> Variable:
         return self.seal_all([item])[0]
@@ -169,13 +169,7 @@ class Directory(Recovery):
         """A dataset's written homes become its chunk variables, all or none, kept in
         columns.  Their names are new: they carry the dataset's id, which no other dataset
         had (ids never repeat), and the seal is its only one."""
-        for flat, copy in homes.items():
-            block = self.blocks.get(copy.shm_id)
-            if block is None or block.creating:
-                raise BlockNotFoundError(
-                    f"block {copy.shm_id} holding chunk {flat} of dataset {dataset_id} is gone (its node lost it); "
-                    "write it again"
-                )
+        self._check_blocks((c.shm_id, f"chunk {f} of dataset {dataset_id}") for f, c in homes.items())
         first = next(self._ids)
         self._ids = itertools.count(first + max(1, len(homes)))  # one id per chunk, consecutive
         for copy in homes.values():
