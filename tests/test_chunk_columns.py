@@ -6,11 +6,16 @@ materialised and gone never comes back from its columns."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
 from datafabric.errors import BlockNotFoundError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from yp.directory import Directory
+from yp.local_leases import LocalLeases
+from yp.moves import BlockMoves
 from yp.records import Block, Copy
 
 DATASET = 7
@@ -117,3 +122,50 @@ def test_a_seal_into_a_block_that_is_gone_records_nothing():
     with pytest.raises(BlockNotFoundError):
         d.seal_chunks(DATASET, "node0", _type_of, homes)
     assert d.blocks["a"].used == 0 and not d.columns.by_dataset and chunk_name(DATASET, 0) not in d.variables
+
+
+class _Owners:
+    """What ``LocalLeases`` sends, kept; every worker connected."""
+
+    def __init__(self, workers: list[str]) -> None:
+        self.sent: list[tuple[str, dict]] = []
+        self.scheduler = SimpleNamespace(stream_comms=dict.fromkeys(workers))
+
+    def send(self, worker: str, msg: dict) -> None:
+        self.sent.append((worker, msg))
+
+
+def _leases(d: Directory, workers: dict[str, list[str]]) -> tuple[LocalLeases, _Owners]:
+    everyone = [w for ws in workers.values() for w in ws]
+    members = SimpleNamespace(live=lambda: workers, node_of={w: n for n, ws in workers.items() for w in ws})
+    owners = _Owners(everyone)
+    return LocalLeases(d, BlockMoves(), owners, members), owners
+
+
+def test_chunks_in_columns_are_published_a_block_at_a_time_and_recalled_from_a_closing_worker():
+    d, columns = _sealed()
+    local, owners = _leases(d, {"node0": ["w0", "w1"], "node1": ["w2"]})
+    local.publish_columns(columns)
+    told = {w: sorted(e["name"] for e in msg["entries"]) for w, msg in owners.sent}
+    on_a, on_b = [chunk_name(DATASET, f) for f in (0, 3)], [chunk_name(DATASET, f) for f in (2, 5)]
+    assert told == {"w0": on_a, "w1": on_a, "w2": on_b} and _materialised(d) == set()
+    owners.sent.clear()
+    local.publish_node("node0")  # nobody new: nothing sent
+    assert owners.sent == []
+
+    async def close_w1() -> None:
+        closing = asyncio.ensure_future(local.recall_worker("w1"))
+        await asyncio.sleep(0)
+        ((worker, msg),) = owners.sent
+        assert worker == "w1" and sorted(msg["var_ids"]) == [columns.first_id, columns.first_id + 2]
+        assert columns.told[columns.shm_ids.index("a")] == {"w0"}  # untold before its answer
+        local.recalled(msg["token"], [(columns.first_id + 2, 1)], worker="w1")  # it holds chunk 3's view
+        await closing
+
+    asyncio.run(close_w1())
+    var = d.by_id.known(columns.first_id + 2)
+    assert var is not None and dict(var.leases) == {"w1": 1} and d.published[var.var_id] == {"w0"}
+    assert _materialised(d) == {chunk_name(DATASET, 3)}  # the one it held, now leased here
+    local.forget("w2")
+    assert columns.told[columns.shm_ids.index("b")] == frozenset()
+    assert d.lookup(chunk_name(DATASET, 5)).var_id not in d.published
