@@ -14,7 +14,8 @@
   beside the fabric's cold get of a variable of the same size.
 - the scheduler's memory per chunk of a dataset of ``--chunks`` chunks (tracemalloc on the
   scheduler, everything its write and seal leave behind), and the YellowPages' own
-  records per chunk of a sealed 100,000-chunk dataset, measured in this process.
+  records per chunk of a sealed 100,000-chunk dataset, measured in this process: in
+  columns, as the seal keeps them, against the same chunks as ordinary variables.
 
     python -m benchmarks.datasets [--gib 2] [--rounds 3] [--chunks 20000] [--parts sum,from_dask,reads,scheduler]
 """
@@ -245,37 +246,64 @@ def bench_scheduler_memory(client, fabric, chunks: int) -> dict:
 
 
 def directory_bytes_per_chunk(chunks: int = 100_000) -> dict:
-    """The YellowPages' records of a sealed dataset's chunks (variables, copies, names,
-    the chunk table), built in this process as the seal builds them."""
+    """The YellowPages' records of a sealed dataset's chunks, built in this process as the
+    seal builds them: in columns (``yp/chunk_columns.py``) and the chunk table, against the
+    same chunks as ordinary variables (one ``Variable``, ``Copy`` and name each), the
+    records every chunk had before and one has once a protocol materialises it."""
     from datafabric.names import chunk_name
     from yp.directory import Directory
-    from yp.records import Block
+    from yp.records import Block, Copy
 
-    d = Directory()
-    d.add_block(Block("b", "node", "worker", 2**50, 2**50))
-    gc.collect()
-    tracemalloc.start()  # the names too: in the YellowPages they arrive in messages
-    items = [
-        {
-            "name": chunk_name(d.first_id, f),
-            "doc": "",
-            "type": "16 * 16 * float64",
-            "nbytes": 2048,
-            "shm_id": "b",
-            "extent_offset": 4096 * f,
-            "extent_size": 4096,
-            "data_offset": 4096 * f + 512,
-            "extent_id": 2**60 + f,
-        }
-        for f in range(chunks)
-    ]
-    sealed = d.seal_all(items)
-    table = np.array([v.var_id for v in sealed], np.int64)
-    del sealed, items
-    gc.collect()
-    grown, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return {"chunks": chunks, "bytes_per_chunk": grown / chunks, "table_bytes_per_chunk": table.nbytes / chunks}
+    def home(f: int) -> Copy:
+        return Copy("b", 4096 * f, 4096, 4096 * f + 512, 2**60 + f)
+
+    def measure(build) -> float:
+        d = Directory()
+        d.add_block(Block("b", "node", "worker", 2**50, 2**50))
+        homes = {f: home(f) for f in range(chunks)}  # the seal's input, not counted
+        gc.collect()
+        tracemalloc.start()
+        kept = build(d, homes)
+        del homes
+        gc.collect()
+        grown, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        del kept
+        return grown / chunks
+
+    def columns(d: Directory, homes: dict) -> np.ndarray:
+        cols = d.seal_chunks(d.first_id, "node", lambda flat: "16 * 16 * float64", homes)
+        table = np.full(chunks, -1, np.int64)
+        table[cols.flats] = cols.first_id + np.arange(len(cols), dtype=np.int64)
+        return table
+
+    def variables(d: Directory, homes: dict) -> list:
+        items = [
+            {
+                "name": chunk_name(d.first_id, f),  # in the YellowPages names arrive in messages
+                "doc": "",
+                "type": "16 * 16 * float64",
+                "nbytes": 2048,
+                "shm_id": "b",  # offsets as a message brings them: new ints
+                "extent_offset": 4096 * f,
+                "extent_size": 4096,
+                "data_offset": 4096 * f + 512,
+                "extent_id": 2**60 + f,
+            }
+            for f in homes
+        ]
+        sealed = d.seal_all(items)
+        table = np.array([v.var_id for v in sealed], np.int64)
+        del sealed, items
+        return table
+
+    columnar, objects = measure(columns), measure(variables)
+    return {
+        "chunks": chunks,
+        "bytes_per_chunk": columnar,
+        "as_variables_bytes_per_chunk": objects,
+        "ratio": objects / columnar,
+    }
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from datafabric.errors import FabricError
 from datafabric.names import chunk_name
 from datafabric.types import from_datashape
 from yp.dataset_table import SEALING, WRITING, DatasetRecord, holder_of
-from yp.records import Block, Copy
+from yp.records import Block, Copy, shrunk
 
 if TYPE_CHECKING:
     from yp.directory import Directory
@@ -181,8 +181,11 @@ class ChunkHomes:
         return flat not in record.homes or key in self.reclaimable
 
     def forget(self, dataset_id: int) -> None:
-        """The dataset's homes became chunk variables or were freed."""
+        """The dataset's homes became chunk variables or were freed (in the step that
+        took them: nothing is in flight across this)."""
         self.reclaimable = {k for k in self.reclaimable if k[0] != dataset_id}
+        self.placing, self.unfilled = shrunk(self.placing), shrunk(self.unfilled)
+        self.directory.pending = shrunk(self.directory.pending)
 
     def left(self, holder: str) -> list[tuple[int, Writer]]:
         """The tickets of a process that left with homes still unfilled: to settle."""

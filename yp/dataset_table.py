@@ -4,7 +4,8 @@ A dataset owns write-once variables, one per chunk ever written, named
 ``names.chunk_name(dataset_id, flat)``: a namespace no user name can enter, and a fresh
 id per dataset, so a dataset deleted while its chunks are read and created again never
 meets its old chunks.  ``get_list`` and ``info`` show the dataset as one entry; its chunk
-variables are hidden.
+variables are hidden.  The seal keeps them in columns (``yp/chunk_columns.py``), not as
+one ``Variable`` each, until a protocol needs one.
 
 While **writing**, ``homes`` maps each chunk begun to its RESERVED extent (a pending
 reservation of the dataset's own holder, ``holder_of(dataset_id)``, which no process

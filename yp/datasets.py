@@ -30,6 +30,7 @@ The write protocol (``docs/protocols.md``, "Datasets"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -44,7 +45,7 @@ import numpy as np
 from datafabric.datasets.grid import chunk_shape, chunk_type, grid_shape, unravel
 from datafabric.errors import ChunkWrittenError, FabricError, InvalidArgumentError, InvalidNameError
 from datafabric.layout import ExtentState
-from datafabric.messages import ChunkHome, DatasetInfo, SealItem, VariableInfo
+from datafabric.messages import ChunkHome, DatasetInfo, VariableInfo
 from datafabric.names import CHUNK_PREFIX, chunk_name, is_chunk_name, validate_new_name
 from datafabric.types import from_datashape
 from yp.chunk_homes import ChunkHomes
@@ -284,30 +285,16 @@ class Datasets:
         if record.state != SEALING:  # ended while it waited
             raise FabricError(f"dataset {name!r} was deleted while it was being sealed")
         flats = sorted(record.homes)
-        items: list[SealItem] = []
-        for flat in flats:
-            copy, type_ = record.homes[flat], _chunk_type(record, flat)
-            items.append(
-                {
-                    "name": chunk_name(dataset_id, flat),
-                    "doc": record.record_node,  # as its header says (replicas and migrated copies too)
-                    "type": type_,
-                    "nbytes": from_datashape(type_).nbytes,
-                    "shm_id": copy.shm_id,
-                    "extent_offset": copy.extent_offset,
-                    "extent_size": copy.extent_size,
-                    "data_offset": copy.data_offset,
-                    "extent_id": copy.extent_id,
-                }
-            )
-        try:
-            sealed = self.directory.seal_all(items)
+        try:  # in columns (yp/chunk_columns.py): no object per chunk
+            columns = self.directory.seal_chunks(
+                dataset_id, record.record_node, functools.partial(_chunk_type, record), record.homes
+            )  # each chunk's doc names the record node, as its header says
         except FabricError:
             await self._end(record)  # a chunk's block is gone: nothing half-written becomes visible
             raise
         record.homes, record.claimed = {}, set()  # a sealed dataset takes no writes: its claims go
         self.homes.forget(dataset_id)
-        await self.owners.mark(ExtentState.SEALED, [(v.name, v.copies[0]) for v in sealed])
+        await self.owners.mark_chunks(ExtentState.SEALED, columns)
         refused = None
         if record.state == SEALING:  # the record after the chunks' marks: invariant 1 of the rebuild
             try:
@@ -319,13 +306,11 @@ class Datasets:
                 self.table.remove(record)
                 self.table.unsealed.pop(dataset_id, None)
             await self.records.delete(dataset_id)
-            for var in sealed:
-                if self.directory.variables.get(var.name) is var:
-                    await self.deletes.delete(var.name)
+            await self.deletes.delete_chunks([chunk_name(dataset_id, f) for f in flats])
             raise refused or FabricError(f"dataset {name!r} was deleted while it was being sealed")
-        self.local.publish(sealed)
+        self.local.publish_columns(columns)
         table = np.full(record.nchunks, -1, np.int64)
-        table[flats] = [v.var_id for v in sealed]
+        table[flats] = columns.first_id + np.arange(len(flats), dtype=np.int64)
         record.table, record.state = table, SEALED  # visible from this step on
         self.table.unsealed.pop(dataset_id, None)
         return record.message()
@@ -400,8 +385,7 @@ class Datasets:
     # -- locality for dask graphs ----------------------------------------------------------
     def workers_for(self, name: str) -> list[str]:
         """Workers on the nodes holding chunk variable ``name`` (none if it is unknown)."""
-        var = self.directory.variables.get(name)
-        return [] if var is None else self.members.workers_on(self.directory.nodes_of(var))
+        return self.members.workers_on(self.directory.nodes_of_chunk(name))  # none materialised
 
 
 def _written(record: DatasetRecord) -> int:

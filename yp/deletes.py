@@ -64,7 +64,7 @@ class Deletes:
         if names is not None:
             names = list(dict.fromkeys(names))  # once: every round below looks them up again
             variables = self.directory.variables
-            missing = [n for n in names if n not in variables or n.startswith(CHUNK_PREFIX)]  # is_chunk_name
+            missing = [n for n in names if n.startswith(CHUNK_PREFIX) or n not in variables]  # is_chunk_name
             if missing:
                 shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
                 raise NameNotFoundError(

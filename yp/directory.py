@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections.abc import Callable, Iterable
 
 from sortedcontainers import SortedDict
 
@@ -27,6 +28,7 @@ from datafabric.errors import (
 )
 from datafabric.messages import ProcessId, Reservation, SealItem, VariableInfo
 from yp import name_index, sizing
+from yp.chunk_columns import ChunkColumns, ColumnStore
 from yp.records import Block, Copy, Pending, Variable
 from yp.recovery import Recovery
 
@@ -34,9 +36,13 @@ from yp.recovery import Recovery
 class Directory(Recovery):
     def __init__(self) -> None:
         self.blocks: dict[str, Block] = {}
+        # Sealed datasets' chunks not needed as objects yet (``yp.chunk_columns``): a look-up
+        # in ``variables`` or ``by_id`` materialises one.
+        self.columns = ColumnStore()
         # Visible names only, kept sorted: a page of a listing costs O(log n + page).
-        self.variables: SortedDict[str, Variable] = SortedDict()
-        self.by_id: dict[int, Variable] = {}  # visible and deleted-but-leased
+        self.variables: SortedDict[str, Variable] = self.columns.variables
+        self.by_id: dict[int, Variable] = self.columns.by_id  # visible and deleted-but-leased
+        self.published = self.columns.published  # var id -> workers told of it (yp.local_leases)
         self.pending: dict[tuple[str, int], Pending] = {}  # (shm_id, extent offset) -> reservation
         self.datasets: dict = {}  # name -> yp.dataset_table.DatasetRecord; names shared with variables
         # Processes whose leases and reservations ended as they left: a request of theirs
@@ -81,6 +87,9 @@ class Directory(Recovery):
         return [b for b in self.blocks.values() if b.node == node and b.worker is None]
 
     def copies_in(self, shm_id: str) -> list[tuple[Variable, Copy]]:
+        """Every copy in the block: its chunks in columns are materialised (moves, adoptions,
+        kept views and removals work on objects)."""
+        self.columns.materialise_block(shm_id)
         return [(v, c) for v in self.by_id.values() for c in v.copies if c.shm_id == shm_id]
 
     def pending_in(self, shm_id: str) -> list[Pending]:
@@ -135,13 +144,13 @@ class Directory(Recovery):
     def seal_all(self, items: list[SealItem]) -> list[Variable]:
         """Written extents become visible variables, all or none."""
         self.check_new_names([item["name"] for item in items])
-        for item in items:
-            block = self.blocks.get(item["shm_id"])
-            if block is None or block.creating:
-                raise BlockNotFoundError(
-                    f"block {item['shm_id']} holding {item['name']!r} is gone (its node lost it); write it again"
-                )
+        self._check_blocks((item["shm_id"], repr(item["name"])) for item in items)
         return [self._seal(item) for item in items]
+
+    def _check_blocks(self, written: Iterable[tuple[str, str]]) -> None:
+        for shm_id, what in written:
+            if (block := self.blocks.get(shm_id)) is None or block.creating:
+                raise BlockNotFoundError(f"block {shm_id} holding {what} is gone (its node lost it); write it again")
 
     def seal(self, item: SealItem) -> Variable:
         return self.seal_all([item])[0]
@@ -158,6 +167,22 @@ class Directory(Recovery):
         var = Variable(next(self._ids), item["name"], item["doc"], type_, item["nbytes"], [copy])
         self.variables[var.name] = self.by_id[var.var_id] = var
         return var
+
+    def seal_chunks(
+        self, dataset_id: int, doc: str, type_of: Callable[[int], str], homes: dict[int, Copy]
+    ) -> ChunkColumns:
+        """A dataset's written homes become its chunk variables, all or none, kept in
+        columns.  Their names are new: they carry the dataset's id, which no other dataset
+        had (ids never repeat), and the seal is its only one."""
+        self._check_blocks((c.shm_id, f"chunk {f} of dataset {dataset_id}") for f, c in homes.items())
+        first = next(self._ids)
+        self._ids = itertools.count(first + max(1, len(homes)))  # one id per chunk, consecutive
+        for copy in homes.values():
+            if self.pending.pop((copy.shm_id, copy.extent_offset), None) is None:
+                self.blocks[copy.shm_id].used += copy.extent_size
+        columns = ChunkColumns(dataset_id, first, doc, type_of, homes)
+        self.columns.add(columns)
+        return columns
 
     def seal_pending_copy(self, shm_id: str, extent_offset: int) -> Copy:
         """A reserved extent filled by the fabric itself (a replica) becomes a copy."""
@@ -178,7 +203,11 @@ class Directory(Recovery):
             raise VariableUnavailableError(
                 f"block {shm_id} of node {node} is being adopted after its owner died moving extents; try again"
             )
-        if extent_id is not None:
+        if extent_id is None:
+            for columns in self.columns:  # a chunk in columns is found, and materialised, first
+                if (i := columns.at(shm_id, offset)) is not None:
+                    self.columns.materialise((columns, i))
+        else:
             for var, copy in self.copies_in(shm_id):
                 if copy.data_offset == offset and copy.extent_id == extent_id:
                     return var
@@ -221,6 +250,16 @@ class Directory(Recovery):
     def nodes_of(self, var: Variable) -> set[str]:
         return {self.blocks[c.shm_id].node for c in var.copies}
 
+    def nodes_of_chunk(self, name: str | None = None, var_id: int | None = None) -> set[str]:
+        """Where a variable (by name or id) is, with no chunk in columns materialised: none
+        if it is unknown."""
+        found = self.columns.by_name(name) if name is not None else self.columns.by_var_id(var_id)
+        if found is not None:
+            columns, i = found
+            return {self.blocks[columns.shm_ids[columns.block[i]]].node}
+        var = dict.get(self.variables, name) if name is not None else self.by_id.known(var_id)
+        return set() if var is None else self.nodes_of(var)
+
     def check_present(self, holder: str) -> None:
         if holder in self.departed:
             raise WorkerLostError(f"{holder} has left the cluster; its requests are void")
@@ -237,7 +276,7 @@ class Directory(Recovery):
         """Variables read under local leases, which the directory does not see one by one."""
         now = time.monotonic()
         for var_id in var_ids:
-            if (var := self.by_id.get(var_id)) is not None:
+            if (var := self.by_id.known(var_id)) is not None:  # a chunk in columns has one copy: never evicted
                 var.last_used = now
 
     def add_leases(self, var: Variable, holder: str, count: int) -> None:
@@ -336,7 +375,9 @@ class Directory(Recovery):
         for block in self.blocks.values():
             if block.worker == worker:
                 block.worker, block.left_by = None, process
-        return sorted(v.name for v in self.variables.values() if not self.available(v))
+        orphans = {b.shm_id for b in self.blocks.values() if b.worker is None}
+        unavailable = [v.name for v in self.variables.values() if not self.available(v)]
+        return sorted(unavailable + self.columns.names_in(orphans))
 
     def available(self, var: Variable) -> bool:
         return any(self.blocks[c.shm_id].worker is not None for c in var.copies)

@@ -35,6 +35,7 @@ import dask.config
 from datafabric.messages import LocalEntry
 
 if TYPE_CHECKING:
+    from yp.chunk_columns import ChunkColumns
     from yp.directory import Directory
     from yp.membership import Membership
     from yp.moves import BlockMoves
@@ -57,7 +58,9 @@ class LocalLeases:
         self.enabled = members is not None and bool(dask.config.get("datafabric.local-reads", True))
         # var id -> workers that may lease it locally: a frozenset shared by every variable
         # told the same workers (a set each would be 216 bytes per variable), replaced, never changed.
-        self.published: dict[int, frozenset[str]] = {}
+        self.published: dict[int, frozenset[str]] = (
+            directory.published
+        )  # the directory's: a chunk materialised enters it
         self._sets: dict[frozenset[str], frozenset[str]] = {}
         self._withheld: Counter[int] = Counter()  # var id -> recalls whose free or move is not over
         # recall token -> (worker, its answer, the var ids asked): a recall overlapping one in
@@ -122,6 +125,35 @@ class LocalLeases:
         self.publish(
             (v for v in list(self.directory.variables.values()) if any(c.shm_id in shm_ids for c in v.copies)), only
         )
+        for columns in self.directory.columns:
+            self.publish_columns(columns, only, shm_ids)
+
+    def publish_columns(
+        self, columns: ChunkColumns, only: Iterable[str] | None = None, shm_ids: set[str] | None = None
+    ) -> None:
+        """``publish`` of a dataset's chunks still in columns (those in ``shm_ids``), a block
+        at a time: each worker added to a block's ``told`` is sent every chunk of it there."""
+        if not self.enabled:
+            return
+        live = self.members.live()
+        allowed = None if only is None else set(only)
+        batches: dict[str, list[LocalEntry]] = defaultdict(list)
+        for k, shm_id in enumerate(columns.shm_ids):
+            block = self.directory.blocks.get(shm_id)
+            if (shm_ids is not None and shm_id not in shm_ids) or block is None or block.creating:
+                continue
+            if block.unsettled or self.moves.busy([shm_id]):
+                continue
+            told = columns.told.get(k, _NOBODY)
+            added = [w for w in live.get(block.node, ()) if w not in told and (allowed is None or w in allowed)]
+            positions = columns.in_block(shm_id).tolist()
+            if added and positions:
+                entries = [columns.local_entry(i) for i in positions]
+                for worker in added:
+                    batches[worker].extend(entries)
+                columns.told[k] = told.union(added)
+        for worker, entries in batches.items():
+            self.owners.send(worker, {"op": "datafabric_publish", "entries": entries})
 
     # -- recalling ----------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -144,7 +176,11 @@ class LocalLeases:
                     del withheld[var.var_id]
             self.publish(variables)
 
-    async def _recall(self, var_ids: list[int], node: str | None, workers: set[str] | None = None) -> None:
+    async def _recall(
+        self, var_ids: list[int], node: str | None, workers: set[str] | None = None, columnar: list[int] = ()
+    ) -> None:
+        """``columnar``: ids of chunks in columns already untold to the one worker of
+        ``workers``, to ask it too."""
         loop = asyncio.get_running_loop()
         asking = frozenset(var_ids)
         # An earlier recall's answers count too: leases it reports are not known here yet.
@@ -167,6 +203,8 @@ class LocalLeases:
                 del published[var_id]
             elif recalled:
                 self._tell(var_id, told.difference(recalled))
+        if columnar:
+            per_worker[next(iter(workers))].extend(columnar)
         for worker, ids in per_worker.items():
             token = next(self._tokens)
             answer = loop.create_future()
@@ -204,11 +242,21 @@ class LocalLeases:
     async def recall_worker(self, worker: str) -> None:
         """``worker`` is closing: whatever it leased locally becomes its leases here,
         which end when it leaves, and it is published nothing more."""
-        await self._recall([v for v, ws in self.published.items() if worker in ws], None, {worker})
+        columnar = []
+        for columns in self.directory.columns:  # untold first: a chunk materialised meanwhile is not its
+            for k, told in list(columns.told.items()):
+                if worker in told:
+                    columns.told[k] = told.difference((worker,))
+                    columnar += (columns.first_id + columns.in_block(columns.shm_ids[k])).tolist()
+        await self._recall([v for v, ws in self.published.items() if worker in ws], None, {worker}, columnar)
 
     def forget(self, worker: str) -> None:
         """``worker`` left: it leases nothing locally any more, and answers no recall."""
         for var_id in [v for v, ws in self.published.items() if worker in ws]:
             self._tell(var_id, self.published[var_id].difference((worker,)))
+        for columns in self.directory.columns:
+            for k, told in list(columns.told.items()):
+                if worker in told:
+                    columns.told[k] = told.difference((worker,))
         for token in [t for t, (w, _, _) in self._asked.items() if w == worker]:
             self._answered(token, [])

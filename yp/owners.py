@@ -19,6 +19,7 @@ from distributed.comm.core import CommClosedError
 from datafabric.errors import WorkerLostError
 from datafabric.layout import ExtentState
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, raise_if_refused
+from yp.chunk_columns import ChunkColumns
 from yp.directory import Directory
 from yp.moves import BlockMoves
 from yp.records import Copy, Variable
@@ -86,6 +87,12 @@ class Owners:
                 if {c.shm_id for v in variables for c in v.copies} <= held:
                     await self._mark_held(state, [(v.name, c) for v in variables for c in v.copies])
                     return
+
+    async def mark_chunks(self, state: ExtentState, columns: ChunkColumns) -> None:
+        """``mark`` of a dataset's chunks just sealed, each read as it is once the blocks are
+        held: one materialised and moved meanwhile is marked where its variable says."""
+        async with self.moves.shared(set(columns.shm_ids)):
+            await self._mark_held(state, self.directory.columns.named_copies(columns))
 
     async def _mark_held(self, state: ExtentState, named: list[tuple[str, Copy]]) -> None:
         per_owner: dict[str, list[tuple[str, int, int, str]]] = defaultdict(list)

@@ -8,6 +8,7 @@ block is settled, in the same step, or under the block's shared hold.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -78,6 +79,13 @@ class Copy:
 
 
 NO_LEASES: Mapping[str, int] = MappingProxyType({})
+
+
+def shrunk(table: dict) -> dict:
+    """``table``, or a copy of it once it holds far fewer entries than it has room for: a
+    dict never gives back the room a burst took (a dataset's 100,000 homes in flight at
+    once would stay 30 bytes a chunk each in ``pending``, ``placing`` and ``unfilled``)."""
+    return dict(table) if sys.getsizeof(table) > 4096 + 400 * len(table) else table
 
 
 @dataclass(slots=True)  # a million of them: no __dict__ each

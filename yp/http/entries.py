@@ -89,8 +89,7 @@ def describe_dataset(yp: YellowPages, record: DatasetRecord) -> dict[str, Any]:
     grid = grid_shape(record.shape, record.chunks)
     written = []
     for flat in np.flatnonzero(record.table >= 0).tolist():
-        var = d.by_id.get(int(record.table[flat]))
-        nodes = sorted(d.nodes_of(var)) if var is not None else []
+        nodes = sorted(d.nodes_of_chunk(var_id=int(record.table[flat])))  # none materialised
         written.append({"flat": flat, "index": list(unravel(flat, grid)), "nodes": nodes})
     return {
         "name": record.name,

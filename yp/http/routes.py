@@ -148,7 +148,8 @@ class StatusHandler(FabricHandler):
             n["blocks"] += 1
             for k in ("capacity", "used", "free"):
                 n[k] += b[k]
-        self.answer({"fabric_id": yp.fabric_id, "names": len(yp.directory.variables), "nodes": nodes, "blocks": blocks})
+        names = len(yp.directory.variables) + sum(c.left for c in yp.directory.columns)  # chunks in columns too
+        self.answer({"fabric_id": yp.fabric_id, "names": names, "nodes": nodes, "blocks": blocks})
 
 
 @web.stream_request_body
