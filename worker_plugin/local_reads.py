@@ -166,8 +166,9 @@ class LocalReads:
         lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
         end = MethodType(self._ended, serial)  # end(lease) is self._end(serial, lease): one object, the lightest
         try:
-            ftype, face, cast = self._types[type_]
-            interface = {**face, "data": (segment.address + data_offset, True)}
+            ftype, interface, cast = self._types[type_]
+            interface = interface.copy()  # the type's, at this grant's address (a copy: half a {**...})
+            interface["data"] = (segment.address + data_offset, True)
             return self.state.pin(
                 name, self.node, segment, data_offset, extent_id, ftype, lease, end, interface=(interface, cast)
             )
@@ -220,9 +221,10 @@ class LocalReads:
                     serial, var_id, data_offset, extent_id, block, type_ = fields
                     lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
                     ending = MethodType(end, serial)
-                    ftype, face, cast = types[type_]
+                    ftype, interface, cast = types[type_]
                     segment = blocks[block]
-                    interface = {**face, "data": (segment.address + data_offset, True)}
+                    interface = interface.copy()
+                    interface["data"] = (segment.address + data_offset, True)
                     out[k] = hold(node, segment, data_offset, extent_id, ftype, lease, ending, (interface, cast))
         except BaseException:
             for j in range(k, len(found)):
