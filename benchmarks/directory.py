@@ -8,10 +8,15 @@ names (once, with the CPU it costs the scheduler and the blocks' owners: robust 
 the scan of every name that ``get_list(prefix)`` was before the index (timed inside the
 scheduler), and ``delete`` one name at a time.  The insert rate of the last tenth of the
 names is compared with the first tenth's, and the scheduler's memory per variable is its
-RSS growth over the names.  Once the names are in, a full garbage collection is timed in
-each writer's process, with the objects it walks: what a worker keeps per name makes
-every full collection of a long insert slower.  A profile of the scheduler during the last tenth of the
-inserts (``--profile``) shows where an insert's time goes.
+RSS growth over the names.  Python's full garbage collections are metered in every
+process of the insert (each worker, which owns its block and holds a grant per name of
+its node, and the scheduler, which in a LocalCluster is the client's process): their CPU
+per name inserted, in the first tenth and the last.  Once the names are in, a full
+collection is timed in each process, with the objects it tracks and the references it
+follows: a container of plain values per name costs nothing, one the collector tracks
+makes every full collection of a long insert follow all its entries.  A profile of the
+scheduler during the last tenth of the inserts (``--profile``) shows where an insert's
+time goes.
 """
 
 from __future__ import annotations
@@ -72,18 +77,52 @@ def fill(fabric: datafabric.Fabric, groups: list[int]) -> list[tuple[float, floa
     return batches
 
 
-def full_collection() -> tuple[int, float]:
-    """In a writer's process once its names are in: the objects its garbage collector
-    tracks, and the median time of a full collection, which walks them all (what every
-    full collection during a long insert costs, more so the more the worker keeps per
-    name)."""
+def full_collection(dask_scheduler=None) -> tuple[int, int, float]:
+    """In a process once the names are in: the objects its garbage collector tracks, the
+    references a full collection follows from them (every entry of every tracked
+    container, however plain its values), and the median time of a full collection (what
+    every full collection during a long insert costs there)."""
     gc.collect()
+    tracked = gc.get_objects()
+    references = sum(len(gc.get_referents(o)) for o in tracked)
     times = []
-    for _ in range(5):
+    for _ in range(3 if dask_scheduler is not None else 5):
         t0 = time.perf_counter()
         gc.collect()
         times.append(time.perf_counter() - t0)
-    return len(gc.get_objects()), statistics.median(times)
+    return len(tracked), references, statistics.median(times)
+
+
+def meter_collections(dask_scheduler=None, dask_worker=None) -> None:
+    """Logs each full collection of this process, on any thread: when it ended and the
+    CPU time of the thread it ran on."""
+    log, began = [], {}
+
+    def collected(phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            began[threading.get_ident()] = time.thread_time()
+        elif (t0 := began.pop(threading.get_ident(), None)) is not None:
+            log.append((time.time(), time.thread_time() - t0))
+
+    gc.callbacks.append(collected)
+    server = dask_scheduler if dask_scheduler is not None else dask_worker
+    server._df_collections = (collected, log)
+
+
+def metered_collections(dask_scheduler=None, dask_worker=None) -> list[tuple[float, float]]:
+    server = dask_scheduler if dask_scheduler is not None else dask_worker
+    collected, log = server._df_collections
+    gc.callbacks.remove(collected)
+    return log
+
+
+def collections_per_name(log: list[tuple[float, float]], batches: list) -> float:
+    """The CPU seconds of the full collections that ended while ``batches`` ran, per name
+    they inserted."""
+    start, end = min(b[0] for b in batches), max(b[1] for b in batches)
+    return sum(cpu for t, cpu in log if start <= t <= end) / sum(b[2] for b in batches)
 
 
 def meter_seals(dask_scheduler) -> None:
@@ -192,6 +231,9 @@ def run(names: int, reps: int, profile: bool) -> dict:
         try:
             rss0 = client.run_on_scheduler(scheduler_rss)
             client.run_on_scheduler(meter_seals)
+            empty = list(client.run(full_collection).values())  # the writers' own objects, before any name
+            client.run_on_scheduler(meter_collections)
+            client.run(meter_collections)
             workers = sorted(client.scheduler_info()["workers"])
             mine = {w: [g for g in range(groups) if g % len(workers) == k] for k, w in enumerate(workers)}
             futures = [client.submit(fill, fabric, mine[w], workers=[w], pure=False) for w in workers]
@@ -201,7 +243,10 @@ def run(names: int, reps: int, profile: bool) -> dict:
                     time.sleep(1)
                 client.run_on_scheduler(profile_start)
             batches = sorted(b for f in client.gather(futures) for b in f)
+            logs = {"scheduler": client.run_on_scheduler(metered_collections)}
+            logs |= {f"worker {k}": log for k, log in enumerate(client.run(metered_collections).values())}
             collections = list(client.run(full_collection).values())
+            scheduler_collection = client.run_on_scheduler(full_collection)
             if profile:
                 report = client.run_on_scheduler(profile_stop)
             rss1 = client.run_on_scheduler(scheduler_rss)
@@ -215,6 +260,10 @@ def run(names: int, reps: int, profile: bool) -> dict:
             seals = sorted(client.run_on_scheduler(seal_cpu))
             sealed = [cpu / n for _, n, cpu in seals]  # seconds per name, the scheduler
             tenth_s = max(1, len(sealed) // 10)
+            process_gc = {
+                who: (collections_per_name(log, batches[:tenth]), collections_per_name(log, batches[-tenth:]))
+                for who, log in logs.items()
+            }
 
             rng = random.Random(1)
             round_trip = timed(lambda: client.sync(client.scheduler.identity), reps)
@@ -250,8 +299,15 @@ def run(names: int, reps: int, profile: bool) -> dict:
         "task_cpu_per_name_last_tenth": statistics.median(task_cpu[-tenth:]),
         "task_gc_per_name_first_tenth": statistics.mean(task_gc[:tenth]),
         "task_gc_per_name_last_tenth": statistics.mean(task_gc[-tenth:]),
-        "writer_tracked_objects": statistics.median(n for n, _ in collections),
-        "writer_full_collection": statistics.median(t for _, t in collections),
+        "writer_tracked_objects": statistics.median(n for n, _, _ in collections),
+        "writer_references_followed": statistics.median(r for _, r, _ in collections),
+        "writer_full_collection": statistics.median(t for _, _, t in collections),
+        "writer_full_collection_before_names": statistics.median(t for _, _, t in empty),
+        "writer_references_followed_before_names": statistics.median(r for _, r, _ in empty),
+        "scheduler_tracked_objects": scheduler_collection[0],
+        "scheduler_references_followed": scheduler_collection[1],
+        "scheduler_full_collection": scheduler_collection[2],
+        "full_collections_cpu_per_name_first_last_tenth": process_gc,
         "seal_cpu_per_name_first_tenth": statistics.median(sealed[:tenth_s]),
         "seal_cpu_per_name_last_tenth": statistics.median(sealed[-tenth_s:]),
         "scheduler_bytes_per_variable": (rss1 - rss0) / names,
@@ -294,9 +350,19 @@ def table(r: dict) -> str:
         f"({r['task_cpu_per_name_first_tenth'] / r['task_cpu_per_name_last_tenth']:.2f}x the rate) |",
         f"| of which full garbage collections, first tenth / last tenth (µs, mean) | "
         f"{r['task_gc_per_name_first_tenth'] * 1e6:.1f} / {r['task_gc_per_name_last_tenth'] * 1e6:.1f} |",
-        f"| a full garbage collection in a writer's process, all names in (ms; objects it walks) | "
-        f"{r['writer_full_collection'] * 1e3:.1f} ({r['writer_tracked_objects']:,.0f} objects, "
-        f"{r['writer_tracked_objects'] / (r['names'] / 2):.2f} per name written there) |",
+        *(
+            f"| {who}'s full garbage collections, CPU per name inserted, first tenth / last tenth (µs) | "
+            f"{first * 1e6:.1f} / {last * 1e6:.1f} |"
+            for who, (first, last) in r["full_collections_cpu_per_name_first_last_tenth"].items()
+        ),
+        f"| a full garbage collection in a writer's process, all names in (ms; objects, references it follows) | "
+        f"{r['writer_full_collection'] * 1e3:.1f} ({r['writer_tracked_objects']:,.0f}, "
+        f"{r['writer_references_followed']:,.0f}: {r['writer_references_followed'] / r['names']:.2f} per name; "
+        f"before any name {r['writer_full_collection_before_names'] * 1e3:.1f} ms, "
+        f"{r['writer_references_followed_before_names']:,.0f}) |",
+        f"| a full garbage collection in the scheduler, all names in (ms; objects, references it follows) | "
+        f"{r['scheduler_full_collection'] * 1e3:.1f} ({r['scheduler_tracked_objects']:,.0f}, "
+        f"{r['scheduler_references_followed']:,.0f}: {r['scheduler_references_followed'] / r['names']:.2f} per name) |",
         f"| scheduler's CPU per sealed name, first tenth / last tenth (µs) | "
         f"{r['seal_cpu_per_name_first_tenth'] * 1e6:.1f} / {r['seal_cpu_per_name_last_tenth'] * 1e6:.1f} "
         f"({r['seal_cpu_per_name_first_tenth'] / r['seal_cpu_per_name_last_tenth']:.2f}x the rate) |",

@@ -34,9 +34,10 @@ class _Pin:
     header of the extent it views: declared after a restart with its location, it tells
     the variable it views from one placed there since.  Small on purpose (a get_many
     makes thousands): the block's read-only buffer, shared by every pin of the block,
-    keeps the mapping alive.  ``__array_interface__`` is a plain value, made once per
-    publication by a local grant (``interface_of``), which numpy reads without running any
-    Python: a task's first get is mostly the interpreter running cold, every step counts."""
+    keeps the mapping alive.  ``__array_interface__`` is a plain value (``interface_of``; a
+    local grant makes it from its type's, parsed once per type), which numpy reads without
+    running any Python: a task's first get is mostly the interpreter running cold, every
+    step counts."""
 
     __slots__ = (
         "_mem",
@@ -105,9 +106,9 @@ _GONE: weakref.ref = weakref.ref(_Nothing())  # a weak reference whose referent 
 
 def interface_of(address: int, ftype: FabricType) -> tuple[dict, np.dtype | None]:
     """What a pin of the variable at ``address`` makes its arrays from: its array
-    interface (only ints, strings and tuples of them, which the garbage collector stops
-    tracking: a worker keeps one per name published to it), and the dtype to view the
-    array as once numpy has read it (None: none needed, the cheaper first view)."""
+    interface (only ints, strings and tuples of them: the same for every variable of the
+    type but for ``data``), and the dtype to view the array as once numpy has read it
+    (None: none needed, the cheaper first view)."""
     typestr, cast = _typestr(ftype.dtype)
     return {"version": 3, "shape": ftype.shape, "typestr": typestr, "data": (address, True)}, cast
 

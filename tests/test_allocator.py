@@ -15,6 +15,7 @@ import pytest
 from datafabric import layout
 from datafabric.layout import ExtentState
 from tests.blocks import check_block, put, shm_block
+from tests.collector import walked_from
 from worker_plugin import moves
 from worker_plugin.allocator import BlockAllocator
 
@@ -264,3 +265,18 @@ def test_sigkill_at_random_instants_of_compaction_leaves_every_extent_whole():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             check_block(seg, BlockAllocator(seg.buf, CRASH_SIZE, fresh=False), ids)
+
+
+def test_a_full_collection_walks_nothing_per_extent():
+    """The owner's index of a block of a million small variables is a million entries: a
+    full garbage collection of the worker walks none of them (it walked them all, and a
+    long insert_many slowed as the block filled)."""
+    with shm_block(16 * MiB) as seg:
+        alloc = BlockAllocator(seg.buf, 16 * MiB, fresh=True)
+        for i in range(100):
+            put(seg, alloc, f"few/{i}", 8)
+        few = walked_from(alloc)
+        for i in range(10_000):
+            put(seg, alloc, f"many/{i}", 8)
+        assert walked_from(alloc) <= few and len(alloc) == 10_101
+        check_block(seg, alloc)

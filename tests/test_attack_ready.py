@@ -18,7 +18,7 @@ import pytest
 import datafabric.views as views
 from datafabric.references import pin_of
 from tests.blocks import shm_block
-from tests.test_local_grants import recall, setup
+from tests.grants import recall, setup
 from tests.test_local_ready import entries_for, fill
 from worker_plugin.survivors import kept_views
 

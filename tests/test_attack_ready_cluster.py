@@ -29,6 +29,7 @@ from tests.conftest import fabric_segments, local_cluster
 from tests.test_lifecycle import pattern, total_free, workers
 from tests.test_local_reads import wait_published
 from tests.waiting import wait_for
+from worker_plugin.local_reads import _unpack
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -73,7 +74,7 @@ def read_fresh(fabric, names: list[str], at_least: dict, seed: int) -> dict:
     reads, rng, counts = reads_here(), random.Random(seed), Counter()
     for name in names:
         grant = reads._grants.get(name)
-        ready = grant is not None and grant[0] in reads._ready
+        ready = grant is not None and _unpack(grant)[0] in reads._ready
         try:
             view = fabric.get(name)
         except NameNotFoundError:
@@ -156,7 +157,7 @@ def hold_fresh(fabric, names: list[str]) -> tuple[int, int]:
     reads, taken = reads_here(), 0
     for name in names:
         grant = reads._grants.get(name)
-        taken += grant is not None and grant[0] in reads._ready
+        taken += grant is not None and _unpack(grant)[0] in reads._ready
         held()[(name, 0)] = (fabric.get(name), 0)
     return os.getpid(), taken
 

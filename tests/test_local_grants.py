@@ -9,7 +9,9 @@ import time
 import numpy as np
 
 from tests.blocks import shm_block
+from tests.collector import walked_from
 from tests.grants import churn_against_recalls, recall, setup
+from worker_plugin.local_reads import READY
 
 MiB = 2**20
 
@@ -94,3 +96,26 @@ def test_many_threads_getting_and_dropping_while_recalls_come_keep_the_count_exa
         # Live pins under recalled grants are counted and have not released; those under
         # the last grant are counted by the last recall.
         assert reported + last - released == still
+
+
+def test_a_full_collection_walks_nothing_per_grant():
+    """A worker holds a grant per name its node holds, a million at a million names: a
+    full garbage collection of the worker walks none of them (it walked them all, and a
+    long insert_many slowed as the node filled).  The grants still read and recall right,
+    names of any UTF-8 included."""
+    with shm_block(MiB) as segment:
+        segment.buf[4096:5096] = bytes(range(200)) * 5
+        sent: list = []
+        reads, entry = setup(segment, sent)
+        # as many as the first views made ahead can hold (``READY``): those are walked, a bounded few
+        reads.publish([{**entry, "var_id": 100 + i, "name": f"few/{i}"} for i in range(READY)])
+        few = walked_from(reads)
+        reads.publish([{**entry, "var_id": 1000 + i, "name": f"many/é/{i}"} for i in range(10_000)])
+        assert walked_from(reads) <= few
+        view = reads.pin("many/é/9999").view()
+        np.testing.assert_array_equal(view, np.frombuffer(bytes(range(200)) * 5, np.uint8))
+        assert recall(reads, 10_999) == [[10_999, 1]] and reads.pin("many/é/9999") is None
+        assert "many/é/9999" not in reads.names() and "many/é/9998" in reads.names()
+        del view
+        gc.collect()
+        assert sent == [{"op": "datafabric_release", "var_id": 10_999, "holder": "worker-b"}]

@@ -2,13 +2,18 @@
 
 Every extent, free ones included, has its header in shared memory, so the allocator's
 state can always be rebuilt by walking the block (after a crash, or by another worker that
-adopts the block).  The in-process index is a sorted list (``sortedcontainers``) of extent
-offsets with their sizes and states, and a sorted list of the free ones; ``reserve`` scans
-the free ones for the first that fits and splits off the rest, ``free`` coalesces a freed
-extent with free neighbours, so no two free extents are ever adjacent once a call returns.
-Cost per call: O(free extents) for the scan plus O(log extents) to change the index;
-filling a block with small variables keeps one free extent, and freeing many of a block's
-extents costs O(log n) each, so neither grows with the variables the block holds.  The
+adopts the block).  The in-process index is a dict of every extent's size and state by
+offset (extents tile the block: the next one starts where one ends), a dict of the free
+extents by where they end (the free neighbour before an extent) and a sorted list
+(``sortedcontainers``) of the free ones; ``reserve`` scans the free ones for the first that
+fits and splits off the rest, ``free`` coalesces a freed extent with free neighbours, so no
+two free extents are ever adjacent once a call returns.  Cost per call: O(free extents) for
+the scan plus O(log free extents) to change the index; filling a block with small
+variables keeps one free extent, and freeing many of a block's extents costs O(1) dict
+work each, so neither grows with the variables the block holds.  What the index keeps per
+extent is plain ints in dicts, which Python's cyclic garbage collector never walks (a
+sorted list of every offset was lists it walked in each full collection of the worker:
+a block of a million extents made each one slower).  The
 figures ``status`` reports (free bytes, largest free extent, extents per state) are kept
 up to date with the index, O(1) to read.
 
@@ -62,13 +67,11 @@ class BlockAllocator:
     def __init__(self, buf: memoryview, size: int, *, fresh: bool) -> None:
         self._buf = buf
         self.size = size
-        self._offsets = SortedList()  # every extent's offset: O(log n) to add or drop one
-        # offset -> size << 2 | state: plain ints, which Python's cyclic garbage collector
-        # does not track.  A (size, ExtentState) tuple per extent was tracked, and every full
-        # collection of the worker process walked them all: a task inserting many names paid
-        # for a collection that grew with its block (one per insert_many batch of 10,000).
+        # offset -> size << 2 | state, every extent: plain ints, so a dict Python's cyclic
+        # garbage collector does not track.  A (size, ExtentState) tuple per extent was
+        # tracked, and every full collection of the worker process walked them all: a task
+        # inserting many names paid for a collection that grew with its block.
         self._extents: dict[int, int] = {}
-        self._free = SortedList()  # offsets of the FREE extents
         self._tally()
         if fresh:
             first = layout.BLOCK_HEADER_SIZE
@@ -81,17 +84,17 @@ class BlockAllocator:
         a dead owner left unfinished is finished first, and adjacent free extents (a
         killed owner had not merged them yet) become one."""
         moves.roll_forward(self._buf, ctypes.addressof(ctypes.c_char.from_buffer(self._buf)))
-        self._offsets, self._extents, self._free = SortedList(), {}, SortedList()
+        self._extents = {}
         self._tally()
+        last = None
         for extent in layout.walk(self._buf, self.size):
-            last = self._offsets[-1] if self._offsets else None
             if extent.state is ExtentState.FREE and last is not None and self._entry(last)[1] is ExtentState.FREE:
                 size = self._entry(last)[0] + extent.size
                 layout.write_extent(self._buf, last, ExtentState.FREE, size)
                 self._record(last, size, ExtentState.FREE)
                 continue
-            self._offsets.add(extent.offset)
             self._record(extent.offset, extent.size, extent.state)
+            last = extent.offset
 
     def reserve(self, name: str, type_: str, doc: str, data_size: int) -> Reservation | None:
         for offset in self._free:
@@ -129,22 +132,18 @@ class BlockAllocator:
         in one store (``layout.grow_free``), or its first extent is rewritten as a free one
         spanning the run (``layout.write_extent``: state, then size).  A walk after a kill
         at any instant sees each run either as it was or merged, as after a ``free`` of one
-        extent.  Cost: O(1) dict work per extent, one bisection per run (extents tile the
-        block, so the next one is at ``offset + size``), and the index's removals: one by
-        one, or one rebuild when they are a large part of it."""
+        extent.  Cost: O(1) dict work per extent (extents tile the block, so the next one
+        is at ``offset + size``, and a free one before it ends at its offset), and
+        O(log free extents) per free extent a run takes in."""
         todo = set(offsets)
         if any(self._extents[o] & 3 == _FREE for o in todo):
             bad = sorted(o for o in todo if self._extents[o] & 3 == _FREE)
             raise ValueError(f"extents at {bad[:5]} are free already")
         freed = 0
-        gone: list[int] = []  # offsets no longer heading an extent
         for first in sorted(todo):
             if first not in todo:  # taken in by the run before
                 continue
-            start = first
-            i = self._offsets.bisect_left(first)
-            if i > 0 and self._extents[prev := self._offsets[i - 1]] & 3 == _FREE:
-                start = prev
+            start = self._free_ends.get(first, first)  # from the free extent before it, if any
             run, cur = [], start
             while cur < self.size:
                 packed = self._extents[cur]
@@ -154,16 +153,10 @@ class BlockAllocator:
                     break
                 run.append((cur, packed))
                 cur += packed >> 2
-            freed += self._merge(run, cur - start, gone)
-        if len(gone) * 4 >= len(self._offsets):
-            dropped = set(gone)
-            self._offsets = SortedList(o for o in self._offsets if o not in dropped)
-        else:
-            for o in gone:
-                self._offsets.remove(o)
+            freed += self._merge(run, cur - start)
         return freed
 
-    def _merge(self, run: list[tuple[int, int]], size: int, gone: list[int]) -> int:
+    def _merge(self, run: list[tuple[int, int]], size: int) -> int:
         """``run``'s extents (offset, index entry) become one free extent of ``size`` at the
         first one's offset: its header, then the index.  Returns the bytes newly freed."""
         start, head = run[0]
@@ -178,16 +171,17 @@ class BlockAllocator:
             if state == _FREE:
                 self._free_bytes -= extent_size
                 self._free_sizes.remove(extent_size)
+                del self._free_ends[offset + extent_size]
                 if offset != start:
                     self._free.remove(offset)
             else:
                 freed += extent_size
             if offset != start:
                 del self._extents[offset]
-                gone.append(offset)
         if head & 3 != _FREE:
             self._free.add(start)
         self._extents[start] = size << 2 | _FREE
+        self._free_ends[start + size] = start
         self._count(size, ExtentState.FREE, +1)
         return freed
 
@@ -203,7 +197,7 @@ class BlockAllocator:
         extents plus the bytes moved, in at most MAX_CHUNKS copies per extent."""
         moved: dict[int, tuple[int, int]] = {}
         cursor = layout.BLOCK_HEADER_SIZE  # where the free space before the next extent starts
-        for offset in list(self._offsets):
+        for offset in self._in_order():
             size, state = self._entry(offset)
             if state is ExtentState.FREE:
                 continue
@@ -224,7 +218,15 @@ class BlockAllocator:
         return moved
 
     def extents(self) -> list[tuple[int, int, ExtentState]]:
-        return [(o, *self._entry(o)) for o in self._offsets]
+        return [(o, *self._entry(o)) for o in self._in_order()]
+
+    def _in_order(self) -> list[int]:
+        """Every extent's offset in address order: they tile the block from its header on."""
+        offsets, offset, extents = [], layout.BLOCK_HEADER_SIZE, self._extents
+        while offset < self.size:
+            offsets.append(offset)
+            offset += extents[offset] >> 2
+        return offsets
 
     def _entry(self, offset: int) -> tuple[int, ExtentState]:
         packed = self._extents[offset]
@@ -243,7 +245,7 @@ class BlockAllocator:
         return self._free_sizes[-1] if self._free_sizes else 0
 
     def __len__(self) -> int:
-        return len(self._offsets)
+        return len(self._extents)
 
     def count(self, state: ExtentState) -> int:
         """Extents in ``state`` now; O(1)."""
@@ -255,12 +257,14 @@ class BlockAllocator:
 
     def _put(self, offset: int, size: int, state: ExtentState) -> None:
         layout.write_extent(self._buf, offset, state, size)
-        self._offsets.add(offset)
         self._record(offset, size, state)
 
     def _tally(self) -> None:
-        """The figures ``status`` reports, kept up to date by every change of the index
-        (``_record``, ``_drop``) so reading them costs O(1), not a walk of the extents."""
+        """The index of the free extents, and the figures ``status`` reports, kept up to
+        date by every change of the index (``_record``, ``_merge``) so reading them costs
+        O(1), not a walk of the extents."""
+        self._free = SortedList()  # offsets of the FREE extents, for first fit
+        self._free_ends: dict[int, int] = {}  # where each FREE extent ends -> its offset
         self._free_sizes = SortedList()  # sizes of the FREE extents
         self._free_bytes = 0
         self._states: Counter[ExtentState] = Counter()
@@ -275,24 +279,21 @@ class BlockAllocator:
                 self._free_sizes.remove(size)
 
     def _record(self, offset: int, size: int, state: ExtentState) -> None:
-        """The one place the index changes: the extent and whether it is free."""
+        """The one place the index changes but for ``_merge``: the extent and whether it
+        is free."""
         old = self._extents.get(offset)
         was_free = False
         if old is not None:
             old_size, old_state = old >> 2, _STATES[old & 3]
             self._count(old_size, old_state, -1)
             was_free = old_state is ExtentState.FREE
+            if was_free and self._free_ends[offset + old_size] == offset:  # not if a split's rest ends there now
+                del self._free_ends[offset + old_size]
         self._extents[offset] = size << 2 | state
         self._count(size, state, +1)
-        if state is ExtentState.FREE and not was_free:
-            self._free.add(offset)
-        elif was_free and state is not ExtentState.FREE:
-            self._free.remove(offset)
-
-    def _drop(self, index: int) -> None:
-        offset = self._offsets.pop(index)
-        packed = self._extents.pop(offset)
-        size, state = packed >> 2, _STATES[packed & 3]
-        self._count(size, state, -1)
         if state is ExtentState.FREE:
+            self._free_ends[offset + size] = offset
+            if not was_free:
+                self._free.add(offset)
+        elif was_free:
             self._free.remove(offset)

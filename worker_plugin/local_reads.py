@@ -23,6 +23,7 @@ of the task, tens of µs); the plugin sends the notes when the task ends, ahead 
 from __future__ import annotations
 
 import itertools
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -40,17 +41,20 @@ USE_REPORT_EVERY = 1.0  # seconds: a grant's reads are reported at most this oft
 READY = 256  # the newest grants whose first view is made ahead (``_make_ready``)
 
 
-# A grant: one publication of one variable to this worker, as a tuple of plain values
-# (serial, var_id, name, shm_id, data_offset, extent_id, type text) that the garbage collector stops
-# tracking (a tuple holding a dict never is untracked: its pins' array interface is kept
-# apart, in ``LocalReads._interfaces``).  A worker holds one per name its node holds (a writer
-# of 200,000 names, 200,000 of them): objects it tracked would make every full collection
-# walk them all, and a long insert_many slow down as it grows.  Its count of live local
-# leases is ``LocalReads._counts[serial]``, there exactly while the grant is not recalled;
-# the serial, this worker's own number of the publication, tells a variable published
-# again after a recall from the grant recalled.
-Grant = tuple[int, int, str, str, int, int, str]
-_SERIAL, _VAR_ID, _NAME, _SHM_ID = 0, 1, 2, 3
+# A grant: one publication of one variable to this worker.  A worker holds one per name its
+# node holds (a node of a million names, a million per worker), so a grant is bytes, a value
+# Python's cyclic garbage collector never tracks, and so are the dicts holding them (their
+# keys and values are all untracked: CPython does not track such a dict).  A tuple per grant
+# made the dicts tracked, and every full collection of the worker walked a million entries: a
+# long insert_many slowed as the node filled.  The bytes are the fields of ``_FIELDS`` (the
+# grant's serial, its var id, data offset and extent id, and the indexes of its block and of
+# its type in ``LocalReads._blocks`` and ``_types``), then its name in UTF-8.  Its count of
+# live local leases is ``LocalReads._counts[serial]``, there exactly while the grant is not
+# recalled; the serial, this worker's own number of the publication, tells a variable
+# published again after a recall from the grant recalled.
+Grant = bytes
+_FIELDS = struct.Struct("=qqQQII")
+_unpack = _FIELDS.unpack_from  # (serial, var_id, data_offset, extent_id, block, type) of a grant
 
 
 class LocalReads:
@@ -77,67 +81,66 @@ class LocalReads:
         # (a garbage collection), and takes the lock itself.  Each step is written so that
         # such a finalizer, run at any point of it, leaves the counts right.
         self.lock = threading.RLock()
+        # Per grant, only dicts of plain values (see ``Grant``): the collector walks none of them.
         self._grants: dict[str, Grant] = {}  # by name: what a get here may lease locally
         self._by_id: dict[int, Grant] = {}
         self._serials = itertools.count()
         self._counts: dict[int, int] = {}  # by serial: live local leases of a grant not recalled
         self._reported: dict[int, float] = {}  # by serial: monotonic time of the last use reported
-        self._interfaces: dict[int, dict] = {}  # by serial: the pins' array interface (``interface_of``)
-        self._segments: dict[str, Segment] = {}  # the blocks of the grants, mapped when published
-        self._types: dict[str, tuple[FabricType, np.dtype | None]] = {}  # by type text: ``_type``
-        # by serial, for the newest grants: a pin with no lease yet and its first view
-        # (``_make_ready``); only grants not recalled have one
+        # Per block and per type, a few: what a grant's indexes name.
+        self._blocks: list[Segment] = []  # the blocks of the grants, mapped when published
+        self._block_index: dict[str, int] = {}  # by shm id
+        self._types: list[tuple[FabricType, dict, np.dtype | None]] = []  # ``_type``
+        self._type_index: dict[str, int] = {}  # by type text
+        # by serial, for the newest grants (at most ``READY``): a pin with no lease yet and its
+        # first view (``_make_ready``); only grants not recalled have one
         self._ready: dict[int, tuple[_Pin, np.ndarray]] = {}
         self._used: list[int] = []  # var ids leased locally since the last report
         self._report = self._report_use  # bound once: a task's first get hands it to ``later``
-        self._ended = self._end  # and this to each pin, bound to its grant
+        self._ended = self._end  # and this to each pin, bound to its grant's serial
 
     # -- from the YellowPages, on the event loop ---------------------------------------
     def publish(self, entries: list[LocalEntry]) -> None:
-        """The blocks are mapped, the types parsed and the pins' array interfaces made
-        here, before the lock is taken (a pin's finalizer, run by a collection inside the
-        state's lock, takes this lock: the two are never taken the other way round).  A
-        name this process cannot map gets no grant: its gets ask the YellowPages."""
+        """The blocks are mapped and the types parsed here, before the lock is taken (a
+        pin's finalizer, run by a collection inside the state's lock, takes this lock: the
+        two are never taken the other way round).  A name this process cannot map gets no
+        grant: its gets ask the YellowPages."""
         resolved = []
         for entry in entries:
-            shm_id = entry["shm_id"]
-            segment = self.state.segment(self.node, shm_id)
-            if segment is not None:
-                self._segments[shm_id] = segment
-                text, offset = entry["type"], entry["data_offset"]
-                interface, _ = interface_of(segment.address + offset, self._type(text)[0])
-                resolved.append((interface, (entry["var_id"], entry["name"], shm_id, offset, entry["extent_id"], text)))
+            block = self._block(entry["shm_id"])
+            if block is not None:
+                fields = (entry["var_id"], entry["data_offset"], entry["extent_id"], block, self._type(entry["type"]))
+                resolved.append((entry["name"], fields))
         fresh = []
         with self.lock:
-            for interface, (var_id, *rest) in resolved:
+            for name, fields in resolved:
+                var_id = fields[0]
                 if var_id in self._by_id:
                     continue
                 serial = next(self._serials)
-                grant = (serial, var_id, *rest)
+                grant = _FIELDS.pack(serial, *fields) + name.encode()
                 # a name bound anew replaces its old grant, which a recall still finds by id
-                self._grants[grant[_NAME]] = self._by_id[var_id] = grant  # type: ignore[assignment]
+                self._grants[name] = self._by_id[var_id] = grant
                 self._counts[serial] = 0
-                self._interfaces[serial] = interface
-                fresh.append((grant, interface))
+                fresh.append((serial, *fields))
         self._make_ready(fresh[-READY:])
 
-    def _make_ready(self, fresh: list[tuple[Grant, dict]]) -> None:
-        """The first views of the newest grants, made ahead here on the event loop: a
-        task's first get of a name just published takes one and makes no array, its
-        dearest step while the interpreter runs cold (a producer's result, read by the
-        next task, is the common case).  A ready pin holds no lease and has no finalizer:
-        a get counts the lease under the lock as it takes the pin (``view``), and a recall
-        drops it with its grant.  Made outside the lock (making arrays may collect a pin,
-        whose finalizer takes it); recalls run on this loop too, so none comes between."""
+    def _make_ready(self, fresh: list[tuple]) -> None:
+        """The first views of the newest grants (their unpacked fields), made ahead here on
+        the event loop: a task's first get of a name just published takes one and makes no
+        array, its dearest step while the interpreter runs cold (a producer's result, read
+        by the next task, is the common case).  A ready pin holds no lease and has no
+        finalizer: a get counts the lease under the lock as it takes the pin (``view``), and
+        a recall drops it with its grant.  Made outside the lock (making arrays may collect
+        a pin, whose finalizer takes it); it enters the table only if its grant is still
+        there.  At most ``READY`` of them, tracked objects that a full collection walks."""
         made = []
-        for grant, interface in fresh:
-            serial, var_id, _, shm_id, data_offset, extent_id, text = grant
-            segment = self._segments[shm_id]
+        for serial, var_id, data_offset, extent_id, block, type_ in fresh:
+            segment = self._blocks[block]
             if segment.readonly is None:
                 continue
-            ftype, cast = self._types[text]
             lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
-            pin = _Pin(segment, self.node, data_offset, extent_id, ftype, lease, (interface, cast))
+            pin = self._make_pin(segment, data_offset, extent_id, type_, lease)
             made.append((serial, pin, pin.view()))
         dropped = []
         with self.lock:
@@ -165,12 +168,13 @@ class LocalReads:
                     continue
                 # One step: a pin ending from here on finds no count and sends its release;
                 # every pin counted so far sends one, or was not counted.
-                count = self._counts.pop(grant[_SERIAL])
-                self._reported.pop(grant[_SERIAL], None)
-                self._ready.pop(grant[_SERIAL], None)
-                del self._interfaces[grant[_SERIAL]]
-                if self._grants.get(grant[_NAME]) is grant:
-                    del self._grants[grant[_NAME]]
+                serial = _unpack(grant)[0]
+                count = self._counts.pop(serial)
+                self._reported.pop(serial, None)
+                self._ready.pop(serial, None)
+                name = grant[_FIELDS.size :].decode()
+                if self._grants.get(name) is grant:
+                    del self._grants[name]
                 if count:
                     leases.append([var_id, count])
             reply({"op": "datafabric_recalled", "token": token, "leases": leases})
@@ -184,16 +188,16 @@ class LocalReads:
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
-        serial = grant[_SERIAL]
+        serial, var_id, _, _, block, _ = _unpack(grant)
         ready = None
         first = False
-        if serial in self._ready and self._segments[grant[_SHM_ID]].readonly is not None:  # a peek
+        if serial in self._ready and self._blocks[block].readonly is not None:  # a peek
             now = time.monotonic()
             with self.lock:
                 ready = self._ready.pop(serial, None)
                 if ready is not None:  # so not recalled: its count is there
                     if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                        first = self._note_use(grant, now)
+                        first = self._note_use(serial, var_id, now)
                     self._counts[serial] += 1  # the last step that may fail: none leaves a count
         if ready is None:  # none made ahead, or taken by another thread, or recalled meanwhile
             pin = self.pin(name)
@@ -202,9 +206,9 @@ class LocalReads:
         try:  # from the count on, every step that may fail ends it on failure
             if first:
                 self.later(self._report)
-            self.state.take(name, pin, MethodType(self._ended, grant), since)
+            self.state.take(name, pin, MethodType(self._ended, serial), since)
         except BaseException:
-            self._end(grant, pin.lease)
+            self._end(serial, pin.lease)
             raise
         return view
 
@@ -215,8 +219,8 @@ class LocalReads:
         grant = self._grants.get(name)  # one dict read: atomic, and the hot path
         if grant is None:
             return None
-        serial, var_id, _, shm_id, data_offset, extent_id, text = grant
-        segment = self._segments[shm_id]
+        serial, var_id, data_offset, extent_id, block, type_ = _unpack(grant)
+        segment = self._blocks[block]
         if segment.readonly is None:  # its block was unmapped (the worker closing)
             return None
         now = time.monotonic()
@@ -224,7 +228,6 @@ class LocalReads:
             count = self._counts.get(serial)
             if count is None:  # recalled
                 return None
-            interface = self._interfaces[serial]  # under the lock: a recall drops it
             first = False
             if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
                 self._reported[serial] = now
@@ -235,9 +238,11 @@ class LocalReads:
             if first:
                 self.later(self._report)
             lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
-            # end(lease) is self._end(grant, lease): one object, the lightest
-            end = MethodType(self._ended, grant)
-            ftype, cast = self._types[text]
+            # end(lease) is self._end(serial, lease): one object, the lightest
+            end = MethodType(self._ended, serial)
+            ftype, interface, cast = self._types[type_]
+            interface = interface.copy()  # the type's, at this grant's address (a copy: half a {**...})
+            interface["data"] = (segment.address + data_offset, True)
             return self.state.pin(
                 name,
                 self.node,
@@ -251,7 +256,7 @@ class LocalReads:
                 interface=(interface, cast),
             )
         except BaseException:
-            self._end(grant, {"op": "datafabric_release", "var_id": var_id, "holder": self.holder})
+            self._end(serial, {"op": "datafabric_release", "var_id": var_id, "holder": self.holder})
             raise
 
     def pin_many(self, names: list[str]) -> list[_Pin | None]:
@@ -259,83 +264,102 @@ class LocalReads:
         dataset's chunks, a get_many): the grants are counted together, then the pins made.
         Every count taken is held by a pin, or ended here if making the pins fails."""
         since = self.state.epoch  # before the counts: the pins are cached only if no invalidation came since
-        grants, segments = self._grants, self._segments
-        found: list[Grant | None] = [grants.get(name) for name in names]
-        faces: list[dict | None] = [None] * len(found)  # the counted grants' array interfaces
+        grants, blocks = self._grants, self._blocks
+        found: list[tuple | None] = [None if (g := grants.get(name)) is None else _unpack(g) for name in names]
         now = time.monotonic()
         first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
-            counts, reported, interfaces = self._counts, self._reported, self._interfaces
+            counts, reported = self._counts, self._reported
             counted: list[int] = []
             try:
-                for k, grant in enumerate(found):
-                    if grant is None:
+                for k, fields in enumerate(found):
+                    if fields is None:
                         continue
-                    serial = grant[_SERIAL]
-                    if serial not in counts or segments[grant[_SHM_ID]].readonly is None:
+                    serial = fields[0]
+                    if serial not in counts or blocks[fields[4]].readonly is None:
                         found[k] = None
                         continue
                     counts[serial] += 1
                     counted.append(serial)
-                    faces[k] = interfaces[serial]  # under the lock: a recall drops it
                     if now - reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                        first = self._note_use(grant, now) or first
+                        first = self._note_use(serial, fields[1], now) or first
             except BaseException:
                 for serial in counted:
                     counts[serial] -= 1
                 raise
-        out = self._hold(names, found, faces, since)
+        out = self._hold(names, found, since)
         if first:  # after the pins hold the counts: a failure here ends them as the pins die
             self.later(self._report)
         return out
 
-    def _hold(
-        self, names: list[str], found: list[Grant | None], faces: list[dict | None], since: int
-    ) -> list[_Pin | None]:
-        """The pins of the counted grants in ``found``; made one by one, each held by its
-        weak reference as soon as it exists, so a failure part way ends the counts of the
-        pins not made yet and leaves the made ones to end as they die."""
+    def _hold(self, names: list[str], found: list[tuple | None], since: int) -> list[_Pin | None]:
+        """The pins of the counted grants in ``found`` (their unpacked fields); made one by
+        one, each held by its weak reference as soon as it exists, so a failure part way
+        ends the counts of the pins not made yet and leaves the made ones to end as they die."""
         hold, node, holder, end = self.state.hold, self.node, self.holder, self._ended
-        segments, types = self._segments, self._types
+        blocks, types = self._blocks, self._types
         out: list[_Pin | None] = [None] * len(found)
         k = 0
         try:
-            for k, grant in enumerate(found):  # noqa: B007 (k is read after a failure)
-                if grant is not None:
-                    _, var_id, _, shm_id, data_offset, extent_id, text = grant
+            for k, fields in enumerate(found):  # noqa: B007 (k is read after a failure)
+                if fields is not None:
+                    serial, var_id, data_offset, extent_id, block, type_ = fields
                     lease = {"op": "datafabric_release", "var_id": var_id, "holder": holder}
-                    ending = MethodType(end, grant)
-                    ftype, cast = types[text]
-                    out[k] = hold(
-                        node, segments[shm_id], data_offset, extent_id, ftype, lease, ending, (faces[k], cast)
-                    )
+                    ending = MethodType(end, serial)
+                    ftype, interface, cast = types[type_]
+                    segment = blocks[block]
+                    interface = interface.copy()
+                    interface["data"] = (segment.address + data_offset, True)
+                    out[k] = hold(node, segment, data_offset, extent_id, ftype, lease, ending, (interface, cast))
         except BaseException:
             for j in range(k, len(found)):
-                grant = found[j]
-                if grant is not None and out[j] is None:
-                    end(grant, {"op": "datafabric_release", "var_id": grant[_VAR_ID], "holder": holder})
+                fields = found[j]
+                if fields is not None and out[j] is None:
+                    end(fields[0], {"op": "datafabric_release", "var_id": fields[1], "holder": holder})
             raise
         made = [i for i, pin in enumerate(out) if pin is not None]
         self.state.cache([names[i] for i in made], [out[i] for i in made], since)  # type: ignore[misc]
         return out
 
-    def _type(self, text: str) -> tuple[FabricType, np.dtype | None]:
-        """The type and its pins' cast (``interface_of``), parsed once: a dataset's chunks
-        share a few types.  Kept apart from the grants: a dtype is an object the garbage
-        collector may track, and a tuple holding one stays tracked."""
-        known = self._types.get(text)
-        if known is None:
-            ftype = from_datashape(text)
-            known = self._types[text] = (ftype, interface_of(0, ftype)[1])
-        return known
+    def _make_pin(self, segment: Segment, data_offset: int, extent_id: int, type_: int, lease: dict) -> _Pin:
+        """A pin of a grant's variable holding no lease yet (``_make_ready``)."""
+        ftype, interface, cast = self._types[type_]
+        interface = interface.copy()
+        interface["data"] = (segment.address + data_offset, True)
+        return _Pin(segment, self.node, data_offset, extent_id, ftype, lease, (interface, cast))
 
-    def _note_use(self, grant: Grant, now: float) -> bool:
+    def _block(self, shm_id: str) -> int | None:
+        """The index of the block ``shm_id`` in ``_blocks``, mapped now (its latest
+        mapping serves every grant in it), or None if this process cannot map it."""
+        segment = self.state.segment(self.node, shm_id)
+        if segment is None:
+            return None
+        index = self._block_index.get(shm_id)
+        if index is None:  # appended before its index is known: a pin never finds it missing
+            self._blocks.append(segment)
+            index = self._block_index[shm_id] = len(self._blocks) - 1
+        else:
+            self._blocks[index] = segment
+        return index
+
+    def _type(self, text: str) -> int:
+        """The index in ``_types`` of the type ``text``: the type, its pins' array
+        interface with no address yet and their cast (``interface_of``), parsed once: a
+        dataset's chunks share a few types."""
+        index = self._type_index.get(text)
+        if index is None:
+            ftype = from_datashape(text)
+            self._types.append((ftype, *interface_of(0, ftype)))
+            index = self._type_index[text] = len(self._types) - 1
+        return index
+
+    def _note_use(self, serial: int, var_id: int, now: float) -> bool:
         """Under the lock, for a grant whose last report is a second old or more: note
         its lease for the eviction order; True if it is the first note since the last
         report (schedule one)."""
-        self._reported[grant[_SERIAL]] = now
+        self._reported[serial] = now
         first = not self._used
-        self._used.append(grant[_VAR_ID])
+        self._used.append(var_id)
         return first
 
     def _report_use(self, send: Callable[[dict], None] | None = None) -> None:
@@ -346,10 +370,10 @@ class LocalReads:
         if used:
             (send or self.send)({"op": "datafabric_used", "var_ids": used})
 
-    def _end(self, grant: Grant, lease: dict[str, Any]) -> None:
-        """A pin under ``grant`` died (its finalizer, on whatever thread the GC ran): its
-        count goes down, or, once the grant is recalled, its lease is the YellowPages'."""
-        serial = grant[_SERIAL]
+    def _end(self, serial: int, lease: dict[str, Any]) -> None:
+        """A pin under the grant ``serial`` died (its finalizer, on whatever thread the GC
+        ran): its count goes down, or, once the grant is recalled, its lease is the
+        YellowPages'."""
         with self.lock:
             count = self._counts.get(serial)
             if count is not None:

@@ -1,0 +1,28 @@
+"""What Python's cyclic garbage collector walks from an object: a full collection follows
+every reference held by every object it tracks, so a structure a process keeps per name
+must hold its entries where the collector never looks (dicts of plain values, bytes,
+ints), or each full collection of that process grows with the names."""
+
+from __future__ import annotations
+
+import gc
+import types
+
+
+def walked_from(root: object) -> int:
+    """The references a full collection follows from ``root`` and the tracked objects it
+    reaches, not counting those behind classes, modules and functions (shared code, the
+    same whatever ``root`` holds)."""
+    seen: set[int] = set()
+    todo, references = [root], 0
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or not gc.is_tracked(obj):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, type | types.ModuleType | types.FunctionType):
+            continue
+        referents = gc.get_referents(obj)
+        references += len(referents)
+        todo.extend(referents)
+    return references
