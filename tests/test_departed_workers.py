@@ -23,20 +23,24 @@ from yp.membership import Membership
 from yp.moves import BlockMoves
 
 
-def produce_when_told(fabric, flags: str) -> str:
-    """A task's create in its worker's own block; it writes once told to, then seals."""
+def write_when_told(fabric, flags: str, name: str, seal: bool) -> str:
+    """A task's create in its worker's own block, written once told to (its worker was
+    removed or handed its blocks off meanwhile: it goes on), then sealed or dropped."""
     import os
     from pathlib import Path
 
-    creation = fabric.create("removed/own", "", "16384 * float64", fill=-1.0)
+    creation = fabric.create(name, "", "16384 * float64", fill=-1.0)
     Path(flags, f"created-{os.getpid()}").write_text(str(creation._write.local))
     deadline = time.monotonic() + 60
     while not Path(flags, "go").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    creation.array[...] = 9.5  # its worker was removed meanwhile: it goes on
+    creation.array[...] = 9.5
     Path(flags, f"written-{os.getpid()}").touch()
-    creation.seal()
-    return "sealed"
+    if seal:
+        creation.seal()
+        return "sealed"
+    creation.abort()
+    return "written"
 
 
 def cut_worker(dask_scheduler, address: str) -> None:
@@ -61,7 +65,7 @@ def test_a_worker_removed_alive_keeps_its_blocks_until_its_process_is_gone(tmp_p
         before = used(fabric)
         a = sorted(client.scheduler_info()["workers"])[0]
         pid = client.run(os.getpid, workers=[a])[a]
-        task = client.submit(produce_when_told, fabric, str(tmp_path), workers=[a], pure=False)
+        task = client.submit(write_when_told, fabric, str(tmp_path), "removed/own", True, workers=[a], pure=False)
         wait_for(lambda: Path(tmp_path, f"created-{pid}").exists(), "the task's create")
         assert Path(tmp_path, f"created-{pid}").read_text() == "True"  # in its worker's own block
         client.run_on_scheduler(cut_worker, address=a)
@@ -87,22 +91,6 @@ def test_a_worker_removed_alive_keeps_its_blocks_until_its_process_is_gone(tmp_p
         fabric.shutdown()
 
 
-def fill_when_told(fabric, flags: str) -> str:
-    """A task's create in its worker's own block, written once told to, then dropped."""
-    import os
-    from pathlib import Path
-
-    creation = fabric.create("closing/own", "", "16384 * float64", fill=-1.0)
-    Path(flags, f"created-{os.getpid()}").write_text(str(creation._write.local))
-    deadline = time.monotonic() + 60
-    while not Path(flags, "go").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    creation.array[...] = 9.5  # its worker handed its blocks off meanwhile: it goes on
-    Path(flags, f"written-{os.getpid()}").touch()
-    creation.abort()
-    return "written"
-
-
 def close_gracefully(dask_worker) -> None:
     dask_worker.loop.add_callback(dask_worker.close)
 
@@ -124,7 +112,7 @@ def test_a_closing_worker_s_own_reservation_is_kept_by_its_adopter_while_its_pro
         before = used(fabric)
         a, b = sorted(client.scheduler_info()["workers"])
         pid = client.run(os.getpid, workers=[a])[a]
-        task = client.submit(fill_when_told, fabric, str(tmp_path), workers=[a], pure=False)
+        task = client.submit(write_when_told, fabric, str(tmp_path), "closing/own", False, workers=[a], pure=False)
         wait_for(lambda: Path(tmp_path, f"created-{pid}").exists(), "the task's create")
         assert Path(tmp_path, f"created-{pid}").read_text() == "True"  # in its worker's own block
         client.run(close_gracefully, workers=[a])
