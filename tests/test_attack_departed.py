@@ -18,7 +18,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 import datafabric
 from datafabric import processes
@@ -93,11 +92,6 @@ ctypes.CDLL(None).pthread_exit(None)  # the main thread ends; the writer thread 
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="processes.gone reads a zombie thread group leader (state Z) as an exited process, "
-    "though its other threads live and map the block: the reservation is freed under them",
-)
 def test_a_writer_whose_main_thread_exited_while_another_thread_writes_is_not_gone(client, tmp_path):
     """A zombie thread group leader with a live thread is a live process: its mappings are
     the other threads' too.  Its reservation must be kept after its stream is cut."""
