@@ -221,3 +221,78 @@ def test_a_writer_cut_off_many_times_while_writing_seals_its_own_bytes_and_nobod
     finally:
         kill(writer)
         fabric.shutdown()
+
+
+def write_through_retirement(fabric, flags: str) -> str:
+    """A task's create in its worker's own block, written on after its worker was retired,
+    then sealed: what the seal did is written down (the task's result may never arrive)."""
+    import os
+    from pathlib import Path
+
+    from datafabric.errors import FabricError
+
+    creation = fabric.create("retired/own", "", "16384 * float64", fill=-1.0)
+    Path(flags, f"created-{os.getpid()}").write_text(str(creation._write.local))
+    deadline = time.monotonic() + 60
+    while not Path(flags, "go").exists() and time.monotonic() < deadline:
+        creation.array[...] = 9.5
+        time.sleep(0.01)
+    creation.array[...] = 9.5
+    try:
+        creation.seal()
+        outcome = "sealed"
+    except FabricError as exc:
+        outcome = type(exc).__name__
+    Path(flags, f"outcome-{os.getpid()}").write_text(outcome)
+    return outcome
+
+
+def test_a_worker_retired_while_its_task_writes_into_its_own_block_changes_nobody_s_bytes(tmp_path):
+    """``retire_workers`` removes a worker whose task is filling a ``create`` in the worker's
+    own block; the memory is filled meanwhile, the task writes on and seals.  Nobody's bytes
+    change, the seal works (the variable holds the task's bytes) or is refused by name, and
+    once the worker's process is gone every byte returns.  (Dask runs the task again on the
+    other worker, which seals the name with the same bytes.)"""
+    import os
+    from pathlib import Path
+
+    from distributed import Client
+
+    from tests.conftest import local_cluster
+
+    with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=4)
+        before = used(fabric)
+        a = sorted(client.scheduler_info()["workers"])[0]
+        pid = client.run(os.getpid, workers=[a])[a]
+        task = client.submit(write_through_retirement, fabric, str(tmp_path), workers=[a], pure=False)
+        wait_for(lambda: Path(tmp_path, f"created-{pid}").exists(), "the task's create")
+        assert Path(tmp_path, f"created-{pid}").read_text() == "True"  # in its worker's own block
+        client.retire_workers([a], close_workers=False)
+        wait_for(lambda: a not in client.scheduler_info()["workers"], "the worker's retirement")
+        mine = {}
+        try:
+            while True:
+                name = f"retired/mine/{len(mine)}"
+                fabric.insert(name, "", "16384 * float64", np.full(16384, 1.0 + len(mine)))
+                mine[name] = 1.0 + len(mine)
+        except OutOfSpaceError:
+            pass
+        Path(tmp_path, "go").touch()
+        outcome = wait_for(lambda: Path(tmp_path, f"outcome-{pid}").read_text(), "the seal", ignoring=(OSError,))
+        assert outcome in ("sealed", "WorkerLostError", "VariableUnavailableError"), outcome
+        changed = [n for n, v in mine.items() if not (fabric.get(n) == v).all()]
+        assert not changed, f"{changed} hold the retired worker's bytes"
+        task.cancel()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or processes.start_time(pid) is None, "a's exit", 120)
+        wait_for(lambda: not any(b.get("orphaned") for b in fabric.status()), "the blocks' adoption", timeout=120)
+        outcomes = [f.read_text() for f in Path(tmp_path).glob("outcome-*")]  # Dask may run it again elsewhere
+        if "retired/own" in fabric.get_list("retired/own"):
+            assert "sealed" in outcomes, outcomes
+            assert (fabric.get("retired/own") == 9.5).all()
+            fabric.delete("retired/own")
+        for name in mine:
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"every byte to return: {fabric.status()}")
+        assert client.run_on_scheduler(stranded) == 0 and adds_up(fabric)
+        fabric.shutdown()
