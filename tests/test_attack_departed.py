@@ -296,3 +296,71 @@ def test_a_worker_retired_while_its_task_writes_into_its_own_block_changes_nobod
         wait_for(lambda: used(fabric) == before, f"every byte to return: {fabric.status()}")
         assert client.run_on_scheduler(stranded) == 0 and adds_up(fabric)
         fabric.shutdown()
+
+
+def test_writers_departing_and_killed_during_defragments_keep_everyone_s_bytes(client, tmp_path):
+    """Two writers each hold a reservation among variables of the test's, half of them
+    deleted; their streams are cut while the blocks are compacted, again and again, with
+    the freed room filled in between.  The reservations never move under them: the one
+    sealed after it all holds its bytes; the one SIGKILLed during a compaction gives its
+    memory back; every variable of the test keeps its bytes throughout."""
+    import random
+    import threading
+
+    fabric = datafabric.start(client, mb=4)
+    before = used(fabric)
+    rng = random.Random(5)
+    mine: dict[str, float] = {}
+    made = iter(range(10**6))
+
+    def insert_some(count: int) -> None:
+        for _ in range(count):
+            k = next(made)
+            name, value = f"defrag/mine/{k}", float(k + 1)
+            try:
+                fabric.insert(name, "", "8192 * float64", np.full(8192, value))
+            except OutOfSpaceError:
+                return
+            mine[name] = value
+
+    def check() -> None:
+        for name, value in mine.items():
+            view = fabric.get(name, cache=False)
+            assert (view == value).all(), f"{name} holds {np.unique(view)[:4]}, not {value}"
+            del view
+
+    insert_some(8)
+    go = tmp_path / "seal-now"
+    sealer = start_writer(tmp_path, RECONNECTER, client.scheduler.address, str(go))
+    insert_some(8)
+    doomed = start_writer(tmp_path, CREATOR, client.scheduler.address, "doomed")
+    try:
+        ids = [sealer.stdout.readline().strip(), doomed.stdout.readline().strip()]
+        assert all(ids), ids
+        insert_some(8)
+        for compaction in range(5):
+            for name in rng.sample(sorted(mine), len(mine) // 2):
+                fabric.delete(name)
+                del mine[name]
+            for writer_id in ids:
+                threading.Timer(
+                    rng.random() * 0.05, client.run_on_scheduler, (cut_stream,), {"client_id": writer_id}
+                ).start()
+            if compaction == 3:
+                threading.Timer(rng.random() * 0.05, doomed.kill).start()
+            fabric.defragment()
+            check()
+            insert_some(6)
+            check()
+        go.touch()
+        assert sealer.stdout.readline().strip() == "sealed"
+        assert (fabric.get("departed/reconnecting") == 42.0).all()
+        check()
+        for name in [*mine, "departed/reconnecting"]:
+            fabric.delete(name)
+        wait_for(lambda: used(fabric) == before, f"every byte to return: {fabric.status()}")
+        assert client.run_on_scheduler(stranded) == 0 and adds_up(fabric)
+    finally:
+        kill(sealer)
+        kill(doomed)
+        fabric.shutdown()
