@@ -33,7 +33,11 @@ def maps(prefix: str = "dfab_") -> set[str]:
     an aligned mapping's reservation would leave if its trimming went wrong)."""
     with open("/proc/self/maps") as f:
         lines = [line.split() for line in f]
-    return {" ".join(fields) for fields in lines if prefix in " ".join(fields[5:]) or (fields[1] == "---p" and len(fields) == 5)}
+    return {
+        " ".join(fields)
+        for fields in lines
+        if prefix in " ".join(fields[5:]) or (fields[1] == "---p" and len(fields) == 5)
+    }
 
 
 def segments_mapped(prefix: str) -> list[str]:
@@ -62,12 +66,17 @@ def in_child(target, *args, method: str = "spawn") -> None:
     assert process.exitcode == 0, f"{target.__name__} exited with {process.exitcode}"
 
 
-def views_outlive_every_close(seed: int) -> None:
+def views_outlive_every_close(seed: int, pages: str) -> None:
     """Each size, attached and closed 30 times while views of every kind are kept (numpy
     views of ``readonly``, slices of the writable ``buf``, a ``memoryview`` cast), the
     owner closed and its segment unlinked: every view reads its bytes, and once all are
-    dropped every mapping is gone."""
+    dropped every mapping is gone.  ``pages``: "huge", or "refused" (the kernel refuses
+    the collapse), or "unaligned" (no aligned mapping either: Python's own, as before)."""
     assert hugepages.huge_page_size() is not None
+    if pages in ("refused", "unaligned"):
+        hugepages.MADV_COLLAPSE = -1  # EINVAL, as from a kernel that has no such advice
+    if pages == "unaligned":
+        hugepages._LIBC = None
     for size in (MiB, *SIZES):  # the first round settles numpy's and the allocator's own maps
         before = maps()
         name = new_block_name(uuid.uuid4(), "attack-hugepages")
@@ -75,19 +84,23 @@ def views_outlive_every_close(seed: int) -> None:
         expected = pattern(size, seed + size)
         np.frombuffer(owner.buf, np.uint8)[:] = expected
         kept = []
-        for i in range(30):
-            reader = Segment.attach(name)
-            assert reader.size == size
-            assert reader.address % hugepages.huge_page_size() == 0 or size < 2 * MiB
-            if i % 3 == 0:
-                kept.append((0, np.frombuffer(reader.readonly, np.uint8)))
-            if i % 5 == 0:
-                kept.append((size // 2, reader.buf[size // 2 :]))
-            if i % 7 == 0:
-                kept.append((size - 1, reader.readonly[size - 1 :].cast("B")))
-            reader.close()
-        owner.close()
-        owner.unlink()
+        try:
+            for i in range(30):
+                reader = Segment.attach(name)
+                assert reader.size == size
+                ours = isinstance(reader._shm._mmap, hugepages.AlignedMapping)
+                assert ours == (pages != "unaligned" and size >= 2 * MiB)
+                assert reader.address % hugepages.huge_page_size() == 0 or not ours
+                if i % 3 == 0:
+                    kept.append((0, np.frombuffer(reader.readonly, np.uint8)))
+                if i % 5 == 0:
+                    kept.append((size // 2, reader.buf[size // 2 :]))
+                if i % 7 == 0:
+                    kept.append((size - 1, reader.readonly[size - 1 :].cast("B")))
+                reader.close()
+        finally:
+            owner.close()
+            owner.unlink()
         gc.collect()
         for start, view in kept:
             got = np.frombuffer(view, np.uint8)
@@ -98,8 +111,9 @@ def views_outlive_every_close(seed: int) -> None:
         assert maps() == before, (size, maps() - before)
 
 
-def test_views_kept_past_close_and_unlink_over_many_attach_cycles_read_right_and_leave_no_mapping():
-    in_child(views_outlive_every_close, 3)
+@pytest.mark.parametrize("pages", ["huge", "refused", "unaligned"])
+def test_views_kept_past_close_and_unlink_over_many_attach_cycles_read_right_and_leave_no_mapping(pages):
+    in_child(views_outlive_every_close, 3, pages)
 
 
 def fork_reads_a_view_of_an_unlinked_segment(seed: int) -> None:
@@ -171,8 +185,9 @@ def test_a_spawned_reader_s_view_outlives_its_close_and_the_owner_s_unlink():
 
 def test_defragment_under_views_of_huge_page_blocks_keeps_checksums_and_shutdown_unmaps_after_the_last_view(client):
     """Views of variables in huge-page blocks are kept while their neighbours are deleted
-    and the block compacted (moves into the same mapping), while the fabric shuts down and
-    after: each reads its bytes throughout, and dropping the last leaves no mapping."""
+    and the block compacted (moves into the same mapping), while their blocks are
+    deallocated (the variables migrate; the client detaches the blocks), while the fabric
+    shuts down and after: each reads its bytes throughout, and dropping the last leaves no mapping."""
     import datafabric
 
     fabric = datafabric.start(client, mb=16)
@@ -192,6 +207,13 @@ def test_defragment_under_views_of_huge_page_blocks_keeps_checksums_and_shutdown
         moved = fabric.get(name)
         assert float(moved.sum()) == sums[name] and float(views[name].sum()) == sums[name], name
         del moved
+    fabric.allocate(16)  # a second block per worker: the first ones' variables migrate there
+    for node, shm_id in [(b["node"], b["shm_id"]) for b in fabric.status() if b["used"]]:
+        fabric.deallocate(node, shm_id, migrate=True)  # unlinked and detached under the views
+    for name in list(views)[1::2]:
+        migrated = fabric.get(name)
+        assert float(migrated.sum()) == sums[name] and float(views[name].sum()) == sums[name], name
+        del migrated
     fabric.shutdown()
     assert not fabric_segments(fabric_id) and segments_mapped(ours)
     for name, view in views.items():
