@@ -140,7 +140,9 @@ def test_many_departed_writers_return_their_memory_exactly_as_each_is_killed(cli
     writers = [start_writer(tmp_path, CREATOR, client.scheduler.address, str(k)) for k in range(6)]
     try:
         ids = [w.stdout.readline().strip() for w in writers]
-        assert all(ids), [(kill(w), w.stderr.read()[-2000:]) for w, i in zip(writers, ids, strict=True) if not i]
+        assert all(ids), [
+            (kill(w), w.returncode, w.stderr.read()[-2000:]) for w, i in zip(writers, ids, strict=True) if not i
+        ]
         reserved = used(fabric)
         each, rest = divmod(reserved - before, 6)
         assert each > 0 and rest == 0, (reserved, before)

@@ -122,11 +122,8 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.local_reads.close()
         atexit.unregister(self._unlink_all)
         self.reports.stop()
-        with self.lock:  # a task's free or reservation under way ends before the handoff begins
-            # From now on it adopts nothing (it could not hand it on), and its tasks reserve,
-            # free and mark nothing in its blocks: a peer may own them before it hears back,
-            # and this allocator's header writes would land in the adopter's block.
-            self.closing = True
+        with self.lock:  # after a free or reservation under way: from now on it adopts nothing, and
+            self.closing = True  # touches no block (a peer may own them before the answer: protocols.md)
         answer = await self._handoff(worker)
         decision = answer.get("decision", "keep")
         if decision == "unlink":
