@@ -9,8 +9,9 @@ copies into would go to another variable:
 - another boot id: the writer runs on another machine (or an earlier boot of this one), so
   it cannot map this block at all;
 - the same boot and pid namespace, and ``/proc/<pid>/stat`` is missing, says the process is
-  a zombie (``Z``, ``X``: its memory is unmapped), or gives another start time (the pid was
-  reused): it has exited.
+  a zombie (``Z``, ``X``: its memory is unmapped) none of whose threads runs (a main thread
+  that exited reads ``Z`` while the others write on), or gives another start time (the
+  pid was reused): it has exited.
 
 A writer in another pid namespace of this machine (a container sharing /dev/shm but not
 its pids) cannot be judged here: it counts as alive, and its reservation stays until it
@@ -34,15 +35,38 @@ _this: ProcessId | None = None
 
 def start_time(pid: int) -> int | None:
     """Field 22 of ``/proc/<pid>/stat``; None if the process does not exist or has exited
-    (a zombie waits only for its parent to read its status: it maps nothing)."""
+    (a zombie waits only for its parent to read its status: it maps nothing).  The state
+    there is its main thread's: a main thread that exited (``pthread_exit``) while others
+    run reads ``Z`` too, but the process lives and maps what it mapped, so a zombie is
+    exited only if none of its threads runs."""
+    started = _stat(f"/proc/{pid}/stat")
+    if started is None:
+        return None
+    state, start = started
+    if state in _DEAD_STATES and not _a_thread_runs(pid):
+        return None
+    return start
+
+
+def _stat(path: str) -> tuple[str, int] | None:
+    """(state, start time): fields 3 and 22 of a ``stat`` file; None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
+        with open(path, "rb") as f:
             stat = f.read()
     except OSError:
         return None
     fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold spaces
-    state, started = fields[0].decode(), int(fields[19])  # fields 3 and 22
-    return None if state in _DEAD_STATES else started
+    return fields[0].decode(), int(fields[19])
+
+
+def _a_thread_runs(pid: int) -> bool:
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(
+        (got := _stat(f"/proc/{pid}/task/{tid}/stat")) is not None and got[0] not in _DEAD_STATES for tid in threads
+    )
 
 
 def this_process() -> ProcessId | None:

@@ -122,7 +122,8 @@ class FabricWorkerPlugin(WorkerPlugin):
         self.local_reads.close()
         atexit.unregister(self._unlink_all)
         self.reports.stop()
-        self.closing = True  # from now on it adopts nothing: it could not hand it on
+        with self.lock:  # after a free or reservation under way: from now on it adopts nothing, and
+            self.closing = True  # touches no block (a peer may own them before the answer: protocols.md)
         answer = await self._handoff(worker)
         decision = answer.get("decision", "keep")
         if decision == "unlink":
@@ -154,6 +155,8 @@ class FabricWorkerPlugin(WorkerPlugin):
     # -- used by tasks on this worker (any thread) ---------------------------------------
     def reserve_local(self, name: str, type_: str, doc: str, nbytes: int) -> Reservation | None:
         with self.lock:  # best fit, as the YellowPages places: the large block stays whole longest
+            if self.closing:
+                return None
             for shm_id, block in sorted(self.blocks.items(), key=lambda item: item[1].allocator.free_bytes):
                 if block.closed:
                     continue
@@ -185,8 +188,9 @@ class FabricWorkerPlugin(WorkerPlugin):
                 self.blocks[shm_id].allocator.free(extent_offset)
 
     def _holds(self, shm_id: str, offset: int, extent_id: int, states: set, name: str | None = None) -> bool:
+        """Whether this worker owns that extent in that state (never once it is closing)."""
         block = self.blocks.get(shm_id)
-        if block is None or block.allocator.state_of(offset) not in states:
+        if self.closing or block is None or block.allocator.state_of(offset) not in states:
             return False
         extent = layout.read_extent(block.segment.buf, offset)
         return extent.extent_id == extent_id and (name is None or extent.name == name)
