@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -17,7 +16,6 @@ from collections import Counter, deque
 
 import cloudpickle
 import numpy as np
-import psutil
 import pytest
 from distributed import Client, get_worker
 
@@ -28,7 +26,7 @@ from tests.churn import content, differing
 from tests.conftest import local_cluster
 from tests.test_lifecycle import total_free, workers
 from tests.test_local_reads import wait_published
-from tests.waiting import wait_for
+from tests.waiting import kill_and_wait, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -161,8 +159,7 @@ def test_a_worker_killed_holding_batched_local_leases_frees_only_what_nobody_els
             fabric.defragment()  # recalls them all: the local counts become leases the YellowPages holds
             wait_published(client, a, NAMES)
             assert client.submit(hold_many, fabric, NAMES[::-1], workers=[a], pure=False).result()[1] == 0
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=30)
+            kill_and_wait(pid)
             fabric.delete_many(NAMES)
             filled = fill_node(fabric)
             fabric.defragment()

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import sys
 import uuid
 from collections import Counter
 
 import cloudpickle
 import numpy as np
-import psutil
 import pytest
 from distributed import Client, get_worker
 
@@ -28,7 +26,7 @@ from datafabric.protocol import WORKER_PLUGIN
 from tests.conftest import fabric_segments, local_cluster
 from tests.test_lifecycle import pattern, total_free, workers
 from tests.test_local_reads import wait_published
-from tests.waiting import wait_for
+from tests.waiting import kill_and_wait, wait_for
 from worker_plugin.local_reads import _unpack
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -173,8 +171,7 @@ def test_a_reader_killed_holding_taken_ready_views_frees_them(client):
         pid, taken = client.submit(hold_fresh, fabric, NAMES[:4], workers=[b], pure=False).result()
         assert taken == 4
         fabric.defragment()  # recalls them all: b's four local leases become the YellowPages'
-        os.kill(pid, signal.SIGKILL)
-        psutil.Process(pid).wait(timeout=30)
+        kill_and_wait(pid)
         fabric.delete_many(list(gens))
         every_block_free(fabric, free)
         client.wait_for_workers(2)

@@ -4,13 +4,11 @@ trip, and a free or a move still never happens under a view, however the lease w
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections import Counter
 
 import cloudpickle
 import numpy as np
-import psutil
 import pytest
 from distributed import Client, get_worker
 
@@ -18,7 +16,7 @@ import datafabric
 from datafabric import errors
 from tests.conftest import local_cluster
 from tests.test_lifecycle import pattern, total_free, workers
-from tests.waiting import wait_for
+from tests.waiting import kill_and_wait, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -190,8 +188,7 @@ def test_a_worker_killed_holding_local_leases_frees_its_pins():
             wait_published(client, b, names)
             client.submit(drop, "k/unreported", workers=[b], pure=False).result()  # released to the YellowPages
             client.submit(hold, fabric, "k/unreported", workers=[b], pure=False).result()  # local, unknown there
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=30)
+            kill_and_wait(pid)
             for name in names:
                 fabric.delete(name)
             wait_for(lambda: total_free(fabric) == free, "every pin of the dead worker to be freed")

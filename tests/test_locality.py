@@ -4,17 +4,15 @@ runs: its nanny restarts it under another address, and the task runs there."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import cloudpickle
 import numpy as np
-import psutil
 from distributed import Client, Event, get_worker
 
 import datafabric
 from tests.conftest import local_cluster
-from tests.waiting import wait_for
+from tests.waiting import kill_and_wait, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -38,8 +36,7 @@ def test_submit_runs_on_the_restarted_worker_when_the_named_one_died():
             queued = fabric.submit(total_and_worker, "x")
             wait_for(lambda: client.processing()[named], "the tasks to reach the worker")
             pid = client.run(os.getpid)[named]
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=30)
+            kill_and_wait(pid)
             Event("release-the-worker", client=client).set()  # the busy task runs again too, pinned as it was
             total, ran_on = queued.result(timeout=60)  # pinned to `named` by address, it would wait for ever
             assert total == 1000.0 and ran_on != named
@@ -66,8 +63,7 @@ def test_tasks_pinned_by_where_to_a_worker_that_died_run_on_its_node():
             queued = client.submit(total_here, fabric, "x", workers=named, pure=False)
             wait_for(lambda: client.processing()[named[0]], "the tasks to reach the worker")
             pid = client.run(os.getpid)[named[0]]
-            os.kill(pid, signal.SIGKILL)
-            psutil.Process(pid).wait(timeout=30)
+            kill_and_wait(pid)
             Event("release-the-busy-worker", client=client).set()  # it runs again on the new worker, first
             wait_for(lambda: named[0] not in client.scheduler_info()["workers"], "the worker's removal")
             late = client.submit(total_here, fabric, "x", workers=named, pure=False)

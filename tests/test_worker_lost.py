@@ -4,17 +4,16 @@ the call, not Dask's ``CommClosedError``."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 
 import dask
-import psutil
 import pytest
 from distributed import Client
 
 import datafabric
 from datafabric import errors
 from tests.conftest import local_cluster
+from tests.waiting import kill_and_wait
 
 
 def test_a_worker_killed_under_a_call_is_a_worker_lost_error():
@@ -30,8 +29,7 @@ def test_a_worker_killed_under_a_call_is_a_worker_lost_error():
             ctx = fabric._ctx()
             shm_id = next(b["shm_id"] for b in fabric.status() if b["worker"] == victim)
             assert ctx.call_worker(victim, "block_stats", shm_id=shm_id)  # the connection is open now
-            os.kill(pids[victim], signal.SIGKILL)
-            psutil.Process(pids[victim]).wait(timeout=30)
+            kill_and_wait(pids[victim])
             time.sleep(0.2)
             with pytest.raises(errors.WorkerLostError, match="'block_stats' call to worker") as lost:
                 ctx.call_worker(victim, "block_stats", shm_id=shm_id)

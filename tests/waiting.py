@@ -1,10 +1,15 @@
-"""The one way the tests wait for something that happens in another process."""
+"""The one way the tests wait for something that happens in another process, and for a
+process they killed to be gone."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import psutil
 
 T = TypeVar("T")
 
@@ -30,3 +35,11 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+def kill_and_wait(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL ``pid`` and wait until it is gone.  The process is looked up before the
+    signal: its nanny may reap it at once, and a lookup after would find no such process."""
+    process = psutil.Process(pid)
+    os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=timeout)
