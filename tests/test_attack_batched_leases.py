@@ -26,7 +26,7 @@ from tests.churn import content, differing
 from tests.conftest import local_cluster
 from tests.test_lifecycle import total_free, workers
 from tests.test_local_reads import wait_published
-from tests.waiting import kill_and_wait, wait_for
+from tests.waiting import kill_and_wait, results_released, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -159,6 +159,7 @@ def test_a_worker_killed_holding_batched_local_leases_frees_only_what_nobody_els
             fabric.defragment()  # recalls them all: the local counts become leases the YellowPages holds
             wait_published(client, a, NAMES)
             assert client.submit(hold_many, fabric, NAMES[::-1], workers=[a], pure=False).result()[1] == 0
+            results_released(client, a)
             kill_and_wait(pid)
             fabric.delete_many(NAMES)
             filled = fill_node(fabric)

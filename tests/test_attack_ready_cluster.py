@@ -26,7 +26,7 @@ from datafabric.protocol import WORKER_PLUGIN
 from tests.conftest import fabric_segments, local_cluster
 from tests.test_lifecycle import pattern, total_free, workers
 from tests.test_local_reads import wait_published
-from tests.waiting import kill_and_wait, wait_for
+from tests.waiting import kill_and_wait, results_released, wait_for
 from worker_plugin.local_reads import _unpack
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -171,6 +171,7 @@ def test_a_reader_killed_holding_taken_ready_views_frees_them(client):
         pid, taken = client.submit(hold_fresh, fabric, NAMES[:4], workers=[b], pure=False).result()
         assert taken == 4
         fabric.defragment()  # recalls them all: b's four local leases become the YellowPages'
+        results_released(client, b)
         kill_and_wait(pid)
         fabric.delete_many(list(gens))
         every_block_free(fabric, free)

@@ -16,7 +16,7 @@ import datafabric
 from datafabric import errors
 from tests.conftest import local_cluster
 from tests.test_lifecycle import pattern, total_free, workers
-from tests.waiting import kill_and_wait, wait_for
+from tests.waiting import kill_and_wait, results_released, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -188,6 +188,7 @@ def test_a_worker_killed_holding_local_leases_frees_its_pins():
             wait_published(client, b, names)
             client.submit(drop, "k/unreported", workers=[b], pure=False).result()  # released to the YellowPages
             client.submit(hold, fabric, "k/unreported", workers=[b], pure=False).result()  # local, unknown there
+            results_released(client, b)
             kill_and_wait(pid)
             for name in names:
                 fabric.delete(name)

@@ -43,3 +43,17 @@ def kill_and_wait(pid: int, timeout: float = 30.0) -> None:
     process = psutil.Process(pid)
     os.kill(pid, signal.SIGKILL)
     process.wait(timeout=timeout)
+
+
+def results_released(client, worker: str) -> None:
+    """Wait until the scheduler holds no task result on ``worker``, the client having
+    dropped the futures of the tasks it ran there.  Dask runs a task again elsewhere when
+    the worker holding its result dies while the result is still wanted, and a task that
+    keeps views in its worker (a test's ``hold``) run again on another worker keeps them
+    for good; a test that kills the worker next waits for this first."""
+    wait_for(lambda: not client.run_on_scheduler(_results_on, worker), f"the results held on {worker} released")
+
+
+def _results_on(worker: str, dask_scheduler=None) -> list:
+    state = dask_scheduler.workers.get(worker)
+    return [] if state is None else [task.key for task in state.has_what]
