@@ -21,6 +21,7 @@ import pytest
 from datafabric import hugepages
 from datafabric.errors import OutOfSpaceError
 from datafabric.shm import Segment, fabric_segments, new_block_name
+from tests.test_hugepages import mapped
 
 MiB = 2**20
 PAGE = 4096
@@ -43,15 +44,6 @@ def maps(prefix: str = "dfab_") -> set[str]:
 def segments_mapped(prefix: str) -> list[str]:
     with open("/proc/self/maps") as f:
         return [line for line in f if prefix in line]
-
-
-def mapped(address: int) -> bool:
-    with open("/proc/self/maps") as f:
-        for line in f:
-            low, high = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
-            if low <= address < high:
-                return True
-    return False
 
 
 def pattern(size: int, seed: int) -> np.ndarray:
