@@ -21,12 +21,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from datafabric import layout
 from datafabric.cleanup import remove as remove_segments
-from datafabric.errors import (
-    BlockInUseError,
-    BlockNotFoundError,
-    InvalidArgumentError,
-    WorkerLostError,
-)
+from datafabric.errors import BlockInUseError, BlockNotFoundError, InvalidArgumentError, WorkerLostError
 from datafabric.layout import BlockHeader, ExtentState
 from datafabric.locality import NODE_SLOTS, node_resource
 from datafabric.messages import AdoptedBlock, BlockStats, CreatedBlock, Reservation
