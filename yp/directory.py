@@ -19,11 +19,8 @@ from sortedcontainers import SortedDict
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
-    KeptViewLostError,
     NameNotFoundError,
-    NotOnThisNodeError,
     OutOfSpaceError,
-    VariableUnavailableError,
     WorkerLostError,
 )
 from datafabric.messages import ProcessId, Reservation, SealItem, VariableInfo
@@ -194,34 +191,6 @@ class Directory(Recovery):
         if var is None:
             raise NameNotFoundError(f"no variable named {name!r}; fabric.get_list() shows the names")
         return var
-
-    def at_location(self, node: str, shm_id: str, offset: int, extent_id: int | None = None) -> Variable:
-        """The visible variable at a location; with ``extent_id`` (a view kept through a
-        restart), the variable whose extent there carries that id, deleted or not (a deleted
-        one is still held, so its bytes are the view's), and no other."""
-        if self.block(node, shm_id).unsettled:
-            raise VariableUnavailableError(
-                f"block {shm_id} of node {node} is being adopted after its owner died moving extents; try again"
-            )
-        if extent_id is None:
-            for columns in self.columns:  # a chunk in columns is found, and materialised, first
-                if (i := columns.at(shm_id, offset)) is not None:
-                    self.columns.materialise((columns, i))
-        else:
-            for var, copy in self.copies_in(shm_id):
-                if copy.data_offset == offset and copy.extent_id == extent_id:
-                    return var
-            raise KeptViewLostError(
-                f"the extent {extent_id} a kept view read at offset {offset} of block {shm_id} is gone "
-                "(freed or moved before the view was declared): the view holds no lease; drop it"
-            )
-        for var in self.variables.values():
-            if any(c.shm_id == shm_id and c.data_offset == offset for c in var.copies):
-                return var
-        raise NotOnThisNodeError(
-            f"no variable starts at offset {offset} of block {shm_id} on node {node}; "
-            "use a location returned by fabric.get_locations(name)"
-        )
 
     def names(
         self, prefix: str = "", limit: int | None = None, after: str | None = None, hidden: str | None = None

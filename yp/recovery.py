@@ -1,12 +1,15 @@
 """How the directory learns blocks it did not see change: a dead owner's blocks adopted by
-a peer, and blocks a restarted YellowPages finds in shared memory.  A mixin of
-``yp.directory.Directory``, kept apart because only membership (adoption, take-back) runs it.
+a peer, blocks a restarted YellowPages finds in shared memory, and the variable at a
+place in a block, as a view kept through a restart declares it.  A mixin of
+``yp.directory.Directory``, kept apart because only membership (adoption, take-back) and
+those declarations run it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from datafabric.errors import KeptViewLostError, NotOnThisNodeError, VariableUnavailableError
 from datafabric.layout import ExtentState
 from datafabric.messages import ExtentInfo
 from yp.records import Adoption, Block, Copy, Pending, Variable
@@ -14,6 +17,7 @@ from yp.records import Adoption, Block, Copy, Pending, Variable
 if TYPE_CHECKING:
     import itertools
 
+    from yp.chunk_columns import ColumnStore
     from yp.records import Pending
 
 
@@ -22,14 +26,44 @@ class Recovery:
     pending: dict[tuple[str, int], Pending]
     variables: dict[str, Variable]
     by_id: dict[int, Variable]
+    columns: ColumnStore
     _ids: itertools.count
 
     if TYPE_CHECKING:
 
         def pending_in(self, shm_id: str) -> list[Pending]: ...
         def copies_in(self, shm_id: str) -> list[tuple[Variable, Copy]]: ...
+        def block(self, node: str, shm_id: str) -> Block: ...
         def uncount(self, copy: Copy) -> Copy: ...
         def _forget_copy(self, var: Variable, copy: Copy) -> None: ...
+
+    def at_location(self, node: str, shm_id: str, offset: int, extent_id: int | None = None) -> Variable:
+        """The visible variable at a location; with ``extent_id`` (a view kept through a
+        restart), the variable whose extent there carries that id, deleted or not (a deleted
+        one is still held, so its bytes are the view's), and no other."""
+        if self.block(node, shm_id).unsettled:
+            raise VariableUnavailableError(
+                f"block {shm_id} of node {node} is being adopted after its owner died moving extents; try again"
+            )
+        if extent_id is None:
+            for columns in self.columns:  # a chunk in columns is found, and materialised, first
+                if (i := columns.at(shm_id, offset)) is not None:
+                    self.columns.materialise((columns, i))
+        else:
+            for var, copy in self.copies_in(shm_id):
+                if copy.data_offset == offset and copy.extent_id == extent_id:
+                    return var
+            raise KeptViewLostError(
+                f"the extent {extent_id} a kept view read at offset {offset} of block {shm_id} is gone "
+                "(freed or moved before the view was declared): the view holds no lease; drop it"
+            )
+        for var in self.variables.values():
+            if any(c.shm_id == shm_id and c.data_offset == offset for c in var.copies):
+                return var
+        raise NotOnThisNodeError(
+            f"no variable starts at offset {offset} of block {shm_id} on node {node}; "
+            "use a location returned by fabric.get_locations(name)"
+        )
 
     def adopt(self, shm_id: str, worker: str, free: int, extents: list[ExtentInfo]) -> Adoption:
         """``worker`` owns the block now.  Its headers say where each kept extent is: a
