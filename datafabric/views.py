@@ -130,6 +130,20 @@ class _Lease(weakref.ref):
     __slots__ = ("end", "lease")
 
 
+def _cache_entry(pins: dict[str, weakref.ref[_Pin]], name: str, pin: _Pin) -> weakref.ref[_Pin]:
+    """``pins[name]``'s weak reference to ``pin``, which removes itself from ``pins`` when
+    the pin dies (on whatever thread the collection runs, so without the state's lock: if
+    a get caches a new pin of ``name`` between the check and the removal, that entry goes
+    instead, and the next get of the name takes the uncached path; no entry ever answers
+    with a dead or other pin)."""
+
+    def drop(ref: weakref.ref[_Pin]) -> None:
+        if pins.get(name) is ref:
+            pins.pop(name, None)
+
+    return weakref.ref(pin, drop)
+
+
 def _end_nothing(lease: dict) -> None:
     """The end of a lease whose pin failed to be handed out: its caller ended it."""
 
@@ -142,7 +156,9 @@ class LocalState:
         self.address: str | None = None  # the scheduler's, that references to its views name
         self.lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
-        self._pins: dict[str, weakref.ref[_Pin]] = {}  # the latest view of each name, for cached gets
+        # The latest view of each name, for cached gets: an entry per pin alive, each removing
+        # itself as its pin dies (``_cache_entry``), not one per name ever read.
+        self._pins: dict[str, weakref.ref[_Pin]] = {}
         # Invalidations so far: a get reads it before its lease, and caches its pin only if
         # it has not changed since (``pin``, ``cache``).
         self.epoch = 0
@@ -255,7 +271,7 @@ class LocalState:
         failure, so its death must not end it too (the failure's frames may keep ``ref``
         alive until after the pin dies)."""
         try:
-            cached = self._pins[name] = weakref.ref(pin)
+            cached = self._pins[name] = _cache_entry(self._pins, name, pin)
         except BaseException:
             self._live.discard(ref)
             ref.end = _end_nothing
@@ -268,12 +284,11 @@ class LocalState:
     def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
         """Later gets of these names answer with these pins' views (one lock for a batch),
         unless an invalidation came since ``epoch`` was ``since``, before their leases."""
-        ref = weakref.ref
         with self.lock:
             if self.epoch != since:
                 return
             for name, pin in zip(names, pins, strict=True):
-                self._pins[name] = ref(pin)
+                self._pins[name] = _cache_entry(self._pins, name, pin)
 
     def _ended(self, ref: _Lease) -> None:
         """A pin died (wherever its last view did); set.discard is atomic."""

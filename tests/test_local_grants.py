@@ -119,3 +119,30 @@ def test_a_full_collection_walks_nothing_per_grant():
         del view
         gc.collect()
         assert sent == [{"op": "datafabric_release", "var_id": 10_999, "holder": "worker-b"}]
+
+
+def test_the_cache_of_views_holds_an_entry_per_view_alive_not_per_name_ever_read():
+    """A worker that reads a million names over its life must not keep a cache entry for
+    each: an entry goes when its view's pin dies, and a name read again is cached again."""
+    with shm_block(MiB) as segment:
+        sent: list = []
+        reads, entry = setup(segment, sent)
+        reads.publish([{**entry, "var_id": 100 + i, "name": f"n/{i}"} for i in range(2 * READY)])
+        kept = reads.view("n/0")
+        for i in range(1, 2 * READY):
+            reads.view(f"n/{i}")  # dropped at once
+        for i in range(1, READY):
+            assert reads.pin(f"n/{i}").view() is not None  # the uncached path, dropped at once
+        gc.collect()
+        assert list(reads.state._pins) == ["n/0"]
+        again = reads.state.cached_view("n/0")
+        assert again is not None and again.__array_interface__ == kept.__array_interface__
+        del kept, again
+        gc.collect()
+        assert reads.state._pins == {} and reads.state.cached_view("n/0") is None
+        assert reads.view("n/1") is not None
+        assert reads.state._pins == {}  # its pin died with the view, no collection needed
+        view = reads.view("n/2")
+        assert list(reads.state._pins) == ["n/2"] and reads.state.cached_view("n/2") is not None
+        assert sent == []  # nothing recalled: every lease ended here, uncounted
+        del view
