@@ -135,7 +135,8 @@ def _cache_entry(pins: dict[str, weakref.ref[_Pin]], name: str, pin: _Pin) -> we
     the pin dies (on whatever thread the collection runs, so without the state's lock: if
     a get caches a new pin of ``name`` between the check and the removal, that entry goes
     instead, and the next get of the name takes the uncached path; no entry ever answers
-    with a dead or other pin)."""
+    with a dead or other pin).  An entry may so go at any allocation, a collection's: every
+    other removal is a ``pop``, and every walk of the cache walks a copy of it."""
 
     def drop(ref: weakref.ref[_Pin]) -> None:
         if pins.get(name) is ref:
@@ -279,7 +280,7 @@ class LocalState:
         if self.epoch != since:  # an invalidation came since the lease: read before its drop, or after
             with self.lock:
                 if self._pins.get(name) is cached:
-                    del self._pins[name]
+                    self._pins.pop(name, None)
 
     def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
         """Later gets of these names answer with these pins' views (one lock for a batch),
@@ -304,10 +305,10 @@ class LocalState:
         drop = set(var_ids)
         with self.lock:
             self.epoch += 1  # before the drop: a pin cached meanwhile sees it, or is dropped
-            for name, ref in list(self._pins.items()):
+            for name, ref in self._pins.copy().items():
                 pin = ref()
                 if pin is None or pin.var_id in drop:
-                    del self._pins[name]
+                    self._pins.pop(name, None)
 
     def forget(self, name: str) -> None:
         with self.lock:
@@ -317,18 +318,18 @@ class LocalState:
     def forget_prefix(self, prefix: str) -> None:
         with self.lock:
             self.epoch += 1
-            for name in [n for n in self._pins if n.startswith(prefix)]:
-                del self._pins[name]
+            for name in [n for n in self._pins.copy() if n.startswith(prefix)]:
+                self._pins.pop(name, None)
 
     def detach(self, shm_ids: list[str]) -> None:
         """Blocks were unlinked: unmap them (views still alive keep their pages until
         they die) and forget views on them."""
         with self.lock:
             gone = {s.lstrip("/") for s in shm_ids}
-            for name, ref in list(self._pins.items()):
+            for name, ref in self._pins.copy().items():
                 pin = ref()
                 if pin is None or pin.segment.name.lstrip("/") in gone:
-                    del self._pins[name]
+                    self._pins.pop(name, None)
             for shm_id in gone:
                 seg = self._segments.pop(shm_id, None)
                 if seg is not None:

@@ -4,6 +4,7 @@ sends a release, whatever order publications, gets, recalls and collections come
 from __future__ import annotations
 
 import gc
+import threading
 import time
 
 import numpy as np
@@ -146,3 +147,59 @@ def test_the_cache_of_views_holds_an_entry_per_view_alive_not_per_name_ever_read
         assert list(reads.state._pins) == ["n/2"] and reads.state.cached_view("n/2") is not None
         assert sent == []  # nothing recalled: every lease ended here, uncounted
         del view
+
+
+def test_cache_entries_leaving_inside_collections_on_any_thread_never_break_a_walk_of_the_cache():
+    """Pins that die in reference cycles die inside collections, which run at any
+    allocation on any thread, and their cache entries leave then, without the state's
+    lock: invalidations, forgets and detaches walking the cache meanwhile must not fail,
+    and a cached view is always one of its name's variable."""
+    with shm_block(MiB) as segment:
+        sent: list = []
+        reads, entry = setup(segment, sent)
+        names = [f"n/{i}" for i in range(64)]
+        at = {name: 4096 + 1024 * i for i, name in enumerate(names)}
+        for i, name in enumerate(names):
+            segment.buf[at[name] : at[name] + 1000] = bytes([i]) * 1000  # each name's own bytes
+        reads.publish([{**entry, "var_id": 100 + i, "name": n, "data_offset": at[n]} for i, n in enumerate(names)])
+        state, errors, stop = reads.state, [], threading.Event()
+
+        def churn(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    name = names[rng.integers(len(names))]
+                    view = state.cached_view(name)
+                    if view is None:
+                        view = reads.view(name)
+                    if view is not None:
+                        assert view[0] == view[-1] == names.index(name), name
+                        cycle: list = [view]
+                        cycle.append(cycle)  # dies only in a collection
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        old = gc.get_threshold()
+        gc.set_threshold(20, 2, 2)  # a collection every few allocations
+        threads = [threading.Thread(target=churn, args=(seed,)) for seed in range(4)]
+        try:
+            for t in threads:
+                t.start()
+            rng = np.random.default_rng(99)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                state.invalidate(rng.integers(100, 164, 4).tolist())
+                state.forget_prefix("n/1")
+                state.forget(names[rng.integers(len(names))])
+                state.detach(["no-such-block"])
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+            gc.set_threshold(*old)
+        assert errors == []
+        gc.collect()
+        assert state._pins == {}
+        for name in names:  # every grant still answers, its view at the grant's bytes
+            view = reads.view(name)
+            assert view is not None and (view == names.index(name)).all()
