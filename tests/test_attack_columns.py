@@ -1,0 +1,206 @@
+"""Attacks on sealed datasets' chunks kept in columns (``yp/chunk_columns.py``).
+
+The promise: a chunk in columns is a variable in its plainest state, materialised in one
+step by any protocol that needs more, and never recorded twice.  Each test drives real
+worker processes over real shared memory, seeded, and after every step runs ``audit`` on
+the scheduler: no chunk both in columns and in ``variables``/``by_id``, the sorted index
+and its dict agree, and every block's ``used`` is exactly the sum of the extents recorded
+in it (materialised copies, chunks in columns, reservations).  Views are checked against
+their expected bytes while they live; the owners' ``status()`` figures come back exactly
+once everything is deleted.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import cloudpickle
+import numpy as np
+import pytest
+from distributed import get_worker
+
+import datafabric
+from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
+from datafabric.names import CHUNK_PREFIX, chunk_name
+from datafabric.protocol import SCHEDULER_PLUGIN
+from tests.conftest import simulated_nodes
+from tests.test_lifecycle import workers
+from tests.test_local_reads import wait_published
+from tests.waiting import kill_and_wait, results_released, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+CHUNK = 4096  # float64 elements a chunk: 32 KiB
+N = 24  # chunks a dataset
+
+
+# -- the scheduler's side ------------------------------------------------------------------
+def audit(dask_scheduler) -> dict:
+    """Runs on the scheduler, building nothing: what breaks the columns' promise."""
+    from yp.chunk_columns import GONE
+
+    d = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
+    problems: list = []
+    used: Counter[str] = Counter()
+    for var in dict.values(d.by_id):
+        for c in var.copies:
+            used[c.shm_id] += c.extent_size
+    for name, var in dict.items(d.variables):
+        if dict.get(d.by_id, var.var_id) is not var:
+            problems.append(("named but not by id", name))
+    if set(d.variables._list) != set(dict.keys(d.variables)):
+        problems.append(("sorted index differs from its dict", len(d.variables._list), dict.__len__(d.variables)))
+    in_columns = 0
+    for columns in d.columns:
+        for i in np.flatnonzero(columns.block != GONE).tolist():
+            in_columns += 1
+            name, var_id = columns.name(i), columns.first_id + i
+            if dict.__contains__(d.variables, name) or dict.__contains__(d.by_id, var_id):
+                problems.append(("two records", name))
+            used[columns.shm_ids[columns.block[i]]] += int(columns.extent_size[i])
+        if columns.left != int((columns.block != GONE).sum()):
+            problems.append(("left miscounted", columns.dataset_id))
+    for p in d.pending.values():
+        used[p.copy.shm_id] += p.copy.extent_size
+    for shm_id, block in d.blocks.items():
+        if block.used != used.get(shm_id, 0):
+            problems.append(("used", shm_id, block.used, used.get(shm_id, 0)))
+    return {"problems": problems, "in_columns": in_columns, "used": sum(b.used for b in d.blocks.values())}
+
+
+def checked(client) -> dict:
+    found = client.run_on_scheduler(audit)
+    assert not found["problems"], found["problems"]
+    return found
+
+
+def used(fabric) -> int:
+    """What the blocks' owners count as used."""
+    return sum(b["used"] for b in fabric.status())
+
+
+def settled(client, fabric, expected: int) -> None:
+    """The owners' figures and the directory's agree, and are ``expected``."""
+    wait_for(lambda: used(fabric) == expected == checked(client)["used"], f"used == {expected}: {fabric.status()}")
+
+
+# -- the data and the views ----------------------------------------------------------------
+def data(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(N * CHUNK)
+
+
+def expected(seed: int, flat: int) -> np.ndarray:
+    return data(seed)[flat * CHUNK : (flat + 1) * CHUNK]
+
+
+def kept() -> dict:
+    """Views a test keeps alive in a worker (or the client) between steps: (seed, flat, how) -> view."""
+    try:
+        return get_worker().__dict__.setdefault("_dfab_columns", {})
+    except ValueError:  # the client
+        return _client_kept
+
+
+_client_kept: dict = {}
+
+
+def hold(fabric, name: str, seed: int, dataset_id: int, flats: list[int], how: str) -> int:
+    """Views of chunks kept: by ``chunk`` (one get each), ``many`` (get_many) or ``sel``
+    (``ds[sel]`` of one chunk's rows).  Returns how many are kept."""
+    ds = fabric.dataset(name)
+    assert ds.id == dataset_id
+    if how == "many":
+        views = fabric.get_many([chunk_name(dataset_id, f) for f in flats])
+    elif how == "sel":
+        views = [ds[f * CHUNK : (f + 1) * CHUNK] for f in flats]
+    else:
+        views = [ds.chunk(f) for f in flats]
+    for f, view in zip(flats, views, strict=True):
+        assert not view.flags.owndata, "a zero-copy view"
+        kept()[seed, f, how] = view
+    return len(kept())
+
+
+def check_kept() -> list:
+    """The kept views whose bytes are not their chunk's."""
+    return [key for key, view in kept().items() if not np.array_equal(view, expected(key[0], key[1]))]
+
+
+def drop_kept(seed: int | None = None) -> None:
+    for key in [k for k in kept() if seed is None or k[0] == seed]:
+        del kept()[key]
+
+
+def hold_in(client, fabric, worker, name, seed, dataset_id, flats, how) -> None:
+    client.submit(hold, fabric, name, seed, dataset_id, flats, how, workers=[worker], pure=False).result()
+
+
+def views_intact(client, where: list) -> None:
+    for worker in where:
+        assert client.submit(check_kept, workers=[worker], pure=False).result() == [], worker
+    assert check_kept() == [], "the client's views"
+
+
+def drop_everywhere(client, where: list, seed: int | None = None) -> None:
+    for worker in where:
+        client.submit(drop_kept, seed, workers=[worker], pure=False).result()
+    drop_kept(seed)
+
+
+def fill(fabric, prefix: str) -> int:
+    """Insert 256 KiB variables of -7 until nothing fits: memory freed under a view is written over."""
+    n = 0
+    while True:
+        try:
+            fabric.insert(f"{prefix}/{n}", "", np.float64, np.full(2**15, -7.0))
+        except OutOfSpaceError:
+            return n
+        n += 1
+
+
+# -- one node: readers, defragments, deletes -----------------------------------------------
+def test_readers_of_two_datasets_sharing_blocks_through_defragments_and_a_delete(client, fabric):
+    rng = np.random.default_rng(7)
+    a, b = workers(client)
+    where = [a, b]
+    base = used(fabric)
+    settled(client, fabric, base)
+    fabric.insert("cols/gap1", "", np.uint8, np.ones(2**18, np.uint8))
+    one = fabric.create_dataset("cols/one", data=data(1), chunks=CHUNK)
+    fabric.insert("cols/gap2", "", np.uint8, np.ones(2**18, np.uint8))
+    two = fabric.create_dataset("cols/two", data=data(2), chunks=CHUNK)
+    fabric.delete("cols/gap1")
+    fabric.delete("cols/gap2")  # holes a defragment moves chunks into, blocks both datasets share
+    assert checked(client)["in_columns"] == 2 * N
+    wait_published(client, a, [chunk_name(one.id, f) for f in range(N)] + [chunk_name(two.id, f) for f in range(N)])
+    wait_published(client, b, [chunk_name(two.id, f) for f in range(N)])
+    for step in range(4):
+        for worker in where:  # local leases, some of chunks in columns, some materialised
+            for seed, ds in ((1, one), (2, two)):
+                flats = sorted(rng.choice(N, 3, replace=False).tolist())
+                hold_in(client, fabric, worker, ds.name, seed, ds.id, flats, ["chunk", "many", "sel"][step % 3])
+        flat = int(rng.integers(N))
+        hold(fabric, "cols/one", 1, one.id, [flat], "chunk")  # the client: a global lease
+        info = fabric.info(chunk_name(two.id, int(rng.integers(N))))  # materialises that one
+        assert info["nbytes"] == CHUNK * 8 and info["locations"]
+        checked(client)
+        fabric.defragment()
+        checked(client)
+        views_intact(client, where)
+    fabric.delete("cols/one")  # some of its chunks materialised and leased, others in columns
+    found = checked(client)
+    assert found["in_columns"] <= N, "every chunk of the deleted dataset left the columns"
+    fabric.defragment()
+    filled = fill(fabric, "cols/filler")  # any memory freed under a view is overwritten now
+    views_intact(client, where)
+    fabric.delete_prefix("cols/filler")
+    assert filled > 0
+    drop_everywhere(client, where, seed=1)
+    np.testing.assert_array_equal(fabric.dataset("cols/two")[...], data(2))
+    assert float(two.to_dask().sum().compute()) == pytest.approx(data(2).sum())  # tasks on the chunks' node
+    views_intact(client, where)
+    drop_everywhere(client, where)
+    fabric.delete("cols/two")
+    settled(client, fabric, base)
+    assert checked(client)["in_columns"] == 0
