@@ -20,14 +20,12 @@ import numpy as np
 import pytest
 from distributed import get_worker
 
-import datafabric
-from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
+from datafabric.errors import InvalidNameError, NameNotFoundError, OutOfSpaceError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
-from tests.conftest import simulated_nodes
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
-from tests.waiting import kill_and_wait, results_released, wait_for
+from tests.waiting import wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -204,3 +202,63 @@ def test_readers_of_two_datasets_sharing_blocks_through_defragments_and_a_delete
     fabric.delete("cols/two")
     settled(client, fabric, base)
     assert checked(client)["in_columns"] == 0
+
+
+def in_columns_of(dask_scheduler, dataset_id: int) -> int:
+    columns = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory.columns.by_dataset.get(dataset_id)
+    return 0 if columns is None else columns.left
+
+
+def test_chunk_names_used_directly(client, fabric):
+    base = used(fabric)
+    ds = fabric.create_dataset("cols/named", data=data(3), chunks=CHUNK)
+    name = chunk_name(ds.id, 5)
+    with pytest.raises(InvalidNameError):
+        fabric.delete(name)  # only its dataset's delete may
+    with pytest.raises(NameNotFoundError):
+        fabric.delete_many([name])
+    assert fabric.delete_prefix(CHUNK_PREFIX) == 0
+    with pytest.raises(InvalidNameError):
+        fabric.insert(chunk_name(ds.id, N), "", np.uint8, np.ones(8, np.uint8))
+    assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "refusals materialise nothing"
+    for wrong in (
+        chunk_name(ds.id, N),
+        chunk_name(ds.id, 10**30),
+        f"{CHUNK_PREFIX}{ds.id}/05",
+        f"{CHUNK_PREFIX}{ds.id}/-1",
+    ):
+        with pytest.raises(NameNotFoundError):
+            fabric.get(wrong)
+        with pytest.raises(NameNotFoundError):
+            fabric.info(wrong)
+    np.testing.assert_array_equal(fabric.get(name), expected(3, 5))
+    assert fabric.info(chunk_name(ds.id, 6))["nbytes"] == CHUNK * 8
+    assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 2
+    assert not [n for n in fabric.get_list() if n.startswith(CHUNK_PREFIX)]  # materialised or not, never listed
+    assert fabric.get_list(CHUNK_PREFIX) == []
+    checked(client)
+    view = fabric.get(chunk_name(ds.id, 7))
+    fabric.delete("cols/named")
+    with pytest.raises(NameNotFoundError):
+        fabric.get(chunk_name(ds.id, 8))
+    np.testing.assert_array_equal(view, expected(3, 7))
+    del view
+    settled(client, fabric, base)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="names.dataset_part takes any Unicode digit (str.isdigit) and int() cannot read some: "
+    "a look-up of such a name, once a dataset is in columns, raises ValueError in the scheduler",
+)
+def test_a_chunk_name_with_digits_int_cannot_read_is_not_found(client, fabric):
+    ds = fabric.create_dataset("cols/digits", data=data(4), chunks=CHUNK)
+    try:
+        for odd in (f"{CHUNK_PREFIX}{ds.id}/\u00b2", f"{CHUNK_PREFIX}\u00b2/0", f"{CHUNK_PREFIX}{ds.id}/\u0665"):
+            with pytest.raises(NameNotFoundError):  # superscript two: isdigit, not int(); Arabic-Indic five: int() 5
+                fabric.get(odd)
+            with pytest.raises(NameNotFoundError):
+                fabric.info(odd)
+        assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N
+    finally:
+        fabric.delete("cols/digits")
