@@ -246,11 +246,6 @@ def test_chunk_names_used_directly(client, fabric):
     settled(client, fabric, base)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="names.dataset_part takes any Unicode digit (str.isdigit) and int() cannot read some: "
-    "a look-up of such a name, once a dataset is in columns, raises ValueError in the scheduler",
-)
 def test_a_chunk_name_with_digits_int_cannot_read_is_not_found(client, fabric):
     ds = fabric.create_dataset("cols/digits", data=data(4), chunks=CHUNK)
     try:
