@@ -16,16 +16,19 @@ import sys
 from collections import Counter
 
 import cloudpickle
+import dask
 import numpy as np
 import pytest
 from distributed import get_worker
 
-from datafabric.errors import InvalidNameError, NameNotFoundError, OutOfSpaceError
+import datafabric
+from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
+from tests.conftest import simulated_nodes
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
-from tests.waiting import wait_for
+from tests.waiting import kill_and_wait, results_released, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -257,3 +260,73 @@ def test_a_chunk_name_with_digits_int_cannot_read_is_not_found(client, fabric):
         assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N
     finally:
         fabric.delete("cols/digits")
+
+
+# -- two nodes: replicas, eviction, an owner SIGKILLed ---------------------------------------
+def owners_of(dask_scheduler, dataset_id: int) -> list[str]:
+    """Runs on the scheduler: the owners of the blocks the dataset's chunks were sealed in."""
+    d = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
+    return sorted({d.blocks[s].worker for s in d.columns.by_dataset[dataset_id].shm_ids})
+
+
+def write(ds, values) -> str:
+    ds[...] = values
+    return dask.config.get("datafabric.node-id")
+
+
+def test_replicas_evicted_and_an_owner_killed_under_readers_then_the_delete():
+    with simulated_nodes(["a", "b"], per_node=2) as (_, client):
+        fabric = datafabric.start(client, mb=4 * 8)
+        try:
+            _replicas_eviction_and_adoption(client, fabric)
+        finally:
+            fabric.shutdown()
+
+
+def _replicas_eviction_and_adoption(client, fabric) -> None:
+    env = client.run(lambda: dask.config.get("datafabric.node-id"))
+    on = {node: sorted(w for w, n in env.items() if n == node) for node in ("a", "b")}
+    base = used(fabric)
+    settled(client, fabric, base)
+    ds = fabric.create_dataset("cols/nodes", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+    assert client.submit(write, ds, data(5), workers=[on["a"][0]]).result() == "a"
+    ds.seal()
+    [owner] = client.run_on_scheduler(owners_of, dataset_id=ds.id)
+    [reader_a] = [w for w in on["a"] if w != owner]
+    reader_b = on["b"][0]
+    names = [chunk_name(ds.id, f) for f in range(N)]
+    for f in range(8):  # replicas on node b: those chunks are materialised
+        assert {loc[0] for loc in fabric.replicate(names[f], ["b"])} == {"a", "b"}
+    assert checked(client)["in_columns"] == N - 8
+    wait_published(client, reader_b, names[:8])
+    wait_published(client, reader_a, names)
+    hold_in(client, fabric, reader_b, ds.name, 5, ds.id, [0, 1, 2, 3], "many")  # local leases of replicas
+    hold_in(client, fabric, reader_b, ds.name, 5, ds.id, [12, 13], "chunk")  # remote: through node b
+    hold_in(client, fabric, reader_a, ds.name, 5, ds.id, [4, 5] + list(range(16, N)), "sel")  # mostly in columns
+    hold(fabric, ds.name, 5, ds.id, [20], "chunk")
+    checked(client)
+    filled = client.submit(fill, fabric, "cols/b-filler", workers=[reader_b], pure=False).result()  # evicts on b
+    assert filled > 0
+    nodes = [{loc[0] for loc in fabric.get_locations(names[f])} for f in range(N)]
+    assert all(nodes[f] == {"a", "b"} for f in (0, 1, 2, 3, 12, 13)), nodes  # leased on b: kept
+    assert any(nodes[f] == {"a"} for f in (4, 5, 6, 7)), nodes  # unleased on b: evicted to make room
+    views_intact(client, [reader_a, reader_b])
+    checked(client)
+    fabric.delete_prefix("cols/b-filler")
+    results_released(client, owner)
+    kill_and_wait(client.run(__import__("os").getpid, workers=[owner])[owner])  # reader_a adopts its blocks
+    wait_for(
+        lambda: np.array_equal(fabric.dataset(ds.name)[...], data(5)),
+        "the dataset read whole after the adoption",
+        ignoring=(FabricError,),
+    )
+    assert {b["worker"] for b in fabric.status() if b["node"] == "a"} == {reader_a}
+    views_intact(client, [reader_a, reader_b])
+    checked(client)
+    fabric.delete(ds.name)  # views on both nodes, chunks in columns, materialised, replicated, adopted
+    filled = fill(fabric, "cols/filler")
+    views_intact(client, [reader_a, reader_b])
+    fabric.delete_prefix("cols/filler")
+    drop_everywhere(client, [reader_a, reader_b])
+    settled(client, fabric, base)
+    assert checked(client)["in_columns"] == 0
