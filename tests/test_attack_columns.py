@@ -62,6 +62,9 @@ def audit(dask_scheduler) -> dict:
             used[columns.shm_ids[columns.block[i]]] += int(columns.extent_size[i])
         if columns.left != int((columns.block != GONE).sum()):
             problems.append(("left miscounted", columns.dataset_id))
+    for var in dict.values(d.by_id):
+        if left := sorted(h for h in var.leases if h in d.departed):
+            problems.append(("leased by a process that left", var.name, left))
     for p in d.pending.values():
         used[p.copy.shm_id] += p.copy.extent_size
     for shm_id, block in d.blocks.items():
@@ -330,3 +333,45 @@ def _replicas_eviction_and_adoption(client, fabric) -> None:
     drop_everywhere(client, [reader_a, reader_b])
     settled(client, fabric, base)
     assert checked(client)["in_columns"] == 0
+
+
+# -- one node: readers and the owner closing -------------------------------------------------
+def test_a_reader_then_the_owner_closing_while_their_tasks_hold_chunks_in_columns():
+    """A closing worker's local leases of chunks in columns are recalled in its handoff
+    (``recall_worker``'s columnar ids) and end when it leaves; the closing owner's blocks
+    are adopted by a peer, whose views keep their bytes through the dataset's delete."""
+    with simulated_nodes(["a"], per_node=3) as (_, client):
+        fabric = datafabric.start(client, mb=3 * 8)
+        try:
+            base = used(fabric)
+            fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+            ds = fabric.create_dataset("cols/closing", data=data(6), chunks=CHUNK)
+            fabric.delete("cols/gap")
+            [owner] = client.run_on_scheduler(owners_of, dataset_id=ds.id)
+            leaving, staying = [w for w in sorted(client.scheduler_info()["workers"]) if w != owner]
+            for worker in (leaving, staying):
+                wait_published(client, worker, [chunk_name(ds.id, f) for f in range(N)])
+            hold_in(client, fabric, leaving, ds.name, 6, ds.id, list(range(0, N, 2)), "many")
+            hold_in(client, fabric, staying, ds.name, 6, ds.id, list(range(1, N, 2)), "chunk")
+            assert checked(client)["in_columns"] == N, "local leases materialise nothing"
+            client.retire_workers([leaving], close_workers=True)
+            wait_for(lambda: leaving not in client.scheduler_info()["workers"], "the reader gone")
+            checked(client)
+            moved = set(fabric.defragment()["moved"])  # the leaving reader's chunks are movable again
+            assert moved & {chunk_name(ds.id, f) for f in range(0, N, 2)}, moved
+            assert not moved & {chunk_name(ds.id, f) for f in range(1, N, 2)}, moved
+            views_intact(client, [staying])
+            client.retire_workers([owner], close_workers=True)  # its peer adopts its blocks
+            wait_for(lambda: owner not in client.scheduler_info()["workers"], "the owner gone")
+            wait_for(lambda: {b["worker"] for b in fabric.status()} == {staying}, "the adoption")
+            views_intact(client, [staying])
+            checked(client)
+            np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(6))
+            fabric.delete(ds.name)
+            fill(fabric, "cols/filler")
+            views_intact(client, [staying])
+            fabric.delete_prefix("cols/filler")
+            drop_everywhere(client, [staying])
+            settled(client, fabric, base)
+        finally:
+            fabric.shutdown()
