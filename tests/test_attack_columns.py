@@ -13,13 +13,14 @@ once everything is deleted.
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 
 import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import get_worker
+from distributed import Event, Queue, get_worker
 
 import datafabric
 from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
@@ -263,6 +264,72 @@ def test_a_chunk_name_with_digits_int_cannot_read_is_not_found(client, fabric):
         assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N
     finally:
         fabric.delete("cols/digits")
+
+
+def read_until_deleted(fabric, name: str, seed: int, dataset_id: int, task_seed: int, seconds: float) -> dict:
+    """In a task: read random chunks (get_many, ds[sel], one get) and keep some a while,
+    checking their bytes, until the dataset is deleted or time is up."""
+    rng = np.random.default_rng(task_seed)
+    ds = fabric.dataset(name)
+    held: list = []
+    counts = Counter()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        flats = sorted(rng.choice(N, int(rng.integers(1, 5)), replace=False).tolist())
+        try:
+            how = int(rng.integers(3))
+            if how == 0:
+                views = fabric.get_many([chunk_name(dataset_id, f) for f in flats])
+            elif how == 1:
+                views = [ds[f * CHUNK : (f + 1) * CHUNK] for f in flats]
+            else:
+                views = [fabric.get(chunk_name(dataset_id, f)) for f in flats]
+        except NameNotFoundError:
+            counts["deleted"] += 1
+            if counts["deleted"] > 3:
+                break
+            continue
+        held += list(zip(flats, views, strict=True))
+        for f, view in held:
+            counts["bad"] += not np.array_equal(view, expected(seed, f))
+        if not counts["reads"]:
+            Queue("cols-reading").put(1)
+        counts["reads"] += len(flats)
+        del held[: max(0, len(held) - 8)]  # the last few kept while others read, move and delete
+    Event("cols-filled").wait(60)  # the memory freed by the delete overwritten: the views kept read the same
+    counts["bad"] += sum(not np.array_equal(view, expected(seed, f)) for f, view in held)
+    return dict(counts)
+
+
+def test_concurrent_readers_through_defragments_and_the_delete(client, fabric):
+    a, b = workers(client)
+    base = used(fabric)
+    ds = fabric.create_dataset("cols/raced", data=data(8), chunks=CHUNK)
+    tasks = [
+        client.submit(read_until_deleted, fabric, ds.name, 8, ds.id, k, 20.0, workers=[w], pure=False)
+        for k, w in enumerate([a, a, b, b])
+    ]
+    reading = Queue("cols-reading")
+    for _ in tasks:
+        reading.get(timeout=60)
+    rng = np.random.default_rng(9)
+    for step in range(20):  # holes opened and closed beside the chunks, each defragment moves some
+        fabric.insert(f"cols/hole{step}", "", np.uint8, np.ones(int(rng.integers(1, 64)) * 4096, np.uint8))
+        if step:
+            fabric.delete(f"cols/hole{step - 1}")
+        fabric.info(chunk_name(ds.id, int(rng.integers(N))))  # one more materialised
+        fabric.defragment()
+        checked(client)
+    fabric.delete(f"cols/hole{step}")
+    fabric.delete(ds.name)
+    assert fill(fabric, "cols/filler")  # memory freed under a reader's view is overwritten
+    Event("cols-filled").set()
+    counts = [t.result() for t in tasks]
+    fabric.delete_prefix("cols/filler")
+    assert all(c.get("bad", 0) == 0 for c in counts), counts
+    assert all(c.get("reads", 0) > 0 and c.get("deleted", 0) for c in counts), counts
+    del tasks
+    settled(client, fabric, base)
 
 
 # -- two nodes: replicas, eviction, an owner SIGKILLed ---------------------------------------
