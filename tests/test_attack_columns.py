@@ -12,6 +12,8 @@ once everything is deleted.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import sys
 import time
 from collections import Counter
@@ -330,6 +332,58 @@ def test_concurrent_readers_through_defragments_and_the_delete(client, fabric):
     assert all(c.get("reads", 0) > 0 and c.get("deleted", 0) for c in counts), counts
     del tasks
     settled(client, fabric, base)
+
+
+def slow(dask_scheduler, component: str, method: str, seconds: float) -> None:
+    """Runs on the scheduler: ``component.method`` (a coroutine) waits ``seconds`` first;
+    0 puts the original back."""
+    target = dask_scheduler.plugins[SCHEDULER_PLUGIN]
+    for part in component.split("."):
+        target = getattr(target, part)
+    target.__dict__.pop(method, None)
+    if seconds:
+        original = getattr(target, method)
+
+        async def slowed(*args, **kwargs):
+            await asyncio.sleep(seconds)
+            return await original(*args, **kwargs)
+
+        setattr(target, method, slowed)
+
+
+@pytest.mark.parametrize("component,method", [("owners", "mark_chunks"), ("datasets.records", "write")])
+def test_a_dataset_deleted_mid_seal_while_its_chunks_are_read_by_name_and_moved(client, fabric, component, method):
+    """Between the seal's columns and its end the chunks are known by name: a get of one
+    materialises it, a defragment moves them, the delete ends the seal; the view keeps its
+    bytes and every byte comes back."""
+    base = used(fabric)
+    fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+    ds = fabric.create_dataset("cols/sealing", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+    ds[...] = data(10)
+    fabric.delete("cols/gap")
+    client.run_on_scheduler(slow, component=component, method=method, seconds=2.0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sealing = pool.submit(ds.seal)
+            wait_for(lambda: client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "the seal mid-way")
+            view = fabric.get(chunk_name(ds.id, 3))  # known by name before the dataset is visible
+            assert ds.name not in fabric.datasets()
+            fabric.defragment()
+            checked(client)
+            fabric.delete(ds.name)
+            with pytest.raises(FabricError):
+                sealing.result(timeout=60)
+    finally:
+        client.run_on_scheduler(slow, component=component, method=method, seconds=0)
+    assert ds.name not in fabric.datasets() and ds.name not in fabric.get_list()
+    with pytest.raises(NameNotFoundError):
+        fabric.get(chunk_name(ds.id, 4))
+    assert fill(fabric, "cols/filler")
+    np.testing.assert_array_equal(view, expected(10, 3))
+    fabric.delete_prefix("cols/filler")
+    del view
+    settled(client, fabric, base)
+    assert checked(client)["in_columns"] == 0
 
 
 # -- two nodes: replicas, eviction, an owner SIGKILLed ---------------------------------------
