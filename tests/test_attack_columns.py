@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import sys
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, 
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
 from tests.conftest import simulated_nodes
+from tests.http_helpers import api, http_port
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
 from tests.waiting import kill_and_wait, results_released, wait_for
@@ -384,6 +386,43 @@ def test_a_dataset_deleted_mid_seal_while_its_chunks_are_read_by_name_and_moved(
     del view
     settled(client, fabric, base)
     assert checked(client)["in_columns"] == 0
+
+
+def http_leases(dask_scheduler) -> int:
+    """Runs on the scheduler: leases held for HTTP readers."""
+    d = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
+    return sum(n for v in dict.values(d.by_id) for h, n in v.leases.items() if h.startswith("http-"))
+
+
+def test_http_reads_of_chunks_in_columns_beside_local_leases_and_defragments(cluster, client, fabric):
+    port = http_port(cluster)
+    a, b = workers(client)
+    base = used(fabric)
+    fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+    ds = fabric.create_dataset("cols/http", data=data(11), chunks=CHUNK)
+    fabric.delete("cols/gap")
+    wait_published(client, b, [chunk_name(ds.id, f) for f in range(N)])
+    hold_in(client, fabric, b, ds.name, 11, ds.id, list(range(0, N, 3)), "many")
+    for route in (f"info/{chunk_name(ds.id, 1)}", f"data/{chunk_name(ds.id, 1)}", f"lease/{chunk_name(ds.id, 1)}"):
+        answer = api(port, "POST" if route.startswith("lease") else "GET", route)
+        assert answer.status == 404, (route, answer.status, answer.body[:200])
+    assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "refusals materialise nothing"
+    rng = np.random.default_rng(12)
+    whole = data(11)
+    for _ in range(5):
+        lo = int(rng.integers(N * CHUNK - 1))
+        hi = int(rng.integers(lo + 1, N * CHUNK + 1))
+        answer = api(port, "GET", f"data/{ds.name}", format="npy", slice=f"{lo}:{hi}")
+        assert answer.status == 200, answer.body[:300]
+        np.testing.assert_array_equal(np.load(io.BytesIO(answer.body)), whole[lo:hi])
+        fabric.defragment()
+        checked(client)
+    assert client.run_on_scheduler(http_leases) == 0
+    views_intact(client, [b])
+    fabric.delete(ds.name)
+    views_intact(client, [b])
+    drop_everywhere(client, [b])
+    settled(client, fabric, base)
 
 
 # -- two nodes: replicas, eviction, an owner SIGKILLed ---------------------------------------
