@@ -26,7 +26,7 @@ import pytest
 from distributed import Event, Queue, get_worker
 
 import datafabric
-from datafabric.errors import FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
+from datafabric.errors import BlockInUseError, FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
 from tests.conftest import simulated_nodes
@@ -421,6 +421,39 @@ def test_http_reads_of_chunks_in_columns_beside_local_leases_and_defragments(clu
     views_intact(client, [b])
     fabric.delete(ds.name)
     views_intact(client, [b])
+    drop_everywhere(client, [b])
+    settled(client, fabric, base)
+
+
+def blocks_of(dask_scheduler, dataset_id: int) -> list[tuple[str, str]]:
+    """Runs on the scheduler: (node, shm_id) of the blocks the dataset's chunks were sealed in."""
+    d = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
+    return [(d.blocks[s].node, s) for s in d.columns.by_dataset[dataset_id].shm_ids]
+
+
+def test_blocks_of_chunks_in_columns_deallocated_under_local_leases(client, fabric):
+    a, b = workers(client)
+    fabric.allocate(64)  # room on the node's other blocks for the migration
+    base = used(fabric)
+    ds = fabric.create_dataset("cols/migrated", data=data(13), chunks=CHUNK)
+    wait_published(client, b, [chunk_name(ds.id, f) for f in range(N)])
+    hold_in(client, fabric, b, ds.name, 13, ds.id, list(range(0, N, 4)), "sel")
+    blocks = client.run_on_scheduler(blocks_of, dataset_id=ds.id)
+    with pytest.raises(BlockInUseError):
+        fabric.deallocate(*blocks[0])  # the refusal lists its chunks: materialised
+    checked(client)
+    for node, shm_id in blocks:
+        fabric.deallocate(node, shm_id, migrate=True)  # copies made elsewhere; the views keep the old pages
+        checked(client)
+    assert checked(client)["in_columns"] == 0
+    views_intact(client, [b])
+    assert not {loc[1] for f in range(N) for loc in fabric.get_locations(chunk_name(ds.id, f))} & {s for _, s in blocks}
+    np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(13))
+    hold_in(client, fabric, b, ds.name, 13, ds.id, list(range(1, N, 4)), "chunk")  # published again where they are
+    fabric.delete(ds.name)
+    assert fill(fabric, "cols/filler")
+    views_intact(client, [b])
+    fabric.delete_prefix("cols/filler")
     drop_everywhere(client, [b])
     settled(client, fabric, base)
 
