@@ -70,6 +70,8 @@ def audit(dask_scheduler) -> dict:
     for var in dict.values(d.by_id):
         if left := sorted(h for h in var.leases if h in d.departed):
             problems.append(("leased by a process that left", var.name, left))
+    if dangling := [v for v in d.published if not dict.__contains__(d.by_id, v)]:
+        problems.append(("published but unknown", dangling[:5]))
     for p in d.pending.values():
         used[p.copy.shm_id] += p.copy.extent_size
     for shm_id, block in d.blocks.items():
