@@ -23,7 +23,7 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import Event, Queue, get_worker
+from distributed import Client, Event, Queue, get_worker
 
 import datafabric
 from datafabric.errors import BlockInUseError, FabricError, InvalidNameError, NameNotFoundError, OutOfSpaceError
@@ -33,6 +33,7 @@ from tests.conftest import simulated_nodes
 from tests.http_helpers import api, http_port
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
+from tests.test_restart import NODES, listed, pin_of, processes  # noqa: F401  (fixture)
 from tests.waiting import kill_and_wait, results_released, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -570,3 +571,47 @@ def test_a_reader_then_the_owner_closing_while_their_tasks_hold_chunks_in_column
             settled(client, fabric, base)
         finally:
             fabric.shutdown()
+
+
+# -- a scheduler restart with views kept ------------------------------------------------------
+def test_views_of_chunks_kept_through_a_scheduler_restart(processes):  # noqa: F811
+    """A client on node A keeps views of chunks (materialised by its global leases; the
+    others stay in columns) of a dataset whose chunks sit after a hole; the scheduler is
+    SIGKILLed and started again.  The rebuilt dataset reads right, a defragment leaves the
+    views' chunks where they are, a dataset sealed by the new YellowPages (in columns)
+    shares the block, and both deletes leave the views intact and every byte free."""
+    with dask.config.set({"datafabric.node-id": NODES[0]}), Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)
+        fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+        ds = fabric.create_dataset("cols/restarted", data=data(14), chunks=CHUNK)
+        fabric.delete("cols/gap")
+        hold(fabric, ds.name, 14, ds.id, [2, 9, 17], "chunk")
+        assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3
+        processes.crash_scheduler()
+        processes.start()
+        client.wait_for_workers(2)  # the same client, reconnected
+        wait_for(lambda: listed(fabric) == ["cols/restarted"], "the dataset rebuilt")
+        wait_for(lambda: not client.run_on_scheduler(audit)["problems"], "the directory settled", timeout=30)
+        granted = {key: pin_of(view).lease["var_id"] for key, view in kept().items()}
+        wait_for(lambda: all(pin_of(v).lease["var_id"] != granted[k] for k, v in kept().items()), "views declared")
+        moved: set[str] = set()
+        wait_for(  # once the take-back's round ends (every client declared), the others fill the hole
+            lambda: moved.update(fabric.defragment()["moved"]) or moved & {chunk_name(ds.id, f) for f in range(N)},
+            "a defragment moving chunks",
+        )
+        assert not moved & {chunk_name(ds.id, f) for f in (2, 9, 17)}, "a kept view's chunk was moved"
+        np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(14))
+        assert check_kept() == []
+        newer = fabric.create_dataset("cols/newer", data=data(15), chunks=CHUNK)
+        assert client.run_on_scheduler(in_columns_of, dataset_id=newer.id) == N
+        checked(client)
+        fabric.delete(ds.name)
+        assert fill(fabric, "cols/filler")
+        assert check_kept() == []
+        np.testing.assert_array_equal(fabric.dataset(newer.name)[...], data(15))
+        fabric.delete_prefix("cols/filler")
+        fabric.delete(newer.name)
+        drop_kept()
+        settled(client, fabric, 0)
+        fabric.shutdown()
