@@ -1,0 +1,190 @@
+"""Attacks on chunks kept in columns (``yp/chunk_columns.py``) across nodes and processes:
+replicas on a second simulated node and their eviction, the chunks' owner SIGKILLed and
+adopted, a reader and then the owner closing, and a scheduler restart with views kept.
+The method is ``test_attack_columns.py``'s (``tests.columns``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import cloudpickle
+import dask
+import numpy as np
+from distributed import Client
+
+import datafabric
+from datafabric.errors import FabricError
+from datafabric.names import chunk_name
+from tests.columns import (
+    CHUNK,
+    N,
+    audit,
+    check_kept,
+    checked,
+    data,
+    drop_everywhere,
+    drop_kept,
+    fill,
+    hold,
+    hold_in,
+    in_columns_of,
+    kept,
+    owners_of,
+    settled,
+    used,
+    views_intact,
+    write,
+)
+from tests.conftest import simulated_nodes
+from tests.test_local_reads import wait_published
+from tests.test_restart import NODES, listed, pin_of, processes  # noqa: F401  (fixture)
+from tests.waiting import kill_and_wait, results_released, wait_for
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# -- two nodes: replicas, eviction, an owner SIGKILLed ---------------------------------------
+def test_replicas_evicted_and_an_owner_killed_under_readers_then_the_delete():
+    with simulated_nodes(["a", "b"], per_node=2) as (_, client):
+        fabric = datafabric.start(client, mb=4 * 8)
+        try:
+            _replicas_eviction_and_adoption(client, fabric)
+        finally:
+            fabric.shutdown()
+
+
+def _replicas_eviction_and_adoption(client, fabric) -> None:
+    env = client.run(lambda: dask.config.get("datafabric.node-id"))
+    on = {node: sorted(w for w, n in env.items() if n == node) for node in ("a", "b")}
+    base = used(fabric)
+    settled(client, fabric, base)
+    ds = fabric.create_dataset("cols/nodes", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+    assert client.submit(write, ds, data(5), workers=[on["a"][0]]).result() == "a"
+    ds.seal()
+    [owner] = client.run_on_scheduler(owners_of, dataset_id=ds.id)
+    [reader_a] = [w for w in on["a"] if w != owner]
+    reader_b = on["b"][0]
+    names = [chunk_name(ds.id, f) for f in range(N)]
+    for f in range(8):  # replicas on node b: those chunks are materialised
+        assert {loc[0] for loc in fabric.replicate(names[f], ["b"])} == {"a", "b"}
+    assert checked(client)["in_columns"] == N - 8
+    wait_published(client, reader_b, names[:8])
+    wait_published(client, reader_a, names)
+    hold_in(client, fabric, reader_b, ds.name, 5, ds.id, [0, 1, 2, 3], "many")  # local leases of replicas
+    hold_in(client, fabric, reader_b, ds.name, 5, ds.id, [12, 13], "chunk")  # remote: through node b
+    hold_in(client, fabric, reader_a, ds.name, 5, ds.id, [4, 5] + list(range(16, N)), "sel")  # mostly in columns
+    hold(fabric, ds.name, 5, ds.id, [20], "chunk")
+    checked(client)
+    filled = client.submit(fill, fabric, "cols/b-filler", workers=[reader_b], pure=False).result()  # evicts on b
+    assert filled > 0
+    nodes = [{loc[0] for loc in fabric.get_locations(names[f])} for f in range(N)]
+    assert all(nodes[f] == {"a", "b"} for f in (0, 1, 2, 3, 12, 13)), nodes  # leased on b: kept
+    assert any(nodes[f] == {"a"} for f in (4, 5, 6, 7)), nodes  # unleased on b: evicted to make room
+    views_intact(client, [reader_a, reader_b])
+    checked(client)
+    fabric.delete_prefix("cols/b-filler")
+    results_released(client, owner)
+    kill_and_wait(client.run(os.getpid, workers=[owner])[owner])  # reader_a adopts its blocks
+    wait_for(
+        lambda: np.array_equal(fabric.dataset(ds.name)[...], data(5)),
+        "the dataset read whole after the adoption",
+        ignoring=(FabricError,),
+    )
+    assert {b["worker"] for b in fabric.status() if b["node"] == "a"} == {reader_a}
+    views_intact(client, [reader_a, reader_b])
+    checked(client)
+    fabric.delete(ds.name)  # views on both nodes, chunks in columns, materialised, replicated, adopted
+    filled = fill(fabric, "cols/filler")
+    views_intact(client, [reader_a, reader_b])
+    fabric.delete_prefix("cols/filler")
+    drop_everywhere(client, [reader_a, reader_b])
+    settled(client, fabric, base)
+    assert checked(client)["in_columns"] == 0
+
+
+# -- one node: readers and the owner closing -------------------------------------------------
+def test_a_reader_then_the_owner_closing_while_their_tasks_hold_chunks_in_columns():
+    """A closing worker's local leases of chunks in columns are recalled in its handoff
+    (``recall_worker``'s columnar ids) and end when it leaves; the closing owner's blocks
+    are adopted by a peer, whose views keep their bytes through the dataset's delete."""
+    with simulated_nodes(["a"], per_node=3) as (_, client):
+        fabric = datafabric.start(client, mb=3 * 8)
+        try:
+            base = used(fabric)
+            fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+            ds = fabric.create_dataset("cols/closing", data=data(6), chunks=CHUNK)
+            fabric.delete("cols/gap")
+            [owner] = client.run_on_scheduler(owners_of, dataset_id=ds.id)
+            leaving, staying = [w for w in sorted(client.scheduler_info()["workers"]) if w != owner]
+            for worker in (leaving, staying):
+                wait_published(client, worker, [chunk_name(ds.id, f) for f in range(N)])
+            hold_in(client, fabric, leaving, ds.name, 6, ds.id, list(range(0, N, 2)), "many")
+            hold_in(client, fabric, staying, ds.name, 6, ds.id, list(range(1, N, 2)), "chunk")
+            assert checked(client)["in_columns"] == N, "local leases materialise nothing"
+            client.retire_workers([leaving], close_workers=True)
+            wait_for(lambda: leaving not in client.scheduler_info()["workers"], "the reader gone")
+            checked(client)
+            moved = set(fabric.defragment()["moved"])  # the leaving reader's chunks are movable again
+            assert moved & {chunk_name(ds.id, f) for f in range(0, N, 2)}, moved
+            assert not moved & {chunk_name(ds.id, f) for f in range(1, N, 2)}, moved
+            views_intact(client, [staying])
+            client.retire_workers([owner], close_workers=True)  # its peer adopts its blocks
+            wait_for(lambda: owner not in client.scheduler_info()["workers"], "the owner gone")
+            wait_for(lambda: {b["worker"] for b in fabric.status()} == {staying}, "the adoption")
+            views_intact(client, [staying])
+            checked(client)
+            np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(6))
+            fabric.delete(ds.name)
+            fill(fabric, "cols/filler")
+            views_intact(client, [staying])
+            fabric.delete_prefix("cols/filler")
+            drop_everywhere(client, [staying])
+            settled(client, fabric, base)
+        finally:
+            fabric.shutdown()
+
+
+# -- a scheduler restart with views kept ------------------------------------------------------
+def test_views_of_chunks_kept_through_a_scheduler_restart(processes):  # noqa: F811
+    """A client on node A keeps views of chunks (materialised by its global leases; the
+    others stay in columns) of a dataset whose chunks sit after a hole; the scheduler is
+    SIGKILLed and started again.  The rebuilt dataset reads right, a defragment leaves the
+    views' chunks where they are, a dataset sealed by the new YellowPages (in columns)
+    shares the block, and both deletes leave the views intact and every byte free."""
+    with dask.config.set({"datafabric.node-id": NODES[0]}), Client(processes.address, timeout=90) as client:
+        client.wait_for_workers(2)
+        fabric = datafabric.start(client, mb=64)
+        fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+        ds = fabric.create_dataset("cols/restarted", data=data(14), chunks=CHUNK)
+        fabric.delete("cols/gap")
+        hold(fabric, ds.name, 14, ds.id, [2, 9, 17], "chunk")
+        assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3
+        processes.crash_scheduler()
+        processes.start()
+        client.wait_for_workers(2)  # the same client, reconnected
+        wait_for(lambda: listed(fabric) == ["cols/restarted"], "the dataset rebuilt")
+        wait_for(lambda: not client.run_on_scheduler(audit)["problems"], "the directory settled", timeout=30)
+        granted = {key: pin_of(view).lease["var_id"] for key, view in kept().items()}
+        wait_for(lambda: all(pin_of(v).lease["var_id"] != granted[k] for k, v in kept().items()), "views declared")
+        moved: set[str] = set()
+        wait_for(  # once the take-back's round ends (every client declared), the others fill the hole
+            lambda: moved.update(fabric.defragment()["moved"]) or moved & {chunk_name(ds.id, f) for f in range(N)},
+            "a defragment moving chunks",
+        )
+        assert not moved & {chunk_name(ds.id, f) for f in (2, 9, 17)}, "a kept view's chunk was moved"
+        np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(14))
+        assert check_kept() == []
+        newer = fabric.create_dataset("cols/newer", data=data(15), chunks=CHUNK)
+        assert client.run_on_scheduler(in_columns_of, dataset_id=newer.id) == N
+        checked(client)
+        fabric.delete(ds.name)
+        assert fill(fabric, "cols/filler")
+        assert check_kept() == []
+        np.testing.assert_array_equal(fabric.dataset(newer.name)[...], data(15))
+        fabric.delete_prefix("cols/filler")
+        fabric.delete(newer.name)
+        drop_kept()
+        settled(client, fabric, 0)
+        fabric.shutdown()
