@@ -12,6 +12,7 @@ import sys
 import cloudpickle
 import dask
 import numpy as np
+import pytest
 from distributed import Client
 
 import datafabric
@@ -188,3 +189,49 @@ def test_views_of_chunks_kept_through_a_scheduler_restart(processes):  # noqa: F
         drop_kept()
         settled(client, fabric, 0)
         fabric.shutdown()
+
+
+# -- eviction when the free room is in pieces ---------------------------------------------------
+K = 1024
+
+
+def insert_held(fabric, name: str, nbytes: int, held: bool) -> None:
+    """In a task on node b: an insert of ``nbytes`` in this worker's block, its view kept or not."""
+    fabric.insert(name, "", np.uint8, np.full(nbytes, 1, np.uint8))
+    if held:
+        kept()[name] = fabric.get(name)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Placement._evict stops once a block of the node has as many free bytes as asked, in any "
+    "number of pieces: free room cut by leased extents that no compaction moves refuses a copy "
+    "(OutOfSpaceError) that evicting an unleased replica would have made room for",
+)
+def test_a_copy_refused_while_evicting_a_replica_would_make_room():
+    """Node b's one block: [p0 held][200K free][p1 held][60K free][replica R][60K free][p2 held].
+    320K free in all, the largest 200K; a replica of 256K asked for b: compaction slides R
+    left (120K free beside it), only evicting R (unleased, b's copy of a variable of node a)
+    makes 320K in one piece."""
+    with simulated_nodes(["a", "b"], per_node=1) as (_, client):
+        fabric = datafabric.start(client, mb=4)  # one 2 MiB block per node
+        try:
+            b = [w for w, n in client.run(lambda: dask.config.get("datafabric.node-id")).items() if n == "b"][0]
+            fabric.insert("ev/x", "", np.uint8, np.full(200 * K, 2, np.uint8))
+            fabric.insert("ev/y", "", np.uint8, np.full(256 * K, 3, np.uint8))  # both on a: b has no client
+            for name, nbytes, held in (("ev/p0", 100, True), ("ev/h1", 200, False), ("ev/p1", 100, True)):
+                client.submit(insert_held, fabric, name, nbytes * K, held, workers=[b], pure=False).result()
+            client.submit(insert_held, fabric, "ev/h2", 60 * K, False, workers=[b], pure=False).result()
+            assert {loc[0] for loc in fabric.replicate("ev/x", ["b"])} == {"a", "b"}  # R, after h2
+            client.submit(insert_held, fabric, "ev/h3", 60 * K, False, workers=[b], pure=False).result()
+            [row] = [r for r in fabric.status() if r["node"] == "b"]
+            client.submit(insert_held, fabric, "ev/p2", row["largest_free"] - 4 * K, True, workers=[b]).result()
+            for name in ("ev/h1", "ev/h2", "ev/h3"):
+                fabric.delete(name)
+            [row] = [r for r in fabric.status() if r["node"] == "b"]
+            assert row["largest_free"] < 256 * K <= row["free"] < 256 * K + 200 * K, row
+            fabric.replicate("ev/y", ["b"])  # refused: R is never evicted
+            assert {loc[0] for loc in fabric.get_locations("ev/x")} == {"a"}, "R evicted"
+            client.submit(drop_kept, workers=[b], pure=False).result()
+        finally:
+            fabric.shutdown()
