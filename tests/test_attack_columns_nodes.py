@@ -12,7 +12,6 @@ import sys
 import cloudpickle
 import dask
 import numpy as np
-import pytest
 from distributed import Client
 
 import datafabric
@@ -202,13 +201,7 @@ def insert_held(fabric, name: str, nbytes: int, held: bool) -> None:
         kept()[name] = fabric.get(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Placement._evict stops once a block of the node has as many free bytes as asked, in any "
-    "number of pieces: free room cut by leased extents that no compaction moves refuses a copy "
-    "(OutOfSpaceError) that evicting an unleased replica would have made room for",
-)
-def test_a_copy_refused_while_evicting_a_replica_would_make_room():
+def test_a_copy_evicts_a_replica_when_the_room_counted_free_is_in_pieces():
     """Node b's one block: [p0 held][200K free][p1 held][60K free][replica R][60K free][p2 held].
     320K free in all, the largest 200K; a replica of 256K asked for b: compaction slides R
     left (120K free beside it), only evicting R (unleased, b's copy of a variable of node a)
@@ -230,7 +223,7 @@ def test_a_copy_refused_while_evicting_a_replica_would_make_room():
                 fabric.delete(name)
             [row] = [r for r in fabric.status() if r["node"] == "b"]
             assert row["largest_free"] < 256 * K <= row["free"] < 256 * K + 200 * K, row
-            fabric.replicate("ev/y", ["b"])  # refused: R is never evicted
+            assert {loc[0] for loc in fabric.replicate("ev/y", ["b"])} == {"a", "b"}
             assert {loc[0] for loc in fabric.get_locations("ev/x")} == {"a"}, "R evicted"
             client.submit(drop_kept, workers=[b], pure=False).result()
         finally:
