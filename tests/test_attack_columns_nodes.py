@@ -228,3 +228,34 @@ def test_a_copy_evicts_a_replica_when_the_room_counted_free_is_in_pieces():
             client.submit(drop_kept, workers=[b], pure=False).result()
         finally:
             fabric.shutdown()
+
+
+# -- a delete while the chunks' block has no owner -------------------------------------------
+def test_a_dataset_deleted_while_its_chunks_block_waits_for_adoption():
+    """Node a's only worker holds the chunks and is SIGKILLed; until its nanny's new worker
+    adopts the block, the dataset is deleted (chunks in columns, and replicas on node b
+    that b's task holds).  b's views keep their bytes; the adopter frees the rest."""
+    with simulated_nodes(["a", "b"], per_node=1) as (_, client):
+        fabric = datafabric.start(client, mb=2 * 8)
+        try:
+            on = {n: w for w, n in client.run(lambda: dask.config.get("datafabric.node-id")).items()}
+            base = used(fabric)
+            ds = fabric.create_dataset("cols/orphaned", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+            assert client.submit(write, ds, data(16), workers=[on["a"]]).result() == "a"
+            ds.seal()
+            hold_in(client, fabric, on["b"], ds.name, 16, ds.id, [3, 4, 5], "many")  # remote: replicas on b
+            assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3
+            results_released(client, on["a"])
+            kill_and_wait(client.run(os.getpid, workers=[on["a"]])[on["a"]])
+            wait_for(lambda: any(r["worker"] is None for r in fabric.status()), "node a's block orphaned")
+            assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3, "adopted already"
+            fabric.delete(ds.name)
+            checked(client)
+            wait_for(lambda: all(r["worker"] is not None for r in fabric.status()), "the adoption", timeout=90)
+            assert fill(fabric, "cols/filler")
+            views_intact(client, [on["b"]])
+            fabric.delete_prefix("cols/filler")
+            drop_everywhere(client, [on["b"]])
+            settled(client, fabric, base)
+        finally:
+            fabric.shutdown()
