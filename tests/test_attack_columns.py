@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
+import signal
 import sys
 import time
 from collections import Counter
 
 import cloudpickle
 import numpy as np
+import psutil
 import pytest
-from distributed import Event, Queue
+from distributed import Client, Event, Queue
+from distributed.diagnostics.plugin import WorkerPlugin
 
+import datafabric
 from datafabric.errors import BlockInUseError, FabricError, InvalidNameError, NameNotFoundError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
@@ -42,10 +47,11 @@ from tests.columns import (
     used,
     views_intact,
 )
+from tests.conftest import local_cluster
 from tests.http_helpers import api, http_port
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
-from tests.waiting import wait_for
+from tests.waiting import results_released, wait_for
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -310,3 +316,47 @@ def test_blocks_of_chunks_in_columns_deallocated_under_local_leases(client, fabr
     fabric.delete_prefix("cols/filler")
     drop_everywhere(client, [b])
     settled(client, fabric, base)
+
+
+class DieOnRecall(WorkerPlugin):
+    """SIGKILLs its worker (``target`` only) when the YellowPages recalls a variable from it,
+    before it answers."""
+
+    name = "cols-die-on-recall"
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def setup(self, worker) -> None:
+        if worker.address == self.target:
+            worker.stream_handlers["datafabric_recall"] = lambda **_: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_reader_killed_by_the_recall_of_its_chunks_in_columns_during_the_delete():
+    """Both workers hold chunks in columns under local leases; the dataset's delete recalls
+    them and one reader dies on the recall, never answering.  The delete ends, the other
+    reader's views keep their bytes, and every byte returns once they are dropped."""
+    with local_cluster() as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=32)
+        try:
+            a, b = workers(client)
+            base = used(fabric)
+            ds = fabric.create_dataset("cols/recalled", data=data(17), chunks=CHUNK)
+            for worker in (a, b):
+                wait_published(client, worker, [chunk_name(ds.id, f) for f in range(N)])
+                hold_in(client, fabric, worker, ds.name, 17, ds.id, list(range(0, N, 2)), "many")
+            assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N
+            results_released(client, b)
+            pid = client.run(os.getpid, workers=[b])[b]
+            client.register_plugin(DieOnRecall(b))
+            process = psutil.Process(pid)
+            fabric.delete(ds.name)
+            process.wait(timeout=60)
+            checked(client)
+            assert fill(fabric, "cols/filler")
+            views_intact(client, [a])
+            fabric.delete_prefix("cols/filler")
+            drop_everywhere(client, [a])
+            settled(client, fabric, base)
+        finally:
+            fabric.shutdown()
