@@ -1,21 +1,24 @@
 """Attacks on chunks kept in columns (``yp/chunk_columns.py``) across nodes and processes:
 replicas on a second simulated node and their eviction, the chunks' owner SIGKILLed and
-adopted, a reader and then the owner closing, and a scheduler restart with views kept.
+adopted, a reader and then the owner closing, a scheduler restart with views kept, a delete
+while the chunks' block waits for adoption, and views of chunks travelling as references.
 The method is ``test_attack_columns.py``'s (``tests.columns``).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 
 import cloudpickle
 import dask
 import numpy as np
+import pytest
 from distributed import Client
 
 import datafabric
-from datafabric.errors import FabricError
+from datafabric.errors import FabricError, ReferenceGoneError
 from datafabric.names import chunk_name
 from tests.columns import (
     CHUNK,
@@ -26,6 +29,7 @@ from tests.columns import (
     data,
     drop_everywhere,
     drop_kept,
+    expected,
     fill,
     hold,
     hold_in,
@@ -37,7 +41,8 @@ from tests.columns import (
     views_intact,
     write,
 )
-from tests.conftest import simulated_nodes
+from tests.conftest import local_cluster, simulated_nodes
+from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
 from tests.test_restart import NODES, listed, pin_of, processes  # noqa: F401  (fixture)
 from tests.waiting import kill_and_wait, results_released, wait_for
@@ -257,5 +262,60 @@ def test_a_dataset_deleted_while_its_chunks_block_waits_for_adoption():
             fabric.delete_prefix("cols/filler")
             drop_everywhere(client, [on["b"]])
             settled(client, fabric, base)
+        finally:
+            fabric.shutdown()
+
+
+def chunk_view(ds, flat: int):
+    return ds.chunk(flat)  # a task's result: travels as a reference to the chunk's var id
+
+
+def test_views_of_chunks_in_columns_travel_as_references_leased_by_id(client, fabric):
+    a, b = workers(client)
+    base = used(fabric)
+    ds = fabric.create_dataset("cols/refs", data=data(18), chunks=CHUNK)
+    wait_published(client, a, [chunk_name(ds.id, f) for f in range(N)])
+    views = client.gather([client.submit(chunk_view, ds, f, workers=[a], pure=False) for f in (1, 2, 3)])
+    for f, view in zip((1, 2, 3), views, strict=True):  # leased here by id: each materialised
+        assert not view.flags.owndata
+        np.testing.assert_array_equal(view, expected(18, f))
+    assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3
+    later = pickle.dumps(chunk_view(ds, 4))  # a reference to a chunk, kept as bytes
+    checked(client)
+    fabric.delete(ds.name)
+    [sent] = client.scatter([views[0]], workers=[b], direct=True)  # to b's process, not through the scheduler
+    total = client.submit(lambda v: float(v.sum()), sent, workers=[b], pure=False).result()
+    assert total == expected(18, 1).sum()  # a deleted chunk some view holds: still leased by id
+    assert fill(fabric, "cols/filler")
+    for f, view in zip((1, 2, 3), views, strict=True):
+        np.testing.assert_array_equal(view, expected(18, f))
+    fabric.delete_prefix("cols/filler")
+    del views, view, sent
+    settled(client, fabric, base)
+    with pytest.raises(ReferenceGoneError):
+        pickle.loads(later)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a view a client in the scheduler's own process (a LocalCluster's) passes as a task argument is "
+    "made a view, under a lease, when the scheduler unpickles the task; the compute-task message holding it "
+    "stays in the scheduler's BatchedSend.recent_message_log (distributed.admin.low-level-log-length: 1000 "
+    "messages) after the task is forgotten, so the lease, and a deleted chunk's memory, outlive the task",
+)
+def test_a_chunk_view_passed_as_a_task_argument_leaves_no_lease_on_the_scheduler():
+    with local_cluster() as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=32)
+        try:
+            _, b = workers(client)
+            base = used(fabric)
+            ds = fabric.create_dataset("cols/argument", data=data(19), chunks=CHUNK)
+            view = ds.chunk(2)
+            assert client.submit(lambda v: float(v.sum()), view, workers=[b], pure=False).result() == pytest.approx(
+                expected(19, 2).sum()
+            )
+            fabric.delete(ds.name)
+            del view
+            wait_for(lambda: used(fabric) == base, "the deleted chunk's memory", timeout=15)
         finally:
             fabric.shutdown()
