@@ -76,8 +76,10 @@ def checked(client) -> dict:
 
 
 def used(fabric) -> int:
-    """What the blocks' owners count as used."""
-    return sum(b["used"] for b in fabric.status())
+    """What the blocks' owners count as used (each block's used and free adding up to it)."""
+    rows = fabric.status()
+    assert all(b["used"] + b["free"] == b["capacity"] for b in rows), rows
+    return sum(b["used"] for b in rows)
 
 
 def settled(client, fabric, expected: int) -> None:

@@ -360,3 +360,31 @@ def test_a_reader_killed_by_the_recall_of_its_chunks_in_columns_during_the_delet
             settled(client, fabric, base)
         finally:
             fabric.shutdown()
+
+
+def read_whole(fabric, name: str) -> np.ndarray:
+    return np.array(fabric.dataset(name)[...])
+
+
+def test_edge_chunks_and_unwritten_ones_read_alike_locally_and_globally(client, fabric):
+    """Chunks cut by the dataset's edge have their own types, which the columns give by
+    flat index: a worker's local leases and the client's materialised variables agree."""
+    a, _ = workers(client)
+    base = used(fabric)
+    values = np.random.default_rng(20).random((50, 30)).astype(np.float32)
+    ds = fabric.create_dataset("cols/edges", shape=values.shape, dtype=np.float32, chunks=(16, 16), fillvalue=-1)
+    ds[:40] = values[:40]  # rows 48-49 never written: chunks 6 and 7 read as the fill value
+    ds.seal()
+    want = values.copy()
+    want[40:] = -1  # rows 40-47 of written chunks hold the fill value too
+    names = [ds.chunk_name(f) for f in range(8) if ds.chunk_name(f) is not None]
+    assert len(names) == 6
+    wait_published(client, a, names)
+    np.testing.assert_array_equal(client.submit(read_whole, fabric, ds.name, workers=[a], pure=False).result(), want)
+    assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == 6, "read under local leases"
+    np.testing.assert_array_equal(read_whole(fabric, ds.name), want)  # the client: each chunk materialised
+    assert fabric.info(ds.chunk_name(5))["nbytes"] == 16 * 14 * 4  # rows 32-47, columns 16-29
+    assert [v.shape for v in fabric.get_many(names[-2:])] == [(16, 16), (16, 14)]
+    checked(client)
+    fabric.delete(ds.name)
+    settled(client, fabric, base)
