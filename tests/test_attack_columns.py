@@ -27,9 +27,11 @@ from distributed import Client, Event, Queue
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import datafabric
+from datafabric import layout
 from datafabric.errors import BlockInUseError, FabricError, InvalidNameError, NameNotFoundError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
+from datafabric.shm import Segment
 from tests.columns import (
     CHUNK,
     N,
@@ -252,6 +254,54 @@ def test_a_dataset_deleted_mid_seal_while_its_chunks_are_read_by_name_and_moved(
     del view
     settled(client, fabric, base)
     assert checked(client)["in_columns"] == 0
+
+
+def headers(shm_ids: set[str]) -> dict[str, list[tuple[int, int]]]:
+    """Name -> (state, data offset) of every extent the blocks' headers show."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for shm_id in shm_ids:
+        seg = Segment.attach(shm_id)
+        try:
+            for e in layout.walk(seg.buf):
+                found.setdefault(e.name, []).append((int(e.state), e.data_offset))
+        finally:
+            seg.close()
+    return found
+
+
+def test_chunks_materialised_mid_seal_are_sealed_where_the_directory_says(client, fabric):
+    """A seal paused in its chunks' marks while a get materialises one and a defragment
+    materialises the rest (moving none: their headers still say RESERVED): once it ends and
+    a defragment moves them, each chunk's header says SEALED exactly once, at the offset
+    the directory gives, as a restart would read it."""
+    base = used(fabric)
+    fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
+    ds = fabric.create_dataset("cols/marked", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+    ds[...] = data(21)
+    fabric.delete("cols/gap")
+    client.run_on_scheduler(slow, component="owners", method="mark_chunks", seconds=2.0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sealing = pool.submit(ds.seal)
+            wait_for(lambda: client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "the seal mid-way")
+            view = fabric.get(chunk_name(ds.id, 3))
+            assert not fabric.defragment()["moved"], "RESERVED headers: the owner moves none"
+            assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == 0, "the compaction's walk"
+            sealing.result(timeout=60)
+    finally:
+        client.run_on_scheduler(slow, component="owners", method="mark_chunks", seconds=0)
+    moved = set(fabric.defragment()["moved"])  # SEALED now: those before the leased one slide into the hole
+    assert moved == {chunk_name(ds.id, f) for f in (0, 1, 2)}, moved
+    where = {chunk_name(ds.id, f): fabric.get_locations(chunk_name(ds.id, f)) for f in range(N)}
+    shown = headers({loc[1] for locs in where.values() for loc in locs})
+    for name, [(_, _, data_offset)] in where.items():
+        assert shown[name] == [(int(layout.ExtentState.SEALED), data_offset)], (name, shown[name], data_offset)
+    np.testing.assert_array_equal(view, expected(21, 3))
+    np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(21))
+    checked(client)
+    del view
+    fabric.delete(ds.name)
+    settled(client, fabric, base)
 
 
 def http_leases(dask_scheduler) -> int:
