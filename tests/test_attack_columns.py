@@ -5,13 +5,13 @@ step by any protocol that needs more, and never recorded twice.  Each test drive
 session's worker processes over real shared memory, seeded, runs ``tests.columns.audit``
 on the scheduler after every step, checks views against their expected bytes while they
 live (the memory freed under them overwritten), and ends with the owners' ``status()``
-figures back where they started.  Two nodes, closing workers and a scheduler restart are
-in ``test_attack_columns_nodes.py``.
+figures back where they started.  Two nodes, closing workers, a scheduler restart and
+references are in ``test_attack_columns_nodes.py``; the seal's own window in
+``test_attack_columns_seal.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import os
 import signal
@@ -27,11 +27,9 @@ from distributed import Client, Event, Queue
 from distributed.diagnostics.plugin import WorkerPlugin
 
 import datafabric
-from datafabric import layout
-from datafabric.errors import BlockInUseError, FabricError, InvalidNameError, NameNotFoundError
+from datafabric.errors import BlockInUseError, InvalidNameError, NameNotFoundError
 from datafabric.names import CHUNK_PREFIX, chunk_name
 from datafabric.protocol import SCHEDULER_PLUGIN
-from datafabric.shm import Segment
 from tests.columns import (
     CHUNK,
     N,
@@ -45,7 +43,6 @@ from tests.columns import (
     hold_in,
     in_columns_of,
     settled,
-    slow,
     used,
     views_intact,
 )
@@ -53,7 +50,7 @@ from tests.conftest import local_cluster
 from tests.http_helpers import api, http_port
 from tests.test_lifecycle import workers
 from tests.test_local_reads import wait_published
-from tests.waiting import results_released, wait_for
+from tests.waiting import results_released
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -218,89 +215,6 @@ def test_concurrent_readers_through_defragments_and_the_delete(client, fabric):
     assert all(c.get("bad", 0) == 0 for c in counts), counts
     assert all(c.get("reads", 0) > 0 and c.get("deleted", 0) for c in counts), counts
     del tasks
-    settled(client, fabric, base)
-
-
-@pytest.mark.parametrize("component,method", [("owners", "mark_chunks"), ("datasets.records", "write")])
-def test_a_dataset_deleted_mid_seal_while_its_chunks_are_read_by_name_and_moved(client, fabric, component, method):
-    """Between the seal's columns and its end the chunks are known by name: a get of one
-    materialises it, a defragment moves them, the delete ends the seal; the view keeps its
-    bytes and every byte comes back."""
-    base = used(fabric)
-    fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
-    ds = fabric.create_dataset("cols/sealing", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
-    ds[...] = data(10)
-    fabric.delete("cols/gap")
-    client.run_on_scheduler(slow, component=component, method=method, seconds=2.0)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            sealing = pool.submit(ds.seal)
-            wait_for(lambda: client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "the seal mid-way")
-            view = fabric.get(chunk_name(ds.id, 3))  # known by name before the dataset is visible
-            assert ds.name not in fabric.datasets()
-            fabric.defragment()
-            checked(client)
-            fabric.delete(ds.name)
-            with pytest.raises(FabricError):
-                sealing.result(timeout=60)
-    finally:
-        client.run_on_scheduler(slow, component=component, method=method, seconds=0)
-    assert ds.name not in fabric.datasets() and ds.name not in fabric.get_list()
-    with pytest.raises(NameNotFoundError):
-        fabric.get(chunk_name(ds.id, 4))
-    assert fill(fabric, "cols/filler")
-    np.testing.assert_array_equal(view, expected(10, 3))
-    fabric.delete_prefix("cols/filler")
-    del view
-    settled(client, fabric, base)
-    assert checked(client)["in_columns"] == 0
-
-
-def headers(shm_ids: set[str]) -> dict[str, list[tuple[int, int]]]:
-    """Name -> (state, data offset) of every extent the blocks' headers show."""
-    found: dict[str, list[tuple[int, int]]] = {}
-    for shm_id in shm_ids:
-        seg = Segment.attach(shm_id)
-        try:
-            for e in layout.walk(seg.buf):
-                found.setdefault(e.name, []).append((int(e.state), e.data_offset))
-        finally:
-            seg.close()
-    return found
-
-
-def test_chunks_materialised_mid_seal_are_sealed_where_the_directory_says(client, fabric):
-    """A seal paused in its chunks' marks while a get materialises one and a defragment
-    materialises the rest (moving none: their headers still say RESERVED): once it ends and
-    a defragment moves them, each chunk's header says SEALED exactly once, at the offset
-    the directory gives, as a restart would read it."""
-    base = used(fabric)
-    fabric.insert("cols/gap", "", np.uint8, np.ones(2**18, np.uint8))
-    ds = fabric.create_dataset("cols/marked", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
-    ds[...] = data(21)
-    fabric.delete("cols/gap")
-    client.run_on_scheduler(slow, component="owners", method="mark_chunks", seconds=2.0)
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            sealing = pool.submit(ds.seal)
-            wait_for(lambda: client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N, "the seal mid-way")
-            view = fabric.get(chunk_name(ds.id, 3))
-            assert not fabric.defragment()["moved"], "RESERVED headers: the owner moves none"
-            assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == 0, "the compaction's walk"
-            sealing.result(timeout=60)
-    finally:
-        client.run_on_scheduler(slow, component="owners", method="mark_chunks", seconds=0)
-    moved = set(fabric.defragment()["moved"])  # SEALED now: those before the leased one slide into the hole
-    assert moved == {chunk_name(ds.id, f) for f in (0, 1, 2)}, moved
-    where = {chunk_name(ds.id, f): fabric.get_locations(chunk_name(ds.id, f)) for f in range(N)}
-    shown = headers({loc[1] for locs in where.values() for loc in locs})
-    for name, [(_, _, data_offset)] in where.items():
-        assert shown[name] == [(int(layout.ExtentState.SEALED), data_offset)], (name, shown[name], data_offset)
-    np.testing.assert_array_equal(view, expected(21, 3))
-    np.testing.assert_array_equal(fabric.dataset(ds.name)[...], data(21))
-    checked(client)
-    del view
-    fabric.delete(ds.name)
     settled(client, fabric, base)
 
 
