@@ -33,9 +33,13 @@ N = 24  # chunks a dataset
 # -- the scheduler's side ------------------------------------------------------------------
 def audit(dask_scheduler) -> dict:
     """Runs on the scheduler, building nothing: what breaks the columns' promise."""
+    return audit_directory(dask_scheduler.plugins[SCHEDULER_PLUGIN].directory)
+
+
+def audit_directory(d) -> dict:
+    """``audit`` of a ``yp.directory.Directory``."""
     from yp.chunk_columns import GONE
 
-    d = dask_scheduler.plugins[SCHEDULER_PLUGIN].directory
     problems: list = []
     used: Counter[str] = Counter()
     for var in dict.values(d.by_id):
