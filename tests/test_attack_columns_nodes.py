@@ -15,7 +15,7 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
-from distributed import Client
+from distributed import Client, Event
 
 import datafabric
 from datafabric.errors import FabricError, ReferenceGoneError
@@ -317,5 +317,74 @@ def test_a_chunk_view_passed_as_a_task_argument_leaves_no_lease_on_the_scheduler
             fabric.delete(ds.name)
             del view
             wait_for(lambda: used(fabric) == base, "the deleted chunk's memory", timeout=15)
+        finally:
+            fabric.shutdown()
+
+
+# -- everything at once -----------------------------------------------------------------------
+def read_until_stopped(fabric, seeds: dict, task_seed: int) -> dict:
+    """In a task: read random chunks of the datasets ``seeds`` names (name -> (seed, id)),
+    keeping the last few, checking every view kept, until the test says stop."""
+    rng = np.random.default_rng(task_seed)
+    stop, held, counts = Event("cols-stop"), [], {"reads": 0, "bad": 0}
+    while not stop.is_set():
+        name = sorted(seeds)[int(rng.integers(len(seeds)))]
+        seed, dataset_id = seeds[name]
+        flats = sorted(rng.choice(N, 3, replace=False).tolist())
+        views = fabric.get_many([chunk_name(dataset_id, f) for f in flats])
+        held += [(seed, f, v) for f, v in zip(flats, views, strict=True)]
+        counts["bad"] += sum(not np.array_equal(v, expected(s, f)) for s, f, v in held)
+        counts["reads"] += len(flats)
+        del held[: max(0, len(held) - 12)]
+    return counts
+
+
+def test_readers_on_two_nodes_through_replicas_evictions_defragments_and_datasets_coming_and_going():
+    with simulated_nodes(["a", "b"], per_node=2) as (_, client):
+        fabric = datafabric.start(client, mb=4 * 8)
+        try:
+            on = {
+                n: sorted(w for w, m in client.run(lambda: dask.config.get("datafabric.node-id")).items() if m == n)
+                for n in ("a", "b")
+            }
+            base = used(fabric)
+            steady = {}
+            for seed in (30, 31):
+                ds = fabric.create_dataset(f"cols/steady{seed}", shape=(N * CHUNK,), dtype=np.float64, chunks=CHUNK)
+                client.submit(write, ds, data(seed), workers=[on["a"][seed % 2]]).result()
+                steady[ds.seal().name] = (seed, ds.id)
+            readers = [
+                client.submit(read_until_stopped, fabric, steady, k, workers=[w], pure=False)
+                for k, w in enumerate([on["a"][0], on["a"][1], on["b"][0]])
+            ]
+            rng = np.random.default_rng(32)
+            coming = []
+            for step in range(24):
+                kind = int(rng.integers(5))
+                name, (seed, dataset_id) = sorted(steady.items())[int(rng.integers(2))]
+                if kind == 0:  # a replica on b, materialising the chunk
+                    fabric.replicate(chunk_name(dataset_id, int(rng.integers(N))), ["b"])
+                elif kind == 1:  # b fills from a task there: unleased replicas evicted
+                    client.submit(fill, fabric, f"cols/b{step}", workers=[on["b"][1]], pure=False).result()
+                    fabric.delete_prefix(f"cols/b{step}/")
+                elif kind == 2:
+                    fabric.defragment()
+                elif kind == 3:  # a dataset sealed, one deleted, some of their chunks read by name
+                    ds = fabric.create_dataset(f"cols/coming{step}", data=data(step), chunks=CHUNK)
+                    np.testing.assert_array_equal(fabric.get(chunk_name(ds.id, step % N)), expected(step, step % N))
+                    coming.append(ds.name)
+                    if len(coming) > 2:
+                        fabric.delete(coming.pop(0))
+                else:
+                    np.testing.assert_array_equal(fabric.dataset(name)[...], data(seed))
+                checked(client)
+            Event("cols-stop").set()
+            counts = client.gather(readers)
+            assert all(c["bad"] == 0 and c["reads"] > 0 for c in counts), counts
+            del readers
+            for name in list(steady) + coming:
+                fabric.delete(name)
+            settled(client, fabric, base)
+            assert checked(client)["in_columns"] == 0
         finally:
             fabric.shutdown()
