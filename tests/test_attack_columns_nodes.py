@@ -166,12 +166,12 @@ def test_views_of_chunks_kept_through_a_scheduler_restart(processes):  # noqa: F
         fabric.delete("cols/gap")
         hold(fabric, ds.name, 14, ds.id, [2, 9, 17], "chunk")
         assert client.run_on_scheduler(in_columns_of, dataset_id=ds.id) == N - 3
+        granted = {key: pin_of(view).lease["var_id"] for key, view in kept().items()}  # ids of the dead incarnation
         processes.crash_scheduler()
         processes.start()
         client.wait_for_workers(2)  # the same client, reconnected
         wait_for(lambda: listed(fabric) == ["cols/restarted"], "the dataset rebuilt")
         wait_for(lambda: not client.run_on_scheduler(audit)["problems"], "the directory settled", timeout=30)
-        granted = {key: pin_of(view).lease["var_id"] for key, view in kept().items()}
         wait_for(lambda: all(pin_of(v).lease["var_id"] != granted[k] for k, v in kept().items()), "views declared")
         moved: set[str] = set()
         wait_for(  # once the take-back's round ends (every client declared), the others fill the hole
