@@ -57,10 +57,16 @@ def is_chunk_name(name: str) -> bool:
 
 def dataset_part(name: str) -> tuple[int, str] | None:
     """``(dataset id, part)`` of a name made by ``chunk_name`` or ``record_name``: the part
-    is a flat chunk index in decimal, or ``RECORD_PART``.  None for any other name."""
+    is a flat chunk index in decimal, or ``RECORD_PART``.  None for any other name.  Digits
+    are ASCII ones: ``str.isdigit`` also takes ones ``int`` cannot read (``²``), and any
+    name reaches here (a get of it looks for a chunk in columns)."""
     if not name.startswith(CHUNK_PREFIX):
         return None
     did, _, part = name[len(CHUNK_PREFIX) :].partition("/")
-    if not did.isdigit() or not (part.isdigit() or part == RECORD_PART):
+    if not _decimal(did) or not (_decimal(part) or part == RECORD_PART):
         return None
     return int(did), part
+
+
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()

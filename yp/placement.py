@@ -6,6 +6,11 @@ node first); then compacting a block whose free space is enough but in pieces; t
 the target node, dropping unleased replicas, least recently used first (never a
 variable's last copy), and compacting the block they left room in.  Only then is the
 request refused.
+
+Eviction first drops replicas until a block of the node counts the bytes asked as free.
+Counted is not in one piece: leased extents, which no compaction moves, can cut that room
+into pieces each too small.  So while the blocks, compacted, still refuse, one more
+replica goes and they are tried again, until one fits or nothing evictable is left.
 """
 
 from __future__ import annotations
@@ -53,24 +58,36 @@ class Placement:
                 if node is None:
                     break
                 await self._evict(node, nbytes, exclude)
-            skip = exclude | self.moves.held()  # a block being moved now is not waited for
-            for block in self.directory.placement(nbytes, node, skip):
-                if (only_node or step == "evict") and block.node != node:
-                    continue
-                if step != "free":  # an eviction may leave the room it made in pieces too
-                    try:
-                        await self.compaction.compact(block)
-                    except WorkerLostError:
-                        continue
-                r = await self._try(block, request)
-                if r is not None:
-                    try:
-                        self.directory.add_pending(holder, block.shm_id, r)
-                    except WorkerLostError:  # the writer left while its room was found
-                        await self.owners.free([_copy(block.shm_id, r)])
-                        raise
-                    return block, r
+            while True:
+                placed = await self._place(step, request, node, holder, only_node, exclude)
+                if placed is not None:
+                    return placed
+                if step != "evict" or not await self._evict(node, nbytes, exclude, one_more=True):
+                    break  # the room counted free is in pieces: one more replica goes, or none is left
         raise self.directory.out_of_space(nbytes, node if only_node else None)
+
+    async def _place(
+        self, step: str, request: dict, node: str | None, holder: str, only_node: bool, exclude: frozenset[str]
+    ) -> tuple[Block, Reservation] | None:
+        """One pass over the blocks counting enough free (compacted first after ``free``)."""
+        skip = exclude | self.moves.held()  # a block being moved now is not waited for
+        for block in self.directory.placement(request["nbytes"], node, skip):
+            if (only_node or step == "evict") and block.node != node:
+                continue
+            if step != "free":  # an eviction may leave the room it made in pieces too
+                try:
+                    await self.compaction.compact(block)
+                except WorkerLostError:
+                    continue
+            r = await self._try(block, request)
+            if r is not None:
+                try:
+                    self.directory.add_pending(holder, block.shm_id, r)
+                except WorkerLostError:  # the writer left while its room was found
+                    await self.owners.free([_copy(block.shm_id, r)])
+                    raise
+                return block, r
+        return None
 
     async def reserve_filled(
         self,
@@ -104,16 +121,23 @@ class Placement:
         except WorkerLostError:
             return None  # owner unreachable: the next block
 
-    async def _evict(self, node: str, nbytes: int, exclude: frozenset[str]) -> None:
+    async def _evict(self, node: str, nbytes: int, exclude: frozenset[str], one_more: bool = False) -> bool:
+        """Drop unleased replicas on ``node``, least recently used first, until a block of
+        it counts ``nbytes`` free, or (``one_more``) just one; whether any was dropped."""
+        dropped = False
         for var, copy in self.directory.evictable(node):
-            if any(b.free >= nbytes for b in self.directory.owned() if b.node == node):
-                return
+            if not one_more and any(b.free >= nbytes for b in self.directory.owned() if b.node == node):
+                break
             async with self.local.withheld([var], node):  # its local leases on the node are known now
                 still_evictable = not var.leases and not var.deleted and len(var.copies) > 1 and copy in var.copies
                 if not still_evictable or copy.shm_id in exclude or self.moves.busy([copy.shm_id]):
                     continue  # it changed while an earlier replica was being freed, or is read
                 freed = self.directory.drop_copy(var, copy)
             await self.owners.free([freed])
+            dropped = True
+            if one_more:
+                break
+        return dropped
 
 
 def _copy(shm_id: str, r: Reservation) -> Copy:
