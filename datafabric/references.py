@@ -18,13 +18,25 @@ says where the copies are now (a variable no lease held may have been compacted)
 Dask deserialises small messages on its event loop, where no blocking call of the
 worker's or client's own may run; ``datafabric.loopcalls`` serves those.  On the
 scheduler's loop, the YellowPages of this process grants the lease directly; a
-scheduler that cannot map the block keeps the reference as it is (it only passes task
-arguments on), and it pickles again as itself.
+scheduler that cannot map the block keeps the reference as it is, and it pickles again
+as itself.
+
+**A scheduler carries the views in task arguments as references** (``carrying``): it
+only passes them on to workers, and Dask keeps the messages that held them (the last
+thousand to each worker, ``BatchedSend.recent_message_log``) long after their tasks are
+forgotten, so a view made there would hold its lease, and a deleted variable's memory,
+as long.  So while the scheduler unpickles a graph, in whatever process it runs (a
+LocalCluster's shares the client's, and could map the blocks), a reference stays one,
+holding no lease: a task argument holds its memory no more than the client's view it
+came from does, wherever the scheduler is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +46,7 @@ from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
+_carried: ContextVar[bool] = ContextVar("datafabric_carried", default=False)  # see ``carrying``
 
 
 class FabricView(np.ndarray):
@@ -129,6 +142,8 @@ def materialise(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
+    if _carried.get():
+        return ref
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     since = state.epoch  # before the lease: see ``LocalState.pin``
@@ -144,6 +159,24 @@ def materialise(ref: ViewReference) -> Any:
         return _slice(_fetch(ctx, info), ref)
     finally:
         ctx.send(lease)
+
+
+def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """The scheduler's ``update-graph`` handler, under which the references in the graph
+    it unpickles stay references (the module's docstring says why)."""
+    if getattr(handler, "carries_references", False):
+        return handler
+
+    @functools.wraps(handler)
+    async def carry(*args: Any, **kwargs: Any) -> Any:
+        token = _carried.set(True)  # this handler's own task's context: nothing else sees it
+        try:
+            return await handler(*args, **kwargs)
+        finally:
+            _carried.reset(token)
+
+    carry.carries_references = True  # type: ignore[attr-defined]
+    return carry
 
 
 def _materialise_fields(*fields: Any) -> Any:

@@ -296,13 +296,6 @@ def test_views_of_chunks_in_columns_travel_as_references_leased_by_id(client, fa
         pickle.loads(later)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a view a client in the scheduler's own process (a LocalCluster's) passes as a task argument is "
-    "made a view, under a lease, when the scheduler unpickles the task; the compute-task message holding it "
-    "stays in the scheduler's BatchedSend.recent_message_log (distributed.admin.low-level-log-length: 1000 "
-    "messages) after the task is forgotten, so the lease, and a deleted chunk's memory, outlive the task",
-)
 def test_a_chunk_view_passed_as_a_task_argument_leaves_no_lease_on_the_scheduler():
     with local_cluster() as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=32)

@@ -111,6 +111,34 @@ def test_a_200_mib_view_passed_returned_scattered_and_moved_costs_kilobytes_on_t
     assert a in logged[b]
 
 
+def _leases(name: str, dask_scheduler=None) -> dict[str, int]:
+    from datafabric.protocol import SCHEDULER_PLUGIN
+
+    return dict(dask_scheduler.plugins[SCHEDULER_PLUGIN].directory.variables[name].leases)
+
+
+def test_a_task_argument_is_carried_by_the_scheduler_as_a_reference_holding_no_lease(client, rfabric):
+    """The scheduler only passes a task's arguments on, and Dask keeps its messages long
+    after their tasks are forgotten: a view there would hold its lease as long.  So the
+    scheduler, here in the client's own process and able to map the blocks, keeps the
+    reference; the worker reads the client's pages, also once the name is deleted while
+    the client's view lives, and the memory returns as soon as that view is dropped."""
+    _, b = sorted(client.scheduler_info()["workers"])
+    before = rfabric.status()
+    rfabric.insert("arg", "an argument", np.float64, np.arange(4096, dtype=np.float64))
+    view = rfabric.get("arg")
+    leases = client.run_on_scheduler(_leases, "arg")
+    assert list(leases.values()) == [1]  # the client's own view's
+    task = client.submit(use, view, workers=[b], pure=False)
+    assert task.result() == {"type": "FabricView", "zero_copy": True, "sum": float(np.arange(4096).sum())}
+    del task  # the worker lets its task's argument go once the task is forgotten
+    wait_for(lambda: client.run_on_scheduler(_leases, "arg") == leases, "the client's lease alone")
+    rfabric.delete("arg")
+    assert client.submit(use, view[1:], workers=[b], pure=False).result()["sum"] == float(np.arange(1, 4096).sum())
+    del view
+    wait_for(lambda: rfabric.status() == before, "the deleted argument's memory back")
+
+
 def test_a_persisted_fabric_backed_dask_array(client, rfabric):
     import dask.array as da
 

@@ -40,6 +40,7 @@ from distributed.protocol.pickle import dumps
 
 from datafabric.errors import FabricError, NoFabricError
 from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals
+from datafabric.references import carrying
 from worker_plugin.memory import SharedMemoryAwareNanny
 from worker_plugin.plugin import FabricWorkerPlugin
 from worker_plugin.restarts import RestartIntent
@@ -117,6 +118,7 @@ class YellowPages(SchedulerPlugin):
         scheduler.stream_handlers["datafabric_recalled"] = self.local.recalled
         scheduler.stream_handlers["datafabric_used"] = self.local.used
         scheduler.stream_handlers["datafabric_dataset_end_write"] = self.datasets.end_write_sent
+        scheduler.stream_handlers["update-graph"] = carrying(scheduler.stream_handlers["update-graph"])
         await self._install_on_workers()
 
     def _handlers(self) -> dict[str, Callable]:
