@@ -18,8 +18,10 @@ import weakref
 import numpy as np
 import pytest
 
+from datafabric import views
 from tests.blocks import shm_block
 from tests.grants import recall, setup
+from tests.waiting import wait_for
 
 MiB = 2**20
 SLOT = 256  # bytes per variable: 128 uint16, each its var id
@@ -189,23 +191,18 @@ def test_gets_racing_names_bound_anew_never_read_the_deleted_variable():
 
 
 class _PausingCache(dict):
-    """A cache that stops the thread ``pause_in`` right before and right after it writes
-    an entry (until ``go``, then ``on``): the interpreter may switch away at either step,
-    for as long as it likes."""
+    """A cache that stops the thread ``pause_in`` right after it writes an entry, until
+    ``on``: the interpreter may switch away there, for as long as it likes."""
 
     pause_in: threading.Thread | None = None
 
     def __init__(self) -> None:
         super().__init__()
-        self.writing, self.go, self.written, self.on = (threading.Event() for _ in range(4))
+        self.written, self.on = threading.Event(), threading.Event()
 
     def __setitem__(self, name: str, entry: weakref.ref) -> None:
-        pausing = threading.current_thread() is self.pause_in
-        if pausing:
-            self.writing.set()
-            self.go.wait(30)
         super().__setitem__(name, entry)
-        if pausing:
+        if threading.current_thread() is self.pause_in:
             self.written.set()
             self.on.wait(30)
 
@@ -215,12 +212,11 @@ class _PausingCache(dict):
     reason="LocalState._cache_held writes a pin's entry without the lock and checks the epoch only after: "
     "an entry written after an invalidation answers other threads' gets until that check takes it out",
 )
-def test_a_get_after_a_name_is_bound_anew_never_finds_the_deleted_variable_cached():
-    """A task's get of "c/0" counts its local lease; before it writes its cache entry,
-    "c/0" is deleted (recalled, invalidated) and bound anew; it writes the entry.  A get of
-    "c/0" that starts now, in another thread, must read the new variable: the entry
-    written after the invalidation, until the writer checks the epoch again and takes it
-    out, must never answer it."""
+def test_a_get_after_a_name_is_bound_anew_never_finds_the_deleted_variable_cached(monkeypatch):
+    """A task's get of "c/0" counts its local lease; before it makes its cache entry,
+    "c/0" is deleted (recalled, invalidated) and bound anew; then it goes on, and stops
+    again if it writes the entry.  A get of "c/0" that starts now, in another thread, must
+    read the new variable: an entry written after the invalidation must never answer it."""
     with shm_block(MiB) as segment:
         sent: list = []
         reads, entry = setup(segment, sent)
@@ -228,20 +224,30 @@ def test_a_get_after_a_name_is_bound_anew_never_finds_the_deleted_variable_cache
         state._pins = cache = _PausingCache()  # before any entry: the entries' callbacks hold it
         names = Names(reads, entry, segment, 1)
         old = names.current["c/0"]
+        making, go = threading.Event(), threading.Event()
+
+        def paused_entry(*args):
+            if threading.current_thread() is reader:
+                making.set()
+                go.wait(30)
+            return original(*args)
+
+        original = views._cache_entry
+        monkeypatch.setattr(views, "_cache_entry", paused_entry)
         got: list = []
         cache.pause_in = reader = threading.Thread(target=lambda: got.append(reads.pin("c/0").view()))
         reader.start()
         try:
-            assert cache.writing.wait(30)
+            assert making.wait(30)
             names.rebind("c/0")
             new = names.current["c/0"]
-            cache.go.set()
-            assert cache.written.wait(30)
+            go.set()
+            wait_for(lambda: cache.written.is_set() or not reader.is_alive(), "the entry written, or the get done")
             view = state.cached_view("c/0")
             if view is None:
                 view = reads.view("c/0")
         finally:
-            cache.go.set()
+            go.set()
             cache.on.set()
             reader.join(30)
         assert int(got[0][0]) == old  # the reader's own view: its lease, counted before the recall
