@@ -227,7 +227,7 @@ class LocalState:
         ref.end = end
         ref.lease = lease
         self._live.add(ref)
-        if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
+        if cache:  # written under the lock: ``invalidate`` and ``detach`` drop it, or it is not written
             self._cache_held(name, pin, ref, since)
         return pin
 
@@ -265,22 +265,29 @@ class LocalState:
 
     def _cache_held(self, name: str, pin: _Pin, ref: _Lease, since: int) -> None:
         """Cache ``pin`` by name once its lease's weak reference ``ref`` is registered,
-        unless an invalidation came since ``epoch`` was ``since`` (read before the lease):
-        such an entry could be written after that invalidation dropped the name, and
-        answer later gets with a deleted variable.  A failure here (an allocation) disarms
-        ``ref`` before it propagates: whoever asked for the pin ends the lease on a
-        failure, so its death must not end it too (the failure's frames may keep ``ref``
-        alive until after the pin dies)."""
+        unless an invalidation came since ``epoch`` was ``since`` (read before the lease).
+        The check and the write are one step under the lock, which an invalidation holds
+        as it advances the epoch and drops entries: so an entry is written before an
+        invalidation, which drops it, or not at all.  (Written first and checked after, an
+        entry written after an invalidation answered other threads' gets of the name bound
+        anew with the deleted variable until its writer checked.)  The entry is made
+        before the lock is taken, which is held for a check and a dict write only.
+        A failure here (an allocation) disarms ``ref`` before it propagates: whoever asked
+        for the pin ends the lease on a failure, so its death must not end it too (the
+        failure's frames may keep ``ref`` alive until after the pin dies), and no entry
+        of it may stay to answer gets."""
+        entry = None
         try:
-            cached = self._pins[name] = _cache_entry(self._pins, name, pin)
+            entry = _cache_entry(self._pins, name, pin)
+            with self.lock:
+                if self.epoch == since:
+                    self._pins[name] = entry
         except BaseException:
             self._live.discard(ref)
             ref.end = _end_nothing
+            if entry is not None and self._pins.get(name) is entry:
+                self._pins.pop(name, None)
             raise
-        if self.epoch != since:  # an invalidation came since the lease: read before its drop, or after
-            with self.lock:
-                if self._pins.get(name) is cached:
-                    self._pins.pop(name, None)
 
     def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
         """Later gets of these names answer with these pins' views (one lock for a batch),

@@ -16,7 +16,6 @@ import time
 import weakref
 
 import numpy as np
-import pytest
 
 from datafabric import views
 from tests.blocks import shm_block
@@ -167,11 +166,6 @@ def churn(names: Names, seconds: float, seed: int, threads: int = 4) -> list[Bas
     return errors
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the defect of the test below (an entry written after an invalidation answers gets); "
-    "this churn catches it in most runs, not every one",
-)
 def test_gets_racing_names_bound_anew_never_read_the_deleted_variable():
     """Four threads get, batch and drop (plainly, and in cycles whose finalizers get again
     inside the collection) while names are bound anew: every view is its name's variable,
@@ -207,11 +201,6 @@ class _PausingCache(dict):
             self.on.wait(30)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LocalState._cache_held writes a pin's entry without the lock and checks the epoch only after: "
-    "an entry written after an invalidation answers other threads' gets until that check takes it out",
-)
 def test_a_get_after_a_name_is_bound_anew_never_finds_the_deleted_variable_cached(monkeypatch):
     """A task's get of "c/0" counts its local lease; before it makes its cache entry,
     "c/0" is deleted (recalled, invalidated) and bound anew; then it goes on, and stops
