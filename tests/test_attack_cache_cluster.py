@@ -202,11 +202,6 @@ def pointer(fabric, name: str) -> datafabric.Pointer:
     return fabric.get_ptr(node, shm_id, offset)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Fabric.get, get_ptr and materialise do not end the lease they took when LocalState.pin fails "
-    "(it disarms the pin's end of it and leaves that to its caller, as get_many and local reads do)",
-)
 @pytest.mark.parametrize("how", ["get", "get_ptr", "materialise"])
 def test_a_client_get_failing_as_it_caches_its_pin_keeps_no_lease(client, fabric, monkeypatch, how):
     """The client's get takes a lease of the YellowPages, then its pin fails to be cached
