@@ -18,6 +18,7 @@ import weakref
 
 import cloudpickle
 import numpy as np
+import pytest
 
 from datafabric import views
 from tests.blocks import shm_block
@@ -349,3 +350,51 @@ def test_a_view_a_finalizer_keeps_alive_keeps_its_lease():
             assert recall(reads, names.current["c/0"]) == [[names.current["c/0"], 1]]
         finally:
             Resurrecting.pool.clear()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="LocalState.cache makes its entries under the state's lock, where a collection ends pins "
+    "(their callbacks take the local reads' lock), and a single get caches under the same lock",
+)
+def test_a_finalizer_getting_under_the_local_reads_lock_never_deadlocks_with_a_batch(monkeypatch):
+    """A collection may run inside the local reads' locked steps (a publication's, a
+    recall's, on the event loop) and run a user's finalizer that gets a name; meanwhile a
+    task's batch caches its pins, and a collection in it ends a pin, whose callback takes
+    the local reads' lock.  Neither may wait for the other for ever."""
+    with shm_block(MiB) as segment:
+        sent: list = []
+        reads, entry = setup(segment, sent)
+        names = Names(reads, entry, segment, 3)
+        dying = [reads.pin("c/2").view()]  # its last view dies in the batch, as a collection there would end it
+        locked, caching = threading.Event(), threading.Event()
+        original = views._cache_entry
+
+        def collecting(*args):
+            if threading.current_thread() is batch and dying:
+                caching.set()
+                locked.wait(5)
+                time.sleep(0.2)  # the finalizer's get is waiting by now, if it waits
+                dying.clear()  # the pin's callback takes the local reads' lock
+            return original(*args)
+
+        def finalizer() -> None:
+            caching.wait(5)
+            with reads.lock:  # the locked step a collection ran the finalizer in
+                locked.set()
+                reads.view("c/0")  # an uncached get: it caches its pin
+
+        def batching() -> None:
+            reads.pin_many(["c/1"])
+
+        monkeypatch.setattr(views, "_cache_entry", collecting)
+        threads = [
+            threading.Thread(target=finalizer, daemon=True),
+            batch := threading.Thread(target=batching, daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "the finalizer's get and the batch wait for each other"
+        assert names.current["c/0"] in reads._by_id
