@@ -18,7 +18,6 @@ import weakref
 
 import cloudpickle
 import numpy as np
-import pytest
 
 from datafabric import views
 from tests.blocks import shm_block
@@ -275,6 +274,11 @@ class _FailingCache(dict):
             raise MemoryError("injected")
         super().__setitem__(name, entry)
 
+    def update(self, entries: dict) -> None:
+        if self.failing:
+            raise MemoryError("injected")
+        super().update(entries)
+
 
 def test_a_get_failing_as_it_caches_its_pin_ends_its_lease_once_and_leaves_no_entry(monkeypatch):
     """Making a cache entry, or writing it, fails (a ``MemoryError``) in a single get, in a
@@ -352,11 +356,6 @@ def test_a_view_a_finalizer_keeps_alive_keeps_its_lease():
             Resurrecting.pool.clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LocalState.cache makes its entries under the state's lock, where a collection ends pins "
-    "(their callbacks take the local reads' lock), and a single get caches under the same lock",
-)
 def test_a_finalizer_getting_under_the_local_reads_lock_never_deadlocks_with_a_batch(monkeypatch):
     """A collection may run inside the local reads' locked steps (a publication's, a
     recall's, on the event loop) and run a user's finalizer that gets a name; meanwhile a
