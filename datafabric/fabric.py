@@ -223,15 +223,22 @@ class Fabric(Catalog, MemoryReport, ManyReads, DatasetMethods, WebMixin):
 
     def _local_pin(self, ctx: Context, info: dict, name: str, since: int) -> _Pin | None:
         """A pin of the copy on this process's node, cached under ``name`` if no
-        invalidation came since the state's ``epoch`` was ``since`` (read before the lease)."""
-        ftype = from_datashape(info["type"])
-        for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
-            if ctx.node is not None and node != ctx.node:
-                continue
-            segment = self._state.segment(node, shm_id)
-            if segment is not None:
-                lease = _release_msg(ctx, info)
-                return self._state.pin(name, node, segment, offset, extent_id, ftype, lease, ctx.send, since=since)
+        invalidation came since the state's ``epoch`` was ``since`` (read before the lease).
+        The pin holds the lease of ``info``; None (no copy here): the caller still does.
+        If this fails, the lease is ended here: a pin that failed to be made or cached
+        ends none (``LocalState.pin``), and the caller holds it no more."""
+        try:
+            ftype = from_datashape(info["type"])
+            for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
+                if ctx.node is not None and node != ctx.node:
+                    continue
+                segment = self._state.segment(node, shm_id)
+                if segment is not None:
+                    lease = _release_msg(ctx, info)
+                    return self._state.pin(name, node, segment, offset, extent_id, ftype, lease, ctx.send, since=since)
+        except BaseException:
+            ctx.send(_release_msg(ctx, info))
+            raise
         return None
 
     def replicate(self, name: str, nodes: list[str] | int | None = None) -> list[Location]:

@@ -109,8 +109,8 @@ class ManyReads:
             leases = [{"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder} for info in infos]
             try:
                 for k, (i, info) in enumerate(zip(remaining, infos, strict=True)):
+                    leases[k] = None  # the pin holds it next, or it is released below, or as _local_pin fails
                     pin = self._local_pin(ctx, info, names[i], since)  # type: ignore[attr-defined]
-                    leases[k] = None  # the pin holds it now, or it is released below
                     if pin is None:  # no copy here: fetched like get (a replica, or a private copy)
                         ctx.send({"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder})
                         out[i] = self.get(names[i])  # type: ignore[attr-defined]

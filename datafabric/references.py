@@ -184,17 +184,23 @@ def _materialise_fields(*fields: Any) -> Any:
 
 
 def _local_pin(ctx: Any, state: Any, info: dict, lease: dict, *, cache: bool, since: int) -> Any:
+    """A pin holding ``lease``, or None (no copy here: the caller still holds it); if this
+    fails, ``lease`` is ended here (a pin that failed to be made or cached ends none)."""
     from datafabric.types import from_datashape
 
-    ftype = from_datashape(info["type"])
-    for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
-        if ctx.node is not None and node != ctx.node:
-            continue
-        segment = state.segment(node, shm_id)
-        if segment is not None:
-            return state.pin(
-                info["name"], node, segment, offset, extent_id, ftype, lease, ctx.send, cache=cache, since=since
-            )
+    try:
+        ftype = from_datashape(info["type"])
+        for (node, shm_id, offset), extent_id in zip(info["locations"], info["extent_ids"], strict=True):
+            if ctx.node is not None and node != ctx.node:
+                continue
+            segment = state.segment(node, shm_id)
+            if segment is not None:
+                return state.pin(
+                    info["name"], node, segment, offset, extent_id, ftype, lease, ctx.send, cache=cache, since=since
+                )
+    except BaseException:
+        ctx.send(lease)
+        raise
     return None
 
 

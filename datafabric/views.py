@@ -155,13 +155,19 @@ class LocalState:
     def __init__(self, fabric_id: str) -> None:
         self.fabric_id = uuid.UUID(fabric_id)
         self.address: str | None = None  # the scheduler's, that references to its views name
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # the mappings of blocks
+        # Guards ``epoch`` and the writes of the cache: held only for steps that allocate
+        # nothing and drop no pin, so no collection and no pin's callback (which may take
+        # the local reads' lock) runs under it.  A get run by a collection under any other
+        # lock (a user's finalizer, in a locked step of the local reads) so never waits
+        # for a step that waits for that lock.
+        self._cache_lock = threading.RLock()
         self._segments: dict[str, Segment] = {}
         # The latest view of each name, for cached gets: an entry per pin alive, each removing
         # itself as its pin dies (``_cache_entry``), not one per name ever read.
         self._pins: dict[str, weakref.ref[_Pin]] = {}
         # Invalidations so far: a get reads it before its lease, and caches its pin only if
-        # it has not changed since (``pin``, ``cache``).
+        # it has not changed since (``pin``, ``cache``), checked under ``_cache_lock``.
         self.epoch = 0
         # Every pin alive, each holding a lease: a weak reference whose callback releases it
         # (lighter than ``weakref.finalize`` and a WeakSet, for a get_many of thousands).
@@ -227,7 +233,7 @@ class LocalState:
         ref.end = end
         ref.lease = lease
         self._live.add(ref)
-        if cache:  # one dict write is atomic: ``invalidate`` and ``detach`` drop it before or after
+        if cache:  # checked and written in one step: ``invalidate`` drops it, or it is not written
             self._cache_held(name, pin, ref, since)
         return pin
 
@@ -265,31 +271,37 @@ class LocalState:
 
     def _cache_held(self, name: str, pin: _Pin, ref: _Lease, since: int) -> None:
         """Cache ``pin`` by name once its lease's weak reference ``ref`` is registered,
-        unless an invalidation came since ``epoch`` was ``since`` (read before the lease):
-        such an entry could be written after that invalidation dropped the name, and
-        answer later gets with a deleted variable.  A failure here (an allocation) disarms
-        ``ref`` before it propagates: whoever asked for the pin ends the lease on a
+        unless an invalidation came since ``epoch`` was ``since`` (read before the lease).
+        The check and the write are one step under ``_cache_lock``, under which every
+        invalidation advances the epoch before it drops entries: so an entry is written
+        before an invalidation, which drops it, or not at all.  (Written first and checked
+        after, an entry written after an invalidation answered other threads' gets of the
+        name bound anew with the deleted variable until its writer checked.)  The entry is
+        made before: nothing under that lock allocates.  A failure here (an allocation)
+        disarms ``ref`` before it propagates: whoever asked for the pin ends the lease on a
         failure, so its death must not end it too (the failure's frames may keep ``ref``
-        alive until after the pin dies)."""
+        alive until after the pin dies), and no entry of it may stay to answer gets."""
+        entry = None
         try:
-            cached = self._pins[name] = _cache_entry(self._pins, name, pin)
+            entry = _cache_entry(self._pins, name, pin)
+            with self._cache_lock:
+                if self.epoch == since:
+                    self._pins[name] = entry
         except BaseException:
             self._live.discard(ref)
             ref.end = _end_nothing
+            if entry is not None and self._pins.get(name) is entry:
+                self._pins.pop(name, None)
             raise
-        if self.epoch != since:  # an invalidation came since the lease: read before its drop, or after
-            with self.lock:
-                if self._pins.get(name) is cached:
-                    self._pins.pop(name, None)
 
     def cache(self, names: list[str], pins: list[_Pin], since: int) -> None:
-        """Later gets of these names answer with these pins' views (one lock for a batch),
-        unless an invalidation came since ``epoch`` was ``since``, before their leases."""
-        with self.lock:
-            if self.epoch != since:
-                return
-            for name, pin in zip(names, pins, strict=True):
-                self._pins[name] = _cache_entry(self._pins, name, pin)
+        """Later gets of these names answer with these pins' views, written in one step,
+        unless an invalidation came since ``epoch`` was ``since``, before their leases (the
+        entries are made before it: nothing under ``_cache_lock`` allocates)."""
+        entries = {name: _cache_entry(self._pins, name, pin) for name, pin in zip(names, pins, strict=True)}
+        with self._cache_lock:
+            if self.epoch == since:
+                self._pins.update(entries)
 
     def _ended(self, ref: _Lease) -> None:
         """A pin died (wherever its last view did); set.discard is atomic."""
@@ -302,34 +314,41 @@ class LocalState:
             return [pin for ref in list(self._live) if (pin := ref()) is not None and pin.var_id < var_id]
 
     def invalidate(self, var_ids: list[int]) -> None:
+        """Drop the entries of these variables (deleted), and of dead pins.  The epoch goes
+        first: an entry checked and written from then on was leased after this came, so
+        not of these; one written before is in the copy walked.  The walk takes no lock
+        (pins it drops may die in it, and their callbacks take other locks): an entry is
+        taken out only if still the name's, and a new one taken out in between costs a
+        cache miss, as in ``_cache_entry``."""
         drop = set(var_ids)
-        with self.lock:
-            self.epoch += 1  # before the drop: a pin cached meanwhile sees it, or is dropped
-            for name, ref in self._pins.copy().items():
-                pin = ref()
-                if pin is None or pin.var_id in drop:
-                    self._pins.pop(name, None)
+        self._advance()
+        for name, ref in self._pins.copy().items():
+            pin = ref()
+            if (pin is None or pin.var_id in drop) and self._pins.get(name) is ref:
+                self._pins.pop(name, None)
 
     def forget(self, name: str) -> None:
-        with self.lock:
-            self.epoch += 1
-            self._pins.pop(name, None)
+        self._advance()
+        self._pins.pop(name, None)
 
     def forget_prefix(self, prefix: str) -> None:
-        with self.lock:
+        self._advance()
+        for name in [n for n in self._pins.copy() if n.startswith(prefix)]:
+            self._pins.pop(name, None)
+
+    def _advance(self) -> None:
+        with self._cache_lock:
             self.epoch += 1
-            for name in [n for n in self._pins.copy() if n.startswith(prefix)]:
-                self._pins.pop(name, None)
 
     def detach(self, shm_ids: list[str]) -> None:
         """Blocks were unlinked: unmap them (views still alive keep their pages until
         they die) and forget views on them."""
+        gone = {s.lstrip("/") for s in shm_ids}
+        for name, ref in self._pins.copy().items():
+            pin = ref()
+            if (pin is None or pin.segment.name.lstrip("/") in gone) and self._pins.get(name) is ref:
+                self._pins.pop(name, None)
         with self.lock:
-            gone = {s.lstrip("/") for s in shm_ids}
-            for name, ref in self._pins.copy().items():
-                pin = ref()
-                if pin is None or pin.segment.name.lstrip("/") in gone:
-                    self._pins.pop(name, None)
             for shm_id in gone:
                 seg = self._segments.pop(shm_id, None)
                 if seg is not None:
