@@ -21,6 +21,7 @@ import numpy as np
 
 from datafabric import views
 from tests.blocks import shm_block
+from tests.collector import collect
 from tests.grants import recall, setup
 from tests.waiting import wait_for
 
@@ -29,15 +30,6 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 MiB = 2**20
 SLOT = 256  # bytes per variable: 128 uint16, each its var id
 FIRST = 100  # the first var id; a var id's slot is fixed, never reused
-
-
-def collect(done) -> None:
-    """Full collections until ``done()``, for a few seconds at most: a ``gc.collect()``
-    called while another thread's collection runs Python code (a finalizer, a callback: the
-    client's event loop, say) returns at once, having collected nothing."""
-    deadline = time.monotonic() + 10
-    while gc.collect() >= 0 and not done() and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 class Names:

@@ -24,8 +24,8 @@ from datafabric import views
 from datafabric.errors import DatasetWritingError, NameNotFoundError
 from datafabric.reads import task_reads
 from datafabric.views import local_state
+from tests.collector import collect
 from tests.test_attack_batched_leases import generation_data, generation_of
-from tests.test_attack_cache import collect
 from tests.test_lifecycle import total_free, workers
 from tests.waiting import wait_for
 
