@@ -282,9 +282,6 @@ def test_a_task_a_plugin_starts_inside_update_graph_unpickles_views_as_views(cli
         assert seen[0] == "FabricView"
     finally:
         client.unregister_scheduler_plugin("car-spawner")
-    client.run_on_scheduler(
-        lambda dask_scheduler: dask_scheduler.plugins.get("car-spawner")
-    )  # the view it made dies with it
     cfabric.delete("car/spawn")
 
 
