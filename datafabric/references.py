@@ -46,7 +46,8 @@ from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
-_carried: ContextVar[bool] = ContextVar("datafabric_carried", default=False)  # see ``carrying``
+# The update-graph handler's own task, in its context (see ``carrying``)
+_carried: ContextVar[asyncio.Task | None] = ContextVar("datafabric_carried", default=None)
 
 
 class FabricView(np.ndarray):
@@ -142,7 +143,7 @@ def materialise(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
-    if _carried.get():
+    if _carrying_here():
         return ref
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
@@ -169,7 +170,7 @@ def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
     @functools.wraps(handler)
     async def carry(*args: Any, **kwargs: Any) -> Any:
-        token = _carried.set(True)  # this handler's own task's context: nothing else sees it
+        token = _carried.set(asyncio.current_task())
         try:
             return await handler(*args, **kwargs)
         finally:
@@ -177,6 +178,22 @@ def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
     carry.carries_references = True  # type: ignore[attr-defined]
     return carry
+
+
+def _carrying_here() -> bool:
+    """Whether a reference unpickled now is the update-graph handler's to carry: in the
+    handler's own task, or off any event loop in a thread that runs with its context
+    (Dask's ``offload``, which materialises and orders the graph).  A task created inside
+    the handler (by Dask, by a plugin's hook) copies the handler's context, and so the
+    variable, but it is another task and outlives the handler: what it unpickles are
+    views, as anywhere else."""
+    handler = _carried.get()
+    if handler is None:
+        return False
+    try:
+        return asyncio.current_task() is handler
+    except RuntimeError:  # no event loop in this thread: an offload of the handler's
+        return True
 
 
 def _materialise_fields(*fields: Any) -> Any:

@@ -265,11 +265,6 @@ class SpawnsOnGraphs(SchedulerPlugin):
         asyncio.get_running_loop().create_task(later())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task created inside update-graph copies its context: the flag set there "
-    "makes every view it unpickles, later, a reference",
-)
 def test_a_task_a_plugin_starts_inside_update_graph_unpickles_views_as_views(client, cfabric):
     cfabric.insert("car/spawn", "", np.float64, values(12, 512))
     blob = pickle.dumps(cfabric.get("car/spawn")[1:])
