@@ -28,7 +28,9 @@ forgotten, so a view made there would hold its lease, and a deleted variable's m
 as long.  So while the scheduler unpickles a graph, in whatever process it runs (a
 LocalCluster's shares the client's, and could map the blocks), a reference stays one,
 holding no lease: a task argument holds its memory no more than the client's view it
-came from does, wherever the scheduler is.
+came from does, wherever the scheduler is.  But for a scheduler on ``inproc://`` (a
+cluster of threads): its comms hand a worker the scheduler's objects themselves,
+unpickled, so what the scheduler keeps is what the task gets, and it must be the view.
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def materialise(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
-    if _carrying_here():
-        return ref
+    if _carrying_here() and not ref.address.startswith("inproc://"):
+        return ref  # an inproc worker is handed the scheduler's own objects: it needs the view
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     since = state.epoch  # before the lease: see ``LocalState.pin``

@@ -310,11 +310,6 @@ def test_shutdown_and_a_second_start_leave_one_wrapper_that_still_carries():
                 fabric.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inproc comms pass the scheduler's run_spec unpickled: the worker's task "
-    "gets the ViewReference the scheduler kept, not a view",
-)
 def test_in_a_cluster_of_threads_a_task_argument_arrives_as_a_view():
     """Inproc comms hand the scheduler's objects to a worker of the same process without
     pickling them: what the scheduler keeps is what the task gets."""
