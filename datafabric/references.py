@@ -12,7 +12,8 @@ A reference holds no lease.  Turning it back into a view takes a lease by variab
 (``acquire_ref``), which the YellowPages grants for a visible variable and for a deleted
 one that some process still holds: a view kept anywhere keeps its references valid.  A
 reference whose variable was deleted and let go by every process raises
-``ReferenceGoneError``.  Offsets are not trusted from the reference: the lease's answer
+``ReferenceGoneError`` (where Dask reads a message, a ``GoneReference`` that raises it
+when used).  Offsets are not trusted from the reference: the lease's answer
 says where the copies are now (a variable no lease held may have been compacted).
 
 Dask deserialises small messages on its event loop, where no blocking call of the
@@ -46,6 +47,8 @@ import numpy as np
 from dask.sizeof import sizeof
 from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
+
+from datafabric.errors import ReferenceGoneError
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
 # The update-graph handler's own task, in its context (see ``carrying``)
@@ -150,7 +153,12 @@ def materialise(ref: ViewReference) -> Any:
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     since = state.epoch  # before the lease: see ``LocalState.pin``
-    grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
+    try:
+        grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
+    except ReferenceGoneError as gone:
+        if on_event_loop():  # Dask reading a message: see ``GoneReference``
+            return GoneReference(ref, str(gone))
+        raise
     info = grant["info"]
     lease = {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
     pin = _local_pin(ctx, state, info, lease, cache=not grant["deleted"], since=since)
@@ -162,6 +170,43 @@ def materialise(ref: ViewReference) -> Any:
         return _slice(_fetch(ctx, info), ref)
     finally:
         ctx.send(lease)
+
+
+class GoneReference:
+    """What a reference to a gone variable unpickles as where Dask reads a message, on an
+    event loop.  Raised there, the ``ReferenceGoneError`` would end the stream the message
+    came on: a worker's from the scheduler, with a compute-task in it, and the scheduler
+    would send the task to the next worker, ending its stream too.  So the task (or whoever
+    gets it) fails with that error at its first use of the argument (an attribute, an item,
+    ``np.asarray``); pickled again it is its reference."""
+
+    __slots__ = ("reference", "reason")
+
+    def __init__(self, reference: ViewReference, reason: str) -> None:
+        self.reference, self.reason = reference, reason
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocols probed by Dask, pickle, numpy: not there
+            raise AttributeError(name)
+        raise ReferenceGoneError(self.reason)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise ReferenceGoneError(self.reason)
+
+    def __getitem__(self, index: Any) -> Any:
+        raise ReferenceGoneError(self.reason)
+
+    def __len__(self) -> int:
+        raise ReferenceGoneError(self.reason)
+
+    def __iter__(self) -> Any:
+        raise ReferenceGoneError(self.reason)
+
+    def __reduce__(self) -> tuple:
+        return self.reference.__reduce__()
+
+    def __repr__(self) -> str:
+        return f"<GoneReference {self.reference!r}: {self.reason}>"
 
 
 def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -146,13 +146,9 @@ def test_a_gated_task_reads_its_argument_after_the_name_is_deleted_and_its_varia
     wait_for(lambda: blocks(cfabric) == before, "every byte back")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker unpickles the compute-task message on its scheduler stream: "
-    "ReferenceGoneError there ends the stream (the worker leaves, the task goes to the next one)",
-)
 def test_a_task_whose_argument_was_deleted_and_let_go_fails_with_reference_gone():
-    """Its own cluster: on failure the workers' streams break."""
+    """Its own cluster: a ReferenceGoneError raised where a worker reads the compute-task
+    message would end its scheduler stream (and the next worker's, given the task next)."""
     with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=16)
         try:
