@@ -30,6 +30,7 @@ from tests.waiting import wait_for
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 SEED = 20261207
+ROUNDS = 16  # of the churn test
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +173,75 @@ def test_a_task_whose_argument_was_deleted_and_let_go_fails_with_reference_gone(
             wait_for(lambda: blocks(fabric) == before, "every byte back")
         finally:
             fabric.shutdown()
+
+
+def test_a_gone_result_gathered_by_the_client_raises_on_use_instead_of_hanging(client, cfabric):
+    """A result spilled as its reference, its variable deleted and let go: the client's
+    read of it is on its event loop (raising there, the gather hung)."""
+    from tests.test_references import spill_everything
+
+    a, _ = sorted(client.scheduler_info()["workers"])
+    cfabric.insert("car/spilled", "", np.float64, values(14, 1000))
+    held = client.submit(lambda f: f.get("car/spilled")[10:], cfabric, workers=[a], pure=False)
+    wait(held)
+    client.run(spill_everything, workers=[a])
+    cfabric.delete("car/spilled")
+    got = held.result(timeout=20)
+    with pytest.raises(ReferenceGoneError, match="deleted"):
+        np.asarray(got)
+    assert "GoneReference" in repr(got)
+    del got, held
+
+
+def open_gate(gate: str) -> None:
+    Event(gate).wait(timeout=60)
+
+
+def test_churn_of_arguments_deleted_dropped_and_compacted_between_submit_and_run(client, cfabric):
+    """Seeded rounds: new variables, tasks on slices of random ones held back by a gate,
+    then names deleted, client views dropped, a defragment, and the gate opened.  Every task
+    reads the right bytes, but one whose variable was deleted and dropped by the client
+    (nothing else holds it), which may fail with ReferenceGoneError; never wrong bytes."""
+    rng = np.random.default_rng(SEED + 1)
+    before, nodes = blocks(cfabric), sorted(client.scheduler_info()["workers"])
+    seeds, views, deleted, outcomes = {}, {}, set(), []
+    for step in range(ROUNDS):
+        for k in range(3):
+            name = f"car/churn{step}_{k}"
+            seeds[name] = int(rng.integers(1 << 30))
+            cfabric.insert(name, "", np.float64, values(seeds[name], int(rng.integers(1000, 30_000))))
+            views[name] = cfabric.get(name)
+        gate = Event(f"car-churn-{step}")
+        blocker = client.submit(open_gate, gate.name, workers=[nodes[step % 2]], pure=False)
+        for _ in range(5):
+            name = sorted(views)[int(rng.integers(len(views)))]
+            lo, stride = int(rng.integers(0, 500)), int(rng.integers(1, 5))
+            task = client.submit(lambda _, x: checksum(x), blocker, views[name][lo::stride], pure=False)
+            outcomes.append((task, name, values(seeds[name], len(views[name]))[lo::stride].sum()))
+        for name in sorted(views):
+            roll = rng.random()
+            if roll < 0.25 and name not in deleted:
+                cfabric.delete(name)
+                deleted.add(name)
+            if roll < 0.15 or 0.25 <= roll < 0.4:
+                del views[name]  # dropped: deleted too, or just unviewed (then free to move)
+        cfabric.defragment()
+        no_scheduler_lease(client)
+        gate.set()
+        for task, name, want in outcomes[-5:]:
+            if task.status == "error" or task.exception(timeout=30) is not None:
+                assert name in deleted and name not in views, (name, task.exception())
+                assert isinstance(task.exception(), ReferenceGoneError)
+            else:
+                assert task.result() == ("FabricView", True, want), name
+        del task, blocker
+    assert sum(1 for task, _, _ in outcomes if task.exception() is None) >= len(outcomes) // 2
+    del outcomes, views
+    for step in range(ROUNDS):
+        Event(f"car-churn-{step}").clear()
+    cfabric.delete_many(sorted(set(seeds) - deleted))
+    no_scheduler_lease(client)
+    wait_for(lambda: blocks(cfabric) == before, "every byte back")
 
 
 # -- (2) tasks run again after their worker died, and stolen ones ---------------------------
