@@ -18,7 +18,7 @@ import dask
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, Event, Queue, Variable, wait
+from distributed import Client, Event, Queue, Reschedule, Variable, wait
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 import datafabric
@@ -256,6 +256,13 @@ def die_once(marker: str, x) -> tuple:
     return checksum(x)
 
 
+def reschedule_once(marker: str, x) -> tuple:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise Reschedule()  # the scheduler decides again and sends the task's spec again
+    return checksum(x)
+
+
 def test_tasks_run_again_after_their_worker_died_and_stolen_ones_read_the_right_bytes(tmp_path):
     with local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=32)
@@ -268,6 +275,9 @@ def test_tasks_run_again_after_their_worker_died_and_stolen_ones_read_the_right_
             fabric.delete("car/retry")  # the client's view alone keeps it, across the retry
             assert retried.result(timeout=60) == ("FabricView", True, values(9, 100_000)[5:].sum())
             client.wait_for_workers(2, timeout=60)
+            again = client.submit(reschedule_once, str(tmp_path / "rescheduled"), view[::9], pure=False)
+            assert again.result(timeout=30) == ("FabricView", True, values(9, 100_000)[::9].sum())
+            assert (tmp_path / "rescheduled").exists()
             a, _ = sorted(client.scheduler_info()["workers"])
             sleepy = [  # all queued on one worker with others free: stealing moves some
                 client.submit(
@@ -281,7 +291,7 @@ def test_tasks_run_again_after_their_worker_died_and_stolen_ones_read_the_right_
             ]
             got = client.gather(sleepy)
             assert got == [("FabricView", True, values(9, 100_000)[i::7].sum()) for i in range(40)]
-            del retried, sleepy, got
+            del retried, again, sleepy, got
             no_scheduler_lease(client)
             del view
             wait_for(lambda: blocks(fabric) == before, "every byte back")
