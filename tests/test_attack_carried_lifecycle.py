@@ -10,12 +10,14 @@ import sys
 import cloudpickle
 import dask
 import numpy as np
-from distributed import Client, LocalCluster
+import pytest
+from distributed import Client, Event, LocalCluster
 
 import datafabric
+from datafabric.errors import NoFabricError
 from datafabric.references import pin_of
 from tests.conftest import local_cluster
-from tests.test_attack_carried import blocks, checksum, no_scheduler_lease, values
+from tests.test_attack_carried import blocks, checksum, no_scheduler_lease, open_gate, values
 from tests.test_restart import NODES, insert_here, processes, worker_of  # noqa: F401  (fixture)
 from tests.waiting import wait_for
 
@@ -80,6 +82,28 @@ def test_shutdown_and_a_second_start_leave_one_wrapper_that_still_carries():
                 wait_for(lambda f=fabric, b=before: blocks(f) == b, "every byte back")
             finally:
                 fabric.shutdown()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="NoFabricError raised where the worker reads the compute-task message ends its scheduler "
+    "stream: the task hangs and the worker is replaced",
+)
+def test_a_task_whose_argument_s_fabric_was_shut_down_before_it_ran_fails_and_the_worker_stays():
+    with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
+        fabric = datafabric.start(client, mb=16)
+        alive = sorted(client.scheduler_info()["workers"])
+        fabric.insert("car/shut", "", np.float64, values(16, 1000))
+        view = fabric.get("car/shut")
+        blocker = client.submit(open_gate, "car-shut-gate", pure=False)
+        task = client.submit(lambda _, x: checksum(x), blocker, view[1:], pure=False)
+        fabric.shutdown()  # the scheduler still holds the task, its argument a reference
+        Event("car-shut-gate").set()
+        with pytest.raises(NoFabricError):
+            task.result(timeout=20)
+        assert sorted(client.scheduler_info()["workers"]) == alive, "the worker left"
+        assert client.submit(lambda: 7, pure=False).result(timeout=20) == 7
+        del view, task, blocker
 
 
 def test_in_a_cluster_of_threads_a_task_argument_arrives_as_a_view():
