@@ -12,8 +12,8 @@ A reference holds no lease.  Turning it back into a view takes a lease by variab
 (``acquire_ref``), which the YellowPages grants for a visible variable and for a deleted
 one that some process still holds: a view kept anywhere keeps its references valid.  A
 reference whose variable was deleted and let go by every process raises
-``ReferenceGoneError`` (where Dask reads a message, a ``GoneReference`` that raises it
-when used).  Offsets are not trusted from the reference: the lease's answer
+``ReferenceGoneError`` (where Dask reads a message, an ``UnreadableReference`` that
+raises it when used).  Offsets are not trusted from the reference: the lease's answer
 says where the copies are now (a variable no lease held may have been compacted).
 
 Dask deserialises small messages on its event loop, where no blocking call of the
@@ -47,8 +47,6 @@ import numpy as np
 from dask.sizeof import sizeof
 from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
-
-from datafabric.errors import ReferenceGoneError
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
 # The update-graph handler's own task, in its context (see ``carrying``)
@@ -144,21 +142,26 @@ def reference_of(array: np.ndarray) -> ViewReference | None:
 def materialise(ref: ViewReference) -> Any:
     """The view ``ref`` names, zero-copy on a process of a node holding a copy; off the
     node a private read-only copy (as ``fabric.get(name, cache=False)``).  On a scheduler
-    that cannot map the block, ``ref`` itself."""
+    that cannot map the block, ``ref`` itself.  Where Dask reads a message (on an event
+    loop) and the view cannot be made, an ``UnreadableReference`` saying why."""
+    if _carrying_here() and not ref.address.startswith("inproc://"):
+        return ref  # an inproc worker is handed the scheduler's own objects: it needs the view
+    try:
+        return _view_of(ref)
+    except Exception as error:
+        if on_event_loop():
+            return UnreadableReference(ref, error)
+        raise
+
+
+def _view_of(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
-    if _carrying_here() and not ref.address.startswith("inproc://"):
-        return ref  # an inproc worker is handed the scheduler's own objects: it needs the view
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     since = state.epoch  # before the lease: see ``LocalState.pin``
-    try:
-        grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
-    except ReferenceGoneError as gone:
-        if on_event_loop():  # Dask reading a message: see ``GoneReference``
-            return GoneReference(ref, str(gone))
-        raise
+    grant = ctx.call("acquire_ref", var_id=ref.var_id, holder=ctx.holder)
     info = grant["info"]
     lease = {"op": "datafabric_release", "var_id": info["var_id"], "holder": ctx.holder}
     pin = _local_pin(ctx, state, info, lease, cache=not grant["deleted"], since=since)
@@ -172,41 +175,46 @@ def materialise(ref: ViewReference) -> Any:
         ctx.send(lease)
 
 
-class GoneReference:
-    """What a reference to a gone variable unpickles as where Dask reads a message, on an
-    event loop.  Raised there, the ``ReferenceGoneError`` would end the stream the message
-    came on: a worker's from the scheduler, with a compute-task in it, and the scheduler
-    would send the task to the next worker, ending its stream too.  So the task (or whoever
-    gets it) fails with that error at its first use of the argument (an attribute, an item,
-    ``np.asarray``); pickled again it is its reference."""
+class UnreadableReference:
+    """What a reference unpickles as where Dask reads a message, on an event loop, when
+    its view cannot be made: its variable is gone (``ReferenceGoneError``), its fabric
+    shut down (``NoFabricError``), no copy is reachable.  Raised there, the error would
+    end the stream the message came on: a worker's from the scheduler, with a
+    compute-task in it, and the scheduler would send the task to the next worker, ending
+    its stream too.  So the task (or whoever gets it) fails with that error at its first
+    use of the argument (an attribute, an item, ``np.asarray``); pickled again it is its
+    reference."""
 
-    __slots__ = ("reference", "reason")
+    __slots__ = ("reference", "error")
 
-    def __init__(self, reference: ViewReference, reason: str) -> None:
-        self.reference, self.reason = reference, reason
+    def __init__(self, reference: ViewReference, error: Exception) -> None:
+        self.reference, self.error = reference, error
+
+    def _raise(self) -> Any:
+        raise self.error.with_traceback(None)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):  # protocols probed by Dask, pickle, numpy: not there
             raise AttributeError(name)
-        raise ReferenceGoneError(self.reason)
+        return self._raise()
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        raise ReferenceGoneError(self.reason)
+        return self._raise()
 
     def __getitem__(self, index: Any) -> Any:
-        raise ReferenceGoneError(self.reason)
+        return self._raise()
 
     def __len__(self) -> int:
-        raise ReferenceGoneError(self.reason)
+        return self._raise()
 
     def __iter__(self) -> Any:
-        raise ReferenceGoneError(self.reason)
+        return self._raise()
 
     def __reduce__(self) -> tuple:
         return self.reference.__reduce__()
 
     def __repr__(self) -> str:
-        return f"<GoneReference {self.reference!r}: {self.reason}>"
+        return f"<UnreadableReference {self.reference!r}: {type(self.error).__name__}: {self.error}>"
 
 
 def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -193,7 +193,7 @@ def test_a_gone_result_gathered_by_the_client_raises_on_use_instead_of_hanging(c
     got = held.result(timeout=20)
     with pytest.raises(ReferenceGoneError, match="deleted"):
         np.asarray(got)
-    assert "GoneReference" in repr(got)
+    assert "UnreadableReference" in repr(got)
     del got, held
 
 

@@ -84,11 +84,6 @@ def test_shutdown_and_a_second_start_leave_one_wrapper_that_still_carries():
                 fabric.shutdown()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NoFabricError raised where the worker reads the compute-task message ends its scheduler "
-    "stream: the task hangs and the worker is replaced",
-)
 def test_a_task_whose_argument_s_fabric_was_shut_down_before_it_ran_fails_and_the_worker_stays():
     with local_cluster(n_workers=1) as cluster, Client(cluster) as client:
         fabric = datafabric.start(client, mb=16)
