@@ -99,6 +99,11 @@ def test_every_graph_shape_leaves_no_lease_on_the_scheduler_and_reads_the_right_
         fused = ((embedded + 1) * 2).T[::2].sum()  # blockwise ops fused into the chunk tasks
         assert float(fused.compute()) == pytest.approx(float((((data[name].reshape(64, 64) + 1) * 2).T[::2]).sum()))
         assert float(client.compute(embedded.sum()).result()) == pytest.approx(float(data[name].sum()))
+        inlined = da.from_array(views[name].reshape(64, 64), chunks=16, inline_array=True)  # in every task
+        assert float(inlined[lo // 64 :].sum().compute()) == pytest.approx(
+            float(data[name].reshape(64, 64)[lo // 64 :].sum())
+        )
+        assert float(dask.delayed(views[name])[lo:].sum().compute()) == pytest.approx(float(data[name][lo:].sum()))
         kept = embedded.persist()
         wait(kept)
         assert np.array_equal(kept.compute(), data[name].reshape(64, 64))
@@ -109,6 +114,12 @@ def test_every_graph_shape_leaves_no_lease_on_the_scheduler_and_reads_the_right_
         assert first.result() == again.result() == ("FabricView", True, want.sum())
         del first, again
         no_scheduler_lease(client)
+    many = client.map(
+        lambda x: float(x.sum()), [views[n][i : i + 16] for n in sorted(data) for i in range(250)], pure=False
+    )
+    assert client.gather(many) == [float(data[n][i : i + 16].sum()) for n in sorted(data) for i in range(250)]
+    del many
+    no_scheduler_lease(client)
     del views, view
     cfabric.delete_prefix("car/shape")
     wait_for(lambda: blocks(cfabric) == before, "every byte back")
