@@ -69,6 +69,14 @@ def checksum(x) -> tuple:
     return type(x).__name__, pin_of(x) is not None, float(np.asarray(x).sum())
 
 
+def from_a_task(fabric, name: str, lo: int) -> tuple:
+    """In a task: a view of its own passed to a task it submits (the worker's client)."""
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return client.submit(checksum, fabric.get(name)[lo:], pure=False).result()
+
+
 def total(*xs) -> float:
     return float(sum(np.asarray(x).sum() for x in xs))
 
@@ -114,6 +122,8 @@ def test_every_graph_shape_leaves_no_lease_on_the_scheduler_and_reads_the_right_
         assert first.result() == again.result() == ("FabricView", True, want.sum())
         del first, again
         no_scheduler_lease(client)
+    nested = client.submit(from_a_task, cfabric, "car/shape1", 17, workers=[a], pure=False).result()
+    assert nested == ("FabricView", True, data["car/shape1"][17:].sum())
     many = client.map(
         lambda x: float(x.sum()), [views[n][i : i + 16] for n in sorted(data) for i in range(250)], pure=False
     )
