@@ -12,7 +12,8 @@ A reference holds no lease.  Turning it back into a view takes a lease by variab
 (``acquire_ref``), which the YellowPages grants for a visible variable and for a deleted
 one that some process still holds: a view kept anywhere keeps its references valid.  A
 reference whose variable was deleted and let go by every process raises
-``ReferenceGoneError``.  Offsets are not trusted from the reference: the lease's answer
+``ReferenceGoneError`` (where Dask reads a message, an ``UnreadableReference`` that
+raises it when used).  Offsets are not trusted from the reference: the lease's answer
 says where the copies are now (a variable no lease held may have been compacted).
 
 Dask deserialises small messages on its event loop, where no blocking call of the
@@ -28,7 +29,9 @@ forgotten, so a view made there would hold its lease, and a deleted variable's m
 as long.  So while the scheduler unpickles a graph, in whatever process it runs (a
 LocalCluster's shares the client's, and could map the blocks), a reference stays one,
 holding no lease: a task argument holds its memory no more than the client's view it
-came from does, wherever the scheduler is.
+came from does, wherever the scheduler is.  But for a scheduler on ``inproc://`` (a
+cluster of threads): its comms hand a worker the scheduler's objects themselves,
+unpickled, so what the scheduler keeps is what the task gets, and it must be the view.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
-_carried: ContextVar[bool] = ContextVar("datafabric_carried", default=False)  # see ``carrying``
+# The update-graph handler's own task, in its context (see ``carrying``)
+_carried: ContextVar[asyncio.Task | None] = ContextVar("datafabric_carried", default=None)
 
 
 class FabricView(np.ndarray):
@@ -138,12 +142,22 @@ def reference_of(array: np.ndarray) -> ViewReference | None:
 def materialise(ref: ViewReference) -> Any:
     """The view ``ref`` names, zero-copy on a process of a node holding a copy; off the
     node a private read-only copy (as ``fabric.get(name, cache=False)``).  On a scheduler
-    that cannot map the block, ``ref`` itself."""
+    that cannot map the block, ``ref`` itself.  Where Dask reads a message (on an event
+    loop) and the view cannot be made, an ``UnreadableReference`` saying why."""
+    if _carrying_here() and not ref.address.startswith("inproc://"):
+        return ref  # an inproc worker is handed the scheduler's own objects: it needs the view
+    try:
+        return _view_of(ref)
+    except Exception as error:
+        if on_event_loop():
+            return UnreadableReference(ref, error)
+        raise
+
+
+def _view_of(ref: ViewReference) -> Any:
     from datafabric import loopcalls
     from datafabric.views import local_state
 
-    if _carried.get():
-        return ref
     state = local_state(ref.fabric_id, ref.address)
     ctx = loopcalls.context_for(ref.address)
     since = state.epoch  # before the lease: see ``LocalState.pin``
@@ -161,6 +175,48 @@ def materialise(ref: ViewReference) -> Any:
         ctx.send(lease)
 
 
+class UnreadableReference:
+    """What a reference unpickles as where Dask reads a message, on an event loop, when
+    its view cannot be made: its variable is gone (``ReferenceGoneError``), its fabric
+    shut down (``NoFabricError``), no copy is reachable.  Raised there, the error would
+    end the stream the message came on: a worker's from the scheduler, with a
+    compute-task in it, and the scheduler would send the task to the next worker, ending
+    its stream too.  So the task (or whoever gets it) fails with that error at its first
+    use of the argument (an attribute, an item, ``np.asarray``); pickled again it is its
+    reference."""
+
+    __slots__ = ("reference", "error")
+
+    def __init__(self, reference: ViewReference, error: Exception) -> None:
+        self.reference, self.error = reference, error
+
+    def _raise(self) -> Any:
+        raise self.error.with_traceback(None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # protocols probed by Dask, pickle, numpy: not there
+            raise AttributeError(name)
+        return self._raise()
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        return self._raise()
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._raise()
+
+    def __len__(self) -> int:
+        return self._raise()
+
+    def __iter__(self) -> Any:
+        return self._raise()
+
+    def __reduce__(self) -> tuple:
+        return self.reference.__reduce__()
+
+    def __repr__(self) -> str:
+        return f"<UnreadableReference {self.reference!r}: {type(self.error).__name__}: {self.error}>"
+
+
 def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """The scheduler's ``update-graph`` handler, under which the references in the graph
     it unpickles stay references (the module's docstring says why)."""
@@ -169,7 +225,7 @@ def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
     @functools.wraps(handler)
     async def carry(*args: Any, **kwargs: Any) -> Any:
-        token = _carried.set(True)  # this handler's own task's context: nothing else sees it
+        token = _carried.set(asyncio.current_task())
         try:
             return await handler(*args, **kwargs)
         finally:
@@ -177,6 +233,22 @@ def carrying(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
     carry.carries_references = True  # type: ignore[attr-defined]
     return carry
+
+
+def _carrying_here() -> bool:
+    """Whether a reference unpickled now is the update-graph handler's to carry: in the
+    handler's own task, or off any event loop in a thread that runs with its context
+    (Dask's ``offload``, which materialises and orders the graph).  A task created inside
+    the handler (by Dask, by a plugin's hook) copies the handler's context, and so the
+    variable, but it is another task and outlives the handler: what it unpickles are
+    views, as anywhere else."""
+    handler = _carried.get()
+    if handler is None:
+        return False
+    try:
+        return asyncio.current_task() is handler
+    except RuntimeError:  # no event loop in this thread: an offload of the handler's
+        return True
 
 
 def _materialise_fields(*fields: Any) -> Any:
