@@ -187,6 +187,17 @@ def generation_data(name: str, gen: int) -> np.ndarray:
     return data
 
 
+def rebind(fabric, name: str, gens: dict, rng, filler: str) -> None:
+    """Delete ``name`` and bind it anew with its next generation; half the time its freed
+    memory is first written over by ``filler``'s bytes (freed at once unless a view holds it)."""
+    fabric.delete(name)
+    if rng.random() < 0.5:
+        fabric.insert(filler, "", np.uint8, np.full(int(name.rsplit("/", 1)[1]), 0x5A, np.uint8))
+        fabric.delete(filler)
+    gens[name] += 1
+    fabric.insert(name, "", np.uint8, generation_data(name, gens[name]))
+
+
 def generation_of(name: str, view: np.ndarray) -> int:
     """The view's generation, or -1 if any other byte is not the name's own."""
     data = np.asarray(view).reshape(-1).view(np.uint8)
@@ -249,13 +260,7 @@ def test_batches_of_overlapping_names_racing_deletes_new_bindings_and_defragment
     ]
     deadline, rounds = time.monotonic() + 8.0, Counter()
     while time.monotonic() < deadline:
-        name = rng.choice(BASE)
-        fabric.delete(name)
-        if rng.random() < 0.5:  # its memory reused at once by other bytes (freed unless held)
-            fabric.insert("bg-filler", "", np.uint8, np.full(int(name.rsplit("/", 1)[1]), 0x5A, np.uint8))
-            fabric.delete("bg-filler")
-        gens[name] += 1
-        fabric.insert(name, "", np.uint8, generation_data(name, gens[name]))
+        rebind(fabric, rng.choice(BASE), gens, rng, "bg-filler")
         rounds["rebound"] += 1
         if rng.random() < 0.2:
             fabric.defragment()

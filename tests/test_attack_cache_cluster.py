@@ -25,7 +25,7 @@ from datafabric.errors import DatasetWritingError, NameNotFoundError
 from datafabric.reads import task_reads
 from datafabric.views import local_state
 from tests.collector import collect
-from tests.test_attack_batched_leases import generation_data, generation_of
+from tests.test_attack_batched_leases import generation_data, generation_of, rebind
 from tests.test_lifecycle import total_free, workers
 from tests.waiting import wait_for
 
@@ -166,13 +166,7 @@ def test_threads_of_tasks_and_of_a_client_racing_names_bound_anew_and_defragment
     rng, rounds = random.Random(5), Counter()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        name = rng.choice(NAMES)
-        fabric.delete(name)
-        if rng.random() < 0.5:  # its memory written over at once, unless a view holds it
-            fabric.insert("ca-filler", "", np.uint8, np.full(int(name.rsplit("/", 1)[1]), 0x5A, np.uint8))
-            fabric.delete("ca-filler")
-        gens[name] += 1
-        fabric.insert(name, "", np.uint8, generation_data(name, gens[name]))
+        rebind(fabric, rng.choice(NAMES), gens, rng, "ca-filler")
         rounds["rebound"] += 1
         if rng.random() < 0.1:
             fabric.delete(DATASET)
