@@ -355,7 +355,10 @@ def test_writers_departing_and_killed_during_defragments_keep_everyone_s_bytes(c
             insert_some(6)
             check()
         go.touch()
-        assert sealer.stdout.readline().strip() == "sealed"
+        said = sealer.stdout.readline().strip()
+        if said != "sealed":  # it gave up or died: what it met says why
+            kill(sealer)
+            raise AssertionError(f"the writer said {said!r}; its errors: {sealer.stderr.read()[:6000]}")
         assert (fabric.get("departed/reconnecting") == 42.0).all()
         check()
         for name in [*mine, "departed/reconnecting"]:
