@@ -242,21 +242,24 @@ class LocalLeases:
     async def recall_worker(self, worker: str) -> None:
         """``worker`` is closing: whatever it leased locally becomes its leases here,
         which end when it leaves, and it is published nothing more."""
-        columnar = []
-        for columns in self.directory.columns:  # untold first: a chunk materialised meanwhile is not its
+        columnar = self._untell_columns(worker)  # first: a chunk materialised meanwhile is not its
+        await self._recall([v for v, ws in self.published.items() if worker in ws], None, {worker}, columnar)
+
+    def _untell_columns(self, worker: str) -> list[int]:
+        """Take ``worker`` out of every block's ``told`` of the chunks still in columns;
+        the ids of those chunks."""
+        untold: list[int] = []
+        for columns in self.directory.columns:
             for k, told in list(columns.told.items()):
                 if worker in told:
                     columns.told[k] = told.difference((worker,))
-                    columnar += (columns.first_id + columns.in_block(columns.shm_ids[k])).tolist()
-        await self._recall([v for v, ws in self.published.items() if worker in ws], None, {worker}, columnar)
+                    untold += (columns.first_id + columns.in_block(columns.shm_ids[k])).tolist()
+        return untold
 
     def forget(self, worker: str) -> None:
         """``worker`` left: it leases nothing locally any more, and answers no recall."""
         for var_id in [v for v, ws in self.published.items() if worker in ws]:
             self._tell(var_id, self.published[var_id].difference((worker,)))
-        for columns in self.directory.columns:
-            for k, told in list(columns.told.items()):
-                if worker in told:
-                    columns.told[k] = told.difference((worker,))
+        self._untell_columns(worker)
         for token in [t for t, (w, _, _) in self._asked.items() if w == worker]:
             self._answered(token, [])
