@@ -188,9 +188,33 @@ class ColumnStore:
         return [c.name(i) for c in self for s in shm_ids for i in c.in_block(s).tolist()]
 
 
-class Names(SortedDict):
-    """Visible variables by name, sorted; a chunk still in columns counts as present and
-    is materialised when looked up."""
+class _Materialising:
+    """A table of variables in which a chunk still in columns counts as present and is
+    materialised when looked up; ``_find`` says where a key's chunk is in columns."""
+
+    _store: ColumnStore | None
+
+    def _find(self, key: object) -> Found | None:
+        raise NotImplementedError
+
+    def __missing__(self, key: object) -> Variable:
+        found = self._find(key)
+        if found is None:
+            raise KeyError(key)
+        return self._store.materialise(found)
+
+    def get(self, key: object, default: Variable | None = None) -> Variable | None:
+        var = dict.get(self, key)
+        if var is None and (found := self._find(key)) is not None:
+            return self._store.materialise(found)
+        return default if var is None else var
+
+    def __contains__(self, key: object) -> bool:
+        return dict.__contains__(self, key) or self._find(key) is not None
+
+
+class Names(_Materialising, SortedDict):
+    """Visible variables by name, sorted."""
 
     def __init__(self, store: ColumnStore | None) -> None:
         super().__init__()
@@ -201,43 +225,19 @@ class Names(SortedDict):
         finds no columns meanwhile), so the cycle through the store is no recursion."""
         return (Names, (None,), {"_store": self._store}, None, iter(dict.items(self)))
 
-    def __missing__(self, name: str) -> Variable:
-        found = self._store.by_name(name)
-        if found is None:
-            raise KeyError(name)
-        return self._store.materialise(found)
-
-    def get(self, name: str, default: Variable | None = None) -> Variable | None:
-        var = dict.get(self, name)
-        if var is None and (found := self._store.by_name(name)) is not None:
-            return self._store.materialise(found)
-        return default if var is None else var
-
-    def __contains__(self, name: object) -> bool:
-        return dict.__contains__(self, name) or (self._store is not None and self._store.by_name(name) is not None)
+    def _find(self, name: object) -> Found | None:
+        return None if self._store is None else self._store.by_name(name)
 
 
-class Ids(dict):
-    """Variables by id (visible and deleted-but-leased), as ``Names``."""
+class Ids(_Materialising, dict):
+    """Variables by id (visible and deleted-but-leased)."""
 
     def __init__(self, store: ColumnStore) -> None:
         super().__init__()
         self._store = store
 
-    def __missing__(self, var_id: int) -> Variable:
-        found = self._store.by_var_id(var_id)
-        if found is None:
-            raise KeyError(var_id)
-        return self._store.materialise(found)
-
-    def get(self, var_id: int, default: Variable | None = None) -> Variable | None:
-        var = dict.get(self, var_id)
-        if var is None and (found := self._store.by_var_id(var_id)) is not None:
-            return self._store.materialise(found)
-        return default if var is None else var
-
-    def __contains__(self, var_id: object) -> bool:
-        return dict.__contains__(self, var_id) or self._store.by_var_id(var_id) is not None
+    def _find(self, var_id: object) -> Found | None:
+        return self._store.by_var_id(var_id)
 
     def known(self, var_id: int) -> Variable | None:
         """The variable if it is materialised; None for a chunk in columns (not built)."""
