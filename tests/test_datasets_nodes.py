@@ -9,6 +9,7 @@ import sys
 import cloudpickle
 import dask
 import numpy as np
+from distributed import wait
 
 from tests.test_nodes import nfabric, node_workers, nodes_client  # noqa: F401  (fixtures)
 
@@ -60,3 +61,39 @@ def test_to_dask_tasks_run_on_the_node_holding_each_chunk(nodes_client, nfabric)
         assert nfabric.get_locations(y.chunk_name(flat))[0][0] == homes[flat // 2]
     for name in ("n/y", "n/z"):
         nfabric.delete(name)
+
+
+def _specs(name, dask_scheduler=None):
+    """Per task computing part of ``name`` (not the aliases Dask's linear fusion leaves
+    under the output keys): does it run a graph of its own, and where may it run."""
+    from dask._task_spec import Task
+
+    return {
+        str(k): (ts.run_spec.has_subgraph(), sorted(ts.worker_restrictions or ()))
+        for k, ts in dask_scheduler.tasks.items()
+        if f"{name}-" in str(k) and isinstance(ts.run_spec, Task)
+    }
+
+
+def test_fused_chunk_reads_run_nested_and_stay_on_their_node(nodes_client, nfabric):  # noqa: F811
+    """``(x + 1)``: each read fused into the add becomes one nested call in the scheduler
+    (``yp/nesting.py``), still restricted to its chunk's node; ``(x * x)`` uses the read
+    twice, so it stays fused as Dask made it; both compute the right values."""
+    per_node = node_workers(nodes_client)
+    ds = nfabric.create_dataset("n/f", (4, 6), np.float64, chunks=(2, 3))
+    for i, node in enumerate(["node-a", "node-b"]):
+        nodes_client.submit(write, ds, slice(2 * i, 2 * i + 2), float(i + 2), workers=[per_node[node][0]]).result()
+    ds.seal()
+    x = ds.to_dask()
+    expected = np.repeat([2.0, 3.0], 12).reshape(4, 6)
+    for made, name, fused in (((x + 1).persist(), "add", False), ((x * x).persist(), "mul", True)):
+        wait(made)
+        specs = nodes_client.run_on_scheduler(_specs, name=name)
+        assert len(specs) == 4
+        for key, (subgraph, workers) in specs.items():
+            row = int(key.split(", ")[1])
+            assert subgraph == fused, key
+            assert workers == sorted(per_node[["node-a", "node-b"][row]]), key
+        np.testing.assert_array_equal(made.compute(), expected + 1 if not fused else expected**2)
+        del made
+    nfabric.delete("n/f")

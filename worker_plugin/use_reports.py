@@ -4,7 +4,8 @@ A task's local lease notes its use for the eviction order (``LocalReads``) and a
 report with ``later``.  Waking the event loop from the read would hand the interpreter lock
 to the loop thread in the middle of the task (tens of µs), so the report waits: for the end
 of the reading task (Dask calls the plugin's ``transition`` on the loop before it sends the
-task's result, so the note travels ahead of it), or a second at most (reads outside tasks).
+task's result, so the note travels ahead of it, in the same batch), or a second at most
+(reads outside tasks).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class UseReports:
         self._flush.stop()
 
     def run_if_due(self) -> None:
-        """On the loop, at every task transition: costs one test when nothing is due."""
+        """On the loop, as a task stops running: costs one test when nothing is due."""
         if self._due:
             self.run()
 

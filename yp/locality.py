@@ -7,6 +7,7 @@ optimisation drops them when it fuses the read into the task consuming it
 (``update_graph``, before any is scheduled): a task whose spec, fused or not, calls
 ``read_chunk`` gets worker restrictions to the nodes holding that chunk.  They are loose:
 if those workers die, the task runs elsewhere and reads the chunk over the network.
+The same look rewrites a fused read as one nested call (``yp/nesting.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from dask._task_spec import DataNode, Task, TaskRef
 
 from datafabric.names import is_chunk_name
+from yp.nesting import nested
 
 READ_CHUNK = "datafabric.datasets.dask.read_chunk"
 _MAX_DEPTH = 6  # a fused task nests its parts one level per fusion; a chunk read is a root
@@ -29,6 +31,8 @@ def restrict_chunk_tasks(scheduler: Any, keys: list, workers_for: Callable[[str]
         if ts is None or ts.run_spec is None or ts.worker_restrictions:
             continue
         names = set(_chunk_reads(ts.run_spec, 0))
+        if names:
+            ts.run_spec = nested(ts.run_spec)
         if len(names) != 1:
             continue  # no chunk read, or several (a fused reduction): nothing to pin it to
         workers = workers_for(names.pop())
