@@ -111,6 +111,8 @@ def test_a_read_inside_one_chunk_is_a_zero_copy_view_and_unwritten_chunks_take_n
     assert ds.chunk((0, 1)).base is not None and ds.chunk_name(1) is not None and ds.chunk_name(0) is None
     whole = ds[...]
     assert whole.flags.owndata and whole.sum() == 2.0 * (100 * 100 - 100) + 100
+    np.testing.assert_array_equal(ds.to_dask().compute(), whole)  # the chunks never written: the fill value
+    assert ds.to_dask()[:50, :50].sum().compute() == 2.0 * 50 * 50
     del view  # its lease holds the chunk's memory
     fabric.delete("sparse")
     wait_for(lambda: used(fabric) == before, "the dataset's chunk to be freed")

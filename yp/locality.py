@@ -1,11 +1,11 @@
 """Tasks that read a dataset's chunk run on a worker of a node holding it.
 
-``Dataset.to_dask`` builds one task per chunk calling ``datafabric.datasets.dask.read_chunk``
-with the chunk variable's name.  Annotations would say where to run it, but graph
+``Dataset.to_dask`` builds one task per chunk calling the dataset's ``ChunkReader``
+(``datafabric/datasets/chunk_reader.py``) with the chunk variable's name.  Annotations would say where to run it, but graph
 optimisation drops them when it fuses the read into the task consuming it
 (dask/dask#7036).  So the YellowPages looks at every task entering the scheduler
 (``update_graph``, before any is scheduled): a task whose spec, fused or not, calls
-``read_chunk`` gets worker restrictions to the nodes holding that chunk.  They are loose:
+a ``ChunkReader`` gets worker restrictions to the nodes holding that chunk.  They are loose:
 if those workers die, the task runs elsewhere and reads the chunk over the network.
 The same look rewrites a fused read as one nested call (``yp/nesting.py``).
 """
@@ -17,10 +17,10 @@ from typing import Any
 
 from dask._task_spec import DataNode, Task, TaskRef
 
+from datafabric.datasets.chunk_reader import ChunkReader
 from datafabric.names import is_chunk_name
 from yp.nesting import nested
 
-READ_CHUNK = "datafabric.datasets.dask.read_chunk"
 _MAX_DEPTH = 6  # a fused task nests its parts one level per fusion; a chunk read is a root
 _MAX_ITEMS = 64  # containers longer than this in a task's arguments are data, not tasks
 
@@ -53,8 +53,7 @@ def _chunk_reads(node: Any, depth: int, bound: dict | None = None) -> Iterator[s
                 scope = {**(bound or {}), **dict(zip(keys, values, strict=False))}
                 yield from _chunk_reads(inner, depth + 1, scope)
             return
-        func = getattr(node.func, "__module__", "") + "." + getattr(node.func, "__name__", "")
-        if func == READ_CHUNK:
+        if isinstance(node.func, ChunkReader):
             yield from (a for a in _values(node.args, bound or {}) if isinstance(a, str) and is_chunk_name(a))
             return
         for arg in (*node.args, *node.kwargs.values()):

@@ -1,7 +1,7 @@
 """dask.array in and out of datasets.
 
-``to_dask``: one task per chunk, ``read_chunk(fabric, chunk variable, ...)``, which the
-YellowPages recognises in every graph entering the scheduler, fused or not, and
+``to_dask``: one task per chunk, calling the dataset's ``ChunkReader`` with the chunk
+variable's name (``chunk_reader.py``), which the YellowPages recognises in every graph entering the scheduler, fused or not, and
 restricts to the workers of a node holding that chunk (``yp/locality.py``): locality
 that graph optimisation cannot drop, as it drops annotations (dask/dask#7036).  The
 reads are a Blockwise layer, as ``da.from_array``'s are, so blockwise fusion folds each
@@ -23,20 +23,11 @@ import numpy as np
 from dask.base import tokenize
 from dask.blockwise import BlockwiseDepDict, blockwise
 from dask.highlevelgraph import HighLevelGraph
-from dask.layers import ArrayChunkShapeDep
 
+from datafabric.datasets.chunk_reader import ChunkReader
 from datafabric.datasets.dataset import Dataset
 from datafabric.datasets.grid import ravel
 from datafabric.names import chunk_name
-from datafabric.types import from_datashape
-
-
-def read_chunk(fabric: Any, variable: str, shape: tuple[int, ...], element: str, fillvalue: bytes) -> np.ndarray:
-    """A chunk's zero-copy view, or (``variable`` "") its fill value broadcast."""
-    if variable:
-        return fabric.get(variable)
-    fill = np.frombuffer(fillvalue, from_datashape(element).dtype).reshape(())
-    return np.broadcast_to(fill, shape)
 
 
 def to_dask(ds: Dataset) -> da.Array:
@@ -48,31 +39,19 @@ def to_dask(ds: Dataset) -> da.Array:
         for n, c, g in zip(ds.shape, ds.chunks, ds._grid, strict=True)
     )
     blocks = tuple(len(c) for c in chunks)
-    variables = BlockwiseDepDict(
+    written = blocks == ds._grid  # else an empty dimension: one empty block in dask's grid, never written
+    what = BlockwiseDepDict(
         {
-            index: chunk_name(ds.id, flat) if blocks == ds._grid and ds._written[flat := ravel(index, ds._grid)] else ""
+            index: chunk_name(ds.id, flat)
+            if written and ds._written[flat := ravel(index, ds._grid)]
+            else tuple(c[i] for c, i in zip(chunks, index, strict=True))
             for index in np.ndindex(*blocks)
         },
         numblocks=blocks,
     )
     out = tuple(range(ds.ndim))
-    layer = blockwise(
-        read_chunk,
-        key,
-        out,
-        ds._fabric,
-        None,
-        variables,
-        out,
-        ArrayChunkShapeDep(chunks),
-        out,
-        ds._info["element"],
-        None,
-        ds._info["fillvalue"],
-        None,
-        numblocks={},
-        _data_producer=True,
-    )
+    reader = ChunkReader(ds._fabric, ds._info["element"], ds._info["fillvalue"])
+    layer = blockwise(reader, key, out, what, out, numblocks={}, _data_producer=True)
     return da.Array(HighLevelGraph.from_collections(key, layer, dependencies=()), key, chunks, dtype=ds.dtype)
 
 
