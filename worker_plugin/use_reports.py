@@ -16,6 +16,8 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
+_RAN = frozenset({"executing", "long-running"})  # a task leaving these has stopped running
+
 
 class UseReports:
     """The reports due on one worker, each run as ``report(send)`` with the worker's
@@ -32,9 +34,14 @@ class UseReports:
     def stop(self) -> None:
         self._flush.stop()
 
-    def run_if_due(self) -> None:
-        """On the loop, as a task stops running: costs one test when nothing is due."""
-        if self._due:
+    def transitioned(self, start: str) -> None:
+        """On the loop, at every task transition; runs what is due only as a task stops
+        running, so the notes leave in the same batch as its result.  Sent at any other
+        transition (a task arriving while one runs), each went alone: one more write, and
+        one more batch for the scheduler (in ``ds.to_dask().sum()`` of 2 GiB, the fabric's
+        CPU beyond the persisted array's went from 37 to 21 ms a sum).  Costs one test or
+        two when nothing is due."""
+        if self._due and start in _RAN:
             self.run()
 
     def run(self) -> None:
