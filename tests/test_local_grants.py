@@ -203,3 +203,27 @@ def test_cache_entries_leaving_inside_collections_on_any_thread_never_break_a_wa
         for name in names:  # every grant still answers, its view at the grant's bytes
             view = reads.view(name)
             assert view is not None and (view == names.index(name)).all()
+
+
+def test_use_notes_go_as_a_task_stops_running_and_not_at_other_transitions():
+    """So they leave in the batch of that task's result, not alone (one more write and one
+    more batch for the scheduler each)."""
+    from types import SimpleNamespace
+
+    from worker_plugin.use_reports import UseReports
+
+    sent: list = []
+    worker = SimpleNamespace(batched_stream=SimpleNamespace(send=sent.append), periodic_callbacks={})
+    reports = UseReports(worker, 3600, "uses")
+    try:
+        reports.later(lambda send: send("notes"))
+        for start in ("released", "waiting", "ready", "constrained", "fetch", "flight", "memory"):
+            reports.transitioned(start)  # another task arriving, fetched, released while one runs
+        assert sent == []
+        reports.transitioned("executing")
+        assert sent == ["notes"]
+        reports.later(lambda send: send("seceded"))
+        reports.transitioned("long-running")
+        assert sent == ["notes", "seceded"]
+    finally:
+        reports.stop()
