@@ -147,7 +147,9 @@ def _on_event(client: Any, event: tuple) -> Any:
     if msg.get("op") == "datafabric_took_back":
         return _declare_kept_views(client, uuid.UUID(msg["fabric_id"]), msg["first_id"], msg["round"])
     for state in all_states():
-        if msg.get("op") == "datafabric_invalidate":
+        if msg.get("op") == "datafabric_resync" and state.fabric_id == uuid.UUID(msg["fabric_id"]):
+            state.forget_prefix("")  # back on the topic after a reconnection: what was missed is unknown
+        elif msg.get("op") == "datafabric_invalidate":
             state.invalidate(msg["var_ids"])
         elif msg.get("op") == "datafabric_detach":
             state.detach(msg["shm_ids"])

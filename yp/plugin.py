@@ -39,12 +39,13 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
 from datafabric.errors import FabricError, NoFabricError
-from datafabric.protocol import EVENT_TOPIC, HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals
+from datafabric.protocol import HANDLER_PREFIX, SCHEDULER_PLUGIN, answering_refusals
 from datafabric.references import carrying
 from worker_plugin.memory import SharedMemoryAwareNanny
 from worker_plugin.plugin import FabricWorkerPlugin
 from worker_plugin.restarts import RestartIntent
 from yp.blocks import Inventory
+from yp.client_events import ClientEvents
 from yp.copies import Copies
 from yp.datasets import Datasets
 from yp.deletes import Deletes
@@ -99,6 +100,7 @@ class YellowPages(SchedulerPlugin):
         self.placement = Placement(d, self.moves, self.compaction, self.owners, self.local)
         self.inserts = Inserts(d, self.placement, self.owners, self.members, self.local)
         self.departed = DepartedWriters(d, self.owners)  # reservations that outlive their writer's departure
+        self.client_events = ClientEvents(scheduler, self.fabric_id)  # never in a stream's first batch
         self.members.kept_reserved = self.departed.wake  # a closing worker's own, kept by its adopter
         self.reads = Reads(d, self.moves, self.owners, self.members)
         self.deletes = Deletes(d, self.reads, self.owners, self.fabric_id, self.local)
@@ -238,20 +240,17 @@ class YellowPages(SchedulerPlugin):
             restrict_chunk_tasks(scheduler, tasks, self.datasets.workers_for)
 
     def add_client(self, scheduler: Any, client: str) -> None:
-        """A client that outlived a scheduler restart reconnects to this YellowPages
-        unannounced: it hears the fabric's events again, and, once blocks came back, is
-        asked to declare the views it kept."""
+        """A client registers, reconnecting under its id or new; one that outlived a
+        scheduler restart reconnects to this YellowPages unannounced.  Either hears the
+        fabric's events again once its stream's first batch has gone (``client_events.py``),
+        and the latter, once blocks came back, is asked to declare the views it kept."""
         if not self.running:
             return
         self.directory.arrived(client)  # a client that reconnected under its id
-        if not self.durable:
-            return
-        scheduler.subscribe_topic(EVENT_TOPIC, client)
-        self.members.declarations.joined(client)  # take-backs still waiting for declarations wait for it too
-        if self.members.took_back:
-            # Not now: the client's stream does not exist yet, and its first batch must hold
-            # "stream-start" alone (batches go out every 2 ms).
-            scheduler.loop.call_later(0.5, self.members.declarations.tell, client)
+        if self.durable:
+            self.members.declarations.joined(client)  # take-backs still waiting for declarations wait for it too
+        tell = self.members.declarations.tell if self.durable and self.members.took_back else None
+        self.client_events.registering(client, self.durable, then=tell)
 
     def remove_client(self, scheduler: Any, client: str) -> None:
         if self.running:
