@@ -12,8 +12,8 @@ the place its result was used, with the same values, and with nothing around it.
 
 The YellowPages rewrites the run spec of tasks that read a chunk as they enter the
 scheduler (``yp/locality.py``), before any is scheduled.  Anything else (an inner result
-used twice, an inner node that is not a plain task, a spec of another shape) is left as
-Dask fused it.
+used twice, an inner node that is not a plain task, an external value that is not a
+reference or data, a spec of another shape) is left as Dask fused it.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def nested(task: Task) -> Task:
         return task
     inner, outkey, inkeys, *values = task.args
     if not isinstance(inner, dict) or outkey not in inner or len(inkeys) != len(values):
+        return task
+    if not all(isinstance(v, TaskRef | DataNode) for v in values):
+        # ``_execute_subgraph`` evaluates each external value once; nested, a value goes
+        # where each use of its key is, so a task there (blockwise's ``concatenate`` of a
+        # contracted input) would run once per use, and a raw value is no node to place.
         return task
     if not all(type(t) is Task and not t.has_subgraph() for t in inner.values()):
         return task  # containers, aliases, data, fused tasks: not rewritten
