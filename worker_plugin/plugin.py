@@ -398,7 +398,10 @@ class FabricWorkerPlugin(WorkerPlugin):
             block.segment.unlink()
 
 
-_RAN = frozenset({"executing", "long-running"})  # a task leaving these has stopped running
+# A task leaving these has stopped running.  A task cancelled while it runs is "cancelled"
+# until its thread returns, and "resumed" if the scheduler wants it back meanwhile: it then
+# ends by sending its result, so its reads must be counted before it as any task's are.
+_RAN = frozenset({"executing", "long-running", "cancelled", "resumed"})
 _FREEABLE = {ExtentState.RESERVED, ExtentState.SEALED, ExtentState.DELETED}
 _MARKED_FROM = {
     ExtentState.SEALED: {ExtentState.RESERVED},
