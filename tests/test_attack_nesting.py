@@ -308,3 +308,56 @@ def test_inputs_that_are_futures_and_xarray(client, datasets):
     xr = pytest.importorskip("xarray")
     arr = xr.DataArray(x.to_dask(), dims=("t", "s"))
     np.testing.assert_allclose((arr + 1).mean("s").compute().values, (a + 1).mean(axis=1))
+
+
+def test_fused_graphs_nesting_would_run_differently_from_execute_subgraph_are_left_fused():
+    """``_execute_subgraph`` binds the external values over the inner graph's keys, runs
+    every inner node, and runs level by level; a nested task would take the inner task
+    where an external value has its key, drop a node the output does not reach, and
+    recurse once per level (running, pickling, tokenizing)."""
+    shadowed = Task(
+        "k",
+        _execute_subgraph,
+        {"a": Task("a", operator.neg, TaskRef("x")), "out": Task("out", operator.add, TaskRef("a"), 1)},
+        "out",
+        ("a", "x"),
+        DataNode(None, 10),
+        DataNode(None, 3),
+    )
+    assert shadowed({}) == 11 and nested(shadowed) is shadowed
+    cycle = {
+        "out": Task("out", operator.pos, TaskRef("c")),
+        "c": Task("c", operator.neg, TaskRef("x")),
+        "a": Task("a", operator.pos, TaskRef("b")),
+        "b": Task("b", operator.pos, TaskRef("a")),
+    }
+    unreached = Task("k", _execute_subgraph, cycle, "out", ("x",), TaskRef("x"))
+    assert nested(unreached) is unreached
+    chain = [Task("t0", operator.neg, TaskRef("x"))]
+    chain += [Task(f"t{i}", operator.add, TaskRef(f"t{i - 1}"), 1) for i in range(1, 300)]
+    deep = Task.fuse(*chain, key="k")
+    assert nested(deep) is deep and deep({"x": 1}) == 298
+    dask.base.tokenize(nested(deep))
+
+
+@pytest.mark.parametrize(("operations", "rewritten"), [(30, 8), (62, 0)])
+def test_long_chains_the_hook_finds_a_read_in_are_restricted_and_nested_only_while_shallow(
+    datasets, operations, rewritten
+):
+    """62 fused operations on a read: the longest chain in which the hook still finds it.
+    Nested that deep, ``dask.tokenize`` of the task recursed past Python's limit; so it
+    is restricted and left fused, and a shorter chain is nested.  Values are Dask's."""
+    x, _, a, _ = datasets
+    array, expected = x.to_dask(), a.copy()
+    for _ in range(operations):
+        array, expected = array + 1, expected + 1
+    graph = optimized(array)
+    scheduler = _Tasks(graph)
+    restrict_chunk_tasks(scheduler, list(graph), lambda name: ["w"])
+    specs = {k: ts.run_spec for k, ts in scheduler.tasks.items()}
+    assert sum(not s.has_subgraph() for s in specs.values()) == rewritten  # not the never written chunk's: no read
+    assert sum(bool(ts.worker_restrictions) for ts in scheduler.tasks.values()) == 8
+    for spec in specs.values():
+        dask.base.tokenize(spec)
+    got = array.__dask_postcompute__()[0](get_sync(specs, array.__dask_keys__()), *array.__dask_postcompute__()[1])
+    np.testing.assert_allclose(got, expected)
