@@ -214,7 +214,7 @@ def _nested_on_scheduler(dask_scheduler=None) -> int:
     for ts in dask_scheduler.tasks.values():
         spec = ts.run_spec
         if isinstance(spec, Task) and not spec.has_subgraph() and set(_chunk_reads(spec, 0)):
-            count += spec.func.__name__ != "read_chunk"
+            count += getattr(spec.func, "__name__", "") != "read_chunk"
     return count
 
 
