@@ -161,6 +161,20 @@ def read_in_a_thread(fabric, name) -> float:
     return out[0]
 
 
+def test_reads_outside_tasks_reach_the_yellowpages_within_the_second_s_flush(client, fabric):
+    """No task ends after a read on a worker's own thread or in ``client.run``: the
+    periodic flush sends the note (a second at most; five allowed for a loaded machine)."""
+    fabric.insert("notes/o", "", np.float64, np.ones(1000))
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    wait_published(client, worker, ["notes/o"])
+    try:
+        before = client.run_on_scheduler(last_used, "notes/o")
+        assert client.run(read_in_a_thread, fabric, "notes/o", workers=[worker])[worker] == 1000
+        wait_for(lambda: client.run_on_scheduler(last_used, "notes/o") > before, "the note", timeout=5)
+    finally:
+        fabric.delete("notes/o")
+
+
 def test_a_worker_closing_with_notes_due_sends_them():
     """A read outside tasks waits for the second's flush; a worker closing before it must
     send the note at its teardown, not drop it."""
