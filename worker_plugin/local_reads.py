@@ -190,22 +190,19 @@ class LocalReads:
             return None
         serial, var_id, _, _, block, _ = _unpack(grant)
         ready = None
-        first = False
         if serial in self._ready and self._blocks[block].readonly is not None:  # a peek
             now = time.monotonic()
             with self.lock:
                 ready = self._ready.pop(serial, None)
                 if ready is not None:  # so not recalled: its count is there
                     if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                        first = self._note_use(serial, var_id, now)
+                        self._note_use(serial, var_id, now)
                     self._counts[serial] += 1  # the last step that may fail: none leaves a count
         if ready is None:  # none made ahead, or taken by another thread, or recalled meanwhile
             pin = self.pin(name)
             return None if pin is None else pin.view()
         pin, view = ready
         try:  # from the count on, every step that may fail ends it on failure
-            if first:
-                self.later(self._report)
             self.state.take(name, pin, MethodType(self._ended, serial), since)
         except BaseException:
             self._end(serial, pin.lease)
@@ -228,15 +225,13 @@ class LocalReads:
             count = self._counts.get(serial)
             if count is None:  # recalled
                 return None
-            first = False
             if now - self._reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:  # ``_note_use``, inline
                 self._reported[serial] = now
-                first = not self._used
+                if not self._used:  # scheduled with the note, under the lock (``_note_use``)
+                    self.later(self._report)
                 self._used.append(var_id)
             self._counts[serial] = count + 1  # the last step that may fail: none leaves a count
         try:  # from the count on, every step that may fail ends it on failure
-            if first:
-                self.later(self._report)
             lease = {"op": "datafabric_release", "var_id": var_id, "holder": self.holder}
             # end(lease) is self._end(serial, lease): one object, the lightest
             end = MethodType(self._ended, serial)
@@ -267,7 +262,6 @@ class LocalReads:
         grants, blocks = self._grants, self._blocks
         found: list[tuple | None] = [None if (g := grants.get(name)) is None else _unpack(g) for name in names]
         now = time.monotonic()
-        first = False
         with self.lock:  # no recall can run in here: undoing a part-way count is safe
             counts, reported = self._counts, self._reported
             counted: list[int] = []
@@ -282,15 +276,12 @@ class LocalReads:
                     counts[serial] += 1
                     counted.append(serial)
                     if now - reported.get(serial, -USE_REPORT_EVERY) >= USE_REPORT_EVERY:
-                        first = self._note_use(serial, fields[1], now) or first
+                        self._note_use(serial, fields[1], now)
             except BaseException:
                 for serial in counted:
                     counts[serial] -= 1
                 raise
-        out = self._hold(names, found, since)
-        if first:  # after the pins hold the counts: a failure here ends them as the pins die
-            self.later(self._report)
-        return out
+        return self._hold(names, found, since)
 
     def _hold(self, names: list[str], found: list[tuple | None], since: int) -> list[_Pin | None]:
         """The pins of the counted grants in ``found`` (their unpacked fields); made one by
@@ -353,14 +344,16 @@ class LocalReads:
             index = self._type_index[text] = len(self._types) - 1
         return index
 
-    def _note_use(self, serial: int, var_id: int, now: float) -> bool:
+    def _note_use(self, serial: int, var_id: int, now: float) -> None:
         """Under the lock, for a grant whose last report is a second old or more: note
-        its lease for the eviction order; True if it is the first note since the last
-        report (schedule one)."""
+        its lease for the eviction order, and schedule a report if it is the first note
+        since the last.  Scheduled under the lock, with the note: scheduled after it, a
+        note another thread made meanwhile (not the first) found no report due at the end
+        of its own task, whose result then went ahead of the note."""
         self._reported[serial] = now
-        first = not self._used
+        if not self._used:
+            self.later(self._report)
         self._used.append(var_id)
-        return first
 
     def _report_use(self, send: Callable[[dict], None] | None = None) -> None:
         """On the event loop.  ``send``: the loop's own, putting the note on the stream at

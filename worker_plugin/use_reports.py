@@ -16,7 +16,10 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-_RAN = frozenset({"executing", "long-running"})  # a task leaving these has stopped running
+# A task leaving these has stopped running.  A task cancelled while it runs is "cancelled"
+# until its thread returns, and "resumed" if the scheduler wants it back meanwhile: it then
+# ends by sending its result, so its reads must be counted before it as any task's are.
+_RAN = frozenset({"executing", "long-running", "cancelled", "resumed"})
 
 
 class UseReports:
@@ -32,7 +35,10 @@ class UseReports:
         worker.periodic_callbacks[key] = self._flush
 
     def stop(self) -> None:
+        """At the plugin's teardown: what is due goes now (Dask removes plugins before it
+        closes the worker's stream), not lost with the second it would have waited."""
         self._flush.stop()
+        self.run()
 
     def transitioned(self, start: str) -> None:
         """On the loop, at every task transition; runs what is due only as a task stops
