@@ -33,6 +33,8 @@ class Context:
     node: str | None  # None: a client with no configured node; it maps whatever it can
     plugin: Any = None  # the FabricWorkerPlugin of the worker running the task
     gone: bool  # its connection to the scheduler is closing or closed
+    reconnects: bool = False  # counted gone while its stream broke, it may come back under its id
+    reconnect_timeout: float = 0.0  # seconds it may take to
 
     def call(self, op: str, **kwargs: Any) -> Any:
         with _connection_lost(op, f"the scheduler at {self.scheduler_address}"):
@@ -85,6 +87,15 @@ class ClientContext(Context):
     @property
     def gone(self) -> bool:
         return self.client.status in ("closing", "closed")
+
+    @property
+    def reconnects(self) -> bool:
+        """Dask's client reconnects under its id while it runs (or is connecting)."""
+        return self.client.status in ("running", "connecting")
+
+    @property
+    def reconnect_timeout(self) -> float:
+        return float(self.client._timeout)  # Dask's own bound on its reconnection (private)
 
     def _call(self, op: str, **kwargs: Any) -> Any:
         return self.client.sync(getattr(self.client.scheduler, f"datafabric_{op}"), **kwargs)

@@ -97,6 +97,12 @@ class WorkerLostError(FabricError, ConnectionError):
     or left while serving it; what it owned is adopted by a peer of its node."""
 
 
+class HolderAwayError(WorkerLostError):
+    """The YellowPages counts the calling process gone: its stream to the scheduler broke.
+    A client reconnects under its id (and a seal waits for that, ``writer.seal_all``);
+    nothing of the refused request was done."""
+
+
 class InvalidSelectionError(FabricError, IndexError):
     """A dataset selection is out of range or of a kind datasets do not take (ints,
     slices with steps, ``...`` and ``()`` are taken)."""

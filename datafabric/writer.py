@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from distributed.protocol import to_serialize
 
 from datafabric.context import Context
-from datafabric.errors import NotOnThisNodeError
+from datafabric.errors import HolderAwayError, NotOnThisNodeError
 from datafabric.layout import ExtentState
 from datafabric.messages import Placement, Reservation, SealItem, VariableInfo
 from datafabric.processes import this_process
@@ -25,6 +26,8 @@ from datafabric.protocol import TRANSFER_CHUNK
 from datafabric.shm import Segment
 from datafabric.types import FabricType
 from datafabric.views import LocalState
+
+AWAY_POLL = 0.1  # seconds between seals tried while the client's stream reconnects
 
 
 class PendingWrite:
@@ -137,7 +140,7 @@ def seal_all(writes: list[PendingWrite]) -> list[VariableInfo]:
         write._finish()
     ctx = writes[0].ctx
     try:
-        infos = ctx.call("seal", items=[w._seal_request() for w in writes], holder=ctx.holder)
+        infos = _seal(ctx, [w._seal_request() for w in writes])
     except BaseException:
         for write in writes:
             write._give_back()
@@ -145,6 +148,23 @@ def seal_all(writes: list[PendingWrite]) -> list[VariableInfo]:
     for write in writes:
         write._sealed()
     return infos
+
+
+def _seal(ctx: Context, items: list) -> list[VariableInfo]:
+    """The seal, tried again while the YellowPages counts this client gone because its
+    stream broke (``HolderAwayError``), until it reconnects under its id, for as long as
+    Dask's client tries to (``distributed.comm.timeouts.connect``).  Sound: that refusal
+    comes before the seal changes anything, and the YellowPages keeps a departed live
+    writer's reservations for its seal (``yp/departed.py``); a reservation ended meanwhile
+    is refused as such, and given back."""
+    deadline = time.monotonic() + ctx.reconnect_timeout
+    while True:
+        try:
+            return ctx.call("seal", items=items, holder=ctx.holder)
+        except HolderAwayError:
+            if not ctx.reconnects or time.monotonic() >= deadline:
+                raise
+            time.sleep(AWAY_POLL)
 
 
 class Creation:

@@ -10,9 +10,14 @@ reconnection in a few hundred).
 
 So a client that registers while subscribed (reconnecting) is taken off the topic before
 Dask makes its stream (``add_client`` runs first), and put back once that first batch has
-gone, with a ``datafabric_resync`` event: it forgets every view it cached, since the
-invalidations published while it was away reached nobody.  A client that outlived a
-scheduler restart is put on the topic the same way.
+gone (``stream_started``: Dask's ``BatchedSend`` counts a batch as it takes it from the
+buffer, so what is sent after that goes in a later one), with a ``datafabric_resync``
+event: it forgets every view it cached, since the invalidations published while it was
+away reached nobody.  A client that outlived a scheduler restart is put on the topic the
+same way.  What the fabric sends a client directly (``yp/declarations.py``) waits for the
+same condition.  A client that leaves again before it is put back is put back on the topic
+once its registration is gone, as Dask would have kept it: its next registration takes it
+off again, and nothing is kept for a client that never comes back.
 """
 
 from __future__ import annotations
@@ -24,14 +29,22 @@ from typing import Any
 
 from datafabric.protocol import EVENT_TOPIC
 
-DELAY = 0.5  # seconds: the stream's first batch goes out within a few ms of its start
+FIRST_LOOK = 0.005  # seconds: the stream's first batch goes out within a loop step or two
+LONGEST_LOOK = 0.5  # between looks at a stream that has not started
+
+
+def stream_started(scheduler: Any, client: str) -> bool:
+    """Whether the client's stream is open and its first batch (``stream-start`` alone)
+    has gone: a message sent now goes in a later batch."""
+    comm = scheduler.client_comms.get(client)
+    return comm is not None and not comm.closed() and comm.batch_count > 0
 
 
 class ClientEvents:
     def __init__(self, scheduler: Any, fabric_id: str) -> None:
         self.scheduler = scheduler
         self.fabric_id = fabric_id
-        self._owed: dict[str, int] = {}  # clients taken off the topic -> the registration to put back
+        self._owed: dict[str, int] = {}  # registered clients taken off the topic -> that registration
         self._serials = itertools.count()
 
     def registering(self, client: str, durable: bool, then: Callable[[str], None] | None = None) -> None:
@@ -42,11 +55,19 @@ class ClientEvents:
             return  # a new client subscribes itself once its stream runs
         self.scheduler.unsubscribe_topic(EVENT_TOPIC, client)
         serial = self._owed[client] = next(self._serials)
-        self.scheduler.loop.call_later(DELAY, self._resume, client, serial, then)
+        self.scheduler.loop.call_later(FIRST_LOOK, self._resume, client, serial, then, FIRST_LOOK)
 
-    def _resume(self, client: str, serial: int, then: Callable[[str], None] | None) -> None:
-        if self._owed.get(client) != serial or client not in self.scheduler.client_comms:
-            return  # registered again since (that registration puts it back), or away again
+    def _resume(self, client: str, serial: int, then: Callable[[str], None] | None, wait: float) -> None:
+        if self._owed.get(client) != serial:
+            return  # left since (put back), or registered again (that registration puts it back)
+        if not stream_started(self.scheduler, client):
+            if client in self.scheduler.clients or client in self.scheduler.client_comms:
+                wait = min(2 * wait, LONGEST_LOOK)  # its stream is starting (or Dask lost its comm)
+                self.scheduler.loop.call_later(wait, self._resume, client, serial, then, wait)
+            else:  # left before its stream started: back on the topic, as Dask keeps a leaving client
+                del self._owed[client]
+                self.scheduler.subscribe_topic(EVENT_TOPIC, client)
+            return
         del self._owed[client]
         self.scheduler.subscribe_topic(EVENT_TOPIC, client)
         event = (time.time(), {"op": "datafabric_resync", "fabric_id": self.fabric_id})

@@ -42,6 +42,7 @@ import dask
 
 from datafabric.errors import InvalidArgumentError
 from datafabric.protocol import EVENT_TOPIC
+from yp.client_events import stream_started
 from yp.directory import Directory
 from yp.records import Variable
 
@@ -121,6 +122,10 @@ class Declarations:
             self._settle(n, client)
 
     def tell(self, client: str) -> None:
+        """Not in the first batch of the client's stream: Dask's client would give up
+        reconnecting (``yp/client_events.py``); it is told again within ``TELL_AGAIN``."""
+        if not stream_started(self.scheduler, client):
+            return
         event = (time.time(), self.took_back_msg())
         self.scheduler.report({"op": "event", "topic": EVENT_TOPIC, "event": event}, client=client)
 

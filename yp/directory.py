@@ -19,9 +19,9 @@ from sortedcontainers import SortedDict
 from datafabric.errors import (
     BlockInUseError,
     BlockNotFoundError,
+    HolderAwayError,
     NameNotFoundError,
     OutOfSpaceError,
-    WorkerLostError,
 )
 from datafabric.messages import ProcessId, Reservation, SealItem, VariableInfo
 from yp import name_index, sizing
@@ -231,7 +231,7 @@ class Directory(Recovery):
 
     def check_present(self, holder: str) -> None:
         if holder in self.departed:
-            raise WorkerLostError(f"{holder} has left the cluster; its requests are void")
+            raise HolderAwayError(f"{holder} has left the cluster; its requests are void")
 
     def arrived(self, holder: str) -> None:
         self.departed.discard(holder)
