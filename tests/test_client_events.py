@@ -13,7 +13,7 @@ from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 import datafabric
-from datafabric.protocol import EVENT_TOPIC
+from datafabric.protocol import EVENT_TOPIC, SCHEDULER_PLUGIN
 from datafabric.views import LocalState
 from tests.waiting import wait_for
 
@@ -32,13 +32,47 @@ class EventAtStreamStart(SchedulerPlugin):
         scheduler.loop.add_callback(scheduler.log_event, EVENT_TOPIC, {"op": "test-noise"})
 
 
-def _install(dask_scheduler=None):
-    dask_scheduler.plugins[EventAtStreamStart.name] = plugin = EventAtStreamStart()
-    plugin.scheduler = dask_scheduler
+class TellAtStreamStart(SchedulerPlugin):
+    """Sends the take-back event straight to each registering client (``report(...,
+    client=...)``, as a take-back's round does every second to the clients it waits for)
+    in the very loop step after it registers."""
+
+    name = "test-tell-at-stream-start"
+
+    def add_client(self, scheduler, client):
+        scheduler.loop.add_callback(scheduler.plugins[SCHEDULER_PLUGIN].members.declarations.tell, client)
 
 
-def _uninstall(dask_scheduler=None):
-    dask_scheduler.plugins.pop(EventAtStreamStart.name, None)
+class CutAtStreamStart(SchedulerPlugin):
+    """Cuts the new stream of the clients in ``cuts`` (client id -> how many more times;
+    -1: until told otherwise) in the loop step after they register, before its first
+    batch: a client that breaks again before it is put back on the topic."""
+
+    name = "test-cut-at-stream-start"
+
+    def __init__(self):
+        self.cuts = {}
+
+    def add_client(self, scheduler, client):
+        if self.cuts.get(client, 0) != 0:
+            self.cuts[client] -= 1
+            scheduler.loop.add_callback(_cut, client, dask_scheduler=scheduler)
+
+
+def _install(cls=EventAtStreamStart, dask_scheduler=None):
+    dask_scheduler.plugins[cls.name] = cls()
+
+
+def _uninstall(cls=EventAtStreamStart, dask_scheduler=None):
+    dask_scheduler.plugins.pop(cls.name, None)
+
+
+def _cut_at_start(client_id, times, dask_scheduler=None):
+    dask_scheduler.plugins[CutAtStreamStart.name].cuts[client_id] = times
+
+
+def _owed(dask_scheduler=None):
+    return dict(dask_scheduler.plugins[SCHEDULER_PLUGIN].client_events._owed)
 
 
 def _state(client_id, dask_scheduler=None):
@@ -47,7 +81,20 @@ def _state(client_id, dask_scheduler=None):
 
 
 def _cut(client_id, dask_scheduler=None):
-    dask_scheduler.client_comms[client_id].abort()
+    if (comm := dask_scheduler.client_comms.get(client_id)) is not None:
+        comm.abort()
+
+
+def _subscribed_client(client):
+    """Another client of the cluster, on the fabric's topic."""
+    other = Client(client.scheduler.address)
+    datafabric.connect(other).get_list()  # its first call: it subscribes to the fabric's events
+    wait_for(lambda: client.run_on_scheduler(_state, client_id=other.id) == (True, True), "the subscription")
+    return other
+
+
+def _running(client) -> bool:
+    return client.status == "running" and client.scheduler_comm is not None and not client.scheduler_comm.closed()
 
 
 def test_a_client_reconnecting_amid_events_gets_its_stream_back_and_hears_them_again(client, fabric):
@@ -61,9 +108,7 @@ def test_a_client_reconnecting_amid_events_gets_its_stream_back_and_hears_them_a
         try:
             for cut in range(3):
                 client.run_on_scheduler(_cut, client_id=other.id)
-                wait_for(
-                    lambda: other.status == "running" and other.scheduler_comm.comm is not None, "a reconnection", 30
-                )
+                wait_for(lambda: _running(other), "a reconnection", 30)
                 wait_for(
                     lambda: client.run_on_scheduler(_state, client_id=other.id) == (True, True),
                     f"the client back on its stream and the topic (cut {cut})",
@@ -90,3 +135,67 @@ def test_a_resync_forgets_every_cached_view_of_its_fabric_only(monkeypatch):
     context._on_event(None, (0.0, {"op": "datafabric_resync", "fabric_id": str(ours.fabric_id)}))
     assert dict(ours._pins) == {} and ours.epoch > epoch  # a get under way when it came caches nothing
     assert set(others._pins) == {"a", "b/c"}
+
+
+def test_a_client_told_directly_as_it_reconnects_gets_its_stream_back(client, fabric):
+    """What the fabric sends one client straight (a take-back's event) waits for its
+    stream's first batch too."""
+    with _subscribed_client(client) as other:
+        client.run_on_scheduler(_install, cls=TellAtStreamStart)
+        try:
+            for cut in range(3):
+                client.run_on_scheduler(_cut, client_id=other.id)
+                wait_for(lambda: _running(other), f"a reconnection (cut {cut})", 30)
+                wait_for(
+                    lambda: client.run_on_scheduler(_state, client_id=other.id) == (True, True),
+                    f"the client back on its stream and the topic (cut {cut})",
+                )
+        finally:
+            client.run_on_scheduler(_uninstall, cls=TellAtStreamStart)
+        assert other.status == "running"
+
+
+def test_a_client_cut_again_before_it_is_back_on_the_topic_ends_on_it_and_owes_nothing(client, fabric):
+    """Cut five times in a row before its stream's first batch, the client ends on the
+    topic (and hears a delete), and nothing is kept for it."""
+    with _subscribed_client(client) as other:
+        theirs = datafabric.connect(other)
+        fabric.insert("ce/again", "", np.float64, np.arange(4.0))
+        assert theirs.get("ce/again")[0] == 0.0
+        client.run_on_scheduler(_install, cls=CutAtStreamStart)
+        try:
+            client.run_on_scheduler(_cut_at_start, client_id=other.id, times=5)
+            client.run_on_scheduler(_cut, client_id=other.id)
+            wait_for(
+                lambda: (
+                    client.run_on_scheduler(_state, client_id=other.id) == (True, True)
+                    and other.id not in client.run_on_scheduler(_owed)
+                ),
+                "the client back on its stream and the topic after five cuts at its start",
+                60,
+            )
+            assert (
+                client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[CutAtStreamStart.name].cuts)[
+                    other.id
+                ]
+                == 0
+            )  # every cut happened
+        finally:
+            client.run_on_scheduler(_uninstall, cls=CutAtStreamStart)
+        fabric.delete("ce/again")
+        fabric.insert("ce/again", "", np.float64, np.full(4, 5.0))
+        wait_for(lambda: theirs.get("ce/again")[0] == 5.0, "the invalidation to reach the client")
+        fabric.delete("ce/again")
+
+
+def test_a_client_that_leaves_for_good_while_taken_off_the_topic_leaves_nothing_owed(client, fabric):
+    other = _subscribed_client(client)
+    client.run_on_scheduler(_install, cls=CutAtStreamStart)
+    try:
+        client.run_on_scheduler(_cut_at_start, client_id=other.id, times=-1)  # never gets a stream again
+        client.run_on_scheduler(_cut, client_id=other.id)
+        wait_for(lambda: other.id in client.run_on_scheduler(_owed), "the client taken off the topic as it registers")
+        other.close()
+        wait_for(lambda: other.id not in client.run_on_scheduler(_owed), "the departed client forgotten", 30)
+    finally:
+        client.run_on_scheduler(_uninstall, cls=CutAtStreamStart)
