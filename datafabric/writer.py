@@ -156,8 +156,10 @@ def _seal(ctx: Context, items: list) -> list[VariableInfo]:
     Dask's client tries to (``distributed.comm.timeouts.connect``).  Sound: that refusal
     comes before the seal changes anything, and the YellowPages keeps a departed live
     writer's reservations for its seal (``yp/departed.py``); a reservation ended meanwhile
-    is refused as such, and given back."""
-    deadline = time.monotonic() + ctx.reconnect_timeout
+    is refused as such, and given back.  Bounded twice over: by the client, which closes
+    once its reconnection times out, and by twice that timeout (its stream's break may be
+    noticed late), then refused."""
+    deadline = time.monotonic() + 2 * ctx.reconnect_timeout
     while True:
         try:
             return ctx.call("seal", items=items, holder=ctx.holder)
@@ -165,6 +167,8 @@ def _seal(ctx: Context, items: list) -> list[VariableInfo]:
             if not ctx.reconnects or time.monotonic() >= deadline:
                 raise
             time.sleep(AWAY_POLL)
+            if not ctx.reconnects:  # gave up meanwhile (a closed client has no scheduler to call)
+                raise
 
 
 class Creation:
