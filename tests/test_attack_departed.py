@@ -231,7 +231,7 @@ def write_through_retirement(fabric, flags: str) -> str:
     import os
     from pathlib import Path
 
-    from datafabric.errors import FabricError
+    from datafabric.errors import FabricError, WorkerLostError
 
     creation = fabric.create("retired/own", "", "16384 * float64", fill=-1.0)
     Path(flags, f"created-{os.getpid()}").write_text(str(creation._write.local))
@@ -243,6 +243,8 @@ def write_through_retirement(fabric, flags: str) -> str:
     try:
         creation.seal()
         outcome = "sealed"
+    except WorkerLostError:  # HolderAwayError among them: the worker counted gone
+        outcome = "WorkerLostError"
     except FabricError as exc:
         outcome = type(exc).__name__
     Path(flags, f"outcome-{os.getpid()}").write_text(outcome)
