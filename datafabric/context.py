@@ -33,8 +33,8 @@ class Context:
     node: str | None  # None: a client with no configured node; it maps whatever it can
     plugin: Any = None  # the FabricWorkerPlugin of the worker running the task
     gone: bool  # its connection to the scheduler is closing or closed
-    reconnects: bool = False  # counted gone while its stream broke, it may come back under its id
-    reconnect_timeout: float = 0.0  # seconds it may take to
+    reconnects: bool = False  # counted gone while its stream is broken, it may come back under its id
+    reconnect_timeout: float = 0.0  # seconds its reconnection may take at most
 
     def call(self, op: str, **kwargs: Any) -> Any:
         with _connection_lost(op, f"the scheduler at {self.scheduler_address}"):
