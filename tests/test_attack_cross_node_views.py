@@ -21,11 +21,9 @@ import pytest
 from distributed import wait
 
 import datafabric
-
-from tests.test_datasets_nodes import write
 from tests.conftest import simulated_nodes
+from tests.test_datasets_nodes import write
 from tests.test_nodes import NODES, insert_here, node_workers
-
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
