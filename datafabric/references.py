@@ -308,8 +308,12 @@ def _serialize(array: FabricView, context: dict | None = None) -> tuple[dict, li
     """A reference, but for a peer on another node (``datafabric.handshake``): there the
     bytes, sent from the mapping, so that no event loop waits to read them."""
     ref = reference_of(array)
-    if ref is None or _for_another_node(ref, context):
+    if ref is None:
         return serialize_numpy_ndarray(array.view(np.ndarray))
+    if _for_another_node(ref, context):
+        header, frames = serialize_numpy_ndarray(array.view(np.ndarray))
+        header["writeable"] = [False]  # as its reference would arrive there: a read-only private copy
+        return header, frames
     from distributed.protocol.pickle import dumps
 
     return {"datafabric-reference": True}, [dumps(ref)]
