@@ -12,19 +12,26 @@ another node it sends the bytes instead (``references._serialize``), and no loop
 Dask passes the serialisers a ``context`` whose ``recipient`` is the handshake the peer
 sent when the comm opened; this module adds ``datafabric-node`` to it.  A process that
 does not know its node (a client with no configured ``datafabric.node-id``, which maps
-whatever it can) says nothing, and its peers send it references as before.
+whatever it can) says nothing, and its peers send it references as before.  A view that
+Dask pickles (inside an object its ``dask`` serialisers do not take apart) is reduced by
+``FabricView.__reduce_ex__``, which is given no context: Dask's ``pickle`` family is
+wrapped to say the peer's node for the duration of the call (``peer_node``).
 """
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 import distributed
 from distributed.comm.core import Comm
+from distributed.protocol.serialize import families, register_serialization_family
 
 from datafabric.node import configured_node, worker_node
 
 HANDSHAKE_KEY = "datafabric-node"
+# The node of the peer Dask's pickle family is pickling for now, if it said
+_pickling_for: ContextVar[str | None] = ContextVar("datafabric_pickling_for", default=None)
 
 
 def this_node() -> str | None:
@@ -46,12 +53,28 @@ def recipient_node(context: dict | None) -> str | None:
     return str(node) if node is not None else None
 
 
+def peer_node() -> str | None:
+    """The node of the peer an object is being pickled for by Dask, if it said."""
+    return _pickling_for.get()
+
+
 def install() -> None:
     """Add this process's node to the handshake of every comm it opens or accepts from
-    now on (comms already open keep theirs: their peers send references)."""
+    now on (comms already open keep theirs: their peers send references), and say the
+    peer's node while Dask's pickle family runs."""
     original = Comm.handshake_info
     if getattr(original, "datafabric_node", False):
         return
+    pickle_dumps, pickle_loads, _ = families["pickle"]
+
+    def pickle_for_peer(x: Any, context: dict | None = None) -> Any:
+        token = _pickling_for.set(recipient_node(context))
+        try:
+            return pickle_dumps(x, context=context)
+        finally:
+            _pickling_for.reset(token)
+
+    register_serialization_family("pickle", pickle_for_peer, pickle_loads)
 
     def handshake_info(self: Comm) -> dict[str, Any]:
         info = original(self)

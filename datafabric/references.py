@@ -49,7 +49,7 @@ from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
 from datafabric import handshake
-from datafabric.handshake import recipient_node
+from datafabric.handshake import peer_node, recipient_node
 
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
 # The update-graph handler's own task, in its context (see ``carrying``)
@@ -70,6 +70,9 @@ class FabricView(np.ndarray):
         ref = reference_of(self)
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
+        peer = peer_node()
+        if peer is not None and peer != ref.location[0]:  # Dask pickling it for another node
+            return _read_only, (self.view(np.ndarray),)
         return ref.__reduce__()
 
     def __reduce__(self) -> Any:
@@ -317,6 +320,12 @@ def _serialize(array: FabricView, context: dict | None = None) -> tuple[dict, li
     from distributed.protocol.pickle import dumps
 
     return {"datafabric-reference": True}, [dumps(ref)]
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A view's bytes arrived on another node: read-only, as its reference made there."""
+    array.flags.writeable = False
+    return array
 
 
 def _for_another_node(ref: ViewReference, context: dict | None) -> bool:

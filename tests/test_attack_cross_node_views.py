@@ -114,6 +114,47 @@ def test_views_crossing_both_ways_at_once_arrive_without_a_loop_waiting(nodes_cl
     assert time.monotonic() - start < SHORT_TIMEOUT  # no read waited out the timeout
 
 
+class Holder:
+    """An object Dask's serialisers do not take apart: it is pickled, views and all."""
+
+    def __init__(self, views):
+        self.views = views
+
+
+def held_slices(fabric, name, index):
+    view = fabric.get(name)
+    return Holder({"slice": view[index], "nested": [view[:10], (view[-3:],)]})
+
+
+def held_checksum(holder):
+    from datafabric.references import pin_of
+
+    arrays = [holder.views["slice"], holder.views["nested"][0], holder.views["nested"][1][0]]
+    return [(float(x.sum()), x.shape, pin_of(x) is not None, x.flags.writeable) for x in arrays]
+
+
+def test_views_inside_pickled_objects_cross_both_ways_as_bytes(nodes_client, nfabric, stalled):
+    per_node = node_workers(nodes_client)
+    a, b = per_node["node-a"][0], per_node["node-b"][0]
+    datas = {"a": np.arange(20_000, dtype=np.float64) * 2, "b": np.arange(20_000, dtype=np.float64)[::-1].copy()}
+    nodes_client.submit(insert_here, nfabric, "h-a", datas["a"], workers=[a]).result()
+    nodes_client.submit(insert_here, nfabric, "h-b", datas["b"], workers=[b]).result()
+    index = slice(100, 5000, 9)
+    on_a = nodes_client.submit(held_slices, nfabric, "h-a", index, workers=[a], pure=False)
+    on_b = nodes_client.submit(held_slices, nfabric, "h-b", index, workers=[b], pure=False)
+    wait([on_a, on_b])
+    start = time.monotonic()
+    got = {
+        "b": nodes_client.submit(held_checksum, on_b, workers=[a], pure=False),
+        "a": nodes_client.submit(held_checksum, on_a, workers=[b], pure=False),
+    }
+    for node, future in got.items():
+        d = datas[node]
+        expected = [(float(x.sum()), x.shape, False, False) for x in (d[index], d[:10], d[-3:])]
+        assert future.result(timeout=3 * SHORT_TIMEOUT) == expected
+    assert time.monotonic() - start < SHORT_TIMEOUT
+
+
 INDEXES = {  # per number of dimensions: whole, stepped, reversed, transposed, a column
     1: [slice(None), slice(11, 9000, 7), slice(None, None, -3)],
     2: [(slice(2, 40), slice(None, None, 2)), (slice(None), 5), (Ellipsis, slice(1, 30, 4)), np.s_[::-1, 3:]],
