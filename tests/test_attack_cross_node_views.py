@@ -47,12 +47,12 @@ def stall_fetches_on_loops(on: bool) -> None:
             return original(ctx, info)
 
         stalled.stalled = True
-        stalled.original = original
+        stalled.original, stalled.timeout = original, loopcalls.CALL_TIMEOUT
         references._fetch = stalled
         loopcalls.CALL_TIMEOUT = SHORT_TIMEOUT
-    else:
-        references._fetch = getattr(references._fetch, "original", references._fetch)
-        loopcalls.CALL_TIMEOUT = 60.0
+    elif getattr(references._fetch, "stalled", False):
+        loopcalls.CALL_TIMEOUT = references._fetch.timeout
+        references._fetch = references._fetch.original
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,9 @@ ROW_NODES = ["node-a", "node-b", "node-a", "node-b"]
 
 
 def test_a_rechunk_across_chunks_of_both_nodes(nodes_client, nfabric, stalled):
-    """The tester's case: ``(ds.to_dask().rechunk(...) + 1).mean(...)``."""
+    """The case first seen stalling: ``(ds.to_dask().rechunk(...) + 1).mean(...)`` over
+    chunks homed on both nodes (whether both loops block at once depends on Dask's
+    order of transfers: the tests above make it certain)."""
     per_node = node_workers(nodes_client)
     a = np.arange(8 * 60, dtype=np.float64).reshape(8, 60)
     x = nfabric.create_dataset("rc/x", (8, 60), np.float64, chunks=(2, 30))
