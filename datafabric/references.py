@@ -48,13 +48,9 @@ from dask.sizeof import sizeof
 from distributed.protocol import dask_deserialize, dask_serialize
 from distributed.protocol.numpy import deserialize_numpy_ndarray, serialize_numpy_ndarray
 
-from datafabric import handshake
-from datafabric.handshake import peer_node, recipient_node
-
 REFERENCE_SIZE = 512  # what dask.sizeof reports for a view of the fabric: its reference, not the bytes
 # The update-graph handler's own task, in its context (see ``carrying``)
 _carried: ContextVar[asyncio.Task | None] = ContextVar("datafabric_carried", default=None)
-handshake.install()  # comms say their node, so views cross nodes as bytes (``_serialize``)
 
 
 class FabricView(np.ndarray):
@@ -70,9 +66,6 @@ class FabricView(np.ndarray):
         ref = reference_of(self)
         if ref is None:
             return self.view(np.ndarray).__reduce_ex__(protocol)
-        peer = peer_node()
-        if peer is not None and peer != ref.location[0]:  # Dask pickling it for another node
-            return _read_only, (self.view(np.ndarray),)
         return ref.__reduce__()
 
     def __reduce__(self) -> Any:
@@ -307,30 +300,13 @@ def on_event_loop() -> bool:
 
 # -- Dask ------------------------------------------------------------------------------
 @dask_serialize.register(FabricView)
-def _serialize(array: FabricView, context: dict | None = None) -> tuple[dict, list]:
-    """A reference, but for a peer on another node (``datafabric.handshake``): there the
-    bytes, sent from the mapping, so that no event loop waits to read them."""
+def _serialize(array: FabricView) -> tuple[dict, list]:
     ref = reference_of(array)
     if ref is None:
         return serialize_numpy_ndarray(array.view(np.ndarray))
-    if _for_another_node(ref, context):
-        header, frames = serialize_numpy_ndarray(array.view(np.ndarray))
-        header["writeable"] = [False]  # as its reference would arrive there: a read-only private copy
-        return header, frames
     from distributed.protocol.pickle import dumps
 
     return {"datafabric-reference": True}, [dumps(ref)]
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    """A view's bytes arrived on another node: read-only, as its reference made there."""
-    array.flags.writeable = False
-    return array
-
-
-def _for_another_node(ref: ViewReference, context: dict | None) -> bool:
-    node = recipient_node(context)
-    return node is not None and node != ref.location[0]
 
 
 @dask_deserialize.register(FabricView)

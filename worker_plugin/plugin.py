@@ -98,7 +98,6 @@ class FabricWorkerPlugin(WorkerPlugin):
             datafabric_recall=self._recall,
         )
         exclude_shared_memory_in_worker(worker)
-        worker.rpc.collect()  # idle comms opened before datafabric.handshake was installed do not say the node
         leave_group_signals_to_the_nanny(bool(worker.nanny))
         atexit.register(self._unlink_all)  # a worker that exits without teardown
         # Blocks of this node already in /dev/shm: the YellowPages takes those it does not
